@@ -1,0 +1,114 @@
+"""Build and load the kvpack extension with torch.utils.cpp_extension (JIT, cached).
+
+The CPU half (op schemas + the paper's serial baseline) builds everywhere; the CUDA half (the
+GPU variants) is added when torch sees a CUDA device and a CUDA toolkit. The build directory is
+cached: a rebuild happens only when a source or a flag changes.
+
+    python -m kvpack.build [--out build-info.json] [--cpu-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS = ROOT / "kernels"
+CPU_SOURCES = ("ops.cpp", "cpu_baseline.cpp")
+
+_loaded: dict | None = None
+
+
+def build_dir(name: str) -> Path:
+    base = Path(os.environ.get("KVPACK_BUILD_DIR", ROOT / "build" / "extension"))
+    return base / name
+
+
+def cuda_build_possible() -> tuple[bool, str]:
+    """Whether the CUDA half can be built and run here, and why not if not."""
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            return False, f"torch {torch.__version__} is a CPU-only build"
+        return False, "no CUDA device is visible to torch"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        return False, "no CUDA toolkit (nvcc) found; set CUDA_HOME"
+    return True, ""
+
+
+def cuda_sources() -> list[Path]:
+    return sorted(KERNELS.glob("*.cu"))
+
+
+def load(cpu_only: bool = False, verbose: bool = False) -> dict:
+    """Build (if needed) and load the extension into torch.ops.kvpack; return what was loaded."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    from torch.utils import cpp_extension
+
+    use_cuda, reason = (False, "CPU-only build requested") if cpu_only else cuda_build_possible()
+    sources = [KERNELS / s for s in CPU_SOURCES]
+    name = "kvpack_ext_cpu"
+    extra = {}
+    if use_cuda:
+        sources += cuda_sources()
+        name = "kvpack_ext_cuda"
+        major, minor = torch.cuda.get_device_capability()
+        # Build for the local GPU only (sm_90 on Hopper) unless the user says otherwise.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
+        extra["extra_cuda_cflags"] = ["-O3", "-lineinfo", "-std=c++17"]  # never --use_fast_math
+    out = build_dir(name)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    library = cpp_extension.load(
+        name=name,
+        sources=[str(s) for s in sources],
+        extra_include_paths=[str(KERNELS / "include")],
+        extra_cflags=["-O3", "-std=c++17"],
+        build_directory=str(out),
+        is_python_module=False,
+        verbose=verbose,
+        **extra,
+    )
+    _loaded = {
+        "name": name,
+        "library": str(library) if library else str(out / f"{name}.so"),
+        "cuda": use_cuda,
+        "cuda_skipped_reason": reason,
+        "sources": [str(s.relative_to(ROOT)) for s in sources],
+        "torch_cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", "") if use_cuda else "",
+        "load_seconds": round(time.perf_counter() - t0, 3),
+    }
+    return _loaded
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="write what was built as JSON here")
+    ap.add_argument("--cpu-only", action="store_true", help="build the CPU half only")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    info = load(cpu_only=args.cpu_only, verbose=args.verbose)
+    from . import ops
+
+    info["variants"] = list(ops.available_variants("cuda" if info["cuda"] else "cpu"))
+    if not info["cuda"]:
+        print(f"kvpack: built the CPU half only; GPU variants skipped: {info['cuda_skipped_reason']}", file=sys.stderr)
+    text = json.dumps(info, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""The Python face of the kvpack ops: input checks with clear errors, variant dispatch, and
+``register_fake`` so torch.compile can trace the custom ops without running them.
+
+Inputs: a 2-D [T, D] tensor (T tokens, D head dimension) of float32, float16 or bfloat16.
+Non-contiguous inputs are accepted and copied to a contiguous layout first (the kernels read
+row-major data); that copy is the caller's cost, so pass contiguous tensors when timing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+from .torch_impl import dequantize_torch, quantize_fused_torch, quantize_torch, scales_torch
+
+CPU_VARIANTS = ("cpu_serial", "cpu_torch")
+CUDA_VARIANTS = ("naive", "tiled", "coarsened", "vectorized", "fast")
+VARIANTS = CPU_VARIANTS + CUDA_VARIANTS
+GRANULARITIES = ("channel", "token")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_fakes_registered = False
+
+
+def _ensure_loaded() -> dict:
+    global _fakes_registered
+    from . import build  # imported late: `python -m kvpack.build` must not find itself pre-imported
+
+    info = build.load()
+    if not _fakes_registered:
+        _register_fakes()
+        _fakes_registered = True
+    return info
+
+
+def _register_fakes() -> None:
+    def n_scales(x, granularity):
+        return x.shape[1] if granularity == "channel" else x.shape[0]
+
+    @torch.library.register_fake("kvpack::compute_scales")
+    def _(x, granularity):
+        return x.new_empty((n_scales(x, granularity),), dtype=torch.float32)
+
+    @torch.library.register_fake("kvpack::quantize")
+    def _(x, scales, variant, granularity):
+        return x.new_empty(x.shape, dtype=torch.int8)
+
+    @torch.library.register_fake("kvpack::dequantize")
+    def _(q, scales, variant, granularity, dtype):
+        return q.new_empty(q.shape, dtype=dtype)
+
+    @torch.library.register_fake("kvpack::quantize_fused")
+    def _(x, variant, granularity):
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((n_scales(x, granularity),), dtype=torch.float32)
+
+
+def available_variants(device="cpu") -> tuple[str, ...]:
+    """Variants that run on ``device`` in this process ('cpu' or 'cuda')."""
+    if torch.device(device).type == "cuda":
+        return CUDA_VARIANTS if _ensure_loaded()["cuda"] else ()
+    return CPU_VARIANTS
+
+
+def default_variant(device) -> str:
+    return "fast" if torch.device(device).type == "cuda" else "cpu_torch"
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+def _check_matrix(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D [T, D] tensor (tokens x head dimension), got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); T and D must both be at least 1")
+
+
+def _check_input(x, check_finite: bool) -> None:
+    _check_matrix(x, "x")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}; convert it with x.float()")
+    if check_finite and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(
+            f"x holds {bad} non-finite value(s) (inf or NaN); INT8 scales would be undefined. "
+            "Clean the input, or pass check_finite=False to skip this check (benchmarks)"
+        )
+
+
+def _check_granularity(granularity: str) -> None:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
+def _resolve_variant(variant, device: torch.device) -> str:
+    if variant is None:
+        return default_variant(device)
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
+    if device.type == "cuda" and variant in CPU_VARIANTS:
+        raise ValueError(f"variant {variant!r} runs on CPU tensors, but the tensor is on {device}; use one of {CUDA_VARIANTS}")
+    if device.type != "cuda" and variant in CUDA_VARIANTS:
+        raise ValueError(f"variant {variant!r} runs on CUDA tensors, but the tensor is on {device}; use one of {CPU_VARIANTS}")
+    if device.type == "cuda" and not _ensure_loaded()["cuda"]:
+        raise RuntimeError(f"the kvpack extension was built without its CUDA half: {_ensure_loaded()['cuda_skipped_reason']}")
+    return variant
+
+
+def _check_scales(scales, x, granularity: str) -> None:
+    if not isinstance(scales, torch.Tensor):
+        raise TypeError(f"scales must be a torch.Tensor, got {type(scales).__name__}")
+    n = x.shape[1] if granularity == "channel" else x.shape[0]
+    kind = "one per channel (D)" if granularity == "channel" else "one per token (T)"
+    if scales.dim() != 1 or scales.shape[0] != n:
+        raise ValueError(f"scales must have shape ({n},), {kind} for a {tuple(x.shape)} tensor, got {tuple(scales.shape)}")
+    if scales.dtype != torch.float32:
+        raise TypeError(f"scales must be float32, got {scales.dtype}")
+    if scales.device != x.device:
+        raise ValueError(f"scales are on {scales.device} but the tensor is on {x.device}; move them with .to({str(x.device)!r})")
+
+
+# --- public API ---------------------------------------------------------------------------------
+
+def compute_scales(x: torch.Tensor, granularity: str = "channel", *, variant=None, check_finite: bool = True) -> torch.Tensor:
+    """fp32 scales max|x| / 127, one per channel ([D]) or per token ([T]), on x's device.
+
+    On CPU, ``variant='cpu_serial'`` uses the paper's serial loops, anything else torch ops.
+    """
+    _check_input(x, check_finite)
+    _check_granularity(granularity)
+    variant = _resolve_variant(variant, x.device)
+    if variant == "cpu_torch":
+        return scales_torch(x, granularity)
+    _ensure_loaded()
+    return torch.ops.kvpack.compute_scales.default(x.contiguous(), granularity)
+
+
+def quantize(x: torch.Tensor, variant=None, granularity: str = "channel", *, scales=None, check_finite: bool = True):
+    """Symmetric INT8 quantization. Returns ``(q, scales)``: q int8 [T, D], scales fp32.
+
+    With ``scales=None`` the scales are computed on x's device first (see :func:`compute_scales`).
+    """
+    _check_input(x, check_finite)
+    _check_granularity(granularity)
+    variant = _resolve_variant(variant, x.device)
+    if scales is None:
+        scales = compute_scales(x, granularity, variant=variant, check_finite=False)
+    else:
+        _check_scales(scales, x, granularity)
+    if variant == "cpu_torch":
+        return quantize_torch(x, scales, granularity), scales
+    _ensure_loaded()
+    return torch.ops.kvpack.quantize.default(x.contiguous(), scales.contiguous(), variant, granularity), scales
+
+
+def quantize_fused(x: torch.Tensor, variant=None, granularity: str = "channel", *, check_finite: bool = True):
+    """Scales then quantization in one call (on CUDA one fused entry point). Returns ``(q, scales)``."""
+    _check_input(x, check_finite)
+    _check_granularity(granularity)
+    variant = _resolve_variant(variant, x.device)
+    if variant == "cpu_torch":
+        return quantize_fused_torch(x, granularity)
+    _ensure_loaded()
+    return torch.ops.kvpack.quantize_fused.default(x.contiguous(), variant, granularity)
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, variant=None, granularity: str = "channel", dtype=torch.float32) -> torch.Tensor:
+    """Reconstruct ``q * scales`` (computed in fp32) as ``dtype`` (float32, float16 or bfloat16)."""
+    _check_matrix(q, "q")
+    if q.dtype != torch.int8:
+        raise TypeError(f"q must be int8 (the output of kvpack.quantize), got {q.dtype}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    _check_granularity(granularity)
+    _check_scales(scales, q, granularity)
+    variant = _resolve_variant(variant, q.device)
+    if variant == "cpu_torch":
+        return dequantize_torch(q, scales, granularity, dtype)
+    _ensure_loaded()
+    return torch.ops.kvpack.dequantize.default(q.contiguous(), scales.contiguous(), variant, granularity, dtype)
