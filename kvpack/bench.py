@@ -1,0 +1,367 @@
+"""Timing harness and the benchmark job.
+
+Method (see STYLE.md, triton.testing.do_bench): warm up, then time each repetition on its own
+(CUDA events around the launch on the GPU, perf_counter on the CPU), and report the median with
+p10/p90. Inputs are seeded, non-zero, and on the GPU the L2 is flushed between repetitions (a
+write over a buffer larger than L2, outside the timed region). Bytes moved over the median time
+gives GB/s, reported beside the device-to-device copy bandwidth measured in the same job.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import ops, workloads
+from .torch_impl import dequantize_torch, quantize_fused_torch, quantize_torch, scales_torch
+
+log = logging.getLogger("kvpack.bench")
+
+PEERS = ("torch_eager", "torch_compile", "torch_quantize_per_channel")
+PAPER_VARIANTS = ("naive", "tiled", "coarsened", "vectorized")
+DEFAULTS = {
+    "warmup": 3,
+    "repeats": 20,
+    "cpu_repeats": 5,
+    "cpu_time_budget_s": 20.0,
+    "cpu_serial_max_elements": 1 << 25,
+    "cpu_dtypes": ["float32"],
+    "peers": list(PEERS),
+    "end_to_end": True,
+    "flush_l2": True,
+    "variants": "all",
+    "granularities": ["channel"],
+    "copy_bytes": 1 << 30,
+}
+
+
+# --- statistics -------------------------------------------------------------------------------
+
+@dataclass
+class Timing:
+    samples_ms: list[float]
+
+    def summary(self) -> dict:
+        a = np.asarray(self.samples_ms, dtype=np.float64)
+        return {
+            "median_ms": float(np.median(a)),
+            "p10_ms": float(np.percentile(a, 10)),
+            "p90_ms": float(np.percentile(a, 90)),
+            "min_ms": float(a.min()),
+            "mean_ms": float(a.mean()),
+            "repeats": int(a.size),
+        }
+
+
+def gbps(nbytes: int, ms: float) -> float:
+    """Bytes over milliseconds as GB/s (10^9 bytes per second)."""
+    return nbytes / (ms * 1e-3) / 1e9 if ms and ms > 0 else math.nan
+
+
+def op_bytes(op: str, T: int, D: int, dtype: torch.dtype, granularity: str = "channel") -> int:
+    """Fewest bytes an op must move through memory: each input read once, each output written once."""
+    n = T * D
+    esize = torch.empty((), dtype=dtype).element_size()
+    scales = 4 * (D if granularity == "channel" else T)
+    return {
+        "scales": n * esize + scales,
+        "quantize": n * esize + scales + n,
+        "dequantize": n + scales + n * esize,
+        "quantize_fused": 2 * n * esize + scales + n,  # x is read twice: once for scales, once to quantize
+        "end_to_end": n * esize + scales + n + n * esize,  # the device part; transfers dominate anyway
+    }[op]
+
+
+# --- timers -----------------------------------------------------------------------------------
+
+class _L2Flusher:
+    """Overwrites a buffer larger than the GPU's L2 so that no repetition reads from cache."""
+
+    def __init__(self, device: torch.device):
+        props = torch.cuda.get_device_properties(device)
+        l2 = int(getattr(props, "L2_cache_size", 0)) or (50 << 20)
+        self.buf = torch.empty(4 * l2 // 4, dtype=torch.int32, device=device)
+
+    def __call__(self):
+        self.buf.fill_(0x5A5A5A5A)
+
+
+def time_cuda(fn: Callable, warmup: int, repeats: int, flush: Callable | None = None) -> Timing:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for i in range(repeats):
+        if flush is not None:
+            flush()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return Timing([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+def time_cpu(fn: Callable, warmup: int, repeats: int, budget_s: float = math.inf) -> Timing:
+    """perf_counter around each call; stops early once ``budget_s`` is spent (at least one sample).
+
+    The warm-up is skipped when one call alone takes longer than the budget allows for it.
+    """
+    samples: list[float] = []
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    if warmup == 0 or first * (repeats + 1) > budget_s:
+        samples.append(first * 1e3)  # too slow to throw away: the first call counts
+    for _ in range(max(0, warmup - 1)):
+        if first * (repeats + 1) > budget_s:
+            break
+        fn()
+    spent = first
+    while len(samples) < repeats and (not samples or spent + first <= budget_s):
+        t = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t
+        samples.append(dt * 1e3)
+        spent += dt
+    return Timing(samples)
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30, warmup: int = 3, repeats: int = 20) -> dict:
+    """Device-to-device copy of ``nbytes`` (read + write counted): the ceiling for a streaming op."""
+    dev = torch.device(device)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_(-1, 1)
+    dst = torch.empty_like(src)
+    if dev.type == "cuda":
+        t = time_cuda(lambda: dst.copy_(src), warmup, repeats)
+    else:
+        t = time_cpu(lambda: dst.copy_(src), warmup, min(repeats, 5))
+    s = t.summary()
+    del src, dst
+    return {"device": dev.type, "copy_bytes": 2 * nbytes, "copy_gbps": gbps(2 * nbytes, s["median_ms"]),
+            "copy_median_ms": s["median_ms"], "copy_p10_ms": s["p10_ms"], "copy_p90_ms": s["p90_ms"]}
+
+
+# --- the job ----------------------------------------------------------------------------------
+
+def _row(impl, family, device, op, granularity, **extra) -> dict:
+    row = {"impl": impl, "family": family, "device": device, "op": op, "granularity": granularity,
+           "status": "ok", "skip_reason": "", "median_ms": None, "p10_ms": None, "p90_ms": None,
+           "min_ms": None, "mean_ms": None, "repeats": 0, "bytes": None, "gbps": None,
+           "fraction_of_copy": None, "peak_memory_bytes": None, "bit_exact": None}
+    row.update(extra)
+    return row
+
+
+def _skipped(impl, family, device, op, granularity, reason) -> dict:
+    return _row(impl, family, device, op, granularity, status="skipped", skip_reason=reason)
+
+
+def cuda_bytes_needed(T: int, D: int, dtype: torch.dtype) -> int:
+    """Peak device memory of a benchmark job: x, q, x_hat, and the eager peer's fp32 temporaries."""
+    n = T * D
+    esize = torch.empty((), dtype=dtype).element_size()
+    return n * esize + n + n * esize + 3 * 4 * n + (256 << 20)
+
+
+class _Job:
+    def __init__(self, workload: dict, device: str, settings: dict):
+        self.w = workload
+        self.device = device
+        self.s = {**DEFAULTS, **{k: v for k, v in settings.items() if v is not None}}
+        self.T, self.D = int(workload["T"]), int(workload["D"])
+        self.dtype = workloads.resolve_dtype(workload.get("dtype", "float32"))
+        self.rows: list[dict] = []
+        self.copy_gbps = None
+
+    def add(self, impl, family, device, op, granularity, timing: Timing, bit_exact=None):
+        s = timing.summary()
+        nbytes = op_bytes(op, self.T, self.D, self.dtype, granularity)
+        rate = gbps(nbytes, s["median_ms"])
+        frac = rate / self.copy_gbps if (self.copy_gbps and device == "cuda") else None
+        peak = int(torch.cuda.max_memory_allocated()) if device == "cuda" else None
+        self.rows.append(_row(impl, family, device, op, granularity, bytes=nbytes, gbps=rate,
+                              fraction_of_copy=frac, peak_memory_bytes=peak, bit_exact=bit_exact, **s))
+        log.info("%-28s %-15s %-8s median %.4f ms  %.1f GB/s", impl, op, granularity, s["median_ms"], rate)
+
+    # CPU baselines: the paper's serial loops and multi-threaded torch, on a CPU copy of x.
+    def run_cpu(self, x_cpu: torch.Tensor, granularities, ref_q: dict):
+        w, r, budget = 1, int(self.s["cpu_repeats"]), float(self.s["cpu_time_budget_s"])
+        n = self.T * self.D
+        dname = str(self.dtype).replace("torch.", "")
+        for variant in ops.CPU_VARIANTS:
+            for g in granularities:
+                if dname not in self.s["cpu_dtypes"]:
+                    for op in ("scales", "quantize", "dequantize"):
+                        self.rows.append(_skipped(variant, "cpu_baseline", "cpu", op, g,
+                                                  f"CPU baselines run for {self.s['cpu_dtypes']} only"))
+                    continue
+                if variant == "cpu_serial" and n > int(self.s["cpu_serial_max_elements"]):
+                    for op in ("scales", "quantize", "dequantize"):
+                        self.rows.append(_skipped(variant, "cpu_baseline", "cpu", op, g,
+                                                  f"{n} elements > cpu_serial_max_elements={self.s['cpu_serial_max_elements']}"))
+                    continue
+                s = ops.compute_scales(x_cpu, g, variant=variant, check_finite=False)
+                q, _ = ops.quantize(x_cpu, variant, g, scales=s, check_finite=False)
+                exact = None
+                if g in ref_q:
+                    exact = bool(torch.equal(q, ref_q[g]))
+                else:
+                    ref_q[g] = q
+                self.add(variant, "cpu_baseline", "cpu", "scales", g, time_cpu(
+                    lambda: ops.compute_scales(x_cpu, g, variant=variant, check_finite=False), w, r, budget))
+                self.add(variant, "cpu_baseline", "cpu", "quantize", g, time_cpu(
+                    lambda: ops.quantize(x_cpu, variant, g, scales=s, check_finite=False), w, r, budget), exact)
+                self.add(variant, "cpu_baseline", "cpu", "dequantize", g, time_cpu(
+                    lambda: ops.dequantize(q, s, variant, g, dtype=self.dtype), w, r, budget))
+                del q
+
+    def run_cuda(self, x: torch.Tensor, granularities):
+        w, r = int(self.s["warmup"]), int(self.s["repeats"])
+        flush = _L2Flusher(x.device) if self.s["flush_l2"] else None
+        variants = ops.CUDA_VARIANTS if self.s["variants"] == "all" else [
+            v for v in self.s["variants"] if v in ops.CUDA_VARIANTS]
+        for g in granularities:
+            ref_q = quantize_torch(x, scales_torch(x, g), g)  # the eager peer's result: same function
+            s = ops.compute_scales(x, g, check_finite=False)
+            self.add("fast", "kvpack", "cuda", "scales", g, time_cuda(
+                lambda: ops.compute_scales(x, g, check_finite=False), w, r, flush))
+            for v in variants:
+                torch.cuda.reset_peak_memory_stats()
+                q, _ = ops.quantize(x, v, g, scales=s, check_finite=False)
+                exact = bool(torch.equal(q, ref_q))
+                self.add(v, "kvpack", "cuda", "quantize", g, time_cuda(
+                    lambda: ops.quantize(x, v, g, scales=s, check_finite=False), w, r, flush), exact)
+                self.add(v, "kvpack", "cuda", "dequantize", g, time_cuda(
+                    lambda: ops.dequantize(q, s, v, g, dtype=self.dtype), w, r, flush))
+                del q
+            if "fast" in variants:
+                qf, sf = ops.quantize_fused(x, "fast", g, check_finite=False)
+                exact = bool(torch.equal(qf, ref_q) and torch.equal(sf, s))
+                self.add("fast", "kvpack", "cuda", "quantize_fused", g, time_cuda(
+                    lambda: ops.quantize_fused(x, "fast", g, check_finite=False), w, r, flush), exact)
+                del qf
+            self.run_peers(x, s, g, ref_q, w, r, flush)
+            del ref_q
+            if self.s["end_to_end"]:
+                self.run_end_to_end(x, g, [v for v in ("fast", "vectorized") if v in variants])
+
+    def run_peers(self, x, s, g, ref_q, w, r, flush):
+        peers = self.s["peers"] or []
+        q = ref_q
+        if "torch_eager" in peers:
+            self.add("torch_eager", "peer", "cuda", "scales", g, time_cuda(lambda: scales_torch(x, g), w, r, flush))
+            self.add("torch_eager", "peer", "cuda", "quantize", g, time_cuda(
+                lambda: quantize_torch(x, s, g), w, r, flush), True)
+            self.add("torch_eager", "peer", "cuda", "dequantize", g, time_cuda(
+                lambda: dequantize_torch(q, s, g, self.dtype), w, r, flush))
+        if "torch_compile" in peers:
+            try:
+                cq = torch.compile(quantize_torch, dynamic=False)
+                cd = torch.compile(dequantize_torch, dynamic=False)
+                cf = torch.compile(quantize_fused_torch, dynamic=False)
+                t0 = time.perf_counter()
+                exact_q = bool(torch.equal(cq(x, s, g), ref_q))
+                cd(q, s, g, self.dtype)
+                qf, sf = cf(x, g)
+                exact_f = bool(torch.equal(qf, ref_q) and torch.equal(sf, s))
+                del qf, sf
+                log.info("torch.compile: %.1f s to compile", time.perf_counter() - t0)
+                self.add("torch_compile", "peer", "cuda", "quantize", g, time_cuda(lambda: cq(x, s, g), w, r, flush), exact_q)
+                self.add("torch_compile", "peer", "cuda", "dequantize", g, time_cuda(
+                    lambda: cd(q, s, g, self.dtype), w, r, flush))
+                self.add("torch_compile", "peer", "cuda", "quantize_fused", g, time_cuda(
+                    lambda: cf(x, g), w, r, flush), exact_f)
+            except Exception as e:  # a compiler failure is a finding, not a crash of the whole job
+                log.warning("torch.compile peer failed: %s", e)
+                for op in ("quantize", "dequantize", "quantize_fused"):
+                    self.rows.append(_row("torch_compile", "peer", "cuda", op, g, status="failed",
+                                          skip_reason=f"{type(e).__name__}: {e}"[:300]))
+        if "torch_quantize_per_channel" in peers:
+            axis = 1 if g == "channel" else 0
+            zp = torch.zeros_like(s, dtype=torch.int64)
+            xf = x.float()
+            try:
+                safe = torch.where(s == 0, torch.ones_like(s), s)
+                qt = torch.quantize_per_channel(xf, safe, zp, axis, torch.qint8)
+                exact = bool(torch.equal(qt.int_repr(), ref_q))
+                self.add("torch_quantize_per_channel", "peer", "cuda", "quantize", g, time_cuda(
+                    lambda: torch.quantize_per_channel(xf if self.dtype == torch.float32 else x.float(), safe, zp, axis,
+                                                       torch.qint8), w, r, flush), exact)
+                self.add("torch_quantize_per_channel", "peer", "cuda", "dequantize", g, time_cuda(
+                    lambda: qt.dequantize() if self.dtype == torch.float32 else qt.dequantize().to(self.dtype),
+                    w, r, flush))
+                del qt
+            except Exception as e:
+                log.warning("torch.quantize_per_channel peer failed: %s", e)
+                for op in ("quantize", "dequantize"):
+                    self.rows.append(_row("torch_quantize_per_channel", "peer", "cuda", op, g, status="failed",
+                                          skip_reason=f"{type(e).__name__}: {e}"[:300]))
+            del xf
+
+    def run_end_to_end(self, x, g, variants):
+        """Host -> device copy, scales + quantize + dequantize, device -> host: what the paper leaves out."""
+        host = x.to("cpu").pin_memory()
+        out = torch.empty_like(host).pin_memory()
+        w, r = max(1, int(self.s["warmup"])), max(3, int(self.s["repeats"]) // 4)
+        for v in variants:
+            def e2e():
+                xd = host.to(x.device, non_blocking=True)
+                q, s = ops.quantize_fused(xd, v, g, check_finite=False)
+                out.copy_(ops.dequantize(q, s, v, g, dtype=self.dtype), non_blocking=True)
+            self.add(v, "kvpack", "cuda", "end_to_end", g, time_cuda(e2e, w, r))
+        del host, out
+
+
+def run_benchmark_job(workload: dict, device: str, settings: dict, provenance: dict) -> dict:
+    """Time every variant available on ``device`` (and the CPU baselines and peers) on one workload.
+
+    Returns the benchmark record of docs/records.md. A workload that does not fit in GPU memory is
+    recorded as skipped with the bytes it needed.
+    """
+    job = _Job(workload, device, settings)
+    T, D, dtype = job.T, job.D, job.dtype
+    seed = int(workload.get("seed", settings.get("seed", 0)))
+    grans = list(job.s["granularities"])
+    record = {
+        "kind": "benchmark",
+        "workload": {"name": workload.get("name", f"{T}x{D}"), "T": T, "D": D, "elements": T * D,
+                     "dtype": str(dtype).replace("torch.", ""), "seed": seed},
+        "provenance": provenance,
+        "settings": job.s,
+        "ceiling": None,
+        "rows": job.rows,
+    }
+    if device == "cuda":
+        ops._ensure_loaded()
+        free, _total = torch.cuda.mem_get_info()
+        need = cuda_bytes_needed(T, D, dtype)
+        if need > free:
+            reason = f"needs about {need} bytes of GPU memory, {free} free"
+            for v in ops.CUDA_VARIANTS:
+                for op in ("quantize", "dequantize"):
+                    job.rows.append(_skipped(v, "kvpack", "cuda", op, grans[0], reason))
+            return record
+        record["ceiling"] = copy_bandwidth("cuda", int(job.s["copy_bytes"]))
+        job.copy_gbps = record["ceiling"]["copy_gbps"]
+        x = workloads.uniform(T, D, seed=seed, dtype=dtype, device="cuda")
+        try:
+            job.run_cuda(x, grans)
+        except torch.cuda.OutOfMemoryError as e:
+            job.rows.append(_skipped("*", "kvpack", "cuda", "*", grans[0], f"out of GPU memory: {e}"[:300]))
+        x_cpu = x.cpu()
+        del x
+        torch.cuda.empty_cache()
+    else:
+        record["ceiling"] = copy_bandwidth("cpu", min(int(job.s["copy_bytes"]), 1 << 28))
+        x_cpu = workloads.uniform(T, D, seed=seed, dtype=dtype, device="cpu")
+        for v in ops.CUDA_VARIANTS:
+            job.rows.append(_skipped(v, "kvpack", "cuda", "quantize", grans[0], "no CUDA device on this machine"))
+    job.run_cpu(x_cpu, grans, {})
+    return record

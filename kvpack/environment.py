@@ -1,0 +1,122 @@
+"""Where a run happened: device resolution, a slug for results/{device}/, and provenance.
+
+Every record carries ``provenance(...)``: GPU, driver, CUDA, torch, CPU model and threads, git
+commit, config hash and date, so numbers from several machines can be merged and traced.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import hashlib
+import json
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'. 'cuda' without a GPU is an error."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise RuntimeError(
+            f"device 'cuda' was requested, but torch {torch.__version__} ({build}) sees no CUDA device "
+            f"on host {platform.node() or '?'} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). "
+            "Run on a GPU node, or use device: auto / cpu."
+        )
+    return device
+
+
+def slugify(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def device_name(device: str) -> str:
+    device = resolve_device(device)
+    return torch.cuda.get_device_name() if device == "cuda" else cpu_model()
+
+
+def device_slug(device: str = "auto") -> str:
+    """A filesystem-safe name for results/{device}/: the GPU's name, or 'cpu-' + the CPU model."""
+    device = resolve_device(device)
+    name = device_name(device)
+    slug = slugify(name)
+    return slug if device == "cuda" else f"cpu-{slug}"
+
+
+def config_hash(config: dict) -> str:
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10)
+        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def provenance(device: str = "auto", config_hash: str = "") -> dict:
+    device = resolve_device(device)
+    gpu = None
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        gpu = {
+            "gpu_name": props.name,
+            "gpu_memory_bytes": int(props.total_memory),
+            "gpu_sm_count": int(props.multi_processor_count),
+            "gpu_capability": f"{props.major}.{props.minor}",
+            "gpu_l2_bytes": int(getattr(props, "L2_cache_size", 0)),
+        }
+    return {
+        "device": device,
+        "device_slug": device_slug(device),
+        "device_name": device_name(device),
+        **(gpu or {"gpu_name": None}),
+        "driver": _driver_version() if device == "cuda" else None,
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_model": cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
+        "config_hash": config_hash,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
