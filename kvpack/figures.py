@@ -1,0 +1,378 @@
+"""The report's figures: one function per figure, each reading :class:`kvpack.tables.Tables` and saving
+a PNG and an SVG. The paper's own numbers sit beside ours wherever they exist (marker 'X', dashed,
+legend 'paper (their GPU)'). A figure that needs GPU data and finds none draws a clear
+'no GPU measurements' text in its panel instead of failing.
+
+    from kvpack import figures, tables
+    figures.make_figure("time", tables.read_tables("results/tables"), "time.png", "time.svg")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.lines import Line2D
+
+from . import metrics
+from .tables import (
+    CPU_BASELINES,
+    PAPER_CPU_SOURCE,
+    PAPER_SOURCE,
+    PEERS,
+    QUANT_DEQUANT,
+    THIS_RUN,
+    Tables,
+    paper_accuracy_table,
+    quant_dequant_table,
+    source_device_label,
+)
+
+IMPLS = ("cpu_serial", "cpu_torch", "naive", "tiled", "coarsened", "vectorized", "fast", *PEERS)
+IMPL_COLORS = dict(zip(IMPLS, sns.color_palette("tab10", len(IMPLS))))
+PAPER_MARKER = "X"
+SOURCE_MARKERS = ("o", "s", "D", "^", "v", "P", "*")
+NOTE_BOX = {"boxstyle": "round", "facecolor": "lightyellow", "edgecolor": "grey"}
+NO_GPU = ("no GPU measurements\n(no CUDA GPU in this run, and no reference GPU run)")
+
+
+def _theme():
+    sns.set_theme(context="notebook", style="whitegrid")
+
+
+def _save(fig, png, svg=None) -> tuple[Path, Path]:
+    png = Path(png)
+    svg = Path(svg) if svg else png.with_suffix(".svg")
+    for p in (png, svg):
+        p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=150, bbox_inches="tight")
+    fig.savefig(svg, bbox_inches="tight")
+    plt.close(fig)
+    return png, svg
+
+
+def _message(ax, text: str, y: float = 0.5) -> None:
+    ax.text(0.5, y, text, transform=ax.transAxes, ha="center", va="center", fontsize=11,
+            bbox=NOTE_BOX)
+
+
+def _paper_setting(df: pd.DataFrame) -> pd.DataFrame:
+    if df is None or not len(df):
+        return pd.DataFrame(columns=getattr(df, "columns", []))
+    m = pd.Series(True, index=df.index)
+    if "dtype" in df:
+        m &= df["dtype"] == "float32"
+    if "granularity" in df:
+        m &= df["granularity"] == "channel"
+    if "status" in df:
+        m &= df["status"] == "ok"
+    return df[m]
+
+
+def _src_label(source: str, slug: str) -> str:
+    return source_device_label(source, slug)
+
+
+def _source_markers(*frames) -> dict[str, str]:
+    keys = []
+    for f in frames:
+        if f is not None and len(f):
+            keys += [_src_label(s, d) for s, d in zip(f["source"], f["device_slug"])]
+    keys = sorted(set(keys), key=lambda k: (not k.startswith(THIS_RUN), k))
+    return {k: SOURCE_MARKERS[i % len(SOURCE_MARKERS)] for i, k in enumerate(keys)}
+
+
+def _legends(ax, impls, markers: dict[str, str], paper: bool, paper_cpu: bool = False):
+    """Two legends right of ``ax``: colour = impl, marker = where the number comes from (ours per device,
+    or the paper)."""
+    impls = [i for i in IMPLS if i in set(impls)]
+    h1 = [Line2D([], [], color=IMPL_COLORS[i], lw=2, label=i) for i in impls]
+    h2 = [Line2D([], [], color="grey", marker=m, ls="-", label=k) for k, m in markers.items()]
+    if paper:
+        h2.append(Line2D([], [], color="grey", marker=PAPER_MARKER, ls="--", label=PAPER_SOURCE))
+    if paper_cpu:
+        h2.append(Line2D([], [], color="grey", marker=PAPER_MARKER, ls=":", label=PAPER_CPU_SOURCE))
+    if h1:
+        leg = ax.legend(handles=h1, title="impl", loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8,
+                        title_fontsize=9)
+        ax.add_artist(leg)
+    if h2:
+        ax.legend(handles=h2, title="source", loc="lower left", bbox_to_anchor=(1.02, 0.0), fontsize=8,
+                  title_fontsize=9)
+
+
+def _plot_ours(ax, df, x, y, markers, label_key=("source", "device_slug")):
+    for (impl, src, slug), g in df.groupby(["impl", *label_key], sort=False):
+        g = g.sort_values(x)
+        ax.plot(g[x], g[y], marker=markers.get(_src_label(src, slug), "o"), color=IMPL_COLORS.get(impl, "black"),
+                ls="-", lw=1.2, ms=6)
+
+
+def _plot_paper(ax, df, x, y, ls="--"):
+    for impl, g in df.groupby("impl", sort=False):
+        g = g.sort_values(x)
+        ax.plot(g[x], g[y], marker=PAPER_MARKER, color=IMPL_COLORS.get(impl, "black"), ls=ls, lw=0.9, ms=7,
+                alpha=0.75, markeredgecolor="black", markeredgewidth=0.4)
+
+
+def _has_gpu(t: Tables) -> bool:
+    p = t.performance
+    return p is not None and len(p) and bool(((p["device"] == "cuda") & (p["status"] == "ok")).any())
+
+
+# --- (1) time vs elements ---------------------------------------------------------------------------
+
+def figure_time(t: Tables, png, svg=None):
+    """Quantize + dequantize time vs elements, per impl, log-log; the paper's points beside ours."""
+    _theme()
+    fig, ax = plt.subplots(figsize=(9, 6))
+    ours = _paper_setting(quant_dequant_table(t.performance))
+    ours = ours[ours["total_ms"].notna()] if len(ours) else ours
+    paper = t.paper[t.paper["op"] == QUANT_DEQUANT] if t.paper is not None and len(t.paper) else pd.DataFrame()
+    markers = _source_markers(ours)
+    if len(ours):
+        _plot_ours(ax, ours, "elements", "total_ms", markers)
+    if len(paper):
+        _plot_paper(ax, paper[paper["device"] == "cuda"], "elements", "time_ms", "--")
+        _plot_paper(ax, paper[paper["device"] == "cpu"], "elements", "time_ms", ":")
+    ax.set(xscale="log", yscale="log", xlabel="elements (T x D)", ylabel="quantize + dequantize time (ms)",
+           title="Quantize + dequantize time (fp32, per-channel; scales excluded, as in the paper)")
+    if not _has_gpu(t):
+        ax.text(0.98, 0.02 + 0.1, "no GPU measurements: GPU variants\nshow the paper's points only",
+                transform=ax.transAxes, ha="right", va="bottom", fontsize=9,
+                bbox=NOTE_BOX)
+    impls = set(ours["impl"]) if len(ours) else set()
+    impls |= set(paper["impl"]) if len(paper) else set()
+    _legends(ax, impls, markers, paper=len(paper) > 0, paper_cpu=len(paper) > 0)
+    return _save(fig, png, svg)
+
+
+# --- (2) speedups --------------------------------------------------------------------------------
+
+def figure_speedup(t: Tables, png, svg=None):
+    """Speedup of each GPU impl over the paper's serial CPU baseline (with the paper's speedups) and over
+    multi-threaded torch on the CPU."""
+    _theme()
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6), sharey=False)
+    s = t.speedups
+    s = _paper_setting(s[s["speedup"].notna()]) if s is not None and len(s) else pd.DataFrame()
+    paper = t.paper[(t.paper["op"] == QUANT_DEQUANT) & t.paper["speedup"].notna()] if t.paper is not None and len(
+        t.paper) else pd.DataFrame()
+    markers = _source_markers(s)
+    impls = set(s["impl"]) if len(s) else set()
+    for ax, (b, label) in zip(axes, CPU_BASELINES.items()):
+        sb = s[s["baseline"] == b] if len(s) else s
+        if len(sb):
+            _plot_ours(ax, sb, "elements", "speedup", markers)
+        show_paper = b == "cpu_serial" and len(paper) > 0
+        if show_paper:
+            _plot_paper(ax, paper, "elements", "speedup")
+            impls |= set(paper["impl"])
+        ax.set(xscale="log", yscale="log", xlabel="elements (T x D)", ylabel=f"speedup over {b} (x)",
+               title=f"vs {b}: {label}")
+        ax.axhline(1.0, color="black", lw=0.6)
+        if not len(sb):
+            msg = NO_GPU if not _has_gpu(t) else f"no GPU speedups over {b}\n(baseline skipped or missing)"
+            _message(ax, msg + ("\n(the paper's own speedups shown)" if show_paper else ""), 0.12 if show_paper else 0.5)
+            if not show_paper:
+                ax.set_xticks([])
+                ax.set_yticks([])
+    _legends(axes[-1], impls, markers, paper=len(paper) > 0)
+    fig.suptitle("Speedup of quantize + dequantize over the CPU (fp32, per-channel)")
+    return _save(fig, png, svg)
+
+
+# --- (3) roofline -----------------------------------------------------------------------------------
+
+def _ceilings(ax, perf: pd.DataFrame, device=None):
+    """One horizontal line per (source, device) copy ceiling, labelled at the right."""
+    if perf is None or not len(perf):
+        return
+    c = perf[perf["copy_ceiling_gbps"].notna()]
+    if device is not None:
+        c = c[c["device"] == device]
+    if not len(c):
+        return
+    cc = c.groupby(["source", "device_slug", "device"])["copy_ceiling_gbps"].median()
+    for i, ((src, slug, dev), v) in enumerate(cc.items()):
+        ax.axhline(v, color="black", ls=["-", "-.", ":", "--"][i % 4], lw=1)
+        ax.annotate(f"copy ceiling, {_src_label(src, slug)} ({dev}): {v:,.0f} GB/s", (0.99, v),
+                    xycoords=("axes fraction", "data"), fontsize=7, ha="right", va="bottom")
+
+
+def figure_roofline(t: Tables, png, svg=None):
+    """Achieved GB/s vs bytes moved per op, with the copy bandwidth measured on each device as a line."""
+    _theme()
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6), sharey=True)
+    perf = _paper_setting(t.performance)
+    perf = perf[perf["achieved_gbps"].notna()] if len(perf) else perf
+    paper = t.paper if t.paper is not None and len(t.paper) else pd.DataFrame()
+    markers = _source_markers(perf)
+    impls = set(perf["impl"]) if len(perf) else set()
+    for ax, op in zip(axes, ("quantize", "dequantize")):
+        d = perf[perf["op"] == op] if len(perf) else perf
+        if len(d):
+            _plot_ours(ax, d, "moved_bytes", "achieved_gbps", markers)
+        if len(paper):
+            pg = paper[(paper["op"] == op) & (paper["device"] == "cuda")]
+            _plot_paper(ax, pg, "moved_bytes", "achieved_gbps")
+            impls |= set(pg["impl"])
+        _ceilings(ax, t.performance)
+        ax.set(xscale="log", yscale="log", xlabel="bytes moved (read + written)", ylabel="achieved GB/s", title=op)
+        if not _has_gpu(t):
+            ax.text(0.98, 0.3, "no GPU measurements:\nCPU rows and the paper's GPU only", transform=ax.transAxes,
+                    ha="right", fontsize=9, bbox=NOTE_BOX)
+    _legends(axes[-1], impls, markers, paper=len(paper) > 0)
+    fig.suptitle("Achieved bandwidth vs the copy bandwidth measured on each device (fp32, per-channel)")
+    return _save(fig, png, svg)
+
+
+# --- (4) accuracy ---------------------------------------------------------------------------------
+
+def figure_accuracy(t: Tables, png, svg=None):
+    """Measured errors vs their closed-form predictions (max-abs, L2 vs elements; attention vs D), the
+    paper's published errors beside."""
+    _theme()
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5.5))
+    acc = _paper_setting(t.accuracy)
+    praw = paper_accuracy_table()
+    n = np.logspace(4, 9.5, 60)
+    dd = np.logspace(np.log2(32), np.log2(16384), 40, base=2)
+    closed = {
+        "max_abs_error": ("elements", n, np.full_like(n, metrics.paper_predictions(1, 1)["predicted_max_abs_error"])),
+        "l2_error": ("elements", n, np.array([metrics.paper_predictions(int(v), 1)["predicted_l2_error"] for v in n])),
+        "attention_score_error": ("D", dd, np.array([metrics.paper_predictions(1, int(v))["predicted_attention_score_error"]
+                                                     for v in dd])),
+    }
+    titles = {"max_abs_error": "max-abs reconstruction error", "l2_error": "L2 reconstruction error",
+              "attention_score_error": "attention-score error (mean |q.k - q.k_hat|)"}
+    bounds = {"max_abs_error": 0.004, "attention_score_error": 0.1}
+    markers = _source_markers(acc)
+    impls = [i for i in IMPLS if len(acc) and i in set(acc["impl"])]
+    for ax, (e, (x, xs, ys)) in zip(axes, closed.items()):
+        ax.plot(xs, ys, color="black", lw=1.2, zorder=1)
+        if len(praw):
+            ax.plot(praw[x], praw[f"paper_{e}"], ls="", marker=PAPER_MARKER, ms=9, color="tab:red",
+                    markeredgecolor="black", markeredgewidth=0.4, zorder=2)
+        if len(acc):
+            d = acc[acc[e].notna()]
+            for (impl, src, slug), g in d.groupby(["impl", "source", "device_slug"]):
+                ax.plot(g[x], g[e], ls="", marker=markers.get(_src_label(src, slug), "o"),
+                        color=IMPL_COLORS.get(impl, "grey"), ms=5, alpha=0.9, zorder=3)
+            ax.plot(d[x], d[f"predicted_{e}"], ls="", marker="_", ms=14, color="black", zorder=4)
+        if e in bounds:
+            ax.axhline(bounds[e], color="tab:red", ls=":", lw=1)
+        ax.set(xscale="log", yscale="log" if e != "max_abs_error" else "linear",
+               xlabel="D (head dimension)" if x == "D" else "elements (T x D)", ylabel=e, title=titles[e])
+        if e == "max_abs_error":
+            ax.set_ylim(0.0036, 0.0041)
+        if not len(acc):
+            ax.text(0.5, 0.1, "no accuracy measurements", transform=ax.transAxes, ha="center", fontsize=9,
+                    bbox=NOTE_BOX)
+    pl2 = t.paper_l2 if t.paper_l2 is not None and len(t.paper_l2) else None
+    if pl2 is not None:
+        last = pl2.sort_values("elements").iloc[-1]
+        axes[1].annotate("paper's L2 stops growing\n(float32 accumulation)", xy=(last["elements"], last["paper_l2_error"]),
+                         xytext=(0.45, 0.12), textcoords="axes fraction", fontsize=8,
+                         arrowprops={"arrowstyle": "->", "color": "black"})
+    handles = [Line2D([], [], color="black", lw=1.2, label="closed form, s = 1/127"),
+               Line2D([], [], color="black", marker="_", ms=14, ls="", label="predicted from the measured scales"),
+               Line2D([], [], color="tab:red", marker=PAPER_MARKER, ls="", markeredgecolor="black",
+                      label="paper (published)"),
+               Line2D([], [], color="tab:red", ls=":", label="paper's claimed bound")]
+    handles += [Line2D([], [], color=IMPL_COLORS.get(i, "grey"), marker="o", ls="", label=f"measured: {i}") for i in impls]
+    handles += [Line2D([], [], color="grey", marker=m, ls="", label=k) for k, m in markers.items()]
+    axes[-1].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle("Accuracy: measured (fp32, per-channel) vs the closed form vs the paper")
+    return _save(fig, png, svg)
+
+
+# --- (5) memory ----------------------------------------------------------------------------------
+
+def figure_memory(t: Tables, png, svg=None):
+    """Bytes of the cache in fp32 / fp16 vs INT8 + scales, and the compression ratio vs elements."""
+    _theme()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6))
+    m = t.memory
+    if m is None or not len(m):
+        _message(ax1, "no memory table")
+        _message(ax2, "no memory table")
+        return _save(fig, png, svg)
+    ch = m[m["granularity"] == "channel"].sort_values("elements")
+    fp32 = ch[ch["source_dtype"] == "float32"].drop_duplicates(["T", "D"])
+    fp16 = ch[ch["source_dtype"] == "float16"].drop_duplicates(["T", "D"])
+    labels = [f"{T}x{D}" for T, D in zip(fp32["T"], fp32["D"])]
+    xs = np.arange(len(fp32))
+    w = 0.27
+    ax1.bar(xs - w, fp32["original_bytes"], w, label="fp32 cache")
+    ax1.bar(xs, fp16["original_bytes"].to_numpy()[: len(xs)], w, label="fp16 cache")
+    ax1.bar(xs + w, fp32["compressed_bytes"], w, label="INT8 + fp32 scales (per-channel)")
+    ax1.set(yscale="log", ylabel="bytes", title="Memory footprint per workload")
+    ax1.set_xticks(xs, labels, rotation=60, ha="right", fontsize=8)
+    ax1.legend(fontsize=8)
+    for (dtype, g), grp in m.groupby(["source_dtype", "granularity"]):
+        grp = grp.sort_values("elements")
+        ax2.plot(grp["elements"], grp["compression_ratio"], marker="o", label=f"{dtype} -> INT8, per-{g} scales")
+    ax2.axhline(4.0, color="tab:red", ls="--", label="paper's claim: 4x (fp32)")
+    ax2.axhline(2.0, color="grey", ls=":", label="2x (fp16 source)")
+    ax2.set(xscale="log", xlabel="elements (T x D)", ylabel="compression ratio (x)",
+            title="Compression ratio, scales included")
+    ax2.legend(fontsize=8)
+    return _save(fig, png, svg)
+
+
+# --- (6) peers ----------------------------------------------------------------------------------
+
+def figure_peers(t: Tables, png, svg=None):
+    """Our fastest kernel vs PyTorch's own: eager ops, torch.compile, torch.quantize_per_channel (GB/s)."""
+    _theme()
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6), sharey=True)
+    perf = _paper_setting(t.performance)
+    keep = ("fast", "vectorized", *PEERS)
+    d = perf[(perf["device"] == "cuda") & perf["impl"].isin(keep) & perf["achieved_gbps"].notna()] if len(perf) else perf
+    markers = _source_markers(d)
+    for ax, op in zip(axes, ("quantize", "dequantize")):
+        g = d[d["op"] == op] if len(d) else d
+        ax.set(xlabel="elements (T x D)", ylabel="achieved GB/s", title=op)
+        if not len(g):
+            _message(ax, NO_GPU if not _has_gpu(t) else "no peer measurements on the GPU")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        ax.set(xscale="log", yscale="log")
+        _plot_ours(ax, g, "elements", "achieved_gbps", markers)
+        _ceilings(ax, t.performance, device="cuda")
+    if len(d):
+        _legends(axes[-1], set(d["impl"]), markers, paper=False)
+    fig.suptitle("kvpack vs PyTorch peers on the GPU (fp32, per-channel; the paper has no peers)")
+    return _save(fig, png, svg)
+
+
+FIGURES = {
+    "time": figure_time,
+    "speedup": figure_speedup,
+    "roofline": figure_roofline,
+    "accuracy": figure_accuracy,
+    "memory": figure_memory,
+    "peers": figure_peers,
+}
+
+
+def make_figure(name: str, tables: Tables, png, svg=None):
+    """Draw figure ``name`` (a key of FIGURES) from ``tables`` into ``png`` and ``svg``."""
+    try:
+        fn = FIGURES[name]
+    except KeyError:
+        raise ValueError(f"unknown figure {name!r}; known: {sorted(FIGURES)}") from None
+    return fn(tables, png, svg)
+
+
+__all__ = ["FIGURES", "IMPL_COLORS", "figure_accuracy", "figure_memory", "figure_peers", "figure_roofline",
+           "figure_speedup", "figure_time", "make_figure"]

@@ -1,0 +1,145 @@
+"""Writes reports/report.ipynb, the papermill template of the report (the .ipynb is committed).
+
+    python reports/make_notebook.py        # after editing the cells below
+
+The notebook computes nothing a test can't reach: every number comes from kvpack.tables /
+kvpack.claims functions over the CSVs of results/tables; cells only call them and display. The
+HTML is rendered without code cells (nbconvert --no-input), so headings and text come from
+markdown cells and from Markdown() outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+OUT = Path(__file__).resolve().parent / "report.ipynb"
+
+PARAMETERS = '''\
+# Parameters (papermill injects the run's values in a cell after this one).
+tables_dir = "results/tables"      # the CSVs of kvpack.tables.write_tables
+figures_dir = "results/figures"    # <name>.png of kvpack.figures.FIGURES
+device = "unknown"                 # this run's device slug
+title = "kvpack: INT8 KV-cache quantization, a replication of arXiv 2601.04719"
+paper_dir = "reports/paper"        # the paper's published numbers and claims
+skipped_notes = []                 # extra lines for "What was skipped" (from the workflow)
+'''
+
+SETUP = '''\
+from pathlib import Path
+
+import pandas as pd
+from IPython.display import HTML, Image, Markdown, display
+
+from kvpack import claims as kc
+from kvpack import figures as kf
+from kvpack import tables as kt
+
+pd.set_option("display.max_rows", 500)
+pd.set_option("display.max_columns", 60)
+pd.set_option("display.max_colwidth", 400)
+
+t = kt.read_tables(tables_dir)
+claims = t.claims if len(t.claims) else kc.claims_table(t, Path(paper_dir) / "claims.yaml")
+notes = list(dict.fromkeys(list(skipped_notes) + kt.skip_notes(t.performance, t.accuracy)))
+
+
+def show(df, columns=None, digits=3):
+    display(HTML(kt.for_display(df, columns, digits).to_html(index=False, border=0)))
+'''
+
+def md(text: str) -> tuple[str, str]:
+    return ("md", text)
+
+
+def code(text: str) -> tuple[str, str]:
+    return ("code", text)
+
+
+CELLS = [
+    code('display(Markdown(f"# {title}\\n\\nThis run: device `{device}`. A replication of arXiv 2601.04719 '
+             '(Taneja & Shingvi, *GPU-Accelerated INT8 Quantization for KV Cache Compression in Large Language '
+             'Models*); the paper\'s published numbers sit beside ours throughout, labelled *paper*."))'),
+    md("## Summary"),
+    code('display(Markdown("\\n".join(f"- {line}" for line in kc.summary_lines(t))))\n'
+             'if notes:\n'
+             '    display(Markdown("**Note:** " + notes[0]))'),
+    md("## Workloads\n\nThe run's grid; `in_paper_grid` marks the shapes the paper measured (its names beside)."),
+    code("show(t.workloads)"),
+    md("## Performance\n\nMedian time of quantize + dequantize (ms), the paper's timed pair (scales excluded), "
+           "per workload and implementation, for each machine (`source`: this run or a committed reference run). "
+           "Every row of `performance.csv` holds the median, p10/p90, bytes moved, achieved GB/s and the fraction "
+           "of the copy bandwidth measured in the same job."),
+    code("show(kt.performance_summary(t.performance))"),
+    md("Achieved bandwidth (GB/s = bytes moved / median time) of quantize and dequantize, beside the copy "
+           "bandwidth measured in the same job (GPU rows where a machine has a GPU):"),
+    code('for op in ("quantize", "dequantize"):\n'
+             '    display(Markdown(f"**{op}**"))\n'
+             '    show(kt.bandwidth_summary(t.performance, op))'),
+    md("## Speedups\n\nSpeedup of each GPU implementation over **both** CPU baselines of the same machine: "
+           "`cpu_serial` is the paper's baseline (serial loops walking row-major data column by column), "
+           "`cpu_torch` is multi-threaded PyTorch on the same CPU (the honest baseline). `paper_*` columns: the "
+           "paper's published speedups over its own CPU at the same shape."),
+    code('sp = kt.speedup_summary(t.speedups)\n'
+             'if len(sp):\n'
+             '    show(sp)\n'
+             'else:\n'
+             '    display(Markdown("*No GPU speedups: no GPU measurements in this run or in a reference directory.*"))\n'
+             '    show(t.paper[(t.paper["op"] == "quant+dequant") & (t.paper["device"] == "cuda")], '
+             '["source", "workload", "T", "D", "impl", "time_ms", "speedup"])'),
+    md("## Accuracy\n\nMeasured errors beside their closed-form predictions (from the measured scales; "
+           "`*_ratio` = measured / predicted) and the paper's published errors. L2 and max-abs: reconstruction "
+           "error of K; attention: mean over rows of |q·k − q·k̂| for one query q uniform in [−1, 1]."),
+    code('show(t.accuracy, ["source", "device_slug", "workload", "T", "D", "dtype", "impl", "granularity", "status", '
+             '"max_abs_error", "predicted_max_abs_error", "paper_max_abs_error", "l2_error", "predicted_l2_error", '
+             '"l2_error_ratio", "paper_l2_error", "attention_score_error", "predicted_attention_score_error", '
+             '"attention_score_error_ratio", "paper_attention_score_error", "bit_exact_vs_reference"], digits=4)'),
+    md("## Memory\n\nBytes of the cache before and after: INT8 values plus one fp32 scale per channel "
+           "(or per token), for an fp32 and an fp16 source. The paper claims 4× over fp32."),
+    code('m = t.memory[t.memory["granularity"] == "channel"] if len(t.memory) else t.memory\n'
+             'show(m, ["workload", "T", "D", "in_paper_grid", "source_dtype", "original_bytes", "int8_bytes", '
+             '"scales_bytes", "compressed_bytes", "compression_ratio", "scales_overhead_fraction"], digits=4)'),
+    md("## Claims\n\nEvery claim of the paper, its value, ours (and where ours comes from), and a verdict "
+           "computed from the tables above (kvpack.claims): *reproduced*, *not reproduced*, *needs a CUDA GPU* "
+           "(no GPU measurements anywhere), or *not measurable here*."),
+    code('show(claims, ["claim_id", "text", "paper_value", "our_value", "our_source", "verdict", "note"])'),
+    md("### The paper's L2 errors and float32 accumulation"),
+    code("display(Markdown(kc.paper_l2_note(t.paper_l2)))\n"
+             "show(t.paper_l2 if len(t.paper_l2) else kc.paper_l2_check(paper_dir), digits=3)"),
+    md("## Figures"),
+    code('captions = {name: (fn.__doc__ or "").strip().split("\\n\\n")[0].replace("\\n", " ") '
+             'for name, fn in kf.FIGURES.items()}\n'
+             'for name in kf.FIGURES:\n'
+             '    png = Path(figures_dir) / f"{name}.png"\n'
+             '    display(Markdown(f"### {name}\\n\\n{captions[name]}"))\n'
+             '    if png.exists():\n'
+             '        display(Image(filename=str(png)))\n'
+             '    else:\n'
+             '        display(Markdown(f"*figure not drawn: {png.name} missing*"))'),
+    md("## What was skipped"),
+    code('display(Markdown("\\n".join(f"- {n}" for n in notes) if notes else "Nothing was skipped."))\n'
+             'show(kt.skipped_rows(t.performance, t.accuracy))'),
+    md("## Provenance\n\nPer source: the machine, torch, CUDA, git commit and config hash of the records. "
+           "The paper's numbers: reports/paper/ (the authors' published raw results and summary table)."),
+    code("show(t.provenance)"),
+]
+
+
+def build() -> nbformat.NotebookNode:
+    nb = new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    cells = [new_code_cell(PARAMETERS, metadata={"tags": ["parameters"]}), new_code_cell(SETUP)]
+    for kind, src in CELLS:
+        cells.append(new_markdown_cell(src) if kind == "md" else new_code_cell(src))
+    nb.cells = cells
+    for i, c in enumerate(nb.cells):  # stable ids: a regenerated notebook diffs cleanly
+        c["id"] = f"cell-{i:02d}"
+    return nb
+
+
+if __name__ == "__main__":
+    nbformat.write(build(), OUT)
+    print(OUT)

@@ -1,0 +1,128 @@
+# One rule per figure of the report: each reads the tables and draws one PNG (in the snakemake
+# report) and one SVG, through kvpack.figures.FIGURES[<name>].
+
+
+rule figure_time:
+    """Quantize + dequantize time vs elements, per implementation, log-log, with the paper's points."""
+    input:
+        tables=TABLE_CSVS,
+    output:
+        png=report(FIGURE_PNG.format(name="time"), caption="../report/time.rst", category="Figures"),
+        svg=FIGURE_SVG.format(name="time"),
+    log:
+        log_path(FIGURE_PNG.format(name="time")),
+    params:
+        name="time",
+    threads: 1
+    resources:
+        mem_mb=2048,
+        runtime=10,
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/figure.py"
+
+
+rule figure_speedup:
+    """Speedup over both CPU baselines, with the paper's speedups."""
+    input:
+        tables=TABLE_CSVS,
+    output:
+        png=report(FIGURE_PNG.format(name="speedup"), caption="../report/speedup.rst", category="Figures"),
+        svg=FIGURE_SVG.format(name="speedup"),
+    log:
+        log_path(FIGURE_PNG.format(name="speedup")),
+    params:
+        name="speedup",
+    threads: 1
+    resources:
+        mem_mb=2048,
+        runtime=10,
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/figure.py"
+
+
+rule figure_roofline:
+    """Achieved bandwidth vs bytes moved, with the measured copy ceiling of each device."""
+    input:
+        tables=TABLE_CSVS,
+    output:
+        png=report(FIGURE_PNG.format(name="roofline"), caption="../report/roofline.rst", category="Figures"),
+        svg=FIGURE_SVG.format(name="roofline"),
+    log:
+        log_path(FIGURE_PNG.format(name="roofline")),
+    params:
+        name="roofline",
+    threads: 1
+    resources:
+        mem_mb=2048,
+        runtime=10,
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/figure.py"
+
+
+rule figure_accuracy:
+    """Measured errors vs their closed-form predictions and the paper's."""
+    input:
+        tables=TABLE_CSVS,
+    output:
+        png=report(FIGURE_PNG.format(name="accuracy"), caption="../report/accuracy.rst", category="Figures"),
+        svg=FIGURE_SVG.format(name="accuracy"),
+    log:
+        log_path(FIGURE_PNG.format(name="accuracy")),
+    params:
+        name="accuracy",
+    threads: 1
+    resources:
+        mem_mb=2048,
+        runtime=10,
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/figure.py"
+
+
+rule figure_memory:
+    """Memory footprint and compression ratio."""
+    input:
+        tables=TABLE_CSVS,
+    output:
+        png=report(FIGURE_PNG.format(name="memory"), caption="../report/memory.rst", category="Figures"),
+        svg=FIGURE_SVG.format(name="memory"),
+    log:
+        log_path(FIGURE_PNG.format(name="memory")),
+    params:
+        name="memory",
+    threads: 1
+    resources:
+        mem_mb=2048,
+        runtime=10,
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/figure.py"
+
+
+rule figure_peers:
+    """kvpack vs PyTorch's own quantizers on the GPU."""
+    input:
+        tables=TABLE_CSVS,
+    output:
+        png=report(FIGURE_PNG.format(name="peers"), caption="../report/peers.rst", category="Figures"),
+        svg=FIGURE_SVG.format(name="peers"),
+    log:
+        log_path(FIGURE_PNG.format(name="peers")),
+    params:
+        name="peers",
+    threads: 1
+    resources:
+        mem_mb=2048,
+        runtime=10,
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/figure.py"

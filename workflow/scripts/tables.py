@@ -1,0 +1,30 @@
+"""rule tables: raw records (this run + reference dirs) -> results/tables/*.csv, the claims' verdicts
+included (kvpack.tables.write_tables)."""
+
+import logging
+import os
+import sys
+
+logfile = open(snakemake.log[0], "w", buffering=1)  # noqa: SIM115 (the log stays open for the whole job)
+os.dup2(logfile.fileno(), 1)
+os.dup2(logfile.fileno(), 2)
+sys.stdout = sys.stderr = logfile
+logging.basicConfig(stream=logfile, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+from kvpack.tables import write_tables  # noqa: E402
+
+sm = snakemake
+paths = write_tables(
+    benchmark_paths=list(sm.input.benchmark),
+    accuracy_paths=list(sm.input.accuracy),
+    reference_dirs=list(sm.params.reference_dirs),
+    paper_dir=sm.params.paper_dir,
+    grid=list(sm.params.grid),
+    outdir=sm.params.outdir,
+)
+written = {os.path.normpath(str(p)) for p in paths.values()}
+missing = [str(p) for p in sm.output if os.path.normpath(str(p)) not in written]
+if missing:
+    raise RuntimeError(f"tables not written: {missing} (kvpack.tables.TABLE_NAMES and rule tables disagree)")
+for name, p in paths.items():
+    print(f"{name}: {p}")
