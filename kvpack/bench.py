@@ -228,10 +228,12 @@ class _Job:
         variants = ops.CUDA_VARIANTS if self.s["variants"] == "all" else [
             v for v in self.s["variants"] if v in ops.CUDA_VARIANTS]
         for g in granularities:
-            ref_q = quantize_torch(x, scales_torch(x, g), g)  # the eager peer's result: same function
             s = ops.compute_scales(x, g, check_finite=False)
+            # The eager peer's result for the same scales: the same function, written in torch ops.
+            ref_q = quantize_torch(x, s, g)
             self.add("fast", "kvpack", "cuda", "scales", g, time_cuda(
-                lambda: ops.compute_scales(x, g, check_finite=False), w, r, flush))
+                lambda: ops.compute_scales(x, g, check_finite=False), w, r, flush),
+                bool(torch.equal(s.cpu(), ops.compute_scales(x.cpu(), g, variant="cpu_torch", check_finite=False))))
             for v in variants:
                 torch.cuda.reset_peak_memory_stats()
                 q, _ = ops.quantize(x, v, g, scales=s, check_finite=False)
@@ -256,7 +258,9 @@ class _Job:
         peers = self.s["peers"] or []
         q = ref_q
         if "torch_eager" in peers:
-            self.add("torch_eager", "peer", "cuda", "scales", g, time_cuda(lambda: scales_torch(x, g), w, r, flush))
+            exact_s = bool(torch.equal(scales_torch(x, g), s))
+            self.add("torch_eager", "peer", "cuda", "scales", g, time_cuda(lambda: scales_torch(x, g), w, r, flush),
+                     exact_s)
             self.add("torch_eager", "peer", "cuda", "quantize", g, time_cuda(
                 lambda: quantize_torch(x, s, g), w, r, flush), True)
             self.add("torch_eager", "peer", "cuda", "dequantize", g, time_cuda(

@@ -19,7 +19,10 @@ def _bcast(scales: torch.Tensor, granularity: str) -> torch.Tensor:
 
 
 def scales_torch(x: torch.Tensor, granularity: str = "channel") -> torch.Tensor:
-    return torch.amax(torch.abs(x.float()), dim=_dim(granularity)) / QMAX
+    absmax = torch.amax(torch.abs(x.float()), dim=_dim(granularity))
+    # Divide by a tensor, not a Python number: on CUDA, torch turns division by a scalar into
+    # multiplication by its reciprocal, which is not the IEEE quotient the kernels compute.
+    return absmax / torch.full_like(absmax, QMAX)
 
 
 def quantize_torch(x: torch.Tensor, scales: torch.Tensor, granularity: str = "channel") -> torch.Tensor:

@@ -1,0 +1,76 @@
+"""Run the workflow's measurement jobs without Snakemake, writing the same records to the same paths.
+
+For machines where Snakemake is not installed (a bare GPU box): the benchmark and accuracy jobs
+of every workload of a config, in one process (the extension loads once), skipping records that
+already exist, stopping cleanly before ``--time-limit`` seconds so a partial run can be resumed.
+
+    python -m kvpack.runner --configfile config/config.yaml --configfile config/paper.yaml \
+        --stages benchmark accuracy decode --results results [--time-limit 540]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import accuracy, bench, config as cfgmod, environment, records
+
+log = logging.getLogger("kvpack.runner")
+
+DECODE_DEFAULTS = {"T": [8192, 32768, 131072], "heads": 32, "head_dim": 128, "batch": 1}
+
+
+def record_path(results: Path, slug: str, stage: str, w: dict) -> Path:
+    return results / slug / stage / f"{w['T']}x{w['D']}_{w['dtype']}.json"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configfile", action="append", required=True)
+    ap.add_argument("--stages", nargs="+", default=["benchmark", "accuracy"], choices=["benchmark", "accuracy", "decode"])
+    ap.add_argument("--results", default="results")
+    ap.add_argument("--time-limit", type=float, default=None, help="stop before starting a job after this many seconds")
+    ap.add_argument("--max-elements", type=int, default=None, help="only workloads with at most this many elements")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+
+    config = cfgmod.load_config(*args.configfile)
+    device = cfgmod.resolve_run_device(config)
+    slug = cfgmod.device_slug(config, device)
+    chash = environment.config_hash(config)
+    results = Path(args.results)
+    t0 = time.perf_counter()
+    jobs = [(stage, w) for w in cfgmod.workloads(config) for stage in args.stages if stage != "decode"]
+    if args.max_elements:
+        jobs = [(s, w) for s, w in jobs if w["T"] * w["D"] <= args.max_elements]
+    done = skipped = 0
+    for stage, w in jobs:
+        out = record_path(results, slug, stage, w)
+        if out.exists():
+            continue
+        if args.time_limit and time.perf_counter() - t0 > args.time_limit:
+            skipped += 1
+            continue
+        log.info("%s %s %dx%d %s", stage, w["name"], w["T"], w["D"], w["dtype"])
+        settings = cfgmod.job_settings(config, stage)
+        prov = environment.provenance(device, chash)
+        run = bench.run_benchmark_job if stage == "benchmark" else accuracy.run_accuracy_job
+        records.write_record(run(w, device, settings, prov), out)
+        done += 1
+    if "decode" in args.stages and device == "cuda":
+        from . import decode
+
+        out = results / slug / "decode" / "decode.json"
+        if not out.exists() and not (args.time_limit and time.perf_counter() - t0 > args.time_limit):
+            settings = {**DECODE_DEFAULTS, **(config.get("decode") or {})}
+            records.write_record(decode.run_decode_job(settings, device, environment.provenance(device, chash)), out)
+            done += 1
+    log.info("ran %d jobs in %.0f s; %d left for a later run (time limit)", done, time.perf_counter() - t0, skipped)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
