@@ -1,0 +1,176 @@
+"""The Snakemake workflow: lint, dry runs of the shipped configs, and a tiny run end to end.
+
+The end-to-end run (marked `slow`, about a minute on 2 cores, and run by default) works in a temp
+directory (`--directory`), so results/ and logs/ land there; the extension's build cache is kvpack's
+(build/extension/ or $KVPACK_BUILD_DIR), shared with every other run, so nothing recompiles.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kvpack import records
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "config" / "config.yaml"
+PAPER = ROOT / "config" / "paper.yaml"
+CLAIMS = yaml.safe_load((ROOT / "reports" / "paper" / "claims.yaml").read_text())
+
+# The report stage's outputs (workflow/rules/tables.smk, figures.smk, report.smk).
+TABLES = ("performance", "accuracy", "memory", "workloads", "paper", "speedups", "claims", "provenance", "paper_l2")
+FIGURES = ("time", "speedup", "roofline", "accuracy", "memory", "peers")
+
+TINY = {
+    "grid": [
+        {"name": "Tiny odd 3x5", "T": 3, "D": 5},
+        {"name": "Small odd", "T": 130, "D": 36, "dtypes": ["float32", "bfloat16"]},
+    ],
+    "benchmark": {"warmup": 1, "repeats": 2, "cpu_repeats": 2, "cpu_time_budget_s": 2.0,
+                  "peers": ["torch_eager"], "copy_bytes": 1048576},
+    "reference_dirs": [],
+}
+
+
+def snakemake(workdir, *args, timeout=600):
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), *args],
+        capture_output=True, text=True, env=env, timeout=timeout, check=False,
+    )
+
+
+def job_counts(output: str) -> dict:
+    """The 'Job stats' table of a (dry) run as {rule: count}."""
+    stats = output.split("Job stats:", 1)[1]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.MULTILINE) if m[1] != "total"}
+
+
+def planned_outputs(output: str) -> set:
+    """Every output file of the jobs a (dry) run lists."""
+    lines = re.findall(r"^\s+output: (.+)$", output, re.MULTILINE)
+    return {f for line in lines for f in line.split(", ")}
+
+
+def test_lint_is_clean(tmp_path):
+    run = snakemake(tmp_path, "--lint", "--configfile", str(CONFIG))
+    out = run.stdout + run.stderr
+    assert run.returncode == 0 and "Congratulations, your workflow is in a good condition!" in out, out
+
+
+def test_paper_dry_run_lists_every_paper_workload(tmp_path):
+    """`snakemake -n --configfile config/paper.yaml`: a benchmark and an accuracy job per paper workload."""
+    run = snakemake(tmp_path, "-n", "--configfile", str(CONFIG), str(PAPER))
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out
+    outputs = planned_outputs(out)
+    for w in CLAIMS["grid"]:
+        for stage in ("benchmark", "accuracy"):
+            pattern = rf"results/[^/]+/{stage}/{w['T']}x{w['D']}_float32\.json"
+            assert any(re.fullmatch(pattern, o) for o in outputs), (stage, w)
+    counts = job_counts(out)
+    assert counts["build"] == 1 and counts["benchmark"] == counts["accuracy"] >= len(CLAIMS["grid"])
+
+
+def test_two_devices_land_in_two_folders(tmp_path):
+    """device_name names results/{device}/: a second machine's run plans its own folder."""
+    runs = [snakemake(tmp_path, "-n", "--configfile", str(CONFIG), "--config", f"device_name={name}")
+            for name in ("gpu-one", "gpu-two")]
+    for run, name in zip(runs, ("gpu-one", "gpu-two")):
+        assert run.returncode == 0, run.stderr
+        outs = planned_outputs(run.stdout + run.stderr)
+        assert f"results/{name}/build.json" in outs
+        records = [o for o in outs if re.fullmatch(r"results/[^/]+/(build\.json|(benchmark|accuracy)/.+\.json)", o)]
+        assert records and all(o.startswith(f"results/{name}/") for o in records)
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    """The tiny config run end to end once; the tests below inspect what it left."""
+    work = tmp_path_factory.mktemp("workflow")
+    (work / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    t0 = time.perf_counter()
+    run = snakemake(work, "--cores", "2", "--configfile", str(work / "tiny.yaml"))
+    seconds = time.perf_counter() - t0
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
+    print(f"tiny end-to-end run: {seconds:.1f} s")
+    return work
+
+
+def _device_dir(work) -> Path:
+    dirs = [d for d in (work / "results").iterdir() if d.is_dir() and (d / "build.json").exists()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+@pytest.mark.slow
+def test_end_to_end_records(e2e):
+    dev = _device_dir(e2e)
+    build = json.loads((dev / "build.json").read_text())
+    if not build["cuda"]:  # a CPU machine builds the CPU half and says what it skipped and why
+        assert build["gpu_variants_skipped"] == ["naive", "tiled", "coarsened", "vectorized", "fast"]
+        assert build["cuda_skipped_reason"]
+    assert (e2e / "logs" / dev.name / "build.log").exists()
+    expected = [(3, 5, "float32"), (130, 36, "float32"), (130, 36, "bfloat16")]
+    for stage in ("benchmark", "accuracy"):
+        files = sorted((dev / stage).glob("*.json"))
+        assert sorted(f.name for f in files) == sorted(f"{T}x{D}_{dt}.json" for T, D, dt in expected)
+        for T, D, dt in expected:
+            rec = records.read_record(dev / stage / f"{T}x{D}_{dt}.json")
+            assert rec["kind"] == stage and rec["rows"]
+            assert (rec["workload"]["T"], rec["workload"]["D"], rec["workload"]["dtype"]) == (T, D, dt)
+            assert rec["workload"]["name"] == ("Tiny odd 3x5" if T == 3 else "Small odd")
+            assert rec["provenance"]["device_slug"] == dev.name and rec["provenance"]["config_hash"]
+            assert (e2e / "logs" / dev.name / stage / f"{T}x{D}_{dt}.log").stat().st_size > 0
+    assert (e2e / "results" / "report" / "report.html").exists()
+    assert not list(e2e.rglob("*.tmp")), "a half-written record was left behind"
+
+
+@pytest.mark.slow
+def test_rerun_redoes_only_what_is_missing(e2e):
+    run = snakemake(e2e, "-n", "--configfile", str(e2e / "tiny.yaml"))
+    assert run.returncode == 0 and "Nothing to be done" in run.stdout + run.stderr, run.stdout + run.stderr
+    victim = _device_dir(e2e) / "benchmark" / "130x36_bfloat16.json"
+    saved = victim.read_bytes()
+    victim.unlink()
+    try:
+        run = snakemake(e2e, "-n", "--configfile", str(e2e / "tiny.yaml"))
+        out = run.stdout + run.stderr
+        assert run.returncode == 0, out
+        counts = job_counts(out)
+        assert counts.get("benchmark") == 1 and "build" not in counts and "accuracy" not in counts, counts
+        assert str(victim.relative_to(e2e)) in planned_outputs(out)
+    finally:
+        victim.write_bytes(saved)
+
+
+@pytest.mark.slow
+def test_snakemake_report(e2e):
+    out = e2e / "snakemake-report.html"
+    run = snakemake(e2e, "--configfile", str(e2e / "tiny.yaml"), "--report", str(out))
+    assert run.returncode == 0 and out.stat().st_size > 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_end_to_end_tables_figures_report(e2e):
+    import pandas as pd
+
+    from kvpack import figures, tables
+
+    assert set(TABLES) <= set(tables.TABLE_NAMES) and set(FIGURES) == set(figures.FIGURES)
+    results = e2e / "results"
+    expected = ([results / "tables" / f"{t}.csv" for t in tables.TABLE_NAMES]
+                + [results / "figures" / f"{f}.{ext}" for f in FIGURES for ext in ("png", "svg")]
+                + [results / "report" / "report.ipynb", results / "report" / "report.html"])
+    for p in expected:
+        assert p.exists() and p.stat().st_size > 0, p
+    claims = pd.read_csv(results / "tables" / "claims.csv")
+    ids = [c["id"] for c in CLAIMS["claims"]]
+    assert len(claims) == len(ids), f"claims.csv has {len(claims)} rows for {len(ids)} claims"
+    assert any(set(claims[col].astype(str)) == set(ids) for col in claims.columns), "no column holds the claim ids"

@@ -1,0 +1,150 @@
+# Config validation, the run's device and workloads, wildcard constraints, path helpers and input
+# functions. Every rule names its files through the helpers below, never inline.
+
+import math
+import re
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+import kvpack.build
+import kvpack.config
+
+# ---- config: schema (workflow/schemas/config.schema.yaml, defaults filled in place) + semantics ----
+# Fails here, before any job is scheduled, with one line per problem naming the key and the reason.
+kvpack.config.validate_config(config)
+
+
+# ---- the run's device: 'cpu' or 'cuda', and the slug that names results/{device}/ ----
+DEVICE_KIND = kvpack.config.resolve_run_device(config)
+DEVICE = kvpack.config.device_slug(config, DEVICE_KIND)
+WORKLOADS = kvpack.config.workloads(config)  # [{name, T, D, dtype, seed}], grid x dtypes
+
+
+wildcard_constraints:
+    device=re.escape(DEVICE),  # this machine's results only; other devices' come from reference_dirs
+    T=r"[1-9][0-9]*",
+    D=r"[1-9][0-9]*",
+    dtype="float32|float16|bfloat16",
+
+
+# ---- paths (docs/records.md); logs mirror them under logs/ ----
+BUILD_JSON = "results/{device}/build.json"
+BENCHMARK_JSON = "results/{device}/benchmark/{T}x{D}_{dtype}.json"
+ACCURACY_JSON = "results/{device}/accuracy/{T}x{D}_{dtype}.json"
+REPORT_HTML = "results/report/report.html"
+
+
+def log_path(result):
+    """results/<x>/<y>.<ext> -> logs/<x>/<y>.log"""
+    return str(Path("logs", *Path(result).with_suffix(".log").parts[1:]))
+
+
+def _records(pattern):
+    return [pattern.format(device=DEVICE, T=w["T"], D=w["D"], dtype=w["dtype"]) for w in WORKLOADS]
+
+
+def benchmark_records():
+    """This run's raw benchmark records, one per workload x dtype."""
+    return _records(BENCHMARK_JSON)
+
+
+def accuracy_records():
+    """This run's raw accuracy records, one per workload x dtype."""
+    return _records(ACCURACY_JSON)
+
+
+def _existing_dir(path):
+    # Relative paths: the working directory first (--directory), then the repository.
+    for candidate in (Path(path), Path(workflow.basedir) / path):
+        if candidate.is_dir():
+            return str(candidate)
+    return None
+
+
+def reference_dirs():
+    """config['reference_dirs'] that exist (results of record measured elsewhere, e.g. on an H100)."""
+    found = (_existing_dir(p) for p in config["reference_dirs"])
+    return [d for d in found if d is not None]
+
+
+def reference_records(stage):
+    """The raw records ('benchmark' or 'accuracy') found in reference_dirs()."""
+    return sorted(str(p) for d in reference_dirs() for p in Path(d).glob(f"{stage}/*.json"))
+
+
+def final_outputs():
+    """The targets of the default run: every table, figure and the report, as the report stage
+    names them (REPORT_OUTPUTS, workflow/rules/tables.smk; the report alone until it is defined),
+    and the raw records themselves, so a record deleted after the report was made is made again."""
+    report_stage = globals().get("REPORT_OUTPUTS", [REPORT_HTML])
+    return [*report_stage, *benchmark_records(), *accuracy_records()]
+
+
+def kernel_sources():
+    """The sources this run's build compiles: the build reruns (and with it every job) when one
+    changes. A CPU run compiles the C++ half only, so CUDA sources do not invalidate it."""
+    kernels = Path(workflow.basedir) / "kernels"
+    suffixes = {".cpp", ".h"} | ({".cu", ".cuh"} if DEVICE_KIND == "cuda" else set())
+    sources = [p for p in kernels.rglob("*") if p.suffix in suffixes]
+    if DEVICE_KIND == "cpu":
+        sources = [p for p in sources if p.suffix == ".h" or p.name in kvpack.build.CPU_SOURCES]
+    return sorted(str(p) for p in sources)
+
+
+# ---- params ----
+def workload(wildcards):
+    """The {name, T, D, dtype, seed} of one job, from its wildcards."""
+    return kvpack.config.find_workload(config, wildcards.T, wildcards.D, wildcards.dtype)
+
+
+def job_settings(stage):
+    """config[stage] plus seed, variants and granularities: what kvpack.bench / kvpack.accuracy read."""
+    return kvpack.config.job_settings(config, stage)
+
+
+# ---- threads and resources ----
+def job_threads(wildcards):
+    """All the cores snakemake was given: a job runs alone and owns the machine while it times."""
+    try:
+        return workflow.cores
+    except WorkflowError:  # a cluster executor without --cores: the profile's set-threads decides
+        return 1
+
+
+def _elements(wildcards):
+    return int(wildcards.T) * int(wildcards.D)
+
+
+def _esize(wildcards):
+    return 4 if wildcards.dtype == "float32" else 2
+
+
+def mem_mb(stage):
+    """Host memory of one job, a generous estimate from the shape (for a cluster's scheduler)."""
+
+    def estimate(wildcards):
+        n, esize = _elements(wildcards), _esize(wildcards)
+        if stage == "benchmark":  # x, q, x_hat and fp32 temporaries of the peers, + the copy ceiling
+            need = n * (3 * esize + 1 + 12)
+        else:  # x, q, x_hat, and the float64 reference (~48 bytes/element) up to its size limit
+            need = n * (2 * esize + 1 + 4) + 48 * min(n, config["accuracy"]["reference_max_elements"])
+        return 2048 + math.ceil(need / 2**20)
+
+    return estimate
+
+
+def runtime_min(wildcards):
+    """Minutes of one job, generous: CPU ops are capped by cpu_time_budget_s, the GPU is quick."""
+    return 20 + 2 * math.ceil(_elements(wildcards) / 2**24)
+
+
+def job_resources(stage):
+    """resources: a GPU only when the run's device is CUDA (a CPU run asks for none)."""
+    res = {"mem_mb": mem_mb(stage), "runtime": runtime_min}
+    if DEVICE_KIND == "cuda":
+        res["gpu"] = 1
+    return res
+
+
+BUILD_RESOURCES = {"mem_mb": 4096, "runtime": 30, **({"gpu": 1} if DEVICE_KIND == "cuda" else {})}
