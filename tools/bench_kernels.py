@@ -1,0 +1,57 @@
+"""Quick side-by-side of the GPU kernels on a few shapes: GB/s and fraction of the copy ceiling.
+
+Development tool (the benchmark of record is the workflow's benchmark rule):
+    python tools/bench_kernels.py --shapes 131072x8192 131072x128 --dtypes float32
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kvpack import bench, ops, workloads  # noqa: E402
+from kvpack.torch_impl import dequantize_torch, quantize_fused_torch, quantize_torch  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="+", default=["131072x8192", "131072x1024", "131072x128"])
+    ap.add_argument("--dtypes", nargs="+", default=["float32"])
+    ap.add_argument("--variants", nargs="+", default=list(ops.CUDA_VARIANTS))
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--no-compile", action="store_true")
+    a = ap.parse_args()
+    ceiling = bench.copy_bandwidth("cuda", 1 << 31)["copy_gbps"]
+    flush = bench._L2Flusher(torch.device("cuda"))
+    print(f"copy ceiling {ceiling:.0f} GB/s")
+    print(f"{'shape':>13} {'dtype':>9} {'impl':>14} {'op':>15} {'ms':>8} {'GB/s':>7} {'of copy':>7}")
+    for shape in a.shapes:
+        T, D = map(int, shape.split("x"))
+        for dt in a.dtypes:
+            dtype = workloads.resolve_dtype(dt)
+            x = workloads.uniform(T, D, seed=0, dtype=dtype, device="cuda")
+            s = ops.compute_scales(x, check_finite=False)
+            q, _ = ops.quantize(x, "fast", scales=s, check_finite=False)
+            fns = {}
+            for v in a.variants:
+                fns[(v, "quantize")] = lambda v=v: ops.quantize(x, v, scales=s, check_finite=False)
+                fns[(v, "dequantize")] = lambda v=v: ops.dequantize(q, s, v, dtype=dtype)
+            fns[("fast", "quantize_fused")] = lambda: ops.quantize_fused(x, "fast", check_finite=False)
+            fns[("fast", "scales")] = lambda: ops.compute_scales(x, check_finite=False)
+            if not a.no_compile:
+                cq, cd, cf = (torch.compile(f, dynamic=False) for f in (quantize_torch, dequantize_torch, quantize_fused_torch))
+                fns[("compile", "quantize")] = lambda: cq(x, s)
+                fns[("compile", "dequantize")] = lambda: cd(q, s, "channel", dtype)
+                fns[("compile", "quantize_fused")] = lambda: cf(x)
+            for (impl, op), fn in fns.items():
+                t = bench.time_cuda(fn, 3, a.repeats, flush).summary()
+                rate = bench.gbps(bench.op_bytes(op, T, D, dtype), t["median_ms"])
+                print(f"{shape:>13} {dt:>9} {impl:>14} {op:>15} {t['median_ms']:8.3f} {rate:7.0f} {rate / ceiling:7.1%}")
+            del x, q
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

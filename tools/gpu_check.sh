@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The GPU check of the CUDA kernels in one command, on a machine with a CUDA device, from anywhere:
+#   1. build the extension (python3 -m kvpack.build --verbose)              -> $OUT/build.log
+#   2. ptxas registers/spills + SASS vector accesses of the fast kernels    -> $OUT/ptxas_fast.log
+#   3. the GPU tests (pytest -m gpu tests/test_cuda_ops.py)                 -> $OUT/pytest_gpu.log
+#      and those of variant "fast" again with KVPACK_FAST_LAYOUT=contiguous -> $OUT/pytest_gpu_contiguous.log
+#   4. compute-sanitizer memcheck over tools/sanitize_kernels.py            -> $OUT/sanitizer.log
+#   5. compute-sanitizer racecheck over the shared-memory kernels (tiled, per-channel scales)
+#                                                                           -> $OUT/racecheck.log
+# then a summary. Every step runs even when an earlier one failed; the exit status is non-zero if
+# any failed. OUT defaults to build/gpu-check; PYTHON to python3.
+#
+#   OUT=/some/dir bash tools/gpu_check.sh
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-build/gpu-check}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+
+declare -a STEPS=()
+declare -A RC=()
+
+# step NAME LOG CMD...: run CMD, tee its output to $OUT/LOG, record its exit status.
+step() {
+  local name=$1 log=$2
+  shift 2
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  "$@" 2>&1 | tee "$OUT/$log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+  STEPS+=("$name")
+  RC[$name]=$rc
+}
+
+find_sanitizer() {
+  local c
+  for c in "$(command -v compute-sanitizer 2>/dev/null)" "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" \
+           /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+    [ -n "$c" ] && [ -x "$c" ] && { echo "$c"; return 0; }
+  done
+  return 1
+}
+
+missing() { echo "$1"; return 1; }
+
+"$PY" - <<'EOF' 2>&1 | tee "$OUT/env.txt"
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", round(p.total_memory / 2**30, 1), "GiB")
+else:
+    print("no CUDA device visible to torch")
+EOF
+ARCH=$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")' 2>/dev/null || echo 90)
+
+step build build.log "$PY" -m kvpack.build --verbose --out "$OUT/build-info.json"
+step ptxas ptxas_fast.log "$PY" tools/check_cuda_compile.py --arch "$ARCH" --sass --jobs 1 \
+  --log-dir "$OUT/cuda-compile" kernels/quantize_fast.cu
+step pytest pytest_gpu.log "$PY" -m pytest -m gpu tests/test_cuda_ops.py -q -x --no-header -p no:cacheprovider \
+  --durations=8
+# The fast kernels' other layout (16 contiguous elements per thread), on the tests that run "fast".
+step pytest_contiguous pytest_gpu_contiguous.log env KVPACK_FAST_LAYOUT=contiguous \
+  "$PY" -m pytest -m gpu tests/test_cuda_ops.py -q -x --no-header -p no:cacheprovider \
+  -k "fast and not past and not large"
+if SAN=$(find_sanitizer); then
+  # No caching allocator: every tensor is its own allocation, so overruns fall outside any of them.
+  step memcheck sanitizer.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 "$PY" tools/sanitize_kernels.py
+  step racecheck racecheck.log "$SAN" --tool racecheck --error-exitcode 1 --print-limit 20 \
+    "$PY" tools/sanitize_kernels.py --variants tiled --dtypes fp32,fp16
+else
+  step memcheck sanitizer.log missing "compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin)"
+fi
+
+echo
+echo "=== summary ($OUT)"
+status=0
+for s in "${STEPS[@]}"; do
+  printf '  %-18s %s\n' "$s" "$([ "${RC[$s]}" -eq 0 ] && echo ok || echo "FAILED (exit ${RC[$s]})")"
+  [ "${RC[$s]}" -eq 0 ] || status=1
+done
+for log in pytest_gpu.log pytest_gpu_contiguous.log; do
+  echo "  $log: $(grep -E '[0-9]+ (passed|failed|error|skipped)' "$OUT/$log" | tail -1)"
+done
+for log in sanitizer.log racecheck.log; do
+  [ -f "$OUT/$log" ] && echo "  $log: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|not found' "$OUT/$log" | tail -1)"
+done
+echo "  ptxas:     $(grep -E '^(OK|FAIL) +kernels/quantize_fast.cu' "$OUT/ptxas_fast.log" | tail -1)"
+exit $status

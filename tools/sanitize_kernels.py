@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Run every CUDA variant x op x granularity x dtype on odd shapes and misaligned inputs, for
+compute-sanitizer to watch. Exits 0 when everything ran (the sanitizer's own exit code reports
+memory errors):
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 \\
+        compute-sanitizer --tool memcheck --error-exitcode 1 python3 tools/sanitize_kernels.py
+    compute-sanitizer --tool racecheck --error-exitcode 1 python3 tools/sanitize_kernels.py --variants tiled
+
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 gives every tensor its own cudaMalloc, so an access past the end
+of an output lands outside any allocation and memcheck sees it (inside a cached pool block it
+would not). Build the extension first (python3 -m kvpack.build): building under the sanitizer is slow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+import kvpack
+
+SHAPES = [(1, 1), (3, 5), (1023, 67), (33, 4097), (64, 128), (100, 68), (7, 5120)]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def inputs(T: int, D: int, dtype, seed: int):
+    """An aligned x, and x starting 1 element into its storage (its buffer ends exactly at x's end)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.empty(T, D, dtype=dtype, device="cuda").uniform_(-1, 1, generator=g)
+    buf = torch.empty(T * D + 1, dtype=dtype, device="cuda").uniform_(-1, 1, generator=g)
+    return {"aligned": x, "offset1": buf[1:].view(T, D)}
+
+
+def run(variants, granularities, dtypes, shapes) -> tuple[bool, int]:
+    """(all variants agreed, number of op calls)."""
+    calls = 0
+    for si, (T, D) in enumerate(shapes):
+        for name, dtype in dtypes.items():
+            for kind, x in inputs(T, D, dtype, seed=si).items():
+                for g in granularities:
+                    s = kvpack.compute_scales(x, g)
+                    calls += 1
+                    n = s.numel()
+                    s_buf = torch.empty(n + 1, device="cuda")
+                    s_mis = s_buf[1:]
+                    s_mis.copy_(s)
+                    for v in variants:
+                        q, _ = kvpack.quantize(x, v, g, scales=s)
+                        q2, _ = kvpack.quantize(x, v, g, scales=s_mis)
+                        qf, sf = kvpack.quantize_fused(x, v, g)
+                        q_buf = torch.empty(T * D + 1, dtype=torch.int8, device="cuda")
+                        q_mis = q_buf[1:].view(T, D)
+                        q_mis.copy_(q)
+                        for out in DTYPES.values():
+                            kvpack.dequantize(q, s, v, g, dtype=out)
+                            kvpack.dequantize(q_mis, s_mis, v, g, dtype=out)
+                        calls += 3 + 2 * len(DTYPES)
+                        torch.cuda.synchronize()
+                        if not (torch.equal(q, q2) and torch.equal(q, qf) and torch.equal(s, sf)):
+                            print(f"MISMATCH {v} {name} {g} {T}x{D} {kind}", file=sys.stderr)
+                            return False, calls
+            print(f"  {T}x{D} {name}: ok", flush=True)
+    return True, calls
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default=",".join(kvpack.CUDA_VARIANTS), help="comma-separated (default: all)")
+    ap.add_argument("--granularities", default="channel,token")
+    ap.add_argument("--dtypes", default="fp32,fp16,bf16")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("sanitize_kernels: no CUDA device", file=sys.stderr)
+        return 2
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(kvpack.CUDA_VARIANTS)
+    if unknown:
+        print(f"unknown variants {sorted(unknown)}; known: {kvpack.CUDA_VARIANTS}", file=sys.stderr)
+        return 2
+    dtypes = {k: DTYPES[k] for k in args.dtypes.split(",") if k}
+    assert kvpack.available_variants("cuda"), "the extension has no CUDA half"
+    t0 = time.perf_counter()
+    ok, calls = run(variants, args.granularities.split(","), dtypes, SHAPES)
+    torch.cuda.synchronize()
+    if not ok:
+        return 1
+    print(f"sanitize_kernels: {calls} op calls on {len(SHAPES)} shapes, {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
