@@ -1,0 +1,17 @@
+"""rule formats_tables: the format study's records -> formats.csv, formats_summary.csv, formats_winners.csv."""
+
+
+from kvpack.jobs import log_to_file
+
+log_to_file(snakemake.log[0], "formats_tables")
+
+from pathlib import Path  # noqa: E402
+
+from kvpack import formats  # noqa: E402
+
+outdir = Path(snakemake.output["formats"]).parent
+paths = formats.write_formats_tables(snakemake.input.records, outdir, float(snakemake.params.bytes_budget))
+for name, p in paths.items():
+    if str(p) != str(snakemake.output[name]):
+        raise RuntimeError(f"{name}: wrote {p}, the rule expects {snakemake.output[name]}")
+    print(f"{name}: {p}")
