@@ -39,7 +39,7 @@ def write_record(record: dict, path) -> Path:
 def read_record(path) -> dict:
     with open(path) as f:
         record = json.load(f)
-    for key in ("kind", "workload", "provenance", "rows"):
+    for key in ("kind", "provenance", "rows"):
         if key not in record:
             raise ValueError(f"{path}: not a kvpack record (missing {key!r})")
     return record

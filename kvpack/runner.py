@@ -16,11 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import accuracy, bench, config as cfgmod, environment, records
+from . import accuracy, bench, config as cfgmod, records
+from .jobs import job_provenance
 
 log = logging.getLogger("kvpack.runner")
-
-DECODE_DEFAULTS = {"T": [8192, 32768, 131072], "heads": 32, "head_dim": 128, "batch": 1}
 
 
 def record_path(results: Path, slug: str, stage: str, w: dict) -> Path:
@@ -40,7 +39,6 @@ def main(argv=None) -> int:
     config = cfgmod.load_config(*args.configfile)
     device = cfgmod.resolve_run_device(config)
     slug = cfgmod.device_slug(config, device)
-    chash = environment.config_hash(config)
     results = Path(args.results)
     t0 = time.perf_counter()
     jobs = [(stage, w) for w in cfgmod.workloads(config) for stage in args.stages if stage != "decode"]
@@ -56,7 +54,7 @@ def main(argv=None) -> int:
             continue
         log.info("%s %s %dx%d %s", stage, w["name"], w["T"], w["D"], w["dtype"])
         settings = cfgmod.job_settings(config, stage)
-        prov = environment.provenance(device, chash)
+        prov = job_provenance(device, slug, {"workload": w, "settings": settings, "device": device})
         run = bench.run_benchmark_job if stage == "benchmark" else accuracy.run_accuracy_job
         records.write_record(run(w, device, settings, prov), out)
         done += 1
@@ -65,8 +63,9 @@ def main(argv=None) -> int:
 
         out = results / slug / "decode" / "decode.json"
         if not out.exists() and not (args.time_limit and time.perf_counter() - t0 > args.time_limit):
-            settings = {**DECODE_DEFAULTS, **(config.get("decode") or {})}
-            records.write_record(decode.run_decode_job(settings, device, environment.provenance(device, chash)), out)
+            settings = dict(config["decode"])
+            prov = job_provenance(device, slug, {"settings": settings, "device": device})
+            records.write_record(decode.run_decode_job(settings, device, prov), out)
             done += 1
     log.info("ran %d jobs in %.0f s; %d left for a later run (time limit)", done, time.perf_counter() - t0, skipped)
     return 0

@@ -42,7 +42,7 @@ PEERS = ("torch_eager", "torch_compile", "torch_quantize_per_channel")
 QUANT_DEQUANT = "quant+dequant"  # the paper's timed pair: quantize then dequantize, scales excluded
 
 TABLE_NAMES = ("performance", "accuracy", "memory", "workloads", "paper", "speedups", "claims",
-               "provenance", "paper_l2")
+               "provenance", "paper_l2", "decode")
 
 PROVENANCE_KEYS = ("device", "device_name", "gpu_name", "cpu_model", "cpu_threads", "driver", "cuda", "torch",
                    "python", "git_commit", "config_hash", "date")
@@ -74,17 +74,38 @@ def load_records(paths, source: str = THIS_RUN) -> list[dict]:
     return records
 
 
-def reference_record_paths(reference_dir) -> list[Path]:
+def reference_record_paths(reference_dir, kinds=("benchmark", "accuracy")) -> list[Path]:
     d = Path(reference_dir)
-    return sorted(d.glob("benchmark/*.json")) + sorted(d.glob("accuracy/*.json"))
+    return [p for kind in kinds for p in sorted(d.glob(f"{kind}/*.json"))]
 
 
-def collect_records(benchmark_paths=(), accuracy_paths=(), reference_dirs=()) -> list[dict]:
+def collect_records(benchmark_paths=(), accuracy_paths=(), reference_dirs=(), decode_paths=()) -> list[dict]:
     """This run's records and those of every reference directory, each labelled with its source."""
-    records = load_records(list(benchmark_paths) + list(accuracy_paths), THIS_RUN)
+    records = load_records(list(benchmark_paths) + list(accuracy_paths) + list(decode_paths), THIS_RUN)
     for d in reference_dirs or ():
-        records += load_records(reference_record_paths(d), source_label(d))
+        records += load_records(reference_record_paths(d, ("benchmark", "accuracy", "decode")), source_label(d))
     return records
+
+
+DECODE_COLUMNS = ["source", "device_slug", "device_name", "T", "heads", "head_dim", "batch", "variant", "status",
+                  "skip_reason", "cache_fp16_bytes", "cache_int8_bytes", "attention_fp16_median_ms",
+                  "attention_fp16_p10_ms", "attention_fp16_p90_ms", "dequant_attention_median_ms",
+                  "dequant_attention_p10_ms", "dequant_attention_p90_ms", "overhead_ratio", "max_abs_output_difference"]
+
+
+def decode_table(records) -> pd.DataFrame:
+    """One row per cache length of each decode record (kvpack.decode): fp16 attention alone and
+    dequantize-then-attention, their medians and the ratio."""
+    rows = []
+    for r in records:
+        if r.get("kind") != "decode":
+            continue
+        p = r["provenance"]
+        for row in r["rows"]:
+            rows.append({"source": r.get("_source", THIS_RUN), "device_slug": p.get("device_slug") or "unknown",
+                         "device_name": p.get("gpu_name") or p.get("device_name") or "unknown",
+                         "skip_reason": "", **row})
+    return pd.DataFrame(rows).reindex(columns=DECODE_COLUMNS) if rows else pd.DataFrame(columns=DECODE_COLUMNS)
 
 
 def _workload_cols(record: dict) -> dict:
@@ -498,23 +519,24 @@ class Tables:
     claims: pd.DataFrame = field(default_factory=pd.DataFrame)
     provenance: pd.DataFrame = field(default_factory=pd.DataFrame)
     paper_l2: pd.DataFrame = field(default_factory=pd.DataFrame)
+    decode: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=DECODE_COLUMNS))
 
     def as_dict(self) -> dict[str, pd.DataFrame]:
         return {n: getattr(self, n) for n in TABLE_NAMES}
 
 
 def build_tables(benchmark_paths=(), accuracy_paths=(), reference_dirs=(), paper_dir=PAPER_DIR, grid=None,
-                 claims_path=None) -> Tables:
+                 claims_path=None, decode_paths=()) -> Tables:
     """Every table, from raw record paths, reference directories, the paper's folder and the config grid."""
     from . import claims as claims_mod  # claims reads tables; import here to keep the modules acyclic
 
-    records = collect_records(benchmark_paths, accuracy_paths, reference_dirs)
+    records = collect_records(benchmark_paths, accuracy_paths, reference_dirs, decode_paths)
     paper = paper_table(paper_dir)
     perf = performance_table(records)
     acc = accuracy_table(records, paper_dir)
     run_grid = _normalise_grid(grid) if grid else [
         {"name": r["workload"].get("name"), "T": r["workload"]["T"], "D": r["workload"]["D"],
-         "dtypes": [r["workload"].get("dtype", "float32")]} for r in records]
+         "dtypes": [r["workload"].get("dtype", "float32")]} for r in records if r["kind"] in ("benchmark", "accuracy")]
     t = Tables(
         performance=perf,
         accuracy=acc,
@@ -524,14 +546,16 @@ def build_tables(benchmark_paths=(), accuracy_paths=(), reference_dirs=(), paper
         speedups=speedup_table(perf, paper),
         provenance=provenance_table(records),
         paper_l2=claims_mod.paper_l2_check(paper_dir),
+        decode=decode_table(records),
     )
     t.claims = claims_mod.claims_table(t, claims_path or Path(paper_dir) / "claims.yaml")
     return t
 
 
-def write_tables(benchmark_paths, accuracy_paths, reference_dirs, paper_dir, grid, outdir, claims_path=None) -> dict:
+def write_tables(benchmark_paths, accuracy_paths, reference_dirs, paper_dir, grid, outdir, claims_path=None,
+                 decode_paths=()) -> dict:
     """Build every table and write ``<outdir>/<name>.csv`` for each of TABLE_NAMES. Returns {name: path}."""
-    t = build_tables(benchmark_paths, accuracy_paths, reference_dirs, paper_dir, grid, claims_path)
+    t = build_tables(benchmark_paths, accuracy_paths, reference_dirs, paper_dir, grid, claims_path, decode_paths)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     paths = {}

@@ -108,6 +108,42 @@ CELLS = [
     md("### The paper's L2 errors and float32 accumulation"),
     code("display(Markdown(kc.paper_l2_note(t.paper_l2)))\n"
              "show(t.paper_l2 if len(t.paper_l2) else kc.paper_l2_check(paper_dir), digits=3)"),
+    md("## Decode-step overhead\n\nWhat \"negligible overhead\" means at decode time, where each generated "
+           "token reads the whole cache once: fp16 `scaled_dot_product_attention` of one query token over T cached "
+           "tokens, against dequantizing the INT8 cache to fp16 with our fastest kernel first (kvpack.decode). "
+           "A GPU measurement: on a CPU-only run these rows come from the reference run of record."),
+    code('show(t.decode, ["source", "device_slug", "T", "heads", "head_dim", "variant", "status", '
+             '"attention_fp16_median_ms", "dequant_attention_median_ms", "overhead_ratio", '
+             '"max_abs_output_difference"], digits=4) if len(t.decode) else display(Markdown('
+             '"*No decode-step measurement (a CUDA GPU is needed).*"))'),
+    md("## Beyond the paper: KV formats, KV-like data and a real model\n\nThe paper measures error on uniform "
+           "[-1, 1] data through a dot-product surrogate only. Here the same budget (about one byte per element) "
+           "is spent by several formats on KV-like distributions, measured on real attention (softmax "
+           "probabilities, attention output with K and V quantized, top-k agreement), and on the K/V of a real "
+           "transformer (all-MiniLM-L6-v2) with its downstream sentence embeddings (kvpack.formats, "
+           "kvpack.attention, kvpack.realmodel)."),
+    code('from kvpack import formats as kfmt\n'
+             'study = kfmt.report_summary(tables_dir)\n'
+             'for role in ("key", "value"):\n'
+             '    w = study.get(f"{role}_winner")\n'
+             '    if w:\n'
+             '        display(Markdown(f"**Best format for {role}s** (all distributions): " + ", ".join(\n'
+             '            f"{k} = {kt.fmt(v, 4) if isinstance(v, float) else v}" for k, v in w.items())))\n'
+             'if study.get("formats_summary") is not None:\n'
+             '    show(study["formats_summary"], digits=4)\n'
+             'if study.get("realmodel") is not None:\n'
+             '    display(Markdown("### The real model"))\n'
+             '    show(study["realmodel"], digits=5)\n'
+             'if study.get("realmodel_stats") is not None:\n'
+             '    show(study["realmodel_stats"], digits=3)\n'
+             'if study.get("verdict"):\n'
+             '    display(Markdown(f"**The paper\'s \\"minimal impact on downstream behavior\\":** {study[\'verdict\']}"))\n'
+             'for n in study.get("notes", []):\n'
+             '    display(Markdown(f"- {n}"))\n'
+             'for name in ("formats_error_vs_D", "realmodel_formats"):\n'
+             '    png = Path(figures_dir) / f"{name}.png"\n'
+             '    if png.exists():\n'
+             '        display(Image(filename=str(png)))'),
     md("## Figures"),
     code('captions = {name: (fn.__doc__ or "").strip().split("\\n\\n")[0].replace("\\n", " ") '
              'for name, fn in kf.FIGURES.items()}\n'

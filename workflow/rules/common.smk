@@ -32,6 +32,7 @@ wildcard_constraints:
 BUILD_JSON = "results/{device}/build.json"
 BENCHMARK_JSON = "results/{device}/benchmark/{T}x{D}_{dtype}.json"
 ACCURACY_JSON = "results/{device}/accuracy/{T}x{D}_{dtype}.json"
+DECODE_JSON = "results/{device}/decode/decode.json"
 REPORT_HTML = "results/report/report.html"
 
 
@@ -47,6 +48,11 @@ def _records(pattern):
 def benchmark_records():
     """This run's raw benchmark records, one per workload x dtype."""
     return _records(BENCHMARK_JSON)
+
+
+def decode_records():
+    """This run's decode-step record: a GPU measurement, none on a CPU-only run."""
+    return [DECODE_JSON.format(device=DEVICE)] if DEVICE_KIND == "cuda" else []
 
 
 def accuracy_records():
@@ -78,7 +84,8 @@ def final_outputs():
     names them (REPORT_OUTPUTS, workflow/rules/tables.smk; the report alone until it is defined),
     and the raw records themselves, so a record deleted after the report was made is made again."""
     report_stage = globals().get("REPORT_OUTPUTS", [REPORT_HTML])
-    return [*report_stage, *benchmark_records(), *accuracy_records()]
+    study = globals().get("ACCURACY_STUDY_OUTPUTS", [])
+    return [*report_stage, *study, *benchmark_records(), *accuracy_records(), *decode_records()]
 
 
 def kernel_sources():

@@ -8,6 +8,7 @@ rule report:
         notebook=REPORT_NOTEBOOK,
         tables=TABLE_CSVS,
         figures=FIGURE_PNGS,
+        study=ACCURACY_STUDY_OUTPUTS,  # the accuracy study's tables and figures (formats.smk), as switched on
     output:
         notebook=REPORT_IPYNB,
         html=report(REPORT_HTML, caption="../report/report.rst", category="Report"),

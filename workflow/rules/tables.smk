@@ -32,7 +32,8 @@ rule tables:
     input:
         benchmark=benchmark_records(),
         accuracy=accuracy_records(),
-        reference=reference_records("benchmark") + reference_records("accuracy"),
+        decode=decode_records(),
+        reference=reference_records("benchmark") + reference_records("accuracy") + reference_records("decode"),
         paper=[f"{PAPER_DIR}/raw_results.csv", f"{PAPER_DIR}/claims.yaml"],
     output:
         **{

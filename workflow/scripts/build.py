@@ -4,17 +4,11 @@ The extension cache is kvpack's (build/extension/, or $KVPACK_BUILD_DIR): a reru
 what changed. On a CPU run the CUDA half is not built; the JSON lists the GPU variants skipped and why.
 """
 
-import logging
 import os
-import sys
 
-# Everything, the compiler's output included, goes to the log (open for the whole job).
-logfile = open(snakemake.log[0], "w", buffering=1)  # noqa: SIM115
-os.dup2(logfile.fileno(), 1)
-os.dup2(logfile.fileno(), 2)
-sys.stdout = sys.stderr = logfile
-logging.basicConfig(stream=logfile, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-log = logging.getLogger("kvpack.workflow.build")
+from kvpack.jobs import log_to_file
+
+log = log_to_file(snakemake.log[0], "build")  # the compiler's output included
 os.environ.setdefault("MAX_JOBS", str(snakemake.threads))  # ninja's parallel compile jobs
 
 from kvpack import build, environment, ops, records  # noqa: E402

@@ -62,10 +62,8 @@ def main(sm) -> None:
 
 
 if "snakemake" in globals():  # run by snakemake; importable (tests) without it
-    import os
 
-    logfile = open(snakemake.log[0], "w", buffering=1)  # noqa: SIM115 (the log stays open for the whole job)
-    os.dup2(logfile.fileno(), 1)
-    os.dup2(logfile.fileno(), 2)
-    sys.stdout = sys.stderr = logfile
+    from kvpack.jobs import log_to_file
+
+    log_to_file(snakemake.log[0], "report")
     main(snakemake)

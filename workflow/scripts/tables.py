@@ -1,15 +1,11 @@
 """rule tables: raw records (this run + reference dirs) -> results/tables/*.csv, the claims' verdicts
 included (kvpack.tables.write_tables)."""
 
-import logging
 import os
-import sys
 
-logfile = open(snakemake.log[0], "w", buffering=1)  # noqa: SIM115 (the log stays open for the whole job)
-os.dup2(logfile.fileno(), 1)
-os.dup2(logfile.fileno(), 2)
-sys.stdout = sys.stderr = logfile
-logging.basicConfig(stream=logfile, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+from kvpack.jobs import log_to_file
+
+log_to_file(snakemake.log[0], "tables")
 
 from kvpack.tables import write_tables  # noqa: E402
 
@@ -17,6 +13,7 @@ sm = snakemake
 paths = write_tables(
     benchmark_paths=list(sm.input.benchmark),
     accuracy_paths=list(sm.input.accuracy),
+    decode_paths=list(sm.input.decode),
     reference_dirs=list(sm.params.reference_dirs),
     paper_dir=sm.params.paper_dir,
     grid=list(sm.params.grid),

@@ -1,0 +1,13 @@
+"""rule decode: the decode-step cost of an INT8 cache on the GPU (kvpack.decode.run_decode_job)."""
+
+from kvpack.jobs import job_provenance, log_to_file
+
+log = log_to_file(snakemake.log[0], "decode")
+
+from kvpack import decode, environment, records  # noqa: E402
+
+device = environment.resolve_device(snakemake.params.device)
+settings = dict(snakemake.params.settings)
+provenance = job_provenance(device, snakemake.wildcards.device, {"settings": settings, "device": device})
+log.info("decode %s on %s (%s)", settings, device, provenance["device_name"])
+records.write_record(decode.run_decode_job(settings, device, provenance), snakemake.output[0])
