@@ -107,8 +107,10 @@ void launch_scales(const T* x, float* scales, int64_t rows, int64_t cols, bool p
   const int64_t col_blocks = ceil_div(cols, kColsPerBlock);
   const int64_t wave = static_cast<int64_t>(sm_count()) *
                        blocks_per_sm(reinterpret_cast<const void*>(kernel), kColsPerBlock * kRowsPerBlock);
-  // Enough row strips to fill the device once; each strip at least kInFlight rows per thread.
-  const int64_t row_blocks = std::min(std::max<int64_t>(1, ceil_div(wave, col_blocks)),
+  // Row strips: as many as fit the device in one wave (rounded down: every block of this kernel
+  // does the same work, so a second, partial wave would cost as much as the first), each strip at
+  // least kInFlight rows per thread.
+  const int64_t row_blocks = std::min(std::max<int64_t>(1, wave / col_blocks),
                                       ceil_div(rows, kRowsPerBlock * kInFlight));
   const dim3 grid(static_cast<unsigned int>(col_blocks), grid_y(row_blocks));
   const dim3 block(kColsPerBlock, kRowsPerBlock);

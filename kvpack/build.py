@@ -21,6 +21,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "kernels"
 CPU_SOURCES = ("ops.cpp", "cpu_baseline.cpp")
+# Host code of the CUDA half, compiled by g++ (never nvcc), built only with the kernels/*.cu files.
+CUDA_HOST_SOURCES = ("cuda_ops.cpp",)
 
 _loaded: dict | None = None
 
@@ -44,7 +46,8 @@ def cuda_build_possible() -> tuple[bool, str]:
 
 
 def cuda_sources() -> list[Path]:
-    return sorted(KERNELS.glob("*.cu"))
+    """The CUDA half: the kernels (*.cu, nvcc) and their torch-facing host code (g++)."""
+    return sorted(KERNELS.glob("*.cu")) + [KERNELS / s for s in CUDA_HOST_SOURCES]
 
 
 def load(cpu_only: bool = False, verbose: bool = False) -> dict:
@@ -64,7 +67,9 @@ def load(cpu_only: bool = False, verbose: bool = False) -> dict:
         major, minor = torch.cuda.get_device_capability()
         # Build for the local GPU only (sm_90 on Hopper) unless the user says otherwise.
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
-        extra["extra_cuda_cflags"] = ["-O3", "-lineinfo", "-std=c++17"]  # never --use_fast_math
+        # No -std: torch.utils.cpp_extension passes the C++ standard libtorch itself was built with
+        # (C++20 since torch 2.10) to g++ and nvcc alike. Never --use_fast_math.
+        extra["extra_cuda_cflags"] = ["-O3", "-lineinfo"]
     out = build_dir(name)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -72,7 +77,12 @@ def load(cpu_only: bool = False, verbose: bool = False) -> dict:
         name=name,
         sources=[str(s) for s in sources],
         extra_include_paths=[str(KERNELS / "include")],
-        extra_cflags=["-O3", "-std=c++17"],
+        extra_cflags=["-O3"],
+        # Link the shared libstdc++ that torch itself uses, named explicitly: a g++ whose driver
+        # finds only libstdc++.a (the GPU image's /opt/gcc wrapper, $CXX there) otherwise copies
+        # libstdc++ into the extension, and a C++ iostream call from it (a TORCH_CHECK message
+        # streaming an int64) then runs that private copy on torch's stream state: segfault.
+        extra_ldflags=["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else [],
         build_directory=str(out),
         is_python_module=False,
         verbose=verbose,

@@ -2,7 +2,7 @@
 """Compile every kernels/*.cu with nvcc, for sm_80 and sm_90, against the venv's torch headers.
 
 No GPU needed: it runs `nvcc -c` only (the objects go to a temporary folder), with the flags the
-JIT build uses (torch.utils.cpp_extension's COMMON_NVCC_FLAGS, -std=c++17, -O3, never
+JIT build uses (torch.utils.cpp_extension's COMMON_NVCC_FLAGS and C++ standard, -O3, never
 --use_fast_math). Prints one line per file, writes each file's ptxas resource report
 (-Xptxas -v) to the log folder, and fails on:
   - any compile error;
@@ -69,6 +69,15 @@ def torch_flags() -> tuple[list[str], list[str]]:
     if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").is_file() for p in incs):
         defines.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
     return flags, defines
+
+
+def torch_cxx_std() -> str:
+    """The -std flag torch.utils.cpp_extension gives nvcc (kvpack/build.py sets none of its own)."""
+    import inspect
+
+    from torch.utils import cpp_extension
+
+    return "-std=c++20" if "-std=c++20" in inspect.getsource(cpp_extension) else "-std=c++17"
 
 
 def demangle(names: list[str]) -> list[str]:
@@ -197,7 +206,7 @@ def main(argv=None) -> int:
         return 1
     inc_flags, defines = torch_flags()
     # The JIT build's flags (kvpack/build.py, torch.utils.cpp_extension), never --use_fast_math.
-    common = ["-std=c++17", "-O3", "-lineinfo", "-Xcompiler", "-fPIC", *defines, *inc_flags, f"-I{KERNELS / 'include'}"]
+    common = [torch_cxx_std(), "-O3", "-lineinfo", "-Xcompiler", "-fPIC", *defines, *inc_flags, f"-I{KERNELS / 'include'}"]
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     version = (

@@ -3,7 +3,11 @@
 #   1. build the extension (python3 -m kvpack.build --verbose)              -> $OUT/build.log
 #   2. ptxas registers/spills + SASS vector accesses of the fast kernels    -> $OUT/ptxas_fast.log
 #   3. the GPU tests (pytest -m gpu tests/test_cuda_ops.py)                 -> $OUT/pytest_gpu.log
-#      and those of variant "fast" again with KVPACK_FAST_LAYOUT=contiguous -> $OUT/pytest_gpu_contiguous.log
+#      if pytest crashes (killed by a signal: exit >= 128), the crashing test again under cuda-gdb
+#      (gdb if no cuda-gdb) for a backtrace                                 -> $OUT/crash_backtrace.log
+#      and those of variant "fast" again with each layout forced for both ops
+#      (KVPACK_FAST_LAYOUT=interleaved / =contiguous; by default quantize uses contiguous,
+#      dequantize interleaved)                  -> $OUT/pytest_gpu_interleaved.log, pytest_gpu_contiguous.log
 #   4. compute-sanitizer memcheck over tools/sanitize_kernels.py            -> $OUT/sanitizer.log
 #   5. compute-sanitizer racecheck over the shared-memory kernels (tiled, per-channel scales)
 #                                                                           -> $OUT/racecheck.log
@@ -60,10 +64,29 @@ step ptxas ptxas_fast.log "$PY" tools/check_cuda_compile.py --arch "$ARCH" --sas
   --log-dir "$OUT/cuda-compile" kernels/quantize_fast.cu
 step pytest pytest_gpu.log "$PY" -m pytest -m gpu tests/test_cuda_ops.py -q -x --no-header -p no:cacheprovider \
   --durations=8
-# The fast kernels' other layout (16 contiguous elements per thread), on the tests that run "fast".
-step pytest_contiguous pytest_gpu_contiguous.log env KVPACK_FAST_LAYOUT=contiguous \
-  "$PY" -m pytest -m gpu tests/test_cuda_ops.py -q -x --no-header -p no:cacheprovider \
-  -k "fast and not past and not large"
+# A crash (segfault, abort: exit 128 + signal) gives no Python traceback worth having: rerun the
+# test that crashed (named by faulthandler's dump, most recent frame first) under the debugger.
+if [ "${RC[pytest]}" -ge 128 ] || grep -q "Fatal Python error" "$OUT/pytest_gpu.log"; then
+  CRASHED=$(sed -n '/Fatal Python error/,$p' "$OUT/pytest_gpu.log" | grep -oE 'test_cuda_ops\.py", line [0-9]+ in test_[A-Za-z0-9_]+' \
+            | head -1 | grep -oE 'test_[A-Za-z0-9_]+$')
+  DBG=$(command -v cuda-gdb || { [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/cuda-gdb" ] && echo "${CUDA_HOME:-/usr/local/cuda}/bin/cuda-gdb"; } \
+        || { [ -x /usr/local/cuda/bin/cuda-gdb ] && echo /usr/local/cuda/bin/cuda-gdb; } || command -v gdb || true)
+  echo "=== crash: test ${CRASHED:-?}; debugger ${DBG:-none}"
+  if [ -n "$DBG" ]; then
+    step crash_backtrace crash_backtrace.log timeout 1800 "$DBG" -batch -ex "set pagination off" \
+      -ex run -ex bt -ex "info sharedlibrary kvpack" -ex "thread apply all bt 12" \
+      --args "$PY" -X faulthandler -m pytest -m gpu tests/test_cuda_ops.py -q -x --no-header \
+      -p no:cacheprovider ${CRASHED:+-k "$CRASHED"}
+  else
+    echo "=== crash: no cuda-gdb or gdb found; see the faulthandler dump in $OUT/pytest_gpu.log"
+  fi
+fi
+# The fast kernels with each layout forced for both ops, on the tests that run "fast".
+for layout in interleaved contiguous; do
+  step "pytest_$layout" "pytest_gpu_$layout.log" env KVPACK_FAST_LAYOUT=$layout \
+    "$PY" -m pytest -m gpu tests/test_cuda_ops.py -q -x --no-header -p no:cacheprovider \
+    -k "fast and not past and not large"
+done
 if SAN=$(find_sanitizer); then
   # No caching allocator: every tensor is its own allocation, so overruns fall outside any of them.
   step memcheck sanitizer.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
@@ -81,9 +104,10 @@ for s in "${STEPS[@]}"; do
   printf '  %-18s %s\n' "$s" "$([ "${RC[$s]}" -eq 0 ] && echo ok || echo "FAILED (exit ${RC[$s]})")"
   [ "${RC[$s]}" -eq 0 ] || status=1
 done
-for log in pytest_gpu.log pytest_gpu_contiguous.log; do
+for log in pytest_gpu.log pytest_gpu_interleaved.log pytest_gpu_contiguous.log; do
   echo "  $log: $(grep -E '[0-9]+ (passed|failed|error|skipped)' "$OUT/$log" | tail -1)"
 done
+[ -f "$OUT/crash_backtrace.log" ] && echo "  crash_backtrace.log: $(grep -m1 -E '^#0 ' "$OUT/crash_backtrace.log")"
 for log in sanitizer.log racecheck.log; do
   [ -f "$OUT/$log" ] && echo "  $log: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|not found' "$OUT/$log" | tail -1)"
 done

@@ -6,7 +6,16 @@
 
 #include <torch/types.h>
 
+// Host compiler only: the nvcc-compiled .cu files never include this (kernels/cuda_ops.cpp does).
+#if defined(__CUDACC__)
+#error "kvpack/checks.h is host code for g++-compiled .cpp files; do not include it in a .cu file"
+#endif
+
 namespace kvpack {
+// Internal linkage: each .cpp file that includes this gets its own copy of every helper (and of
+// the c10::str instantiations they use), so no two translation units can ever share (and the
+// linker pick one of) differently compiled definitions of the same inline function.
+namespace {
 
 enum class Granularity { kChannel, kToken };
 
@@ -55,4 +64,5 @@ inline void check_out_dtype(at::ScalarType t) {
                    "kvpack: dequantize dtype must be float32, float16 or bfloat16, got ", t);
 }
 
+}  // namespace
 }  // namespace kvpack

@@ -10,7 +10,7 @@
 //     dispatch macro.
 //
 // Deliberately light: it includes no torch/ATen tensor headers, so that each kernel file compiles
-// in seconds; only kernels/cuda_ops.cu sees at::Tensor.
+// in seconds; only kernels/cuda_ops.cpp (g++) sees at::Tensor.
 #pragma once
 
 #include <algorithm>

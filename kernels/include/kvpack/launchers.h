@@ -1,5 +1,5 @@
 // Host launchers of the CUDA kernels, one pair (quantize, dequantize) per variant, plus the GPU
-// scales and the fused entry point. kernels/cuda_ops.cu checks the tensors and calls these; each
+// scales and the fused entry point. kernels/cuda_ops.cpp (g++) checks the tensors and calls these; each
 // launcher lives in its variant's .cu file.
 //
 // The launchers take raw pointers, not at::Tensor, so the kernel files compile without the torch

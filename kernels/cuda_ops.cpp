@@ -1,6 +1,12 @@
 // CUDA implementations of the kvpack ops (schemas in ops.cpp): host checks, device guard, current
 // stream, then the variant's launcher (launchers.h). The one TORCH_LIBRARY_IMPL(kvpack, CUDA).
 //
+// A .cpp file on purpose, compiled by the host compiler (g++) like ops.cpp and cpu_baseline.cpp,
+// never by nvcc: every piece of code that touches at::Tensor, c10::str or a torch exception lives
+// in g++-compiled files, and the .cu files hold only kernels and raw-pointer launchers. (When this
+// file was cuda_ops.cu, a failing check_scales in it crashed the process instead of raising.)
+// kvpack/build.py adds it to the build only together with the .cu files.
+//
 // Variants: naive, tiled, coarsened, vectorized (the paper's four) and fast (ours). compute_scales
 // has one GPU implementation (scales.cu) shared by every variant.
 #include <cstdint>
