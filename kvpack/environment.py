@@ -73,6 +73,10 @@ def config_hash(config: dict) -> str:
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:
+    """HEAD of the checkout (``-dirty`` with uncommitted changes); KVPACK_GIT_COMMIT names it where
+    the code runs from a copy without .git (a remote GPU box)."""
+    if os.environ.get("KVPACK_GIT_COMMIT"):
+        return os.environ["KVPACK_GIT_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
