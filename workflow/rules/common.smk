@@ -112,7 +112,12 @@ def job_settings(stage):
 
 # ---- threads and resources ----
 def job_threads(wildcards):
-    """All the cores snakemake was given: a job runs alone and owns the machine while it times."""
+    """All the cores snakemake was given: a job runs alone and owns the machine while it times.
+
+    Inside a cluster job snakemake runs with --cores all (the node's count), more than the job
+    asked for: there the profile's set-threads decides what was requested."""
+    if workflow.remote_exec:
+        return 1
     try:
         return workflow.cores
     except WorkflowError:  # a cluster executor without --cores: the profile's set-threads decides
@@ -155,3 +160,5 @@ def job_resources(stage):
 
 
 BUILD_RESOURCES = {"mem_mb": 4096, "runtime": 30, **({"gpu": 1} if DEVICE_KIND == "cuda" else {})}
+# decode: two fp16 caches of up to 32 heads x 131072 x 128 and their INT8 copies, on the GPU
+DECODE_RESOURCES = {"mem_mb": 8192, "runtime": 20, **({"gpu": 1} if DEVICE_KIND == "cuda" else {})}

@@ -12,7 +12,7 @@ rule decode:
         settings=config["decode"],
     threads: 1
     resources:
-        **job_resources("benchmark"),
+        **DECODE_RESOURCES,
     conda:
         "../../environment.yml"
     script:
