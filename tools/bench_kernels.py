@@ -41,6 +41,7 @@ def main():
             fns[("fast", "quantize_fused")] = lambda: ops.quantize_fused(x, "fast", check_finite=False)
             fns[("fast", "scales")] = lambda: ops.compute_scales(x, check_finite=False)
             if not a.no_compile:
+                torch._dynamo.reset()  # each shape compiles fresh: no state inherited from the last one
                 cq, cd, cf = (torch.compile(f, dynamic=False) for f in (quantize_torch, dequantize_torch, quantize_fused_torch))
                 fns[("compile", "quantize")] = lambda: cq(x, s)
                 fns[("compile", "dequantize")] = lambda: cd(q, s, "channel", dtype)
