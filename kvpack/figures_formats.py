@@ -8,7 +8,6 @@ of kvpack.formats / kvpack.realmodel (results/tables/*.csv).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import matplotlib
 
@@ -18,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from .figures import _save  # noqa: E402  (one way to write a figure: PNG + SVG, closed)
 from .formats import FORMATS, PAPER_FORMAT, WIN_METRIC  # noqa: E402
 
 NOTE_BOX = {"boxstyle": "round", "facecolor": "lightyellow", "edgecolor": "grey"}
@@ -27,17 +27,6 @@ METRIC_LABELS = {  # (axis label, title)
     "rel_l2_error": ("rel. L2 error", "relative L2 reconstruction error"),
     "surrogate_score_error": ("surrogate error", "the paper's surrogate (attention-score error)"),
 }
-
-
-def _save(fig, png, svg=None) -> tuple[Path, Path]:
-    png = Path(png)
-    svg = Path(svg) if svg else png.with_suffix(".svg")
-    for p in (png, svg):
-        p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=150, bbox_inches="tight")
-    fig.savefig(svg, bbox_inches="tight")
-    plt.close(fig)
-    return png, svg
 
 
 def _message(text: str, png, svg=None):
