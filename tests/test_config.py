@@ -45,11 +45,20 @@ def test_default_config_is_valid():
     assert cfg["device"] == "auto" and len(kvconfig.workloads(cfg)) >= 6
 
 
-def test_paper_config_overrides_the_grid_only():
-    assert set(load(PAPER)) == {"grid"}
+def test_paper_config_overrides_the_grid_and_the_serial_baseline_limits_only():
+    # Deliberately more than the grid: the paper's speedups are over its serial CPU baseline at every
+    # size, so paper.yaml runs it up to 2^30 elements; and it switches the real-model study on.
+    paper = load(PAPER)
+    assert set(paper) == {"grid", "benchmark", "accuracy_study"}
+    assert set(paper["benchmark"]) == {"cpu_serial_max_elements", "cpu_repeats", "cpu_time_budget_s"}
+    assert paper["benchmark"]["cpu_serial_max_elements"] >= 131072 * 8192
     cfg = kvconfig.load_config(CONFIG, PAPER)
     default = kvconfig.load_config(CONFIG)
-    assert {k: v for k, v in cfg.items() if k != "grid"} == {k: v for k, v in default.items() if k != "grid"}
+    same = lambda c: {k: v for k, v in c.items() if k not in paper}  # noqa: E731
+    assert same(cfg) == same(default)
+    for key in ("benchmark", "accuracy_study"):
+        assert {k: v for k, v in cfg[key].items() if k not in paper[key]} == \
+               {k: v for k, v in default[key].items() if k not in paper[key]}
 
 
 def test_paper_config_has_the_papers_ten_workloads_and_the_sweep():
