@@ -10,7 +10,7 @@ the function defined in ``kernels/include/kvpack/quant_math.h`` (the paper's met
 
 A float64 quotient (or product) of two fp32 values, rounded once to fp32, equals the IEEE fp32
 result, so this reference is bit-exact with correct fp32 kernels. A zero scale gives q = 0 and
-K_hat = 0.
+K_hat = 0 (also where absmax / 127 underflows to 0, for subnormal data).
 """
 
 from __future__ import annotations

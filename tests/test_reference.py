@@ -69,8 +69,10 @@ def test_error_within_half_a_step(x, granularity):
     x_hat = R.dequantize(q, s, granularity)
     sb = s[None, :] if granularity == "channel" else s[:, None]
     err = np.abs(x.astype(np.float64) - x_hat)
-    # |x - q s| <= s/2, plus fp32 rounding of the quotient and of the product (a few ulps of |x|)
-    assert np.all(err <= sb / 2 + 4 * np.finfo(np.float32).eps * np.abs(x) + 1e-45)
+    # |x - q s| <= s/2, plus fp32 rounding of the quotient and of the product (a few ulps of |x|);
+    # where absmax / 127 underflows to a zero scale (subnormal data), everything quantizes to 0
+    bound = np.where(sb == 0, np.abs(x), sb / 2 + 4 * np.finfo(np.float32).eps * np.abs(x) + 1e-45)
+    assert np.all(err <= bound)
     # the channel's (token's) absmax maps to +-127
     axis = 0 if granularity == "channel" else 1
     nz = np.abs(x).max(axis=axis) > 1e-30

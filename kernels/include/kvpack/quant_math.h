@@ -4,7 +4,8 @@
 //   scale      s = absmax / 127                       (fp32, IEEE division)
 //   quantize   q = clamp(round_half_even(x / s), -127, 127)   (x / s in fp32, IEEE division)
 //   dequantize x_hat = float(q) * s                    (fp32 product, then the output dtype)
-// A zero scale (an all-zero channel or token) quantizes to 0 and dequantizes to 0, never NaN.
+// A zero scale (an all-zero channel or token) quantizes to 0 and dequantizes to 0, never NaN. So does
+// a channel whose absmax is below 127 * 2^-149 (subnormal data): absmax / 127 underflows to 0.
 //
 // The float64 reference in kvpack/reference.py computes the same function: a float64 quotient of
 // two fp32 values rounded once to fp32 equals the IEEE fp32 quotient (double rounding is innocuous
