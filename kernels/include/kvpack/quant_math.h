@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define KVPACK_HD __host__ __device__ __forceinline__
@@ -51,5 +52,72 @@ KVPACK_HD int8_t quantize_value(float x, float scale) {
 }
 
 KVPACK_HD float dequantize_value(int8_t q, float scale) { return static_cast<float>(q) * scale; }
+
+// ------------------------------------------------------------------------------------------------
+// The reciprocal form of quantize_value, for kernels that load a scale once and apply it to many
+// elements ("fast"): one multiplication instead of a division per element (on the GPU, IEEE
+// division costs a MUFU.RCP, four FMAs, a range check and the F2I conversion, which made the
+// 16-bit quantize compute-bound). It gives quantize_value's bits, or says it cannot:
+//
+//   r = reciprocal_scale(s)                once per scale
+//   q = quantize_with_reciprocal(x, r, exact_needed)
+//   if exact_needed: q = quantize_value(x, s)
+//
+// Why it is exact. y = fl(x * r) with r = fl(1 / s) differs from the IEEE quotient fl(x / s) by at
+// most |x / s| * (2^-23 + 2^-24 + 2^-48) < 2^-15.4 wherever |x / s| <= 127.5, so the two round to the
+// same integer unless y lies within 2^-14 of a half-integer; then, and when y is not finite (x or
+// s non-finite, 1 / s overflowed), exact_needed is set. Clamping to +-127 before rounding equals
+// rounding then clamping (integer bounds), and past +-127 both saturate. Scales whose reciprocal
+// would be subnormal (|s| > 2^126) or is undefined (inf, NaN) get the NaN marker, which forces
+// the exact path; a zero scale gets r = 0, so q = 0 as quantize_value gives (x finite).
+// Rounding without a conversion instruction: t = yc + 1.5 * 2^23 holds rint(yc) (round half to
+// even) in its low mantissa bits for |yc| < 2^22, and since 1.5 * 2^23 has a zero low byte, the
+// low byte of t's bits is rint(yc) as an int8. tests/test_quant_math.py checks all of this
+// against quantize_value on the CPU; the GPU tests check the kernels against the reference.
+
+constexpr float kRoundingMagic = 12582912.0f;      // 1.5 * 2^23
+constexpr float kNearTie = 0.5f - 0x1p-14f;        // |y - rint(y)| above this: too near a tie
+constexpr float kMaxReciprocalScale = 0x1p126f;    // beyond: 1 / s would be subnormal
+
+#if defined(__CUDA_ARCH__)
+#define KVPACK_MUL_RN(a, b) __fmul_rn(a, b)
+#define KVPACK_ADD_RN(a, b) __fadd_rn(a, b)
+#define KVPACK_SUB_RN(a, b) __fsub_rn(a, b)
+#else
+#define KVPACK_MUL_RN(a, b) ((a) * (b))
+#define KVPACK_ADD_RN(a, b) ((a) + (b))
+#define KVPACK_SUB_RN(a, b) ((a) - (b))
+#endif
+
+KVPACK_HD float reciprocal_scale(float scale) {
+  if (scale == 0.0f) return 0.0f;
+  if (!(std::fabs(scale) <= kMaxReciprocalScale)) return NAN;  // inf, NaN, huge: the exact path
+  return 1.0f / scale;  // IEEE division (round to nearest); may overflow to inf: the exact path
+}
+
+KVPACK_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+// Returns a 32-bit word whose low byte is the quantized value (the caller packs bytes from it);
+// sets exact_needed (never clears it) when that byte may differ from quantize_value(x, s).
+KVPACK_HD uint32_t quantize_with_reciprocal_bits(float x, float recip, bool& exact_needed) {
+  const float y = KVPACK_MUL_RN(x, recip);
+  const float yc = std::fmin(std::fmax(y, -kQMax), kQMax);  // NaN becomes -127: flagged below
+  const float t = KVPACK_ADD_RN(yc, kRoundingMagic);
+  const float k = KVPACK_SUB_RN(t, kRoundingMagic);  // rint(yc), exact
+  exact_needed |= !(std::fabs(y) < INFINITY) || std::fabs(KVPACK_SUB_RN(yc, k)) > kNearTie;
+  return float_bits(t);
+}
+
+KVPACK_HD int8_t quantize_with_reciprocal(float x, float recip, bool& exact_needed) {
+  return static_cast<int8_t>(quantize_with_reciprocal_bits(x, recip, exact_needed) & 0xFFu);
+}
 
 }  // namespace kvpack

@@ -1,0 +1,113 @@
+"""The reciprocal form of the quantize arithmetic (kernels/include/kvpack/quant_math.h) on the CPU.
+
+The fast CUDA kernel quantizes with quantize_with_reciprocal: x * (1 / s), rounded without a
+conversion instruction, falling back to quantize_value (x / s) when it cannot be sure. This compiles
+a small C++ program against quant_math.h with the host compiler and checks, on tens of millions of
+cases, that whenever the reciprocal form does not ask for the exact path it gives quantize_value's
+int8 bit for bit, and that it asks rarely on ordinary data. Cases: ordinary values, exact ties
+(k + 1/2) * s and 1-3 ulps around them, every scale range (subnormal, huge, negative, zero, inf,
+NaN), saturating and non-finite x, random bit patterns. quantize_value itself is checked against the
+float64 reference by the CPU and GPU op tests.
+
+Needs a C++ compiler (g++ or c++): the CPU extension's build needs one too.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+INCLUDE = ROOT / "kernels" / "include"
+
+PROGRAM = r"""
+#include <cstdio>
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include "kvpack/quant_math.h"
+
+using namespace kvpack;
+
+static float from_bits(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+int main() {
+  std::mt19937_64 rng(20261125);
+  std::uniform_real_distribution<double> unit(-1.0, 1.0);
+  long long checked = 0, mismatched = 0, exact_paths = 0, ordinary = 0, ordinary_exact = 0;
+  auto check = [&](float x, float s, bool is_ordinary) {
+    bool exact_needed = false;
+    const int8_t fast = quantize_with_reciprocal(x, reciprocal_scale(s), exact_needed);
+    ++checked;
+    if (is_ordinary) { ++ordinary; ordinary_exact += exact_needed; }
+    if (exact_needed) { ++exact_paths; return; }
+    const int8_t ref = quantize_value(x, s);
+    if (fast != ref && mismatched++ < 10)
+      std::printf("MISMATCH x=%a s=%a fast=%d exact=%d\n", x, s, fast, ref);
+  };
+  auto random_scale = [&]() -> float {
+    const int kind = rng() % 16;
+    if (kind == 0) return from_bits(rng() & 0x007FFFFFu);                 // subnormal
+    if (kind == 1) return std::ldexp(1.0f + 0.5f * (rng() % 3), 100 + rng() % 28);  // huge
+    if (kind == 2) return std::ldexp(1.0f, -(int)(rng() % 20));           // power of two
+    float s = static_cast<float>(std::ldexp(1.0 + 0.999 * std::fabs(unit(rng)), -40 + (int)(rng() % 70)));
+    return (kind == 3) ? -s : s;                                           // negative: user scales
+  };
+  for (int i = 0; i < 4000000; ++i) {
+    const float s = random_scale();
+    // ordinary data: |x| <= 127 s, as scales from the absmax give
+    check(static_cast<float>(unit(rng) * 127.0 * std::fabs(static_cast<double>(s))), s, std::fabs(s) > 1e-30f && std::fabs(s) < 1e30f);
+    // exact ties and their neighbours
+    const double k = static_cast<double>(static_cast<int>(rng() % 257) - 128) + 0.5;
+    float x = static_cast<float>(k * s);
+    check(x, s, false);
+    float up = x, down = x;
+    for (int u = 0; u < 3; ++u) {
+      up = std::nextafter(up, INFINITY);
+      down = std::nextafter(down, -INFINITY);
+      check(up, s, false);
+      check(down, s, false);
+    }
+    // saturation and beyond
+    check(static_cast<float>(unit(rng) * 1e6 * std::fabs(static_cast<double>(s))), s, false);
+    // random bit patterns for both
+    check(from_bits(static_cast<uint32_t>(rng())), from_bits(static_cast<uint32_t>(rng())), false);
+    check(from_bits(static_cast<uint32_t>(rng())), s, false);
+  }
+  const float specials[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 1e-45f, -1e-45f, 0x1p-126f, 0x1p126f,
+                            0x1.fffffep127f, 1.0f, -1.0f, 127.0f, 127.5f, 126.5f, 0.5f, -0.5f};
+  for (float x : specials)
+    for (float s : specials) check(x, s, false);
+  std::printf("checked %lld mismatched %lld exact_paths %lld ordinary %lld ordinary_exact %lld\n", checked,
+              mismatched, exact_paths, ordinary, ordinary_exact);
+  return mismatched != 0;
+}
+"""
+
+
+def _compiler() -> str | None:
+    return shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+@pytest.mark.parametrize("flags", [["-O2"], ["-O3", "-ffp-contract=fast"]], ids=["O2", "O3-contract"])
+def test_reciprocal_form_equals_the_division(tmp_path, flags):
+    cxx = _compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++, c++ or clang++) on PATH")
+    src = tmp_path / "check.cpp"
+    src.write_text(PROGRAM)
+    exe = tmp_path / "check"
+    subprocess.run([cxx, "-std=c++17", *flags, f"-I{INCLUDE}", str(src), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    counts = dict(zip(out.stdout.split()[-10::2], map(int, out.stdout.split()[-9::2])))
+    assert counts["mismatched"] == 0
+    assert counts["checked"] > 40_000_000
+    # The exact path must be rare on ordinary data (about 2 * 2^-14 of uniform values fall near a
+    # tie), or the kernel would spend its time in it; and it must be taken where it has to be.
+    assert counts["ordinary_exact"] < 1e-3 * counts["ordinary"], counts
+    assert counts["exact_paths"] > 4_000_000, counts  # the exact ties alone are 4M
