@@ -212,6 +212,46 @@ def test_ties_round_half_to_even(variant, dtype):
         assert (got[0.5], got[1.5], got[2.5], got[-0.5], got[-1.5], got[-2.5]) == (0, 2, 2, 0, -2, -2)
 
 
+def near_tie_input(dtype, T: int = 512, D: int = 64, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """x [T, D] and fp32 scales [D] (as float64) such that x / s sits on and around rounding ties.
+
+    Scales: log-uniform, not powers of two, plus the awkward ones (zero, negative, subnormal, tiny
+    with 1 / s near overflow, huge with 1 / s subnormal) where the dtype can hold the x they give.
+    Rows: exact ties (k + 1/2) * s in fp32, 1-3 ulps either side, and uniform values; then cast to
+    dtype (16-bit values land on or near ties of their own).
+    """
+    rng = np.random.default_rng(seed)
+    big = {torch.float32: 1e30, torch.float16: 400.0, torch.bfloat16: 1e30}[dtype]
+    small = {torch.float32: 1e-40, torch.float16: 1e-9, torch.bfloat16: 1e-40}[dtype]
+    s = (10.0 ** rng.uniform(-4, 2, D)).astype(np.float32)
+    special = [0.0, -0.37, small, 3e-39 if dtype != torch.float16 else 1e-7, big, -big / 7, 2.0**-3]
+    s[: len(special)] = np.array(special, dtype=np.float32)
+    k = rng.integers(-128, 128, (T, D)).astype(np.float32) + np.float32(0.5)
+    x = (k * s[None, :]).astype(np.float32)
+    steps = rng.integers(-3, 4, (T, D))
+    for n in range(1, 4):
+        up, down = steps >= n, steps <= -n
+        x[up] = np.nextafter(x[up], np.float32(np.inf))
+        x[down] = np.nextafter(x[down], np.float32(-np.inf))
+    plain = rng.random((T, D)) < 0.25
+    x[plain] = (rng.uniform(-127, 127, (T, D)).astype(np.float32) * s[None, :])[plain]
+    xt = torch.from_numpy(x).to(dtype)
+    assert bool(torch.isfinite(xt).all())
+    return xt.to(DEV), s.astype(np.float64)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAME.get)
+def test_near_ties_and_awkward_scales_on_the_vector_paths(variant, dtype):
+    """D % 16 == 0 (the main path of every vector kernel) with values on and 1-3 ulps around rounding
+    ties, under given scales of every kind. "fast" multiplies by 1 / s and must take the division
+    exactly where the product could round differently: bit-exact with the reference, per channel and
+    per token."""
+    x, s = near_tie_input(dtype, seed=case_seed("near-ties", variant, dtype))
+    check_variant(x, variant, "channel", s_ref=s)  # [512, 64], a scale per column
+    check_variant(x.T.contiguous(), variant, "token", s_ref=s)  # [64, 512], the same scales per row
+
+
 # --- misaligned pointers -----------------------------------------------------------------------------
 
 

@@ -5,9 +5,6 @@
 #   3. the GPU tests (pytest -m gpu tests/test_cuda_ops.py)                 -> $OUT/pytest_gpu.log
 #      if pytest crashes (killed by a signal: exit >= 128), the crashing test again under cuda-gdb
 #      (gdb if no cuda-gdb) for a backtrace                                 -> $OUT/crash_backtrace.log
-#      and those of variant "fast" again with each layout forced for both ops
-#      (KVPACK_FAST_LAYOUT=interleaved / =contiguous; by default quantize uses contiguous,
-#      dequantize interleaved)                  -> $OUT/pytest_gpu_interleaved.log, pytest_gpu_contiguous.log
 #   4. compute-sanitizer memcheck over tools/sanitize_kernels.py            -> $OUT/sanitizer.log
 #   5. compute-sanitizer racecheck over the shared-memory kernels (tiled, per-channel scales)
 #                                                                           -> $OUT/racecheck.log
@@ -81,12 +78,6 @@ if [ "${RC[pytest]}" -ge 128 ] || grep -q "Fatal Python error" "$OUT/pytest_gpu.
     echo "=== crash: no cuda-gdb or gdb found; see the faulthandler dump in $OUT/pytest_gpu.log"
   fi
 fi
-# The fast kernels with each layout forced for both ops, on the tests that run "fast".
-for layout in interleaved contiguous; do
-  step "pytest_$layout" "pytest_gpu_$layout.log" env KVPACK_FAST_LAYOUT=$layout \
-    "$PY" -m pytest -m gpu tests/test_cuda_ops.py -q -x --no-header -p no:cacheprovider \
-    -k "fast and not past and not large"
-done
 if SAN=$(find_sanitizer); then
   # No caching allocator: every tensor is its own allocation, so overruns fall outside any of them.
   step memcheck sanitizer.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
@@ -104,7 +95,7 @@ for s in "${STEPS[@]}"; do
   printf '  %-18s %s\n' "$s" "$([ "${RC[$s]}" -eq 0 ] && echo ok || echo "FAILED (exit ${RC[$s]})")"
   [ "${RC[$s]}" -eq 0 ] || status=1
 done
-for log in pytest_gpu.log pytest_gpu_interleaved.log pytest_gpu_contiguous.log; do
+for log in pytest_gpu.log; do
   echo "  $log: $(grep -E '[0-9]+ (passed|failed|error|skipped)' "$OUT/$log" | tail -1)"
 done
 [ -f "$OUT/crash_backtrace.log" ] && echo "  crash_backtrace.log: $(grep -m1 -E '^#0 ' "$OUT/crash_backtrace.log")"
