@@ -7,9 +7,10 @@
 // It converts with the reciprocal form of quant_math.h: the 16 per-channel reciprocals 1 / s are
 // computed once per thread and kept in registers (per token: one per row), each element costs a
 // multiply and a few adds instead of an IEEE division and an F2I conversion, and the rare element
-// near a rounding tie (about 1 in 8000 on uniform data) is redone with quantize_value. The result is
-// bit-identical to quantize_value; the division made the 16-bit quantize compute-bound (71% of the
-// copy bandwidth at 131072 x 8192 fp16, 95% with the reciprocal).
+// near a rounding tie (1 in 8000 on uniform fp32 data, 1 in 340 on uniform bf16, whose absmax is
+// exactly 1) is decided by quantize_flagged's residual test. The result is bit-identical to
+// quantize_value; the division made the 16-bit quantize compute-bound (71% of the copy bandwidth at
+// 131072 x 8192 fp16, 95% with the reciprocal).
 // Two rows in flight per thread; the grid is one wave of resident blocks (persistent, grid-stride
 // over rows): on the H100 that measured best at small D (131072 x 256 fp32: 92% of copy against
 // 87% for a grid of short blocks) and within 3% of the best at large D.
@@ -55,19 +56,19 @@ template <typename T, bool kPerToken>
 __device__ __forceinline__ uint4 quantize_chunk(const VecN<T, kQuantChunk>& x, const float* recip, float row_recip,
                                                 const float* __restrict__ col_scales, float row_scale) {
   uint32_t word[4];
-  bool exact_needed = false;
+  bool flagged = false;
 #pragma unroll
   for (int g = 0; g < 4; ++g) {
     uint32_t b[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j)
       b[j] = quantize_with_reciprocal_bits(to_float(x.val[4 * g + j]), kPerToken ? row_recip : recip[4 * g + j],
-                                           exact_needed);
+                                           flagged);
     word[g] = pack_low_bytes(b[0], b[1], b[2], b[3]);
   }
-  if (exact_needed) {  // rare: near a tie, or non-finite / extreme values or scales
-    // Redo the 16, each element that needs it with quantize_value: recomputing the others is cheaper
-    // (in registers) than keeping the first pass's results alive across the division's calls.
+  if (flagged) {  // rare: near a tie, or non-finite / extreme values or scales
+    // Redo the 16, each flagged element with quantize_flagged: recomputing the others is cheaper
+    // (in registers) than keeping the first pass's results alive through the slow path.
 #pragma unroll
     for (int g = 0; g < 4; ++g) {
       uint32_t b[4];
@@ -75,9 +76,10 @@ __device__ __forceinline__ uint4 quantize_chunk(const VecN<T, kQuantChunk>& x, c
       for (int j = 0; j < 4; ++j) {
         const int e = 4 * g + j;
         const float v = to_float(x.val[e]);
+        const float r = kPerToken ? row_recip : recip[e];
         bool flag = false;
-        b[j] = quantize_with_reciprocal_bits(v, kPerToken ? row_recip : recip[e], flag);
-        if (flag) b[j] = static_cast<uint8_t>(quantize_value(v, kPerToken ? row_scale : col_scales[e]));
+        b[j] = quantize_with_reciprocal_bits(v, r, flag);
+        if (flag) b[j] = static_cast<uint8_t>(quantize_flagged(v, kPerToken ? row_scale : col_scales[e], r));
       }
       word[g] = pack_low_bytes(b[0], b[1], b[2], b[3]);
     }

@@ -57,42 +57,58 @@ KVPACK_HD float dequantize_value(int8_t q, float scale) { return static_cast<flo
 // The reciprocal form of quantize_value, for kernels that load a scale once and apply it to many
 // elements ("fast"): one multiplication instead of a division per element (on the GPU, IEEE
 // division costs a MUFU.RCP, four FMAs, a range check and the F2I conversion, which made the
-// 16-bit quantize compute-bound). It gives quantize_value's bits, or says it cannot:
+// 16-bit quantize compute-bound). Bit-identical to quantize_value:
 //
-//   r = reciprocal_scale(s)                once per scale
-//   q = quantize_with_reciprocal(x, r, exact_needed)
-//   if exact_needed: q = quantize_value(x, s)
+//   r = reciprocal_scale(s)                                  once per scale
+//   q = quantize_with_reciprocal(x, r, flagged)              every element
+//   if flagged: q = quantize_flagged(x, s, r)                about 1 element in 8000 (uniform fp32)
 //
-// Why it is exact. y = fl(x * r) with r = fl(1 / s) differs from the IEEE quotient fl(x / s) by at
-// most |x / s| * (2^-23 + 2^-24 + 2^-48) < 2^-15.4 wherever |x / s| <= 127.5, so the two round to the
-// same integer unless y lies within 2^-14 of a half-integer; then, and when y is not finite (x or
-// s non-finite, 1 / s overflowed), exact_needed is set. Clamping to +-127 before rounding equals
-// rounding then clamping (integer bounds), and past +-127 both saturate. Scales whose reciprocal
-// would be subnormal (|s| > 2^126) or is undefined (inf, NaN) get the NaN marker, which forces
-// the exact path; a zero scale gets r = 0, so q = 0 as quantize_value gives (x finite).
+// Why the common path is exact. y = fl(x * r) with r = fl(1 / s) differs from the IEEE quotient
+// fl(x / s) by at most |x / s| * (2^-23 + 2^-24 + 2^-48) < 2^-15.4 wherever |x / s| <= 127.5, so the
+// two round to the same integer unless y lies within 2^-14 of a half-integer; then, and when y is
+// not finite, the element is flagged. Clamping to +-127 before rounding equals rounding then
+// clamping (integer bounds), and past +-127 both saturate. A zero scale gets r = 0, so q = 0 as
+// quantize_value gives (x finite). Scales outside [2^-100, 2^100] (and inf, NaN) get a NaN r, so
+// all their elements are flagged and go to the division.
 // Rounding without a conversion instruction: t = yc + 1.5 * 2^23 holds rint(yc) (round half to
 // even) in its low mantissa bits for |yc| < 2^22, and since 1.5 * 2^23 has a zero low byte, the
-// low byte of t's bits is rint(yc) as an int8. tests/test_quant_math.py checks all of this
-// against quantize_value on the CPU; the GPU tests check the kernels against the reference.
+// low byte of t's bits is rint(yc) as an int8.
+//
+// Why the flagged path is exact without dividing (quantize_flagged). Let z = x / s (exact) and
+// h = k + 1/2 the half-integer y is near (|z - h| < 2^-13). fl(z) == h exactly when |z - h| is at
+// most half of ulp(h); otherwise fl(z) is on z's side of h. So q = the even one of k, k + 1 in the
+// first case, else k + 1 if z > h, else k. (Two details that cannot change q: a quotient of two
+// fp32 values is never exactly a midpoint between floats, so the band's ends are never hit; and
+// just below |h| = 0.5 the float spacing halves, but there the even neighbour, 0, is also the
+// neighbour toward zero, so the wider band gives the same q.) The test needs x - h * s exactly: h = H / 2
+// with H an odd integer below 256, so x - h * s is a multiple of 2^(e_s - 25) smaller than
+// 2^(e_s - 12): 13 significant bits, which fmaf(-h, s, x) returns exactly (no rounding) for
+// 2^-100 <= |s| <= 2^100. The bands' widths, a power of two times |s|, are exact too.
+// tests/test_quant_math.py checks all of this against quantize_value on the CPU; the GPU tests check
+// the kernels against the float64 reference.
 
 constexpr float kRoundingMagic = 12582912.0f;      // 1.5 * 2^23
 constexpr float kNearTie = 0.5f - 0x1p-14f;        // |y - rint(y)| above this: too near a tie
-constexpr float kMaxReciprocalScale = 0x1p126f;    // beyond: 1 / s would be subnormal
+constexpr float kMinReciprocalScale = 0x1p-100f;   // |s| outside [min, max]: the division path
+constexpr float kMaxReciprocalScale = 0x1p100f;
 
 #if defined(__CUDA_ARCH__)
 #define KVPACK_MUL_RN(a, b) __fmul_rn(a, b)
 #define KVPACK_ADD_RN(a, b) __fadd_rn(a, b)
 #define KVPACK_SUB_RN(a, b) __fsub_rn(a, b)
+#define KVPACK_FMA_RN(a, b, c) __fmaf_rn(a, b, c)
 #else
 #define KVPACK_MUL_RN(a, b) ((a) * (b))
 #define KVPACK_ADD_RN(a, b) ((a) + (b))
 #define KVPACK_SUB_RN(a, b) ((a) - (b))
+#define KVPACK_FMA_RN(a, b, c) std::fma(a, b, c)
 #endif
 
 KVPACK_HD float reciprocal_scale(float scale) {
   if (scale == 0.0f) return 0.0f;
-  if (!(std::fabs(scale) <= kMaxReciprocalScale)) return NAN;  // inf, NaN, huge: the exact path
-  return 1.0f / scale;  // IEEE division (round to nearest); may overflow to inf: the exact path
+  const float a = std::fabs(scale);
+  if (!(a >= kMinReciprocalScale && a <= kMaxReciprocalScale)) return NAN;  // inf, NaN, extreme
+  return 1.0f / scale;  // IEEE division (round to nearest)
 }
 
 KVPACK_HD uint32_t float_bits(float f) {
@@ -105,19 +121,46 @@ KVPACK_HD uint32_t float_bits(float f) {
 #endif
 }
 
+KVPACK_HD float float_from_bits(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
 // Returns a 32-bit word whose low byte is the quantized value (the caller packs bytes from it);
-// sets exact_needed (never clears it) when that byte may differ from quantize_value(x, s).
-KVPACK_HD uint32_t quantize_with_reciprocal_bits(float x, float recip, bool& exact_needed) {
+// sets `flagged` (never clears it) when that byte may differ from quantize_value(x, s).
+KVPACK_HD uint32_t quantize_with_reciprocal_bits(float x, float recip, bool& flagged) {
   const float y = KVPACK_MUL_RN(x, recip);
   const float yc = std::fmin(std::fmax(y, -kQMax), kQMax);  // NaN becomes -127: flagged below
   const float t = KVPACK_ADD_RN(yc, kRoundingMagic);
   const float k = KVPACK_SUB_RN(t, kRoundingMagic);  // rint(yc), exact
-  exact_needed |= !(std::fabs(y) < INFINITY) || std::fabs(KVPACK_SUB_RN(yc, k)) > kNearTie;
+  flagged |= !(std::fabs(y) < INFINITY) || std::fabs(KVPACK_SUB_RN(yc, k)) > kNearTie;
   return float_bits(t);
 }
 
-KVPACK_HD int8_t quantize_with_reciprocal(float x, float recip, bool& exact_needed) {
-  return static_cast<int8_t>(quantize_with_reciprocal_bits(x, recip, exact_needed) & 0xFFu);
+KVPACK_HD int8_t quantize_with_reciprocal(float x, float recip, bool& flagged) {
+  return static_cast<int8_t>(quantize_with_reciprocal_bits(x, recip, flagged) & 0xFFu);
+}
+
+// quantize_value(x, scale) for an element quantize_with_reciprocal flagged, recip =
+// reciprocal_scale(scale): near a tie it decides without dividing (see above); non-finite values
+// and scales outside [2^-100, 2^100] take quantize_value itself.
+KVPACK_HD int8_t quantize_flagged(float x, float scale, float recip) {
+  const float y = KVPACK_MUL_RN(x, recip);
+  if (!(std::fabs(y) < INFINITY)) return quantize_value(x, scale);  // also NaN recip, NaN x
+  const float k = std::floor(std::fmin(std::fmax(y, -kQMax), kQMax));
+  const float h = KVPACK_ADD_RN(k, 0.5f);                   // y is within 2^-14 of h
+  const float rho = KVPACK_FMA_RN(-h, scale, x);             // x - h * s, exactly
+  const float dist = scale < 0.0f ? -rho : rho;              // (z - h) * |s|
+  const float ulp = float_from_bits((float_bits(std::fabs(h)) & 0x7F800000u) - (23u << 23));  // |h| >= 0.5
+  const bool rounds_to_h = std::fabs(dist) <= KVPACK_MUL_RN(KVPACK_MUL_RN(0.5f, ulp), std::fabs(scale));
+  const int ki = static_cast<int>(k);
+  const int q = rounds_to_h ? ki + (ki & 1) : (dist > 0.0f ? ki + 1 : ki);  // even of k, k + 1
+  return static_cast<int8_t>(q);
 }
 
 }  // namespace kvpack
