@@ -43,7 +43,7 @@ constexpr int kQuantRows = 2;    // rows loaded before the first is converted
 // path (tools/check_cuda_compile.py checks the whole file for spills).
 template <typename T>
 constexpr int quantize_min_blocks() {
-  return std::is_same<T, __half>::value ? 3 : 2;
+  return 2;
 }
 
 // The 16 results of one thread's row into a 16-byte word: the low byte of each of four 32-bit
@@ -56,32 +56,28 @@ template <typename T, bool kPerToken>
 __device__ __forceinline__ uint4 quantize_chunk(const VecN<T, kQuantChunk>& x, const float* recip, float row_recip,
                                                 const float* __restrict__ col_scales, float row_scale) {
   uint32_t word[4];
-  bool flagged = false;
+  uint32_t flagged = 0;  // bit e: element e must be decided by quantize_flagged
 #pragma unroll
   for (int g = 0; g < 4; ++g) {
     uint32_t b[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
-      b[j] = quantize_with_reciprocal_bits(to_float(x.val[4 * g + j]), kPerToken ? row_recip : recip[4 * g + j],
-                                           flagged);
+    for (int j = 0; j < 4; ++j) {
+      const int e = 4 * g + j;
+      bool flag = false;
+      b[j] = quantize_with_reciprocal_bits(to_float(x.val[e]), kPerToken ? row_recip : recip[e], flag);
+      flagged |= static_cast<uint32_t>(flag) << e;
+    }
     word[g] = pack_low_bytes(b[0], b[1], b[2], b[3]);
   }
-  if (flagged) {  // rare: near a tie, or non-finite / extreme values or scales
-    // Redo the 16, each flagged element with quantize_flagged: recomputing the others is cheaper
-    // (in registers) than keeping the first pass's results alive through the slow path.
+  if (flagged != 0) {  // rare: near a tie, or non-finite / extreme values or scales
 #pragma unroll
-    for (int g = 0; g < 4; ++g) {
-      uint32_t b[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int e = 4 * g + j;
-        const float v = to_float(x.val[e]);
+    for (int e = 0; e < kQuantChunk; ++e) {
+      if (flagged & (1u << e)) {  // a warp runs this body only for the e some lane flagged
         const float r = kPerToken ? row_recip : recip[e];
-        bool flag = false;
-        b[j] = quantize_with_reciprocal_bits(v, r, flag);
-        if (flag) b[j] = static_cast<uint8_t>(quantize_flagged(v, kPerToken ? row_scale : col_scales[e], r));
+        const uint32_t q = static_cast<uint8_t>(quantize_flagged(to_float(x.val[e]), kPerToken ? row_scale : col_scales[e], r));
+        const int shift = 8 * (e % 4);
+        word[e / 4] = (word[e / 4] & ~(0xFFu << shift)) | (q << shift);
       }
-      word[g] = pack_low_bytes(b[0], b[1], b[2], b[3]);
     }
   }
   return make_uint4(word[0], word[1], word[2], word[3]);
@@ -183,6 +179,9 @@ inline RowGrid row_grid(int64_t row_threads, int64_t rows, int64_t rows_per_thre
           dim3(static_cast<unsigned int>(block_x), static_cast<unsigned int>(block_y))};
 }
 
+// fp32 rows shorter than this go to the paper's vectorized kernel (below).
+constexpr int64_t kMinRowKernelColsFp32 = 4096;
+
 template <typename T, bool kPerToken>
 void launch_quantize_fast(const ElementwiseArgs& a) {
   const bool aligned = a.cols % kQuantChunk == 0 && is_aligned<16>(a.in) && is_aligned<16>(a.out);
@@ -192,10 +191,25 @@ void launch_quantize_fast(const ElementwiseArgs& a) {
   }
   auto kernel = quantize_fast_kernel<T, kPerToken>;
   const int64_t row_threads = a.cols / kQuantChunk;
-  // One wave: as many blocks as are resident at once, at least kQuantRows rows per thread.
   const int64_t wave = static_cast<int64_t>(sm_count()) * blocks_per_sm(reinterpret_cast<const void*>(kernel), kThreads);
   const int64_t col_blocks = ceil_div(row_threads, kThreads);
-  const RowGrid g = row_grid(row_threads, a.rows, kQuantRows, std::max<int64_t>(1, wave / col_blocks));
+  int64_t max_row_blocks;
+  if (sizeof(T) == 4) {
+    // fp32 is memory-bound even with the division; measured (H100, % of copy, quantize_lab):
+    // D = 8192: this kernel 99.5 on a grid of short blocks (at most 4 iterations per thread, at least
+    // 8 waves) against 97.5 for the vectorized kernel; D = 1024 / 256: 91.4 / 79.1 against 96.7 / 92.8.
+    if (a.cols < kMinRowKernelColsFp32) {
+      quantize_vectorized(a);
+      return;
+    }
+    const int64_t one_pass = ceil_div(a.rows, std::max<int64_t>(1, kThreads / row_threads) * kQuantRows);
+    max_row_blocks = std::max(ceil_div(8 * wave, col_blocks), ceil_div(one_pass, 4));
+  } else {
+    // 16-bit is compute-bound with the division (the vectorized kernel reaches 70%); this kernel on
+    // one wave of resident blocks measured 93-95% at D = 8192.
+    max_row_blocks = std::max<int64_t>(1, wave / col_blocks);
+  }
+  const RowGrid g = row_grid(row_threads, a.rows, kQuantRows, max_row_blocks);
   kernel<<<g.grid, g.block, 0, a.stream>>>(static_cast<const T*>(a.in), a.scales, static_cast<int8_t*>(a.out),
                                            a.rows, a.cols);
   KVPACK_LAUNCH_CHECK();
