@@ -34,31 +34,54 @@ constexpr int kThreads = 256;  // per block
 
 // ---- quantize ---------------------------------------------------------------------------------
 
-constexpr int kQuantChunk = 16;  // columns per thread per row: 16 bytes of int8
-constexpr int kQuantRows = 2;    // rows loaded before the first is converted
-
-// Minimum resident blocks per SM promised to ptxas (a register cap): 2 (128 registers) for fp32,
-// whose 16 reciprocals and 2 x 16 inputs need ~110; 3 (80 registers) for fp16 / bf16, where the
-// extra occupancy measured 95% against 90% of copy. No fast kernel uses local memory on its main
-// path (tools/check_cuda_compile.py checks the whole file for spills).
+// Columns per thread per row: 16 for fp32 (four 16-byte loads, one 16-byte int8 store), 8 for
+// fp16 / bf16 (one 16-byte load, an 8-byte store), with 2 and 4 rows in flight: 128 and 64 bytes of
+// input per thread. The narrower 16-bit chunk needs fewer registers (8 reciprocals and scales
+// instead of 16), so 3 blocks fit per SM.
 template <typename T>
-constexpr int quantize_min_blocks() {
-  return 2;
+constexpr int quantize_chunk_cols() {
+  return sizeof(T) == 4 ? 16 : 8;
 }
 
-// The 16 results of one thread's row into a 16-byte word: the low byte of each of four 32-bit
-// words of quantize_with_reciprocal_bits, gathered by byte permutes.
+template <typename T>
+constexpr int quantize_rows_in_flight() {
+  return sizeof(T) == 4 ? 2 : 4;
+}
+
+// Minimum resident blocks per SM promised to ptxas (a register cap: 128 and 80 registers). No fast
+// kernel uses local memory (tools/check_cuda_compile.py checks the whole file for spills).
+template <typename T>
+constexpr int quantize_min_blocks() {
+  return sizeof(T) == 4 ? 2 : 3;
+}
+
+// C int8 results as C / 4 32-bit words, stored with one 16- or 8-byte access.
+template <int C>
+struct QuantWords {
+  uint32_t w[C / 4];
+  __device__ __forceinline__ void store(int8_t* p) const {
+    if constexpr (C == 16) {
+      __stwb(reinterpret_cast<uint4*>(p), make_uint4(w[0], w[1], w[2], w[3]));
+    } else {
+      static_assert(C == 8, "8 or 16 columns per thread");
+      __stwb(reinterpret_cast<uint2*>(p), make_uint2(w[0], w[1]));
+    }
+  }
+};
+
+// Four results into one word: the low byte of each of four 32-bit words of
+// quantize_with_reciprocal_bits, gathered by byte permutes.
 __device__ __forceinline__ uint32_t pack_low_bytes(uint32_t b0, uint32_t b1, uint32_t b2, uint32_t b3) {
   return __byte_perm(__byte_perm(b0, b1, 0x0040), __byte_perm(b2, b3, 0x4000), 0x7610);
 }
 
-template <typename T, bool kPerToken>
-__device__ __forceinline__ uint4 quantize_chunk(const VecN<T, kQuantChunk>& x, const float* recip, float row_recip,
-                                                const float* __restrict__ col_scales, float row_scale) {
-  uint32_t word[4];
+template <typename T, bool kPerToken, int C>
+__device__ __forceinline__ QuantWords<C> quantize_chunk(const VecN<T, C>& x, const float* recip, float row_recip,
+                                                        const float* col_scales, float row_scale) {
+  QuantWords<C> out;
   uint32_t flagged = 0;  // bit e: element e must be decided by quantize_flagged
 #pragma unroll
-  for (int g = 0; g < 4; ++g) {
+  for (int g = 0; g < C / 4; ++g) {
     uint32_t b[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -67,52 +90,64 @@ __device__ __forceinline__ uint4 quantize_chunk(const VecN<T, kQuantChunk>& x, c
       b[j] = quantize_with_reciprocal_bits(to_float(x.val[e]), kPerToken ? row_recip : recip[e], flag);
       flagged |= static_cast<uint32_t>(flag) << e;
     }
-    word[g] = pack_low_bytes(b[0], b[1], b[2], b[3]);
+    out.w[g] = pack_low_bytes(b[0], b[1], b[2], b[3]);
   }
   if (flagged != 0) {  // rare: near a tie, or non-finite / extreme values or scales
 #pragma unroll
-    for (int e = 0; e < kQuantChunk; ++e) {
+    for (int e = 0; e < C; ++e) {
       if (flagged & (1u << e)) {  // a warp runs this body only for the e some lane flagged
         const float r = kPerToken ? row_recip : recip[e];
         const uint32_t q = static_cast<uint8_t>(quantize_flagged(to_float(x.val[e]), kPerToken ? row_scale : col_scales[e], r));
         const int shift = 8 * (e % 4);
-        word[e / 4] = (word[e / 4] & ~(0xFFu << shift)) | (q << shift);
+        out.w[e / 4] = (out.w[e / 4] & ~(0xFFu << shift)) | (q << shift);
       }
     }
   }
-  return make_uint4(word[0], word[1], word[2], word[3]);
+  return out;
 }
 
 template <typename T, bool kPerToken>
 __global__ void __launch_bounds__(kThreads, quantize_min_blocks<T>())
     quantize_fast_kernel(const T* __restrict__ in, const float* __restrict__ scales, int8_t* __restrict__ out,
                          int64_t rows, int64_t cols) {
+  constexpr int C = quantize_chunk_cols<T>();
+  constexpr int kU = quantize_rows_in_flight<T>();
   // 64-bit: column and row * cols offsets can exceed 2^31 on large matrices.
-  const int64_t row_threads = cols / kQuantChunk;
+  const int64_t row_threads = cols / C;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= row_threads) return;  // no barrier in this kernel: idle threads may leave
-  const int64_t col = t * kQuantChunk;
-  float recip[kQuantChunk];  // per channel: held in registers across all rows
+  const int64_t col = t * C;
+  // Per channel: the reciprocals, and for 16-bit inputs the scales too, held in registers across all
+  // rows. quantize_flagged needs the scale of each flagged element; 16-bit data flags often (bf16
+  // uniform: 1 element in 340, so most warp iterations have one) and re-reading the scale from
+  // memory stalls the warp on a cache round trip. fp32 (1 in 8500) re-reads it, for want of registers.
+  constexpr bool kKeepScales = sizeof(T) < 4;
+  float recip[C];
+  float col_scale[kKeepScales ? C : 1];
   if (!kPerToken) {
 #pragma unroll
-    for (int j = 0; j < kQuantChunk; ++j) recip[j] = reciprocal_scale(scales[col + j]);
+    for (int j = 0; j < C; ++j) {
+      const float sj = scales[col + j];
+      recip[j] = reciprocal_scale(sj);
+      if (kKeepScales) col_scale[j] = sj;
+    }
   }
   const int64_t row_stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
   int64_t row = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
-  auto emit = [&](const VecN<T, kQuantChunk>& x, int64_t r) {
+  auto emit = [&](const VecN<T, C>& x, int64_t r) {
     const float row_scale = kPerToken ? scales[r] : 0.0f;
-    const uint4 q = quantize_chunk<T, kPerToken>(x, recip, kPerToken ? reciprocal_scale(row_scale) : 0.0f,
-                                                 scales + col, row_scale);
-    __stwb(reinterpret_cast<uint4*>(out + r * cols + col), q);
+    quantize_chunk<T, kPerToken, C>(x, recip, kPerToken ? reciprocal_scale(row_scale) : 0.0f,
+                                    kKeepScales ? col_scale : scales + col, row_scale)
+        .store(out + r * cols + col);
   };
-  for (; row + (kQuantRows - 1) * row_stride < rows; row += kQuantRows * row_stride) {
-    VecN<T, kQuantChunk> x[kQuantRows];
+  for (; row + (kU - 1) * row_stride < rows; row += kU * row_stride) {
+    VecN<T, C> x[kU];
 #pragma unroll
-    for (int u = 0; u < kQuantRows; ++u) x[u] = load_vec<T, kQuantChunk>(in + (row + u * row_stride) * cols + col);
+    for (int u = 0; u < kU; ++u) x[u] = load_vec<T, C>(in + (row + u * row_stride) * cols + col);
 #pragma unroll
-    for (int u = 0; u < kQuantRows; ++u) emit(x[u], row + u * row_stride);
+    for (int u = 0; u < kU; ++u) emit(x[u], row + u * row_stride);
   }
-  for (; row < rows; row += row_stride) emit(load_vec<T, kQuantChunk>(in + row * cols + col), row);
+  for (; row < rows; row += row_stride) emit(load_vec<T, C>(in + row * cols + col), row);
 }
 
 // ---- dequantize -------------------------------------------------------------------------------
@@ -184,13 +219,15 @@ constexpr int64_t kMinRowKernelColsFp32 = 4096;
 
 template <typename T, bool kPerToken>
 void launch_quantize_fast(const ElementwiseArgs& a) {
-  const bool aligned = a.cols % kQuantChunk == 0 && is_aligned<16>(a.in) && is_aligned<16>(a.out);
+  constexpr int C = quantize_chunk_cols<T>();
+  constexpr int kU = quantize_rows_in_flight<T>();
+  const bool aligned = a.cols % C == 0 && is_aligned<16>(a.in) && is_aligned<C>(a.out);
   if (!aligned) {
     launch_flat<QuantizeOp<T>, kPerToken, 16 / sizeof(T)>(a);  // 16-byte input vectors
     return;
   }
   auto kernel = quantize_fast_kernel<T, kPerToken>;
-  const int64_t row_threads = a.cols / kQuantChunk;
+  const int64_t row_threads = a.cols / C;
   const int64_t wave = static_cast<int64_t>(sm_count()) * blocks_per_sm(reinterpret_cast<const void*>(kernel), kThreads);
   const int64_t col_blocks = ceil_div(row_threads, kThreads);
   int64_t max_row_blocks;
@@ -202,14 +239,14 @@ void launch_quantize_fast(const ElementwiseArgs& a) {
       quantize_vectorized(a);
       return;
     }
-    const int64_t one_pass = ceil_div(a.rows, std::max<int64_t>(1, kThreads / row_threads) * kQuantRows);
+    const int64_t one_pass = ceil_div(a.rows, std::max<int64_t>(1, kThreads / row_threads) * kU);
     max_row_blocks = std::max(ceil_div(8 * wave, col_blocks), ceil_div(one_pass, 4));
   } else {
     // 16-bit is compute-bound with the division (the vectorized kernel reaches 70%); this kernel on
     // one wave of resident blocks measured 93-95% at D = 8192.
     max_row_blocks = std::max<int64_t>(1, wave / col_blocks);
   }
-  const RowGrid g = row_grid(row_threads, a.rows, kQuantRows, max_row_blocks);
+  const RowGrid g = row_grid(row_threads, a.rows, kU, max_row_blocks);
   kernel<<<g.grid, g.block, 0, a.stream>>>(static_cast<const T*>(a.in), a.scales, static_cast<int8_t*>(a.out),
                                            a.rows, a.cols);
   KVPACK_LAUNCH_CHECK();
