@@ -25,6 +25,7 @@
 // path of flat_kernel.cuh: correct for any input.
 #include "kvpack/cuda_utils.cuh"
 #include "kvpack/flat_kernel.cuh"
+#include "kvpack/vectorized_kernel.cuh"
 
 namespace kvpack {
 namespace cuda {
@@ -143,11 +144,11 @@ __global__ void __launch_bounds__(kThreads, quantize_min_blocks<T>())
   for (; row + (kU - 1) * row_stride < rows; row += kU * row_stride) {
     VecN<T, C> x[kU];
 #pragma unroll
-    for (int u = 0; u < kU; ++u) x[u] = load_vec<T, C>(in + (row + u * row_stride) * cols + col);
+    for (int u = 0; u < kU; ++u) x[u] = load_vec_streaming<T, C>(in + (row + u * row_stride) * cols + col);
 #pragma unroll
     for (int u = 0; u < kU; ++u) emit(x[u], row + u * row_stride);
   }
-  for (; row < rows; row += row_stride) emit(load_vec<T, C>(in + row * cols + col), row);
+  for (; row < rows; row += row_stride) emit(load_vec_streaming<T, C>(in + row * cols + col), row);
 }
 
 // ---- dequantize -------------------------------------------------------------------------------
@@ -187,11 +188,11 @@ __global__ void __launch_bounds__(kThreads)
   for (; row + (kU - 1) * row_stride < rows; row += kU * row_stride) {
     VecN<int8_t, kDequantChunk> q[kU];
 #pragma unroll
-    for (int u = 0; u < kU; ++u) q[u] = load_vec<int8_t, kDequantChunk>(in + (row + u * row_stride) * cols + col);
+    for (int u = 0; u < kU; ++u) q[u] = load_vec_streaming<int8_t, kDequantChunk>(in + (row + u * row_stride) * cols + col);
 #pragma unroll
     for (int u = 0; u < kU; ++u) emit(q[u], row + u * row_stride);
   }
-  for (; row < rows; row += row_stride) emit(load_vec<int8_t, kDequantChunk>(in + row * cols + col), row);
+  for (; row < rows; row += row_stride) emit(load_vec_streaming<int8_t, kDequantChunk>(in + row * cols + col), row);
 }
 
 // ---- launch -----------------------------------------------------------------------------------
@@ -231,12 +232,12 @@ void launch_quantize_fast(const ElementwiseArgs& a) {
   const int64_t wave = static_cast<int64_t>(sm_count()) * blocks_per_sm(reinterpret_cast<const void*>(kernel), kThreads);
   const int64_t col_blocks = ceil_div(row_threads, kThreads);
   int64_t max_row_blocks;
-  if (sizeof(T) == 4) {
+  if constexpr (sizeof(T) == 4) {
     // fp32 is memory-bound even with the division; measured (H100, % of copy, quantize_lab):
     // D = 8192: this kernel 99.5 on a grid of short blocks (at most 4 iterations per thread, at least
     // 8 waves) against 97.5 for the vectorized kernel; D = 1024 / 256: 91.4 / 79.1 against 96.7 / 92.8.
     if (a.cols < kMinRowKernelColsFp32) {
-      quantize_vectorized(a);
+      launch_vectorized<QuantizeOp<T>, kPerToken, /*kStreaming=*/true>(a);
       return;
     }
     const int64_t one_pass = ceil_div(a.rows, std::max<int64_t>(1, kThreads / row_threads) * kU);

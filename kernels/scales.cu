@@ -56,14 +56,14 @@ __global__ void __launch_bounds__(kVecThreads)
     for (; row + (kVecInFlight - 1) * stride < rows; row += kVecInFlight * stride) {
       VecN<T, V> v[kVecInFlight];
 #pragma unroll
-      for (int u = 0; u < kVecInFlight; ++u) v[u] = load_vec<T, V>(x + (row + u * stride) * cols + t * V);
+      for (int u = 0; u < kVecInFlight; ++u) v[u] = load_vec_streaming<T, V>(x + (row + u * stride) * cols + t * V);
 #pragma unroll
       for (int u = 0; u < kVecInFlight; ++u)
 #pragma unroll
         for (int j = 0; j < V; ++j) m[j] = fmaxf(m[j], fabsf(to_float(v[u].val[j])));
     }
     for (; row < rows; row += stride) {
-      const VecN<T, V> v = load_vec<T, V>(x + row * cols + t * V);
+      const VecN<T, V> v = load_vec_streaming<T, V>(x + row * cols + t * V);
 #pragma unroll
       for (int j = 0; j < V; ++j) m[j] = fmaxf(m[j], fabsf(to_float(v.val[j])));
     }

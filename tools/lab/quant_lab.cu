@@ -319,6 +319,60 @@ __global__ void __launch_bounds__(256) quant_vectorized(const T* __restrict__ in
   }
 }
 
+// Cache-hint variants of the vectorized quantize: HINT 1 = streaming loads and stores (__ldcs /
+// __stcs: ld.global.cs, st.global.cs), HINT 2 = __ldlu loads (last use), HINT 3 = evict-first
+// loads via __ldcs only.
+template <typename T, int HINT>
+__global__ void __launch_bounds__(256) quant_vectorized_hint(const T* __restrict__ in, const float* __restrict__ scales,
+                                                             int8_t* __restrict__ out, int64_t rows, int64_t cols) {
+  const int64_t col = (static_cast<int64_t>(blockIdx.x) * 16 + threadIdx.x) * 4;
+  if (col >= cols) return;
+  float cs[4];
+  for (int j = 0; j < 4; ++j) cs[j] = scales[col + j];
+  for (int64_t row = static_cast<int64_t>(blockIdx.y) * 16 + threadIdx.y; row < rows;
+       row += static_cast<int64_t>(gridDim.y) * 16) {
+    T v[4];
+    const uint4* src = reinterpret_cast<const uint4*>(in + row * cols + col);
+    if constexpr (sizeof(T) == 4) {
+      uint4 w = HINT == 2 ? __ldlu(src) : (HINT ? __ldcs(src) : __ldg(src));
+      *reinterpret_cast<uint4*>(v) = w;
+    } else {
+      const uint2* s2 = reinterpret_cast<const uint2*>(in + row * cols + col);
+      uint2 w = HINT == 2 ? __ldlu(s2) : (HINT ? __ldcs(s2) : __ldg(s2));
+      *reinterpret_cast<uint2*>(v) = w;
+    }
+    float f[4];
+    for (int j = 0; j < 4; ++j) f[j] = tof(v[j]);
+    const uint32_t q = pack4_div(f, cs);
+    if (HINT == 1) __stcs(reinterpret_cast<unsigned int*>(out + row * cols + col), q);
+    else *reinterpret_cast<uint32_t*>(out + row * cols + col) = q;
+  }
+}
+
+// A flat 1-D quantize as torch.compile writes it: each thread 8 consecutive elements of the flat
+// [T * D] range (two 16-byte loads for fp32), the column by i % D, the scale gathered per element.
+template <typename T>
+__global__ void __launch_bounds__(128) quant_flat8(const T* __restrict__ in, const float* __restrict__ scales,
+                                                   int8_t* __restrict__ out, int64_t n, int64_t cols) {
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
+  if (i >= n) return;
+  T v[8];
+  if constexpr (sizeof(T) == 4) {
+    reinterpret_cast<uint4*>(v)[0] = __ldg(reinterpret_cast<const uint4*>(in + i));
+    reinterpret_cast<uint4*>(v)[1] = __ldg(reinterpret_cast<const uint4*>(in + i) + 1);
+  } else {
+    reinterpret_cast<uint4*>(v)[0] = __ldg(reinterpret_cast<const uint4*>(in + i));
+  }
+  const uint32_t c0 = static_cast<uint32_t>(i % cols);
+  float f[8], cs[8];
+  for (int j = 0; j < 8; ++j) {
+    f[j] = tof(v[j]);
+    cs[j] = __ldg(scales + c0 + j);  // cols % 8 == 0: the 8 stay in one row
+  }
+  uint2 o = make_uint2(pack4_div(f, cs), pack4_div(f + 4, cs + 4));
+  *reinterpret_cast<uint2*>(out + i) = o;
+}
+
 __global__ void read_flush(const uint4* __restrict__ buf, int64_t n, unsigned int* sink) {
   uint32_t acc = 0;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
@@ -672,23 +726,20 @@ static void run_shape(int64_t T_, int64_t D, const std::vector<int>& flushes, bo
   std::vector<QCand> qc;
 #define QC(MODE, U, MB, POL) \
   qc.push_back({std::string(MODE == 3 ? "prod" : MODE == 2 ? "rcp2" : MODE ? "rcp" : "div") + " U" #U " mb" #MB " g" #POL, [&](const T* a, const float* b, int8_t* c, int64_t r) { launch_rows(quant_rows<T, MODE, U, MB>, r, rt, U, POL, a, b, c, D); }})
-  if (sizeof(T) == 4) {
-    QC(0, 2, 2, 1);  // the old product's
-    QC(3, 2, 2, 2);  // the new product's
-    QC(3, 2, 2, 1);
-    QC(3, 2, 2, 7);
-    QC(3, 2, 2, 8);
-    QC(3, 2, 2, 9);
-    QC(3, 4, 2, 8);
-  } else {
-    QC(0, 4, 2, 1);  // the old product's
-    QC(3, 2, 3, 2);  // the new product's (fp16)
-    QC(3, 2, 2, 2);  // the new product's (bf16)
-    QC(3, 2, 3, 8);
-    QC(3, 2, 2, 8);
-    QC(3, 2, 3, 1);
-    QC(3, 4, 2, 8);
-  }
+  QC(0, 2, 2, 1);  // the old product's
+  qc.push_back({"vec16 stream ld+st", [&](const T* a, const float* b, int8_t* c, int64_t r) {
+                  quant_vectorized_hint<T, 1><<<dim3((D / 4 + 15) / 16, std::min<int64_t>((r + 15) / 16, 65535)), dim3(16, 16), 0, g_stream>>>(a, b, c, r, D);
+                }});
+  qc.push_back({"vec16 ldlu", [&](const T* a, const float* b, int8_t* c, int64_t r) {
+                  quant_vectorized_hint<T, 2><<<dim3((D / 4 + 15) / 16, std::min<int64_t>((r + 15) / 16, 65535)), dim3(16, 16), 0, g_stream>>>(a, b, c, r, D);
+                }});
+  qc.push_back({"vec16 ldcs", [&](const T* a, const float* b, int8_t* c, int64_t r) {
+                  quant_vectorized_hint<T, 3><<<dim3((D / 4 + 15) / 16, std::min<int64_t>((r + 15) / 16, 65535)), dim3(16, 16), 0, g_stream>>>(a, b, c, r, D);
+                }});
+  qc.push_back({"flat8 (compile-like)", [&](const T* a, const float* b, int8_t* c, int64_t r) {
+                  const int64_t nn = r * D;
+                  quant_flat8<T><<<static_cast<unsigned>((nn / 8 + 127) / 128), 128, 0, g_stream>>>(a, b, c, nn, D);
+                }});
   qc.push_back({"vectorized 16x16 div", [&](const T* a, const float* b, int8_t* c, int64_t r) {
                   quant_vectorized<T><<<dim3((D / 4 + 15) / 16, std::min<int64_t>((r + 15) / 16, 65535)), dim3(16, 16), 0, g_stream>>>(a, b, c, r, D);
                 }});
@@ -839,10 +890,6 @@ int main(int argc, char** argv) {
   run_shape<float>(131072, 1024, fl, quick);
   run_shape<float>(131072, 256, fl, quick);
   run_shape<float>(262144, 128, fl, quick);
-  run_shape<__half>(131072, 8192, fl, quick);
-  run_shape<__half>(131072, 1024, fl, quick);
-  run_shape<__nv_bfloat16>(131072, 8192, fl, quick);
-  run_shape<__nv_bfloat16>(131072, 1024, fl, quick);
   std::printf("\n%-12s %-5s %-10s %-20s %-5s %8s %8s %8s %7s %7s %7s %s\n", "shape", "dtype", "op", "impl",
               "flush", "med_ms", "p10", "p90", "GB/s", "%big", "%same", "exact");
   for (const Row& r : g_rows)
