@@ -1,28 +1,28 @@
-// Variant "fast" (ours, beyond the paper): row-striding vector kernels sized for bandwidth, chosen
-// by measurement (tools/lab/quant_lab.cu; the numbers are in tools/lab/NOTES.md).
+// Variant "fast" (ours, beyond the paper): for each dtype and row length the kernel that measured
+// fastest on the H100 (tools/lab/quant_lab.cu; the tables are in tools/lab/NOTES.md), every one
+// bit-identical to the reference.
 //
-// Quantize. A thread owns 16 consecutive columns of every row it visits: it loads them with 16-byte
-// accesses (4 for fp32, 2 for fp16 / bf16) and stores their 16 int8 results with one 16-byte
-// access, so every warp instruction is a contiguous 512-byte (int8) or 2 KB / 1 KB (input) range.
-// It converts with the reciprocal form of quant_math.h: the 16 per-channel reciprocals 1 / s are
-// computed once per thread and kept in registers (per token: one per row), each element costs a
-// multiply and a few adds instead of an IEEE division and an F2I conversion, and the rare element
-// near a rounding tie (1 in 8000 on uniform fp32 data, 1 in 340 on uniform bf16, whose absmax is
-// exactly 1) is decided by quantize_flagged's residual test. The result is bit-identical to
-// quantize_value; the division made the 16-bit quantize compute-bound (71% of the copy bandwidth at
-// 131072 x 8192 fp16, 95% with the reciprocal).
-// Two rows in flight per thread; the grid is one wave of resident blocks (persistent, grid-stride
-// over rows): on the H100 that measured best at small D (131072 x 256 fp32: 92% of copy against
-// 87% for a grid of short blocks) and within 3% of the best at large D.
+// Quantize (launch_quantize_fast says which runs when):
+//   - the row kernel: a thread owns C consecutive columns of every row it visits (fp32: 16, four
+//     16-byte loads and one 16-byte int8 store; fp16 / bf16: 8, one 16-byte load and an 8-byte
+//     store), several rows in flight, so every warp access is one contiguous range. It converts with
+//     the reciprocal form of quant_math.h: the per-channel reciprocals 1 / s are computed once per
+//     thread and kept in registers (per token: one per row), each element costs a multiply and a few
+//     adds instead of an IEEE division and an F2I conversion, and the rare element near a rounding
+//     tie (1 in 8000 on uniform fp32 data, 1 in 340 on uniform bf16, whose absmax is exactly 1) is
+//     decided by quantize_flagged's residual test. The division made the 16-bit quantize
+//     compute-bound (70% of the copy bandwidth at 131072 x 8192 fp16; 94% with reciprocals).
+//   - for fp32 rows below 8192: the vectorized kernel (kvpack/vectorized_kernel.cuh) with streaming
+//     loads; fp32 is memory-bound, and its one row per thread and full grid beat the row kernel there.
 //
-// Dequantize. A thread owns 4 consecutive columns (one 4-byte int8 load, one 16-byte fp32 or
-// 8-byte fp16 / bf16 store per row), one row in flight for fp32 and two for 16-bit outputs, one
-// short block per 256 threads' rows (a one-pass grid). The 16-bit case was the paper's vectorized
-// kernel's weak point (84% of copy; this reaches 97%).
+// Dequantize. A thread owns 4 consecutive columns (one 4-byte int8 load, one 16-byte fp32 or 8-byte
+// fp16 / bf16 store per row), one row in flight for fp32 and two for 16-bit outputs, one short block
+// per 256 threads' rows (a one-pass grid). The 16-bit case was the paper's vectorized kernel's weak
+// point (84% of copy; this reaches 97%).
 //
-// Requirements of these paths: D % 16 == 0 (quantize) or D % 4 == 0 (dequantize) and every row
-// aligned to its access width. Anything else (odd D, a storage offset, a slice) takes the flat
-// path of flat_kernel.cuh: correct for any input.
+// Requirements of these paths: D % C == 0 (quantize; 4 for the vectorized kernel) or D % 4 == 0
+// (dequantize) and every row aligned to its access width. Anything else (odd D, a storage offset, a
+// slice) takes the flat path of flat_kernel.cuh: correct for any input.
 #include "kvpack/cuda_utils.cuh"
 #include "kvpack/flat_kernel.cuh"
 #include "kvpack/vectorized_kernel.cuh"
@@ -107,7 +107,7 @@ __device__ __forceinline__ QuantWords<C> quantize_chunk(const VecN<T, C>& x, con
   return out;
 }
 
-template <typename T, bool kPerToken>
+template <typename T, bool kPerToken, bool kStreaming>
 __global__ void __launch_bounds__(kThreads, quantize_min_blocks<T>())
     quantize_fast_kernel(const T* __restrict__ in, const float* __restrict__ scales, int8_t* __restrict__ out,
                          int64_t rows, int64_t cols) {
@@ -144,11 +144,11 @@ __global__ void __launch_bounds__(kThreads, quantize_min_blocks<T>())
   for (; row + (kU - 1) * row_stride < rows; row += kU * row_stride) {
     VecN<T, C> x[kU];
 #pragma unroll
-    for (int u = 0; u < kU; ++u) x[u] = load_vec_streaming<T, C>(in + (row + u * row_stride) * cols + col);
+    for (int u = 0; u < kU; ++u) x[u] = load_vec_hinted<T, C, kStreaming>(in + (row + u * row_stride) * cols + col);
 #pragma unroll
     for (int u = 0; u < kU; ++u) emit(x[u], row + u * row_stride);
   }
-  for (; row < rows; row += row_stride) emit(load_vec_streaming<T, C>(in + row * cols + col), row);
+  for (; row < rows; row += row_stride) emit(load_vec_hinted<T, C, kStreaming>(in + row * cols + col), row);
 }
 
 // ---- dequantize -------------------------------------------------------------------------------
@@ -215,42 +215,57 @@ inline RowGrid row_grid(int64_t row_threads, int64_t rows, int64_t rows_per_thre
           dim3(static_cast<unsigned int>(block_x), static_cast<unsigned int>(block_y))};
 }
 
-// fp32 rows shorter than this go to the paper's vectorized kernel (below).
-constexpr int64_t kMinRowKernelColsFp32 = 4096;
+// Which kernel and cache hint, by dtype and row length, as measured on the H100 (% of the copy
+// bandwidth, CUDA events, L2 read-flushed; tools/lab/NOTES.md has the tables):
+//   fp32 is memory-bound even with the division. Below D = 8192 the vectorized kernel with streaming
+//   loads wins (131072 x 256: 101.5, against 93 with plain loads and 88 for the row kernel; 131072
+//   x 1024: 97.7); at D = 8192 the row kernel with plain loads on a grid of short blocks (101.9,
+//   against 97 for the vectorized kernel and 82 for the row kernel with streaming loads).
+//   fp16 / bf16 are compute-bound with the division (the vectorized kernel reaches 70%): the row
+//   kernel with reciprocals on one wave of resident blocks, streaming loads below D = 2048
+//   (131072 x 256 fp16: 89.6 against 84.0), plain at and above (131072 x 8192: 94.2 against 91.6).
+constexpr int64_t kMinRowKernelColsFp32 = 8192;
+constexpr int64_t kMinPlainLoadCols16 = 2048;
 
-template <typename T, bool kPerToken>
-void launch_quantize_fast(const ElementwiseArgs& a) {
+template <typename T, bool kPerToken, bool kStreaming>
+void launch_quantize_rows(const ElementwiseArgs& a) {
   constexpr int C = quantize_chunk_cols<T>();
   constexpr int kU = quantize_rows_in_flight<T>();
-  const bool aligned = a.cols % C == 0 && is_aligned<16>(a.in) && is_aligned<C>(a.out);
-  if (!aligned) {
-    launch_flat<QuantizeOp<T>, kPerToken, 16 / sizeof(T)>(a);  // 16-byte input vectors
-    return;
-  }
-  auto kernel = quantize_fast_kernel<T, kPerToken>;
+  auto kernel = quantize_fast_kernel<T, kPerToken, kStreaming>;
   const int64_t row_threads = a.cols / C;
   const int64_t wave = static_cast<int64_t>(sm_count()) * blocks_per_sm(reinterpret_cast<const void*>(kernel), kThreads);
   const int64_t col_blocks = ceil_div(row_threads, kThreads);
   int64_t max_row_blocks;
   if constexpr (sizeof(T) == 4) {
-    // fp32 is memory-bound even with the division; measured (H100, % of copy, quantize_lab):
-    // D = 8192: this kernel 99.5 on a grid of short blocks (at most 4 iterations per thread, at least
-    // 8 waves) against 97.5 for the vectorized kernel; D = 1024 / 256: 91.4 / 79.1 against 96.7 / 92.8.
-    if (a.cols < kMinRowKernelColsFp32) {
-      launch_vectorized<QuantizeOp<T>, kPerToken, /*kStreaming=*/true>(a);
-      return;
-    }
+    // short blocks: at most 4 iterations per thread, at least 8 waves
     const int64_t one_pass = ceil_div(a.rows, std::max<int64_t>(1, kThreads / row_threads) * kU);
     max_row_blocks = std::max(ceil_div(8 * wave, col_blocks), ceil_div(one_pass, 4));
   } else {
-    // 16-bit is compute-bound with the division (the vectorized kernel reaches 70%); this kernel on
-    // one wave of resident blocks measured 93-95% at D = 8192.
-    max_row_blocks = std::max<int64_t>(1, wave / col_blocks);
+    max_row_blocks = std::max<int64_t>(1, wave / col_blocks);  // one wave
   }
   const RowGrid g = row_grid(row_threads, a.rows, kU, max_row_blocks);
   kernel<<<g.grid, g.block, 0, a.stream>>>(static_cast<const T*>(a.in), a.scales, static_cast<int8_t*>(a.out),
                                            a.rows, a.cols);
   KVPACK_LAUNCH_CHECK();
+}
+
+template <typename T, bool kPerToken>
+void launch_quantize_fast(const ElementwiseArgs& a) {
+  constexpr int C = quantize_chunk_cols<T>();
+  const bool aligned = a.cols % C == 0 && is_aligned<16>(a.in) && is_aligned<C>(a.out);
+  if (!aligned) {
+    launch_flat<QuantizeOp<T>, kPerToken, 16 / sizeof(T)>(a);  // 16-byte input vectors
+  } else if constexpr (sizeof(T) == 4) {
+    if (a.cols < kMinRowKernelColsFp32) {
+      launch_vectorized<QuantizeOp<T>, kPerToken, /*kStreaming=*/true>(a);
+    } else {
+      launch_quantize_rows<T, kPerToken, false>(a);
+    }
+  } else if (a.cols < kMinPlainLoadCols16) {
+    launch_quantize_rows<T, kPerToken, true>(a);
+  } else {
+    launch_quantize_rows<T, kPerToken, false>(a);
+  }
 }
 
 template <typename T, bool kPerToken>
