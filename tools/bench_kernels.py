@@ -1,7 +1,10 @@
 """Quick side-by-side of the GPU kernels on a few shapes: GB/s and fraction of the copy ceiling.
 
 Development tool (the benchmark of record is the workflow's benchmark rule):
-    python tools/bench_kernels.py --shapes 131072x8192 131072x128 --dtypes float32
+    python tools/bench_kernels.py --shapes 131072x8192 131072x128 --dtypes float32 [--json out.json]
+
+--json writes every row (median, p10, p90 ms, GB/s, fraction of the copy ceiling) with the run's
+provenance (kvpack.environment) and the method (CUDA events, kvpack.bench.L2_FLUSH, LEAD_CYCLES).
 """
 
 import argparse
@@ -11,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kvpack import bench, ops, workloads  # noqa: E402
+from kvpack import bench, environment, ops, records, workloads  # noqa: E402
 from kvpack.torch_impl import dequantize_torch, quantize_fused_torch, quantize_torch  # noqa: E402
 
 
@@ -22,7 +25,9 @@ def main():
     ap.add_argument("--variants", nargs="+", default=list(ops.CUDA_VARIANTS))
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write the rows and provenance here")
     a = ap.parse_args()
+    rows = []
     ceiling = bench.copy_bandwidth("cuda", 1 << 31)["copy_gbps"]
     flush = bench._L2Flusher(torch.device("cuda"))
     print(f"copy ceiling {ceiling:.0f} GB/s")
@@ -49,9 +54,17 @@ def main():
             for (impl, op), fn in fns.items():
                 t = bench.time_cuda(fn, 3, a.repeats, flush).summary()
                 rate = bench.gbps(bench.op_bytes(op, T, D, dtype), t["median_ms"])
+                rows.append({"T": T, "D": D, "dtype": dt, "impl": impl, "op": op, **t, "gbps": rate,
+                             "fraction_of_copy": rate / ceiling})
                 print(f"{shape:>13} {dt:>9} {impl:>14} {op:>15} {t['median_ms']:8.3f} {rate:7.0f} {rate / ceiling:7.1%}")
             del x, q
             torch.cuda.empty_cache()
+    if a.json:
+        records.write_record({
+            "kind": "kernel_bench", "command": " ".join(sys.argv), "provenance": environment.provenance("cuda"),
+            "method": {"timer": "CUDA events", "l2_flush": bench.L2_FLUSH, "lead_cycles": bench.LEAD_CYCLES,
+                       "warmup": 3, "repeats": a.repeats},
+            "copy_gbps": ceiling, "rows": rows}, a.json)
 
 
 if __name__ == "__main__":
