@@ -64,3 +64,25 @@ def test_headline_table():
     assert ((h["fast_gbps"] / h["copy_ceiling_gbps"] - h["fraction_of_copy"]).abs() < 1e-9).all()
     assert (h["fast_gbps"] > 5 * h["paper_gbps"]).all()
     assert "| shape | op |" in headline.to_markdown(h)
+
+
+def test_kernel_benchmark_of_record():
+    """reports/reference/h100/kernels: tools/bench_kernels.py --json output, one real run per file,
+    with provenance and method, covering fast and its peers for every op at every shape it names."""
+    paths = sorted((REF / "kernels").glob("*.json"))
+    assert {p.name for p in paths} == {"kernels_fp32.json", "kernels_16bit.json"}
+    for path in paths:
+        rec = records.read_record(path)
+        assert rec["kind"] == "kernel_bench" and rec["command"].startswith("tools/bench_kernels.py")
+        prov = rec["provenance"]
+        assert "H100" in prov["gpu_name"] and len(prov["git_commit"]) == 40
+        assert rec["method"]["l2_flush"].startswith("read") and rec["copy_gbps"] > 1000
+        shapes = {(r["T"], r["D"], r["dtype"]) for r in rec["rows"]}
+        have = {(r["T"], r["D"], r["dtype"], r["impl"], r["op"]) for r in rec["rows"]}
+        for T, D, dt in shapes:
+            for impl, op in [("fast", "quantize"), ("fast", "dequantize"), ("fast", "quantize_fused"),
+                             ("fast", "scales"), ("compile", "quantize"), ("compile", "dequantize")]:
+                assert (T, D, dt, impl, op) in have, f"{path.name}: {impl} {op} missing at {T}x{D} {dt}"
+        for r in rec["rows"]:
+            assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] and r["repeats"] >= 20
+            assert abs(r["fraction_of_copy"] * rec["copy_gbps"] - r["gbps"]) < 1e-6 * r["gbps"]
