@@ -108,7 +108,7 @@ def test_reciprocal_form_equals_the_division(tmp_path, flags):
     src.write_text(PROGRAM)
     exe = tmp_path / "check"
     subprocess.run([cxx, "-std=c++17", *flags, f"-I{INCLUDE}", str(src), "-o", str(exe)], check=True)
-    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     counts = dict(zip(out.stdout.split()[-12::2], map(int, out.stdout.split()[-11::2])))
     assert counts["mismatched"] == 0

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from kvpack import bench, ops, workloads  # noqa: E402
+from kvpack import bench, ops, workloads
 
 
 def flagged_fraction(x: torch.Tensor, s: torch.Tensor) -> float:
@@ -31,9 +31,10 @@ def main():
             x = (workloads.uniform(T, D, seed=0, dtype=torch.float32, device="cuda") * factor).to(dtype)
             s = ops.compute_scales(x, check_finite=False)
             frac = flagged_fraction(x[:4096], s)
-            t = bench.time_cuda(lambda: ops.quantize(x, "fast", scales=s, check_finite=False), 3, 20, flush).summary()
+            t = bench.time_cuda(lambda x=x, s=s: ops.quantize(x, "fast", scales=s, check_finite=False), 3, 20,
+                                flush).summary()
             gbps = bench.gbps(bench.op_bytes("quantize", T, D, dtype), t["median_ms"])
-            print(f"{str(dtype):>15} x{factor:<6} flagged {frac:.5f}  quantize {t['median_ms']:.3f} ms  {gbps:.0f} GB/s")
+            print(f"{dtype!s:>15} x{factor:<6} flagged {frac:.5f}  quantize {t['median_ms']:.3f} ms  {gbps:.0f} GB/s")
             del x
 
 
