@@ -132,46 +132,40 @@ struct RawWord<16> {
 };
 
 // Vector loads and stores go through integer words of the vector's alignment (uint4 at most) and
-// the __ldg / __stwb intrinsics, which are single PTX instructions (ld.global.nc.v4.u32,
-// st.global.wb.v4.u32): a plain struct store of a 16-byte VecN<float, 4> was split by NVVM into
-// four 4-byte stores (nvcc 13.0), these cannot be. Loads use the read-only path: every kernel input
-// is const __restrict__.
-template <typename T, int N>
-__device__ __forceinline__ VecN<T, N> load_vec(const T* p) {
-  using V = VecN<T, N>;
-  using W = typename RawWord<alignof(V)>::type;
-  constexpr int kWords = sizeof(V) / sizeof(W);
-  V v;
-  const W* src = reinterpret_cast<const W*>(p);
-  W* dst = reinterpret_cast<W*>(&v);
-#pragma unroll
-  for (int i = 0; i < kWords; ++i) dst[i] = __ldg(src + i);
-  return v;
-}
-
-// The same load with the streaming cache hint (ld.global.cs, __ldcs: evict first), for data read
-// exactly once. Measured on the H100 (tools/lab/NOTES.md): the vectorized fp32 quantize at
-// 131072 x 256 went from 93% to 101% of the copy bandwidth with it, 8192 wide rows did not move.
-template <typename T, int N>
-__device__ __forceinline__ VecN<T, N> load_vec_streaming(const T* p) {
-  using V = VecN<T, N>;
-  using W = typename RawWord<alignof(V)>::type;
-  constexpr int kWords = sizeof(V) / sizeof(W);
-  V v;
-  const W* src = reinterpret_cast<const W*>(p);
-  W* dst = reinterpret_cast<W*>(&v);
-#pragma unroll
-  for (int i = 0; i < kWords; ++i) dst[i] = __ldcs(src + i);
-  return v;
-}
-
+// the __ldg / __ldcs / __stwb intrinsics, which are single PTX instructions (ld.global.nc.v4.u32,
+// ld.global.cs.v4.u32, st.global.wb.v4.u32): a plain struct store of a 16-byte VecN<float, 4> was
+// split by NVVM into four 4-byte stores (nvcc 13.0), these cannot be. Loads use the read-only path
+// (every kernel input is const __restrict__), or with kStreaming the streaming cache hint
+// (ld.global.cs: evict first) for data read exactly once. Measured on the H100
+// (tools/lab/NOTES.md): the vectorized fp32 quantize at 131072 x 256 went from 93% to 101% of the
+// copy bandwidth with it; 8192-wide rows did not move, and the fp32 row kernel lost 20%.
 template <typename T, int N, bool kStreaming>
 __device__ __forceinline__ VecN<T, N> load_vec_hinted(const T* p) {
-  if constexpr (kStreaming) {
-    return load_vec_streaming<T, N>(p);
-  } else {
-    return load_vec<T, N>(p);
+  using V = VecN<T, N>;
+  using W = typename RawWord<alignof(V)>::type;
+  constexpr int kWords = sizeof(V) / sizeof(W);
+  V v;
+  const W* src = reinterpret_cast<const W*>(p);
+  W* dst = reinterpret_cast<W*>(&v);
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) {
+    if constexpr (kStreaming) {
+      dst[i] = __ldcs(src + i);
+    } else {
+      dst[i] = __ldg(src + i);
+    }
   }
+  return v;
+}
+
+template <typename T, int N>
+__device__ __forceinline__ VecN<T, N> load_vec(const T* p) {
+  return load_vec_hinted<T, N, false>(p);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ VecN<T, N> load_vec_streaming(const T* p) {
+  return load_vec_hinted<T, N, true>(p);
 }
 
 template <typename T, int N>
