@@ -1,5 +1,6 @@
 // The paper's CPU baseline, reproduced faithfully: serial loops, column-outer / row-inner over
-// row-major [T, D] data (each inner step jumps D elements), no threads, no SIMD intent.
+// row-major [T, D] data (each inner step jumps D elements), no threads, no SIMD intent. The abs-max
+// step is quant_math.h's absmax_combine (std::max would drop a NaN), so NaN and inf reach the scale.
 // Registered as the CPU implementation of the kvpack ops with variant "cpu_serial".
 #include <algorithm>
 #include <cmath>
@@ -19,13 +20,13 @@ void scales_serial(const scalar_t* x, float* s, int64_t T, int64_t D, Granularit
   if (g == Granularity::kChannel) {
     for (int64_t d = 0; d < D; ++d) {
       float m = 0.0f;
-      for (int64_t t = 0; t < T; ++t) m = std::max(m, std::fabs(static_cast<float>(x[t * D + d])));
+      for (int64_t t = 0; t < T; ++t) m = absmax_combine(m, static_cast<float>(x[t * D + d]));
       s[d] = scale_from_absmax(m);
     }
   } else {
     for (int64_t t = 0; t < T; ++t) {
       float m = 0.0f;
-      for (int64_t d = 0; d < D; ++d) m = std::max(m, std::fabs(static_cast<float>(x[t * D + d])));
+      for (int64_t d = 0; d < D; ++d) m = absmax_combine(m, static_cast<float>(x[t * D + d]));
       s[t] = scale_from_absmax(m);
     }
   }

@@ -3,13 +3,19 @@
 //
 // Max is exact and order-free, so any reduction order gives the reference's bits; the one
 // arithmetic step, absmax / 127, is quant_math.h's scale_from_absmax.  An all-zero column or row
-// gets scale 0 (quantizes to 0, dequantizes to 0).
+// gets scale 0 (quantizes to 0, dequantizes to 0). Every max, of elements and of partial maxima
+// (shared memory, shuffles), is quant_math.h's absmax_combine, which keeps NaN and inf where fmaxf
+// would drop a NaN: a column (row) holding a NaN gets a NaN scale, one holding an inf an inf scale,
+// and kvpack.ops finds non-finite input by checking the scales alone.
 //
 // Per channel (a column-wise reduction over row-major data), in one kernel after a memset of the
 // output: blocks combine their rows' partial maxima in shared memory, then one atomicMax per column
 // and block merges the blocks. The atomics act on the *scale's* bits as an unsigned int: absmax /
 // 127 in IEEE arithmetic is monotonic in absmax, so the max of the blocks' scales is the scale of the
 // max, and for non-negative floats the unsigned order of the bit patterns is the numeric order.
+// That order puts +inf above every finite scale and every NaN with the sign bit clear (absmax_combine
+// clears it, and NaN / 127 is the input's NaN or the canonical 0x7FFFFFFF) above +inf, so the
+// merge keeps a block's NaN or inf scale whatever the other blocks hold.
 // (The earlier version merged absmax bits and needed a third launch to divide.)
 //   - D a multiple of the 16-byte vector and x aligned: 1024-thread blocks, each thread 16 bytes of
 //     consecutive columns (4 fp32 / 8 fp16), 8 rows in flight, at most 128 row blocks per column
@@ -60,12 +66,12 @@ __global__ void __launch_bounds__(kVecThreads)
 #pragma unroll
       for (int u = 0; u < kVecInFlight; ++u)
 #pragma unroll
-        for (int j = 0; j < V; ++j) m[j] = fmaxf(m[j], fabsf(to_float(v[u].val[j])));
+        for (int j = 0; j < V; ++j) m[j] = absmax_combine(m[j], to_float(v[u].val[j]));
     }
     for (; row < rows; row += stride) {
       const VecN<T, V> v = load_vec_streaming<T, V>(x + row * cols + t * V);
 #pragma unroll
-      for (int j = 0; j < V; ++j) m[j] = fmaxf(m[j], fabsf(to_float(v.val[j])));
+      for (int j = 0; j < V; ++j) m[j] = absmax_combine(m[j], to_float(v.val[j]));
     }
   }
   // The block's rows into row 0: a tree over threadIdx.y in shared memory (log2(blockDim.y) steps;
@@ -81,7 +87,7 @@ __global__ void __launch_bounds__(kVecThreads)
       if (ty < half && ty + half < n) {
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          m[j] = fmaxf(m[j], partial[j][tid + half * blockDim.x]);
+          m[j] = absmax_combine(m[j], partial[j][tid + half * blockDim.x]);
           partial[j][tid] = m[j];
         }
       }
@@ -112,15 +118,15 @@ __global__ void __launch_bounds__(kColsPerBlock* kRowsPerBlock)
 #pragma unroll
       for (int u = 0; u < kInFlight; ++u) v[u] = to_float(x[(row + u * stride) * cols + col]);
 #pragma unroll
-      for (int u = 0; u < kInFlight; ++u) m = fmaxf(m, fabsf(v[u]));
+      for (int u = 0; u < kInFlight; ++u) m = absmax_combine(m, v[u]);
     }
-    for (; row < rows; row += stride) m = fmaxf(m, fabsf(to_float(x[row * cols + col])));
+    for (; row < rows; row += stride) m = absmax_combine(m, to_float(x[row * cols + col]));
   }
   partial[ty][tx] = m;
   __syncthreads();
   if (ty == 0 && col < cols) {
 #pragma unroll
-    for (int k = 1; k < kRowsPerBlock; ++k) m = fmaxf(m, partial[k][tx]);
+    for (int k = 1; k < kRowsPerBlock; ++k) m = absmax_combine(m, partial[k][tx]);
     merge_scale(scales + col, m);
   }
 }
@@ -142,11 +148,11 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
       for (int u = 0; u < kTokenInFlight; ++u) v[u] = to_float(xr[d + u * 32]);
 #pragma unroll
-      for (int u = 0; u < kTokenInFlight; ++u) m = fmaxf(m, fabsf(v[u]));
+      for (int u = 0; u < kTokenInFlight; ++u) m = absmax_combine(m, v[u]);
     }
-    for (; d < cols; d += 32) m = fmaxf(m, fabsf(to_float(xr[d])));
+    for (; d < cols; d += 32) m = absmax_combine(m, to_float(xr[d]));
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+    for (int offset = 16; offset > 0; offset /= 2) m = absmax_combine(m, __shfl_xor_sync(0xffffffffu, m, offset));
     if (lane == 0) scales[row] = scale_from_absmax(m);
   }
 }

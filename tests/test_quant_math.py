@@ -119,3 +119,76 @@ def test_reciprocal_form_equals_the_division(tmp_path, flags):
     assert counts["exact_paths"] > 4_000_000, counts  # the exact ties alone are 4M
     # and most flagged elements are decided by quantize_flagged's tie test, not by a division
     assert counts["near_ties"] > 4_000_000, counts
+
+
+ABSMAX_PROGRAM = r"""
+#include <cstdio>
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include "kvpack/quant_math.h"
+
+using namespace kvpack;
+
+static float from_bits(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+static uint32_t bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+int main() {
+  std::mt19937_64 rng(20261207);
+  long long checked = 0, bad = 0;
+  auto report = [&](const char* what, float m, float x, float got) {
+    if (bad++ < 10) std::printf("BAD %s m=%a x=%a got=%a\n", what, m, x, got);
+  };
+  // m: a running absmax (>= 0 or NaN with the sign bit clear); x: any value
+  for (int i = 0; i < 4000000; ++i) {
+    const float x = from_bits(static_cast<uint32_t>(rng()));
+    const float m = from_bits(static_cast<uint32_t>(rng()) & 0x7FFFFFFFu);
+    const float got = absmax_combine(m, x);
+    ++checked;
+    if (std::isnan(m) || std::isnan(x)) {
+      if (!std::isnan(got) || std::signbit(got)) report("nan", m, x, got);
+    } else if (bits(got) != bits(std::fmax(m, std::fabs(x)))) {
+      report("finite", m, x, got);  // bit for bit what fmaxf gave before, infinities included
+    }
+  }
+  const float specials[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, -NAN, 1e-45f, -1e-45f,
+                            0x1p-126f, 0x1.fffffep127f, -0x1.fffffep127f, 1.0f, -127.0f};
+  for (float a : specials)
+    for (float x : specials) {
+      const float m = std::fabs(a);
+      const float got = absmax_combine(m, x);
+      ++checked;
+      const bool want_nan = std::isnan(m) || std::isnan(x);
+      if (want_nan ? !std::isnan(got) : bits(got) != bits(std::fmax(m, std::fabs(x)))) report("special", m, x, got);
+    }
+  // a reduction: NaN anywhere wins, inf wins over finite, in either order of the elements
+  const float row[] = {1.0f, -3.0f, INFINITY, 2.0f, NAN, -5.0f};
+  float fwd = 0.0f, bwd = 0.0f;
+  for (int i = 0; i < 6; ++i) { fwd = absmax_combine(fwd, row[i]); bwd = absmax_combine(bwd, row[5 - i]); }
+  checked += 2;
+  if (!std::isnan(fwd) || !std::isnan(bwd)) report("row", fwd, bwd, 0.0f);
+  if (!std::isnan(scale_from_absmax(fwd)) || !std::isinf(scale_from_absmax(INFINITY))) report("scale", fwd, 0, 0);
+  std::printf("checked %lld bad %lld\n", checked, bad);
+  return bad != 0;
+}
+"""
+
+
+@pytest.mark.parametrize("flags", [["-O2"], ["-O3", "-ffp-contract=fast"]], ids=["O2", "O3-contract"])
+def test_absmax_combine_keeps_nan_and_inf(tmp_path, flags):
+    """absmax_combine: NaN wins, inf beats finite, and every other result is fmaxf's bits.
+
+    The scales kernels and cpu_serial reduce with it; NaN-propagation is what lets kvpack.ops find
+    non-finite input on the scales alone. On 4M random bit patterns, the specials, and a reduction.
+    """
+    cxx = _compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++, c++ or clang++) on PATH")
+    src = tmp_path / "absmax.cpp"
+    src.write_text(ABSMAX_PROGRAM)
+    exe = tmp_path / "absmax"
+    subprocess.run([cxx, "-std=c++17", *flags, f"-I{INCLUDE}", str(src), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "bad 0" in out.stdout and int(out.stdout.split()[-3]) > 4_000_000, out.stdout

@@ -7,6 +7,25 @@
 // A zero scale (an all-zero channel or token) quantizes to 0 and dequantizes to 0, never NaN. So does
 // a channel whose absmax is below 127 * 2^-149 (subnormal data): absmax / 127 underflows to 0.
 //
+// Subnormal scales (absmax below 127 * 2^-126, about 1.5e-36) are kept as IEEE gradual underflow
+// gives them, never flushed: s is absmax / 127 rounded to the subnormal grid (spacing 2^-149), so it
+// is off by up to 2^-150 absolutely, not by half an ulp relatively. Then 127 * s can fall short of
+// absmax by up to 127 * 2^-150, and the channel's largest elements saturate at +-127 with up to that
+// much more error than s / 2 (absmax 5.73e-43 = 409 * 2^-149: s = 3 * 2^-149, 409 / 3 = 136.3 -> 127,
+// error 28 * 2^-149). Or s rounds up, and the absmax maps to less than 127 (absmax 64 * 2^-149:
+// 64 / 127 = 0.504 rounds to s = 2^-149, q = 64). What holds for every element of such a channel is
+// the normal bound plus that shortfall: |x - x_hat| <= s / 2 + 127 * 2^-150 + the fp32 roundings of
+// the quotient and the product (a few ulps of |x|, and 2^-150 where the product is subnormal);
+// tests/test_reference.py asserts it. |q| of the absmax is 127 for every normal scale; for a
+// subnormal one it can be less. Data this small is no KV cache; the rule is stated so that the
+// kernels, the reference and the tests agree on it.
+//
+// Non-finite input: the absmax reduction propagates NaN and inf (absmax_combine below), so a channel
+// (token) holding a NaN gets a NaN scale and one holding an inf (and no NaN) an inf scale. That is how
+// kvpack.ops finds non-finite input without a pass of its own: it checks the D (or T) scales. What
+// quantize then writes for such a channel is unspecified (here: NaN or inf scale -> q = 0). With a
+// finite, positive scale given by the caller, x = NaN quantizes to 0 and x = +-inf to +-127.
+//
 // The float64 reference in kvpack/reference.py computes the same function: a float64 quotient of
 // two fp32 values rounded once to fp32 equals the IEEE fp32 quotient (double rounding is innocuous
 // for division when 53 >= 2 * 24 + 2), so every variant is tested bit-exactly against it.
@@ -28,6 +47,41 @@ namespace kvpack {
 
 constexpr float kQMax = 127.0f;
 
+KVPACK_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+KVPACK_HD float float_from_bits(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+// The one step of every abs-max reduction: max(m, |x|) for a running absmax m (start at 0.0f), with
+// NaN winning over everything and inf over every finite value. fmaxf (and std::max) would drop a
+// NaN (fmaxf(NaN, y) = y) and give a NaN channel a finite scale. Why the bits: with the sign bit
+// cleared, IEEE bit patterns read as unsigned integers order like the values (+0 < subnormals <
+// normals < +inf), and every NaN pattern (exponent all ones, mantissa nonzero) lies above +inf's
+// 0x7F800000. So an unsigned max of the bits of |x| is the numeric max for finite and infinite
+// values, bit for bit what fmaxf gives (|x| is never -0), and NaN as soon as one element is NaN.
+// Also the merge of two partial absmaxes (|m| = m), in any order: the max is exact and order-free.
+KVPACK_HD float absmax_combine(float m, float x) {
+  const uint32_t a = float_bits(m);
+  const uint32_t b = float_bits(x) & 0x7FFFFFFFu;  // |x|
+  return float_from_bits(a > b ? a : b);
+}
+
+// absmax / 127: NaN stays NaN and inf stays inf, so a non-finite absmax gives a non-finite scale.
 KVPACK_HD float scale_from_absmax(float absmax) { return absmax / kQMax; }
 
 // Saturating round-half-to-even conversion of an already divided value to int8.
@@ -52,6 +106,14 @@ KVPACK_HD int8_t quantize_value(float x, float scale) {
 }
 
 KVPACK_HD float dequantize_value(int8_t q, float scale) { return static_cast<float>(q) * scale; }
+
+// Whether quantize_value(x, scale) loses x to saturation: a fixed scale (the KV cache's per-channel
+// scales, calibrated on the prefill) meets a value past it. The quotient rounds to +-128 or beyond
+// (|x / s| >= 127.5; 127.5 rounds half to even to 128) and is clamped to +-127, or the scale is 0 and
+// x is not. Written with the same IEEE division as quantize_value.
+KVPACK_HD bool saturates(float x, float scale) {
+  return scale == 0.0f ? x != 0.0f : !(std::fabs(x / scale) < kQMax + 0.5f);
+}
 
 // ------------------------------------------------------------------------------------------------
 // The reciprocal form of quantize_value, for kernels that load a scale once and apply it to many
@@ -109,26 +171,6 @@ KVPACK_HD float reciprocal_scale(float scale) {
   const float a = std::fabs(scale);
   if (!(a >= kMinReciprocalScale && a <= kMaxReciprocalScale)) return NAN;  // inf, NaN, extreme
   return 1.0f / scale;  // IEEE division (round to nearest)
-}
-
-KVPACK_HD uint32_t float_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-#endif
-}
-
-KVPACK_HD float float_from_bits(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-#endif
 }
 
 // Returns a 32-bit word whose low byte is the quantized value (the caller packs bytes from it);
