@@ -11,6 +11,12 @@ the function defined in ``kernels/include/kvpack/quant_math.h`` (the paper's met
 A float64 quotient (or product) of two fp32 values, rounded once to fp32, equals the IEEE fp32
 result, so this reference is bit-exact with correct fp32 kernels. A zero scale gives q = 0 and
 K_hat = 0 (also where absmax / 127 underflows to 0, for subnormal data).
+
+Subnormal scales (absmax < 127 * 2^-126) are kept, not flushed, as IEEE gradual underflow gives
+them: rounded to the 2^-149 grid, so 127 * scale may fall short of absmax by up to 127 * 2^-150
+(the largest elements saturate at +-127 with that much more error than scale / 2) or the absmax may
+map below 127. quant_math.h states the rule and its bound; tests/test_reference.py checks it.
+A NaN (inf) in a channel gives it a NaN (inf) scale (NumPy's max propagates NaN, as the kernels do).
 """
 
 from __future__ import annotations
