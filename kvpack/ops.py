@@ -4,12 +4,24 @@
 Inputs: a 2-D [T, D] tensor (T tokens, D head dimension) of float32, float16 or bfloat16.
 Non-contiguous inputs are accepted and copied to a contiguous layout first (the kernels read
 row-major data); that copy is the caller's cost, so pass contiguous tensors when timing.
+
+Non-finite input and host synchronisation. The abs-max reduction propagates NaN and inf
+(quant_math.h's absmax_combine), so a channel (token) holding one gets a non-finite scale: the
+default ``check_finite=True`` checks the D (or T) scales, never x, after the kernels are queued, and
+raises ValueError if any is non-finite. On CUDA that check is the call's one host synchronisation
+(a reduction of the scales and a copy of one number). ``check_finite=False`` checks nothing and
+synchronises nothing: the call only queues kernels on the current stream, allocates outputs of
+shapes known from the input's, and can be captured in a CUDA graph. With ``scales=`` given, the
+check is on those scales (finite, else ValueError); x is not scanned, and non-finite elements of x
+quantize to what quant_math.h gives (NaN -> 0, +-inf -> +-127 on the CUDA variants and cpu_serial;
+unspecified on cpu_torch). dequantize checks no values and never synchronises.
 """
 
 from __future__ import annotations
 
-import torch
+import math
 
+import torch
 
 from .torch_impl import dequantize_torch, quantize_fused_torch, quantize_torch, scales_torch
 
@@ -76,16 +88,39 @@ def _check_matrix(x, name: str) -> None:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); T and D must both be at least 1")
 
 
-def _check_input(x, check_finite: bool) -> None:
+def _check_input(x) -> None:
     _check_matrix(x, "x")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}; convert it with x.float()")
-    if check_finite and not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(
-            f"x holds {bad} non-finite value(s) (inf or NaN); INT8 scales would be undefined. "
-            "Clean the input, or pass check_finite=False to skip this check (benchmarks)"
-        )
+
+
+def _check_computed_scales(scales: torch.Tensor, granularity: str) -> None:
+    """The default finiteness check of x, done on the scales computed from it (one host sync on CUDA).
+
+    The scales are absmax / 127 with NaN and inf propagated, so they are >= 0 or non-finite, and their
+    maximum (NaN wins in torch.amax) is finite exactly when every channel (token) of x is.
+    """
+    if math.isfinite(torch.amax(scales).item()):
+        return
+    bad = torch.nonzero(~torch.isfinite(scales)).flatten()  # the error path: may take its time
+    units = "channels (columns)" if granularity == "channel" else "tokens (rows)"
+    raise ValueError(
+        f"x holds non-finite values (inf or NaN) in {bad.numel()} of its {scales.numel()} {units}, "
+        f"the first at index {int(bad[0])}; INT8 scales would be undefined. Clean the input, or pass "
+        "check_finite=False to skip this check (then the call never synchronises with the host, and "
+        "those scales come back inf or NaN)"
+    )
+
+
+def _check_given_scales(scales: torch.Tensor) -> None:
+    """The default check of caller-given scales: all finite (one host sync on CUDA). x is not scanned."""
+    if bool(torch.isfinite(scales).all()):
+        return
+    bad = torch.nonzero(~torch.isfinite(scales)).flatten()
+    raise ValueError(
+        f"scales hold {bad.numel()} non-finite value(s) (inf or NaN), the first at index {int(bad[0])}; "
+        "pass finite scales (kvpack.compute_scales gives them), or check_finite=False to skip this check"
+    )
 
 
 def _check_granularity(granularity: str) -> None:
@@ -125,48 +160,74 @@ def _check_scales(scales, x, granularity: str) -> None:
 def compute_scales(x: torch.Tensor, granularity: str = "channel", *, variant=None, check_finite: bool = True) -> torch.Tensor:
     """fp32 scales max|x| / 127, one per channel ([D]) or per token ([T]), on x's device.
 
-    On CPU, ``variant='cpu_serial'`` uses the paper's serial loops, anything else torch ops.
+    On CPU, ``variant='cpu_serial'`` uses the paper's serial loops, anything else torch ops; on CUDA
+    every variant shares one scales kernel. A NaN (inf) in a channel (token) gives it a NaN (inf)
+    scale. ``check_finite=True`` (default) then raises ValueError, found on the scales alone, at the
+    cost of one host synchronisation; ``check_finite=False`` is asynchronous and returns them.
     """
-    _check_input(x, check_finite)
+    _check_input(x)
     _check_granularity(granularity)
     variant = _resolve_variant(variant, x.device)
     if variant == "cpu_torch":
-        return scales_torch(x, granularity)
-    _ensure_loaded()
-    return torch.ops.kvpack.compute_scales.default(x.contiguous(), granularity)
+        scales = scales_torch(x, granularity)
+    else:
+        _ensure_loaded()
+        scales = torch.ops.kvpack.compute_scales.default(x.contiguous(), granularity)
+    if check_finite:
+        _check_computed_scales(scales, granularity)
+    return scales
 
 
 def quantize(x: torch.Tensor, variant=None, granularity: str = "channel", *, scales=None, check_finite: bool = True):
     """Symmetric INT8 quantization. Returns ``(q, scales)``: q int8 [T, D], scales fp32.
 
-    With ``scales=None`` the scales are computed on x's device first (see :func:`compute_scales`).
+    With ``scales=None`` the scales are computed on x's device and x quantized with them in one call
+    (on CUDA the fused entry point: the scales kernel, then the variant's quantize kernel, on the
+    current stream). Non-finite input raises ValueError by default, found on the scales (a NaN or inf
+    absmax), not by a pass over x: one host synchronisation, after the kernels are queued.
+    ``check_finite=False``: no check, no synchronisation, CUDA-graph capturable.
+
+    With ``scales`` given, ``check_finite=True`` checks that they are finite (again one
+    synchronisation); x is not scanned, and a NaN in x quantizes to 0 and +-inf to +-127 (CUDA
+    variants, cpu_serial; unspecified on cpu_torch).
     """
-    _check_input(x, check_finite)
+    _check_input(x)
     _check_granularity(granularity)
     variant = _resolve_variant(variant, x.device)
     if scales is None:
-        scales = compute_scales(x, granularity, variant=variant, check_finite=False)
-    else:
-        _check_scales(scales, x, granularity)
+        if variant == "cpu_torch":
+            q, scales = quantize_fused_torch(x, granularity)
+        else:
+            _ensure_loaded()
+            q, scales = torch.ops.kvpack.quantize_fused.default(x.contiguous(), variant, granularity)
+        if check_finite:
+            _check_computed_scales(scales, granularity)
+        return q, scales
+    _check_scales(scales, x, granularity)
     if variant == "cpu_torch":
-        return quantize_torch(x, scales, granularity), scales
-    _ensure_loaded()
-    return torch.ops.kvpack.quantize.default(x.contiguous(), scales.contiguous(), variant, granularity), scales
+        q = quantize_torch(x, scales, granularity)
+    else:
+        _ensure_loaded()
+        q = torch.ops.kvpack.quantize.default(x.contiguous(), scales.contiguous(), variant, granularity)
+    if check_finite:
+        _check_given_scales(scales)
+    return q, scales
 
 
 def quantize_fused(x: torch.Tensor, variant=None, granularity: str = "channel", *, check_finite: bool = True):
-    """Scales then quantization in one call (on CUDA one fused entry point). Returns ``(q, scales)``."""
-    _check_input(x, check_finite)
-    _check_granularity(granularity)
-    variant = _resolve_variant(variant, x.device)
-    if variant == "cpu_torch":
-        return quantize_fused_torch(x, granularity)
-    _ensure_loaded()
-    return torch.ops.kvpack.quantize_fused.default(x.contiguous(), variant, granularity)
+    """Scales then quantization in one call (on CUDA one fused entry point). Returns ``(q, scales)``.
+
+    The same as ``quantize(x, variant, granularity)`` with ``scales=None``, and the same rule for
+    ``check_finite`` (default: one host synchronisation on the scales; False: asynchronous).
+    """
+    return quantize(x, variant, granularity, check_finite=check_finite)
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, variant=None, granularity: str = "channel", dtype=torch.float32) -> torch.Tensor:
-    """Reconstruct ``q * scales`` (computed in fp32) as ``dtype`` (float32, float16 or bfloat16)."""
+    """Reconstruct ``q * scales`` (computed in fp32) as ``dtype`` (float32, float16 or bfloat16).
+
+    Checks shapes, dtypes and devices only: no values are scanned and the call never synchronises.
+    """
     _check_matrix(q, "q")
     if q.dtype != torch.int8:
         raise TypeError(f"q must be int8 (the output of kvpack.quantize), got {q.dtype}")
