@@ -2,8 +2,8 @@
 
     python reports/make_notebook.py        # after editing the cells below
 
-The notebook computes nothing a test can't reach: every number comes from kvpack.tables /
-kvpack.claims functions over the CSVs of results/tables; cells only call them and display. The
+The notebook computes nothing a test can't reach: every number comes from kvpack.report.tables /
+kvpack.report.claims functions over the CSVs of results/tables; cells only call them and display. The
 HTML is rendered without code cells (nbconvert --no-input), so headings and text come from
 markdown cells and from Markdown() outputs.
 """
@@ -19,8 +19,8 @@ OUT = Path(__file__).resolve().parent / "report.ipynb"
 
 PARAMETERS = '''\
 # Parameters (papermill injects the run's values in a cell after this one).
-tables_dir = "results/tables"      # the CSVs of kvpack.tables.write_tables
-figures_dir = "results/figures"    # <name>.png of kvpack.figures.FIGURES
+tables_dir = "results/tables"      # the CSVs of kvpack.report.assemble.write_tables
+figures_dir = "results/figures"    # <name>.png of kvpack.report.figures.FIGURES
 device = "unknown"                 # this run's device slug
 title = "kvpack: INT8 KV-cache quantization, a replication of arXiv 2601.04719"
 paper_dir = "reports/paper"        # the paper's published numbers and claims
@@ -33,9 +33,9 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import HTML, Image, Markdown, display
 
-from kvpack import claims as kc
-from kvpack import figures as kf
-from kvpack import tables as kt
+from kvpack.report import claims as kc
+from kvpack.report import figures as kf
+from kvpack.report import tables as kt
 
 pd.set_option("display.max_rows", 500)
 pd.set_option("display.max_columns", 60)
@@ -102,7 +102,7 @@ CELLS = [
              'show(m, ["workload", "T", "D", "in_paper_grid", "source_dtype", "original_bytes", "int8_bytes", '
              '"scales_bytes", "compressed_bytes", "compression_ratio", "scales_overhead_fraction"], digits=4)'),
     md("## Claims\n\nEvery claim of the paper, its value, ours (and where ours comes from), and a verdict "
-           "computed from the tables above (kvpack.claims): *reproduced*, *not reproduced*, *needs a CUDA GPU* "
+           "computed from the tables above (kvpack.report.claims): *reproduced*, *not reproduced*, *needs a CUDA GPU* "
            "(no GPU measurements anywhere), or *not measurable here*."),
     code('show(claims, ["claim_id", "text", "paper_value", "our_value", "our_source", "verdict", "note"])'),
     md("### The paper's L2 errors and float32 accumulation"),
@@ -110,7 +110,7 @@ CELLS = [
              "show(t.paper_l2 if len(t.paper_l2) else kc.paper_l2_check(paper_dir), digits=3)"),
     md("## Decode-step overhead\n\nWhat \"negligible overhead\" means at decode time, where each generated "
            "token reads the whole cache once: fp16 `scaled_dot_product_attention` of one query token over T cached "
-           "tokens, against dequantizing the INT8 cache to fp16 with our fastest kernel first (kvpack.decode). "
+           "tokens, against dequantizing the INT8 cache to fp16 with our fastest kernel first (kvpack.study.decode_step). "
            "A GPU measurement: on a CPU-only run these rows come from the reference run of record."),
     code('show(t.decode, ["source", "device_slug", "T", "heads", "head_dim", "variant", "status", '
              '"attention_fp16_median_ms", "dequant_attention_median_ms", "overhead_ratio", '
@@ -120,9 +120,9 @@ CELLS = [
            "[-1, 1] data through a dot-product surrogate only. Here the same budget (about one byte per element) "
            "is spent by several formats on KV-like distributions, measured on real attention (softmax "
            "probabilities, attention output with K and V quantized, top-k agreement), and on the K/V of a real "
-           "transformer (all-MiniLM-L6-v2) with its downstream sentence embeddings (kvpack.formats, "
-           "kvpack.attention, kvpack.realmodel)."),
-    code('from kvpack import formats as kfmt\n'
+           "transformer (all-MiniLM-L6-v2) with its downstream sentence embeddings (kvpack.study.formats, "
+           "kvpack.study.attention_error, kvpack.study.realmodel)."),
+    code('from kvpack.study import formats as kfmt\n\n'
              'study = kfmt.report_summary(tables_dir)\n'
              'for role in ("key", "value"):\n'
              '    w = study.get(f"{role}_winner")\n'

@@ -2,7 +2,8 @@
 
 import pytest
 
-from kvpack import accuracy, environment
+from kvpack.pipeline import environment
+from kvpack.study import accuracy
 
 
 def test_accuracy_record_on_paper_data():

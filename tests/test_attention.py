@@ -1,4 +1,4 @@
-"""kvpack.attention: the float64 attention metrics against a NumPy reference written here, their
+"""kvpack.study.attention_error: the float64 attention metrics against a NumPy reference written here, their
 edge cases, and how they differ from the paper's surrogate."""
 
 import math
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from kvpack import attention as A
-from kvpack import formats as F
-from kvpack import metrics
-from kvpack import workloads as w
+from kvpack.study import attention_error as A
+from kvpack.study import formats as F
+from kvpack.study import metrics
+from kvpack.study import workloads as w
 
 
 def np_softmax_probs(q, K):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from kvpack import bench, environment, records
+from kvpack.pipeline import environment
+from kvpack.study import bench, records
 
 
 def test_timing_summary_matches_numpy():

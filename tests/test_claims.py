@@ -1,4 +1,4 @@
-"""kvpack.claims: verdicts computed from constructed (SYNTHETIC) tables, and the paper's L2 check on the
+"""kvpack.report.claims: verdicts computed from constructed (SYNTHETIC) tables, and the paper's L2 check on the
 real reports/paper/raw_results.csv."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from test_tables import (  # the synthetic record builders (tests/ is on sys.pat
     write_run,
 )
 
-from kvpack import claims as kc
-from kvpack import tables as kt
+from kvpack.report import assemble
+from kvpack.report import claims as kc
+from kvpack.report import tables as kt
 
 GPU_CLAIMS = ("max_speedup", "overhead_range", "vectorized_fastest", "tiling_no_gain", "speedup_grows_with_size")
 LLM_GRID = [(131072, 1024), (131072, 2048), (131072, 4096), (131072, 8192)]
@@ -54,17 +55,17 @@ def test_attention_8k_uses_closed_form_when_not_measured(tmp_path):
 
 def test_attention_8k_measured(tmp_path):
     b, a = write_run(tmp_path / "ok", "c", False, [(1024, 8192)])
-    t = kt.build_tables(b, a, [], PAPER_DIR, None)
+    t = assemble.build_tables(b, a, [], PAPER_DIR, None)
     assert verdicts(t)["attention_error_8k"] == kc.REPRODUCED
     b, a = write_run(tmp_path / "bad", "c", False, [(1024, 8192)], acc_kw={"attention": 0.12})
-    t = kt.build_tables(b, a, [], PAPER_DIR, None)
+    t = assemble.build_tables(b, a, [], PAPER_DIR, None)
     assert verdicts(t)["attention_error_8k"] == kc.NOT_REPRODUCED
     assert row(t, "attention_error_8k")["our_value"] == "0.1200"
 
 
 def test_reconstruction_error_not_reproduced(tmp_path):
     b, a = write_run(tmp_path, "c", False, [(1024, 64)], acc_kw={"max_abs": 0.005})
-    t = kt.build_tables(b, a, [], PAPER_DIR, None)
+    t = assemble.build_tables(b, a, [], PAPER_DIR, None)
     assert verdicts(t)["reconstruction_error"] == kc.NOT_REPRODUCED
 
 
@@ -136,7 +137,7 @@ def test_multiple_gpus_reported_in_note(tmp_path):
     r1, r2 = tmp_path / "ref" / "gpu-a", tmp_path / "ref" / "gpu-b"
     write_run(r1, "gpu-a", True, GPU_GRID)
     write_run(r2, "gpu-b", True, GPU_GRID, bench_kw={"factors": {"vectorized": 1.2}})
-    t = kt.build_tables(b, a, [r1, r2], PAPER_DIR, None)
+    t = assemble.build_tables(b, a, [r1, r2], PAPER_DIR, None)
     r = row(t, "vectorized_fastest")
     assert r["verdict"] == kc.REPRODUCED and "gpu-b" in r["note"] and "not reproduced" in r["note"]
 

@@ -1,7 +1,7 @@
 """The workflow's configuration: the shipped configs pass, bad ones fail before any job runs with a
 message naming the key and the reason, and the schema agrees with the package and the docs.
 
-Most bad configs are checked through kvpack.config.validate_config (what common.smk calls); a few go
+Most bad configs are checked through kvpack.pipeline.config.validate_config (what common.smk calls); a few go
 through a real `snakemake -n`, which must stop at parse time, before scheduling a job.
 """
 
@@ -16,8 +16,8 @@ import torch
 import yaml
 
 import kvpack
-from kvpack import accuracy, bench, workloads
-from kvpack import config as kvconfig
+from kvpack.pipeline import config as kvconfig
+from kvpack.study import accuracy, bench, workloads
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config" / "config.yaml"
@@ -54,7 +54,7 @@ def test_paper_config_overrides_the_grid_and_the_serial_baseline_limits_only():
     assert paper["benchmark"]["cpu_serial_max_elements"] >= 131072 * 8192
     cfg = kvconfig.load_config(CONFIG, PAPER)
     default = kvconfig.load_config(CONFIG)
-    same = lambda c: {k: v for k, v in c.items() if k not in paper}  # noqa: E731
+    same = lambda c: {k: v for k, v in c.items() if k not in paper}
     assert same(cfg) == same(default)
     for key in ("benchmark", "accuracy_study"):
         assert {k: v for k, v in cfg[key].items() if k not in paper[key]} == \
@@ -122,14 +122,14 @@ def test_schema_enums_are_the_packages():
 
 
 def test_schema_covers_what_the_jobs_read():
-    """Every setting kvpack.bench / kvpack.accuracy read is a config key (or one the workflow adds)."""
+    """Every setting kvpack.study.bench / kvpack.study.accuracy read is a config key (or one the workflow adds)."""
     props = kvconfig.load_schema()["properties"]
     added = {"variants", "granularities", "seed"}
     assert set(bench.DEFAULTS) - added <= set(props["benchmark"]["properties"])
     assert set(accuracy.DEFAULTS) - added - {"cpu_serial_max_elements"} <= set(props["accuracy"]["properties"])
     for k, v in props["benchmark"]["properties"].items():
         if k in bench.DEFAULTS:
-            assert v["default"] == bench.DEFAULTS[k], f"benchmark.{k}: schema and kvpack.bench disagree"
+            assert v["default"] == bench.DEFAULTS[k], f"benchmark.{k}: schema and kvpack.study.bench disagree"
     cfg = kvconfig.validate_config({}, check_device=False)
     s = kvconfig.job_settings(cfg, "accuracy")
     assert set(accuracy.DEFAULTS) <= set(s)

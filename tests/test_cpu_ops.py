@@ -59,7 +59,7 @@ def test_zero_column_and_row(variant):
 
 
 def test_variants_agree_on_paper_data():
-    from kvpack import workloads
+    from kvpack.study import workloads
 
     x = workloads.uniform(2048, 128, seed=0)
     a, sa = kvpack.quantize(x, "cpu_serial")

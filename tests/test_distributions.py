@@ -1,4 +1,4 @@
-"""kvpack.workloads distributions beyond the paper's uniform data: seeded reproducibility and the
+"""kvpack.study.workloads distributions beyond the paper's uniform data: seeded reproducibility and the
 documented moments (mean, variance, tails, outlier-channel magnitudes), within tolerance.
 
 The draws are seeded, so every tolerance here is checked against one fixed sample; the tolerances
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from kvpack import workloads as w
+from kvpack.study import workloads as w
 
 NAMES = sorted(w.DISTRIBUTIONS)
 

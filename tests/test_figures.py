@@ -1,4 +1,4 @@
-"""kvpack.figures and the report notebook, on SYNTHETIC tables (fake GPU rows labelled as test data)."""
+"""kvpack.report.figures and the report notebook, on SYNTHETIC tables (fake GPU rows labelled as test data)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import nbformat
 import pytest
 from test_tables import CPU_GRID, GPU_GRID, PAPER_DIR, TEST_GPU, cpu_only_tables, cpu_plus_gpu_reference, write_run
 
-from kvpack import claims as kc
-from kvpack import figures as kf
-from kvpack import tables as kt
+from kvpack.report import assemble
+from kvpack.report import claims as kc
+from kvpack.report import figures as kf
+from kvpack.report import tables as kt
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "reports" / "report.ipynb"
@@ -58,7 +59,7 @@ def test_figures_from_csv_roundtrip(tmp_path):
     b, a = write_run(tmp_path / "run", "test-cpu", False, CPU_GRID)
     ref = tmp_path / "reference" / "test-gpu"
     write_run(ref, "test-gpu", True, GPU_GRID)
-    kt.write_tables(b, a, [ref], PAPER_DIR, None, tmp_path / "tables")
+    assemble.write_tables(b, a, [ref], PAPER_DIR, None, tmp_path / "tables")
     t = kt.read_tables(tmp_path / "tables")
     for name in kf.FIGURES:
         _check_outputs(*kf.make_figure(name, t, tmp_path / "fig" / f"{name}.png"))
@@ -89,7 +90,7 @@ def test_notebook_executes_on_synthetic_tables(tmp_path):
     ref = tmp_path / "reference" / "test-gpu"
     write_run(ref, "test-gpu", True, GPU_GRID)
     tables_dir, figures_dir = tmp_path / "tables", tmp_path / "figures"
-    kt.write_tables(b, a, [ref], PAPER_DIR, [{"T": T, "D": D} for T, D in CPU_GRID], tables_dir)
+    assemble.write_tables(b, a, [ref], PAPER_DIR, [{"T": T, "D": D} for T, D in CPU_GRID], tables_dir)
     t = kt.read_tables(tables_dir)
     for name in kf.FIGURES:
         kf.make_figure(name, t, figures_dir / f"{name}.png")

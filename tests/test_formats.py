@@ -1,4 +1,4 @@
-"""kvpack.formats: every KV format against its own float64 NumPy reference (written here,
+"""kvpack.study.formats: every KV format against its own float64 NumPy reference (written here,
 independently of the implementation), its error bound, its byte count; and the study functions.
 
 References: fp32 operations are emulated as float64 operations rounded once to fp32 (exact for
@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from kvpack import formats as F
-from kvpack import workloads as w
+from kvpack.study import formats as F
+from kvpack.study import workloads as w
 
 DTYPES = ["float32", "float16", "bfloat16"]
 
@@ -320,7 +320,7 @@ def test_winners_and_summary(study):
 
 
 def test_jobs_tables_and_report_summary(tmp_path):
-    from kvpack import records
+    from kvpack.study import records
 
     settings = {**F.STUDY_CONFIG_DEFAULTS, "Ds": [32], "T": 128, "dtypes": ["float32"], "n_queries": 4, "seed": 0}
     paths = []

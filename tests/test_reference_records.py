@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from kvpack import claims, config, headline, records, tables
+from kvpack.pipeline import config
+from kvpack.report import assemble, claims, headline
+from kvpack.study import records
 
 ROOT = Path(__file__).resolve().parent.parent
 REF = ROOT / "reports" / "reference" / "h100"
@@ -48,7 +50,7 @@ def test_records_complete_with_provenance(stage):
 
 
 def test_every_claim_gets_a_gpu_verdict_from_the_records():
-    t = tables.build_tables(reference_dirs=[REF])
+    t = assemble.build_tables(reference_dirs=[REF])
     c = t.claims.set_index("claim_id")
     assert set(c["verdict"]) <= {claims.REPRODUCED, claims.NOT_REPRODUCED}
     assert c.loc["attention_error_8k", "our_number"] < 0.1

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from kvpack import cluster
+from kvpack.pipeline import cluster
 
 pytestmark = pytest.mark.slurm
 
@@ -293,7 +293,7 @@ reference_dirs: []
 SLURM_ARGS = ("--profile", str(PROFILE), "--slurm-status-command", "squeue",
               "--slurm-init-seconds-before-status-checks", "5", "--slurm-keep-successful-logs", "--latency-wait", "10")
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+?)\)\.?$", re.MULTILINE)
-NO_CUDA = "no CUDA device"  # kvpack.environment.resolve_device's words for device 'cuda' without a GPU
+NO_CUDA = "no CUDA device"  # kvpack.pipeline.environment.resolve_device's words for device 'cuda' without a GPU
 
 
 def workdir(tmp_path: Path, name: str, **config) -> Path:

@@ -1,4 +1,4 @@
-"""kvpack.tables on SYNTHETIC records (docs/records.md format) written to tmp dirs.
+"""kvpack.report.tables on SYNTHETIC records (docs/records.md format) written to tmp dirs.
 
 Nothing here is a measurement: GPU rows are fake, labelled 'TEST-GPU (synthetic test data)'. The
 builders below are shared with test_claims.py and test_figures.py.
@@ -13,8 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kvpack import metrics
-from kvpack import tables as kt
+from kvpack.report import assemble
+from kvpack.report import tables as kt
+from kvpack.study import metrics
 
 TEST_GPU = "TEST-GPU (synthetic test data, not a measurement)"
 TEST_CPU = "TEST-CPU (synthetic test data)"
@@ -116,14 +117,14 @@ def write_run(root: Path, slug: str, gpu: bool, grid, bench_kw=None, acc_kw=None
 
 def cpu_only_tables(tmp_path, **kw) -> kt.Tables:
     b, a = write_run(tmp_path / "run", "test-cpu", False, CPU_GRID)
-    return kt.build_tables(b, a, [], PAPER_DIR, [{"T": T, "D": D} for T, D in CPU_GRID], **kw)
+    return assemble.build_tables(b, a, [], PAPER_DIR, [{"T": T, "D": D} for T, D in CPU_GRID], **kw)
 
 
 def cpu_plus_gpu_reference(tmp_path, bench_kw=None, acc_kw=None, grid=GPU_GRID) -> kt.Tables:
     b, a = write_run(tmp_path / "run", "test-cpu", False, CPU_GRID)
     ref = tmp_path / "reference" / "test-gpu"
     write_run(ref, "test-gpu", True, grid, bench_kw, acc_kw)
-    return kt.build_tables(b, a, [ref], PAPER_DIR, [{"T": T, "D": D} for T, D in CPU_GRID])
+    return assemble.build_tables(b, a, [ref], PAPER_DIR, [{"T": T, "D": D} for T, D in CPU_GRID])
 
 
 # --- tests ---------------------------------------------------------------------------------------
@@ -169,7 +170,7 @@ def test_same_slug_in_run_and_reference_not_clobbered(tmp_path):
     b, a = write_run(tmp_path / "run", "same-slug", True, [(1024, 64)])
     ref = tmp_path / "ref" / "h100"
     write_run(ref, "same-slug", True, [(1024, 64)], bench_kw={"factors": {"vectorized": 2.0}})
-    t = kt.build_tables(b, a, [ref], PAPER_DIR, None)
+    t = assemble.build_tables(b, a, [ref], PAPER_DIR, None)
     v = t.performance[(t.performance["impl"] == "vectorized") & (t.performance["op"] == "quantize")]
     assert len(v) == 2 and v["median_ms"].nunique() == 2
     s = t.speedups[(t.speedups["impl"] == "vectorized") & (t.speedups["baseline"] == "cpu_torch")]
@@ -218,7 +219,7 @@ def test_accuracy_predictions_and_ratio(tmp_path):
 
 def test_accuracy_prediction_fallback_to_closed_form(tmp_path):
     b, a = write_run(tmp_path, "x", False, [(1024, 64)], acc_kw={"with_predictions": False})
-    acc = kt.build_tables(b, a, [], PAPER_DIR, None).accuracy
+    acc = assemble.build_tables(b, a, [], PAPER_DIR, None).accuracy
     row = acc[acc["status"] == "ok"].iloc[0]
     assert row["predicted_max_abs_error"] == pytest.approx(1 / 254)
     assert "closed form" in row["prediction_source"]
@@ -260,7 +261,7 @@ def test_write_and_read_tables(tmp_path):
     b, a = write_run(tmp_path / "run", "test-cpu", False, CPU_GRID)
     ref = tmp_path / "reference" / "test-gpu"
     write_run(ref, "test-gpu", True, GPU_GRID)
-    paths = kt.write_tables(b, a, [ref], PAPER_DIR, [{"T": T, "D": D} for T, D in CPU_GRID], tmp_path / "tables")
+    paths = assemble.write_tables(b, a, [ref], PAPER_DIR, [{"T": T, "D": D} for T, D in CPU_GRID], tmp_path / "tables")
     assert set(paths) == set(kt.TABLE_NAMES)
     for p in paths.values():
         assert p.exists() and p.stat().st_size > 0

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvpack import records
+from kvpack.study import records
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config" / "config.yaml"
@@ -161,7 +161,7 @@ def test_snakemake_report(e2e):
 def test_end_to_end_tables_figures_report(e2e):
     import pandas as pd
 
-    from kvpack import figures, tables
+    from kvpack.report import figures, tables
 
     assert set(TABLES) <= set(tables.TABLE_NAMES) and set(FIGURES) == set(figures.FIGURES)
     results = e2e / "results"
@@ -172,7 +172,7 @@ def test_end_to_end_tables_figures_report(e2e):
         assert p.exists() and p.stat().st_size > 0, p
     claims = pd.read_csv(results / "tables" / "claims.csv")
     ids = [c["id"] for c in CLAIMS["claims"]]
-    from kvpack.claims import CLAIM_CHECKS
+    from kvpack.report.claims import CLAIM_CHECKS
 
     ours = [c for c in CLAIM_CHECKS if c not in ids]  # claims of our own (decode_overhead), after the paper's
     assert list(claims["claim_id"]) == ids + ours, "claims.csv must have one row per claim, the paper's first"

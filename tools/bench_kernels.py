@@ -12,7 +12,7 @@ per channel, 131072x1024, 131072x8192 and 262144x128 unless --shapes says otherw
 and prints each one's median (p10-p90) and its ratio to fused_op (the target: api_default <= 1.10).
 
 --json writes every row (median, p10, p90 ms, GB/s, fraction of the copy ceiling) with the run's
-provenance (kvpack.environment) and the method (CUDA events, kvpack.bench.L2_FLUSH, LEAD_CYCLES).
+provenance (kvpack.pipeline.environment) and the method (CUDA events, kvpack.study.bench.L2_FLUSH, LEAD_CYCLES).
 """
 
 import argparse
@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kvpack import bench, environment, ops, records, workloads  # noqa: E402
+from kvpack import ops  # noqa: E402
+from kvpack.pipeline import environment  # noqa: E402
+from kvpack.study import bench, records, workloads  # noqa: E402
 from kvpack.torch_impl import dequantize_torch, quantize_fused_torch, quantize_torch  # noqa: E402
 
 

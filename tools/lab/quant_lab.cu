@@ -8,7 +8,7 @@
 //
 // What it compares, on the same buffers and under the same L2 flush:
 //   - the ceiling: cudaMemcpy device to device, at 2 GiB and at each op's own byte count;
-//   - L2 flush before each repetition: none, "write" (a 200 MB memset, what kvpack.bench did:
+//   - L2 flush before each repetition: none, "write" (a 200 MB memset, what kvpack.study.bench did:
 //     it leaves up to an L2 of dirty lines that the timed op then writes back), "read" (a kernel
 //     that reads 4 L2s: L2 left clean);
 //   - quantize: the IEEE-division arithmetic (quant_math.h, F2I conversion) against the reciprocal

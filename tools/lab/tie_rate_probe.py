@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from kvpack import bench, ops, workloads
+from kvpack import ops
+from kvpack.study import bench, workloads
 
 
 def flagged_fraction(x: torch.Tensor, s: torch.Tensor) -> float:

@@ -8,17 +8,17 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 import kvpack.build
-import kvpack.config
+import kvpack.pipeline.config
 
 # ---- config: schema (workflow/schemas/config.schema.yaml, defaults filled in place) + semantics ----
 # Fails here, before any job is scheduled, with one line per problem naming the key and the reason.
-kvpack.config.validate_config(config)
+kvpack.pipeline.config.validate_config(config)
 
 
 # ---- the run's device: 'cpu' or 'cuda', and the slug that names results/{device}/ ----
-DEVICE_KIND = kvpack.config.resolve_run_device(config)
-DEVICE = kvpack.config.device_slug(config, DEVICE_KIND)
-WORKLOADS = kvpack.config.workloads(config)  # [{name, T, D, dtype, seed}], grid x dtypes
+DEVICE_KIND = kvpack.pipeline.config.resolve_run_device(config)
+DEVICE = kvpack.pipeline.config.device_slug(config, DEVICE_KIND)
+WORKLOADS = kvpack.pipeline.config.workloads(config)  # [{name, T, D, dtype, seed}], grid x dtypes
 
 
 wildcard_constraints:
@@ -102,12 +102,12 @@ def kernel_sources():
 # ---- params ----
 def workload(wildcards):
     """The {name, T, D, dtype, seed} of one job, from its wildcards."""
-    return kvpack.config.find_workload(config, wildcards.T, wildcards.D, wildcards.dtype)
+    return kvpack.pipeline.config.find_workload(config, wildcards.T, wildcards.D, wildcards.dtype)
 
 
 def job_settings(stage):
-    """config[stage] plus seed, variants and granularities: what kvpack.bench / kvpack.accuracy read."""
-    return kvpack.config.job_settings(config, stage)
+    """config[stage] plus seed, variants and granularities: what kvpack.study.bench / kvpack.study.accuracy read."""
+    return kvpack.pipeline.config.job_settings(config, stage)
 
 
 # ---- threads and resources ----

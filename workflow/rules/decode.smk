@@ -1,6 +1,6 @@
 rule decode:
     """What the INT8 cache costs per decode step on the GPU: fp16 attention over the cache against
-    dequantize-then-attention (kvpack.decode). Requested only when the run's device is CUDA."""
+    dequantize-then-attention (kvpack.study.decode_step). Requested only when the run's device is CUDA."""
     input:
         build=BUILD_JSON,
     output:

@@ -1,5 +1,5 @@
 # One rule per figure of the report: each reads the tables and draws one PNG (in the snakemake
-# report) and one SVG, through kvpack.figures.FIGURES[<name>].
+# report) and one SVG, through kvpack.report.figures.FIGURES[<name>].
 
 
 rule figure_time:

@@ -1,6 +1,6 @@
 # The accuracy study beyond the paper (issue 6): KV formats on KV-like distributions (one raw record
 # per distribution) and on a real transformer's K/V, then their tables and figures.
-# Switched by config `accuracy_study: {formats: true, real_model: false, ...}` (kvpack.formats.
+# Switched by config `accuracy_study: {formats: true, real_model: false, ...}` (kvpack.study.formats.
 # STUDY_CONFIG_DEFAULTS lists every key and default). Runs on the CPU whatever the run's device: the
 # numbers are device-independent (the INT8 kernels are bit-exact with the CPU arithmetic) and need no
 # GPU build. Reads config with defaults, so it also works where the schema has no accuracy_study yet;
@@ -8,22 +8,22 @@
 
 from pathlib import Path as _Path
 
-import kvpack.config
-import kvpack.formats
-import kvpack.realmodel
-import kvpack.workloads
+import kvpack.pipeline.config
+import kvpack.study.formats
+import kvpack.study.realmodel
+import kvpack.study.workloads
 
-ACCURACY_STUDY = kvpack.formats.study_settings(config)
+ACCURACY_STUDY = kvpack.study.formats.study_settings(config)
 
 if "DEVICE" not in globals():  # included without common.smk (a standalone test Snakefile)
-    DEVICE = kvpack.config.device_slug({"device": config.get("device", "auto"), "device_name": config.get("device_name")})
+    DEVICE = kvpack.pipeline.config.device_slug({"device": config.get("device", "auto"), "device_name": config.get("device_name")})
 
 # logs mirror results under logs/ (common.smk's log_path where it is defined)
 _formats_log = globals().get("log_path") or (lambda result: str(_Path("logs", *_Path(result).with_suffix(".log").parts[1:])))
 
 FORMATS_RECORD = "results/{device}/formats/{distribution}.json"
 REALMODEL_RECORD = "results/{device}/realmodel.json"
-FORMATS_TABLES = {n: f"results/tables/{n}.csv" for n in kvpack.formats.FORMATS_TABLE_NAMES}
+FORMATS_TABLES = {n: f"results/tables/{n}.csv" for n in kvpack.study.formats.FORMATS_TABLE_NAMES}
 REALMODEL_TABLES = {n: f"results/tables/{n}.csv" for n in ("realmodel", "realmodel_stats", "realmodel_attention")}
 FORMATS_FIGURE = "results/figures/formats_error_vs_D"
 REALMODEL_FIGURE = "results/figures/realmodel_formats"
@@ -49,7 +49,7 @@ rule formats:
     log:
         _formats_log(FORMATS_RECORD),
     wildcard_constraints:
-        distribution="|".join(sorted(kvpack.workloads.DISTRIBUTIONS)),
+        distribution="|".join(sorted(kvpack.study.workloads.DISTRIBUTIONS)),
     params:
         settings=ACCURACY_STUDY,
     threads: 1
@@ -91,7 +91,7 @@ rule realmodel:
     embedding cosine, retrieval agreement, K/V statistics and per-layer attention metrics. Without the
     model package ([model] extra) the record says 'skipped' and why, and the run goes on."""
     input:
-        corpus=str(kvpack.realmodel.CORPUS_PATH),  # data/corpus.txt of the repository
+        corpus=str(kvpack.study.realmodel.CORPUS_PATH),  # data/corpus.txt of the repository
     output:
         REALMODEL_RECORD,
     log:

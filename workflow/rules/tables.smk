@@ -2,14 +2,14 @@
 # Also the names and paths of every table and figure, and REPORT_OUTPUTS: every final output of the
 # tables, figures and report stages (rule all gets them through the report, whose inputs they are).
 
-import kvpack.tables
+import kvpack.report.tables
 
 PAPER_DIR = str(Path(workflow.basedir) / "reports" / "paper")
 REPORT_NOTEBOOK = str(Path(workflow.basedir) / "reports" / "report.ipynb")
 REPORT_IPYNB = "results/report/report.ipynb"
 
-TABLE_NAMES = list(kvpack.tables.TABLE_NAMES)  # performance, accuracy, memory, workloads, paper, speedups, claims, ...
-FIGURE_NAMES = ["time", "speedup", "roofline", "accuracy", "memory", "peers"]  # keys of kvpack.figures.FIGURES
+TABLE_NAMES = list(kvpack.report.tables.TABLE_NAMES)  # performance, accuracy, memory, workloads, paper, speedups, claims, ...
+FIGURE_NAMES = ["time", "speedup", "roofline", "accuracy", "memory", "peers"]  # keys of kvpack.report.figures.FIGURES
 TABLES_DIR = "results/tables"
 FIGURES_DIR = "results/figures"
 TABLE_CSV = "results/tables/{name}.csv"

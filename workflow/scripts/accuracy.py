@@ -1,13 +1,14 @@
-"""rule accuracy: errors of every variant on one workload (kvpack.accuracy.run_accuracy_job) and
+"""rule accuracy: errors of every variant on one workload (kvpack.study.accuracy.run_accuracy_job) and
 write its raw record (docs/records.md) atomically."""
 
-from kvpack.jobs import job_provenance, log_to_file
+from kvpack.pipeline.jobs import job_provenance, log_to_file
 
 log = log_to_file(snakemake.log[0], "accuracy")
 
-import torch  # noqa: E402
+import torch
 
-from kvpack import accuracy, environment, records  # noqa: E402
+from kvpack.pipeline import environment
+from kvpack.study import accuracy, records
 
 torch.set_num_threads(snakemake.threads)
 device = environment.resolve_device(snakemake.params.device)  # fails clearly on a node without the device

@@ -1,13 +1,14 @@
-"""rule benchmark: time every variant of one workload side by side (kvpack.bench.run_benchmark_job)
+"""rule benchmark: time every variant of one workload side by side (kvpack.study.bench.run_benchmark_job)
 and write its raw record (docs/records.md) atomically."""
 
-from kvpack.jobs import job_provenance, log_to_file
+from kvpack.pipeline.jobs import job_provenance, log_to_file
 
 log = log_to_file(snakemake.log[0], "benchmark")
 
-import torch  # noqa: E402
+import torch
 
-from kvpack import bench, environment, records  # noqa: E402
+from kvpack.pipeline import environment
+from kvpack.study import bench, records
 
 torch.set_num_threads(snakemake.threads)
 device = environment.resolve_device(snakemake.params.device)  # fails clearly on a node without the device

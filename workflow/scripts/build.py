@@ -6,12 +6,14 @@ what changed. On a CPU run the CUDA half is not built; the JSON lists the GPU va
 
 import os
 
-from kvpack.jobs import log_to_file
+from kvpack.pipeline.jobs import log_to_file
 
 log = log_to_file(snakemake.log[0], "build")  # the compiler's output included
 os.environ.setdefault("MAX_JOBS", str(snakemake.threads))  # ninja's parallel compile jobs
 
-from kvpack import build, environment, ops, records  # noqa: E402
+from kvpack import build, ops
+from kvpack.pipeline import environment
+from kvpack.study import records
 
 device = environment.resolve_device(snakemake.params.device)
 info = build.load(cpu_only=device == "cpu", verbose=True)

@@ -1,13 +1,13 @@
-"""rules figure_<name>: the tables -> one figure, PNG + SVG (kvpack.figures.make_figure)."""
+"""rules figure_<name>: the tables -> one figure, PNG + SVG (kvpack.report.figures.make_figure)."""
 
 from pathlib import Path
 
-from kvpack.jobs import log_to_file
+from kvpack.pipeline.jobs import log_to_file
 
 log_to_file(snakemake.log[0], "figure")
 
-from kvpack.figures import make_figure  # noqa: E402
-from kvpack.tables import read_tables  # noqa: E402
+from kvpack.report.figures import make_figure
+from kvpack.report.tables import read_tables
 
 sm = snakemake
 tables = read_tables(Path(sm.input.tables[0]).parent)

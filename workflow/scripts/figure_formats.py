@@ -1,13 +1,13 @@
-"""rules figure_formats, figure_realmodel: one table -> one figure, PNG + SVG (kvpack.figures_formats.FIGURES)."""
+"""rules figure_formats, figure_realmodel: one table -> one figure, PNG + SVG (kvpack.report.figures_formats.FIGURES)."""
 
 
-from kvpack.jobs import log_to_file
+from kvpack.pipeline.jobs import log_to_file
 
 log_to_file(snakemake.log[0], "figure_formats")
 
-import pandas as pd  # noqa: E402
+import pandas as pd
 
-from kvpack.figures_formats import FIGURES  # noqa: E402
+from kvpack.report.figures_formats import FIGURES
 
 try:
     table = pd.read_csv(snakemake.input.table)

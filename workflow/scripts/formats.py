@@ -1,14 +1,15 @@
-"""rule formats: every KV format on one seeded distribution (kvpack.formats.run_formats_job), on the
+"""rule formats: every KV format on one seeded distribution (kvpack.study.formats.run_formats_job), on the
 CPU; write its raw record atomically."""
 
 
-from kvpack.jobs import log_to_file
+from kvpack.pipeline.jobs import log_to_file
 
 log = log_to_file(snakemake.log[0], "formats")
 
-import torch  # noqa: E402
+import torch
 
-from kvpack import environment, formats, records  # noqa: E402
+from kvpack.pipeline import environment
+from kvpack.study import formats, records
 
 torch.set_num_threads(snakemake.threads)
 settings = dict(snakemake.params.settings)

@@ -1,13 +1,13 @@
 """rule formats_tables: the format study's records -> formats.csv, formats_summary.csv, formats_winners.csv."""
 
 
-from kvpack.jobs import log_to_file
+from kvpack.pipeline.jobs import log_to_file
 
 log_to_file(snakemake.log[0], "formats_tables")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-from kvpack import formats  # noqa: E402
+from kvpack.study import formats
 
 outdir = Path(snakemake.output["formats"]).parent
 paths = formats.write_formats_tables(snakemake.input.records, outdir, float(snakemake.params.bytes_budget))

@@ -1,14 +1,15 @@
-"""rule realmodel: all-MiniLM-L6-v2 with K/V quantized in each format (kvpack.realmodel.run_realmodel_job);
+"""rule realmodel: all-MiniLM-L6-v2 with K/V quantized in each format (kvpack.study.realmodel.run_realmodel_job);
 write its raw record atomically. Without the model package the record says 'skipped' and why."""
 
 
-from kvpack.jobs import log_to_file
+from kvpack.pipeline.jobs import log_to_file
 
 log = log_to_file(snakemake.log[0], "realmodel")
 
-import torch  # noqa: E402
+import torch
 
-from kvpack import environment, realmodel, records  # noqa: E402
+from kvpack.pipeline import environment
+from kvpack.study import realmodel, records
 
 torch.set_num_threads(snakemake.threads)  # more threads than cores slows the small matmuls down a lot
 settings = dict(snakemake.params.settings)

@@ -1,13 +1,13 @@
 """rule realmodel_tables: the real-model record -> realmodel.csv, realmodel_stats.csv, realmodel_attention.csv."""
 
 
-from kvpack.jobs import log_to_file
+from kvpack.pipeline.jobs import log_to_file
 
 log_to_file(snakemake.log[0], "realmodel_tables")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-from kvpack import realmodel  # noqa: E402
+from kvpack.study import realmodel
 
 paths = realmodel.write_realmodel_tables(snakemake.input.record, Path(snakemake.output["realmodel"]).parent)
 for name, p in paths.items():

@@ -63,7 +63,7 @@ def main(sm) -> None:
 
 if "snakemake" in globals():  # run by snakemake; importable (tests) without it
 
-    from kvpack.jobs import log_to_file
+    from kvpack.pipeline.jobs import log_to_file
 
     log_to_file(snakemake.log[0], "report")
     main(snakemake)

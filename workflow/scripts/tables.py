@@ -1,13 +1,13 @@
 """rule tables: raw records (this run + reference dirs) -> results/tables/*.csv, the claims' verdicts
-included (kvpack.tables.write_tables)."""
+included (kvpack.report.assemble.write_tables)."""
 
 import os
 
-from kvpack.jobs import log_to_file
+from kvpack.pipeline.jobs import log_to_file
 
 log_to_file(snakemake.log[0], "tables")
 
-from kvpack.tables import write_tables  # noqa: E402
+from kvpack.report.assemble import write_tables
 
 sm = snakemake
 paths = write_tables(
@@ -22,6 +22,6 @@ paths = write_tables(
 written = {os.path.normpath(str(p)) for p in paths.values()}
 missing = [str(p) for p in sm.output if os.path.normpath(str(p)) not in written]
 if missing:
-    raise RuntimeError(f"tables not written: {missing} (kvpack.tables.TABLE_NAMES and rule tables disagree)")
+    raise RuntimeError(f"tables not written: {missing} (kvpack.report.tables.TABLE_NAMES and rule tables disagree)")
 for name, p in paths.items():
     print(f"{name}: {p}")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import bench, ops, workloads
+from .. import ops
+from . import bench, workloads
 
 
 def decode_step_times(T: int, heads: int = 32, head_dim: int = 128, batch: int = 1, variant=None,

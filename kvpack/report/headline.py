@@ -1,7 +1,7 @@
 """The README's headline table, from committed records: our fastest kernel against the paper, the
 same op under torch.compile, and the copy ceiling measured in the same job.
 
-    python -m kvpack.headline reports/reference/h100
+    python -m kvpack.report.headline reports/reference/h100
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import argparse
 
 import pandas as pd
 
-from . import tables
+from . import assemble
 
 SHAPES = [(131072, 1024), (131072, 8192), (262144, 128)]
 
 
 def headline(reference_dir, shapes=SHAPES) -> pd.DataFrame:
-    t = tables.build_tables(reference_dirs=[reference_dir])
+    t = assemble.build_tables(reference_dirs=[reference_dir])
     perf = t.performance[(t.performance["status"] == "ok") & (t.performance["dtype"] == "float32")
                          & (t.performance["granularity"] == "channel")]
     paper = t.paper

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 import torch
 
 FP32_BYTES = 4
@@ -119,12 +118,12 @@ def memory_footprint(T: int, D: int, granularity: str = "channel", source_bytes:
 
 
 __all__ = [
+    "attention_score_error",
     "l2_error",
     "max_abs_error",
-    "attention_score_error",
-    "predicted_max_abs_error",
-    "predicted_l2_error",
-    "predicted_attention_score_error",
-    "paper_predictions",
     "memory_footprint",
+    "paper_predictions",
+    "predicted_attention_score_error",
+    "predicted_l2_error",
+    "predicted_max_abs_error",
 ]

@@ -1,4 +1,4 @@
-"""What every measuring job of the workflow (and kvpack.runner) does around its kvpack call:
+"""What every measuring job of the workflow (and kvpack.pipeline.runner) does around its kvpack call:
 send all output to the job's log, resolve the device on the node the job runs on, and stamp
 provenance that names the results/{device}/ folder the record lands in."""
 

@@ -9,7 +9,7 @@ quantized copies K_hat, V_hat:
   max_prob_abs_diff   max over queries and tokens of |p - p_hat|
   topk_agreement  |top-k(p) & top-k(p_hat)| / k, mean over queries: the attended tokens kept
   output_rel_error    ||o - o_hat||_F / ||o||_F over all queries, o = p V, o_hat = p_hat V_hat
-  surrogate_score_error   the paper's attention-score error (kvpack.metrics.attention_score_error),
+  surrogate_score_error   the paper's attention-score error (kvpack.study.metrics.attention_score_error),
                   mean over the queries
 
 Everything is widened to float64 on the inputs' device (exactly: fp32/fp16/bf16 embed in float64).
@@ -84,7 +84,7 @@ def output_relative_error(o: torch.Tensor, o_hat: torch.Tensor) -> float:
 
 
 def surrogate_score_error(x, x_hat, queries) -> float:
-    """The paper's attention-score surrogate (kvpack.metrics.attention_score_error), mean over queries."""
+    """The paper's attention-score surrogate (kvpack.study.metrics.attention_score_error), mean over queries."""
     x = _f64(x)  # widened once here, not once per query
     x_hat, qs = _f64(x_hat, x.device), _f64(queries, x.device)
     return float(sum(metrics.attention_score_error(x, x_hat, qs[i]) for i in range(qs.shape[0])) / qs.shape[0])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 SCHEMA_PATH = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 
@@ -104,7 +104,7 @@ def _schema_errors(config: dict) -> list[str]:
 
 
 def _semantic_errors(config: dict) -> list[str]:
-    from . import ops
+    from .. import ops
 
     problems = []
     shapes: dict[tuple[int, int], int] = {}
@@ -153,7 +153,7 @@ def resolve_run_device(config: dict) -> str:
 
 
 def device_slug(config: dict, device_kind: str | None = None) -> str:
-    """The name of results/{device}/: config device_name, else kvpack.environment.device_slug."""
+    """The name of results/{device}/: config device_name, else kvpack.pipeline.environment.device_slug."""
     if config.get("device_name"):
         return config["device_name"]
     from . import environment
@@ -177,7 +177,7 @@ def validate_config(config: dict, *, check_device: bool = True) -> dict:
         raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
     if check_device:
         kind = resolve_run_device(config)
-        from . import ops
+        from .. import ops
 
         runnable = ops.VARIANTS if kind == "cuda" else ops.CPU_VARIANTS
         if config["variants"] != "all" and not set(config["variants"]) & set(runnable):

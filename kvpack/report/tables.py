@@ -8,9 +8,11 @@ Units sit in column names: ``_ms`` (milliseconds), ``_gbps`` (10^9 bytes per sec
 The paper's published numbers (``reports/paper/``) are reshaped by :func:`paper_table` and sit
 beside ours in the speedup and accuracy tables; they are read, never edited.
 
-    tables = build_tables(benchmark_paths, accuracy_paths, reference_dirs, "reports/paper", grid)
-    write_tables(benchmark_paths, accuracy_paths, reference_dirs, "reports/paper", grid, "results/tables")
-    tables = read_tables("results/tables")
+    perf = performance_table(collect_records(benchmark_paths, accuracy_paths, reference_dirs))
+    tables = read_tables("results/tables")       # what kvpack.report.assemble.write_tables wrote
+
+Every table at once, the claims included, is :mod:`kvpack.report.assemble` (the claims read these
+tables, so the function that adds them to the set lives above both).
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from . import metrics
+from ..study import metrics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 PAPER_DIR = ROOT / "reports" / "paper"
 
 THIS_RUN = "this run"
@@ -94,7 +96,7 @@ DECODE_COLUMNS = ["source", "device_slug", "device_name", "T", "heads", "head_di
 
 
 def decode_table(records) -> pd.DataFrame:
-    """One row per cache length of each decode record (kvpack.decode): fp16 attention alone and
+    """One row per cache length of each decode record (kvpack.study.decode_step): fp16 attention alone and
     dequantize-then-attention, their medians and the ratio."""
     rows = []
     for r in records:
@@ -193,7 +195,7 @@ def accuracy_table(records, paper_dir=PAPER_DIR) -> pd.DataFrame:
     """One row per accuracy row: each error beside its closed-form prediction and measured/predicted.
 
     Predictions come from the record (computed from the measured scales); where a record has none,
-    from :func:`kvpack.metrics.paper_predictions` (one scale 1/127, the paper's data), as
+    from :func:`kvpack.study.metrics.paper_predictions` (one scale 1/127, the paper's data), as
     ``prediction_source`` says. ``paper_*`` columns: the paper's published errors at the same T x D.
     """
     out = []
@@ -213,7 +215,7 @@ def accuracy_table(records, paper_dir=PAPER_DIR) -> pd.DataFrame:
             for e in ERRORS:
                 d[f"predicted_{e}"] = row.get(f"predicted_{e}") if recorded else closed[f"predicted_{e}"]
             d["prediction_source"] = ("record (from the measured scales)" if recorded
-                                      else "closed form, one scale 1/127 (kvpack.metrics.paper_predictions)")
+                                      else "closed form, one scale 1/127 (kvpack.study.metrics.paper_predictions)")
             out.append(d)
     df = pd.DataFrame(out, columns=ACCURACY_COLUMNS)
     for e in ERRORS:
@@ -392,7 +394,7 @@ def memory_table(workloads, paper_dir=PAPER_DIR) -> pd.DataFrame:
     """Bytes of the fp32 (and fp16) cache vs INT8 + fp32 scales, per granularity, with the compression ratio.
 
     ``workloads``: anything :func:`workloads_table` accepts; duplicates (same T x D) appear once.
-    Arithmetic: :func:`kvpack.metrics.memory_footprint`.
+    Arithmetic: :func:`kvpack.study.metrics.memory_footprint`.
     """
     paper = {(w["T"], w["D"]): w["name"] for w in paper_workloads(paper_dir)}
     seen, rows = set(), []
@@ -525,48 +527,8 @@ class Tables:
         return {n: getattr(self, n) for n in TABLE_NAMES}
 
 
-def build_tables(benchmark_paths=(), accuracy_paths=(), reference_dirs=(), paper_dir=PAPER_DIR, grid=None,
-                 claims_path=None, decode_paths=()) -> Tables:
-    """Every table, from raw record paths, reference directories, the paper's folder and the config grid."""
-    from . import claims as claims_mod  # claims reads tables; import here to keep the modules acyclic
-
-    records = collect_records(benchmark_paths, accuracy_paths, reference_dirs, decode_paths)
-    paper = paper_table(paper_dir)
-    perf = performance_table(records)
-    acc = accuracy_table(records, paper_dir)
-    run_grid = _normalise_grid(grid) if grid else [
-        {"name": r["workload"].get("name"), "T": r["workload"]["T"], "D": r["workload"]["D"],
-         "dtypes": [r["workload"].get("dtype", "float32")]} for r in records if r["kind"] in ("benchmark", "accuracy")]
-    t = Tables(
-        performance=perf,
-        accuracy=acc,
-        memory=memory_table(paper_workloads(paper_dir) + run_grid, paper_dir),
-        workloads=workloads_table(run_grid, paper_dir),
-        paper=paper,
-        speedups=speedup_table(perf, paper),
-        provenance=provenance_table(records),
-        paper_l2=claims_mod.paper_l2_check(paper_dir),
-        decode=decode_table(records),
-    )
-    t.claims = claims_mod.claims_table(t, claims_path or Path(paper_dir) / "claims.yaml")
-    return t
-
-
-def write_tables(benchmark_paths, accuracy_paths, reference_dirs, paper_dir, grid, outdir, claims_path=None,
-                 decode_paths=()) -> dict:
-    """Build every table and write ``<outdir>/<name>.csv`` for each of TABLE_NAMES. Returns {name: path}."""
-    t = build_tables(benchmark_paths, accuracy_paths, reference_dirs, paper_dir, grid, claims_path, decode_paths)
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, df in t.as_dict().items():
-        paths[name] = outdir / f"{name}.csv"
-        df.to_csv(paths[name], index=False)
-    return paths
-
-
 def read_tables(tables_dir) -> Tables:
-    """The CSVs :func:`write_tables` wrote, back as a :class:`Tables` (missing or empty files -> empty frames)."""
+    """The CSVs :func:`kvpack.report.assemble.write_tables` wrote, back as a :class:`Tables` (missing or empty files -> empty frames)."""
     d, kw = Path(tables_dir), {}
     for name in TABLE_NAMES:
         p = d / f"{name}.csv"
@@ -674,7 +636,6 @@ __all__ = [
     "Tables",
     "accuracy_table",
     "bandwidth_summary",
-    "build_tables",
     "collect_records",
     "fmt",
     "for_display",
@@ -697,5 +658,4 @@ __all__ = [
     "speedup_summary",
     "speedup_table",
     "workloads_table",
-    "write_tables",
 ]

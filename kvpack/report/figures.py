@@ -1,9 +1,9 @@
-"""The report's figures: one function per figure, each reading :class:`kvpack.tables.Tables` and saving
+"""The report's figures: one function per figure, each reading :class:`kvpack.report.tables.Tables` and saving
 a PNG and an SVG. The paper's own numbers sit beside ours wherever they exist (marker 'X', dashed,
 legend 'paper (their GPU)'). A figure that needs GPU data and finds none draws a clear
 'no GPU measurements' text in its panel instead of failing.
 
-    from kvpack import figures, tables
+    from kvpack.report import figures, tables
     figures.make_figure("time", tables.read_tables("results/tables"), "time.png", "time.svg")
 """
 
@@ -21,7 +21,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.lines import Line2D
 
-from . import metrics
+from ..study import metrics
 from .tables import (
     CPU_BASELINES,
     PAPER_CPU_SOURCE,

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from . import metrics
+from ..study import metrics
 from .tables import (
     CPU_BASELINES,
     PAPER_DIR,
@@ -204,7 +204,7 @@ def _memory_reduction(t: Tables, spec: dict) -> Result:
     acc = _paper_setup(_ok(t.accuracy))
     if len(acc) and acc["compression_ratio"].notna().any():
         note += f" Measured in the accuracy records: {acc['compression_ratio'].min():.4f}x to {acc['compression_ratio'].max():.4f}x."
-    return Result(verdict, f"{lo:.3f}x", "closed form (kvpack.metrics.memory_footprint), per-channel, fp32",
+    return Result(verdict, f"{lo:.3f}x", "closed form (kvpack.study.metrics.memory_footprint), per-channel, fp32",
                   note, lo, paper_value=f"{claimed:g}x")
 
 
@@ -248,7 +248,7 @@ def _attention_error_8k(t: Tables, spec: dict) -> Result:
         big = acc[acc["D"] == acc["D"].max()]
         note += (f" At the largest measured D = {int(big['D'].iloc[0])}, measured/predicted = "
                  f"{big['attention_score_error_ratio'].median():.3f}.")
-    return Result(NOT_MEASURABLE, f"{pred:.4f} (closed form)", "closed form (kvpack.metrics.paper_predictions)",
+    return Result(NOT_MEASURABLE, f"{pred:.4f} (closed form)", "closed form (kvpack.study.metrics.paper_predictions)",
                   note, float(pred), pv)
 
 

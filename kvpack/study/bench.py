@@ -22,10 +22,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import ops, workloads
-from .torch_impl import dequantize_torch, quantize_fused_torch, quantize_torch, scales_torch
+from .. import ops
+from ..torch_impl import dequantize_torch, quantize_fused_torch, quantize_torch, scales_torch
+from . import workloads
 
-log = logging.getLogger("kvpack.bench")
+log = logging.getLogger("kvpack.study.bench")
 
 PEERS = ("torch_eager", "torch_compile", "torch_quantize_per_channel")
 PAPER_VARIANTS = ("naive", "tiled", "coarsened", "vectorized")

@@ -4,13 +4,13 @@ The CPU half (op schemas + the paper's serial baseline) builds everywhere; the C
 GPU variants) is added when torch sees a CUDA device and a CUDA toolkit. The build directory is
 cached: a rebuild happens only when a source or a flag changes.
 
-    python -m kvpack.build [--out build-info.json] [--cpu-only]
+    python -m kvpack.build [--out build-info.json] [--cpu-only]     (kvpack/build/__main__.py)
+
+This module imports nothing else of kvpack: kvpack.ops imports it to load the extension.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent  # the checkout: kvpack/build/ is two levels down
 KERNELS = ROOT / "kernels"
-CPU_SOURCES = ("ops.cpp", "cpu_baseline.cpp")
+CPU_SOURCES = ("ops.cpp", "cpu_baseline.cpp", "decode_cpu.cpp")
 # Host code of the CUDA half, compiled by g++ (never nvcc), built only with the kernels/*.cu files.
-CUDA_HOST_SOURCES = ("cuda_ops.cpp",)
+CUDA_HOST_SOURCES = ("cuda_ops.cpp", "decode_ops.cpp")
 
 _loaded: dict | None = None
 
@@ -98,27 +98,3 @@ def load(cpu_only: bool = False, verbose: bool = False) -> dict:
         "load_seconds": round(time.perf_counter() - t0, 3),
     }
     return _loaded
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", help="write what was built as JSON here")
-    ap.add_argument("--cpu-only", action="store_true", help="build the CPU half only")
-    ap.add_argument("--verbose", action="store_true")
-    args = ap.parse_args(argv)
-    info = load(cpu_only=args.cpu_only, verbose=args.verbose)
-    from . import ops
-
-    info["variants"] = list(ops.available_variants("cuda" if info["cuda"] else "cpu"))
-    if not info["cuda"]:
-        print(f"kvpack: built the CPU half only; GPU variants skipped: {info['cuda_skipped_reason']}", file=sys.stderr)
-    text = json.dumps(info, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

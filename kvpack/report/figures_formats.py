@@ -1,24 +1,23 @@
 """Figures of the accuracy study beyond the paper (issue 6), each a PNG and an SVG, from the tables
-of kvpack.formats / kvpack.realmodel (results/tables/*.csv).
+of kvpack.study.formats / kvpack.study.realmodel (results/tables/*.csv).
 
-    from kvpack import figures_formats as ff
+    from kvpack.report import figures_formats as ff
     ff.error_vs_d(pd.read_csv("results/tables/formats.csv"), "formats_error_vs_D.png")
     ff.realmodel_figure(pd.read_csv("results/tables/realmodel.csv"), "realmodel_formats.png")
 """
 
 from __future__ import annotations
 
-
 import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
 
-from .figures import _save  # noqa: E402  (one way to write a figure: PNG + SVG, closed)
-from .formats import FORMATS, PAPER_FORMAT, WIN_METRIC  # noqa: E402
+from ..study.formats import FORMATS, PAPER_FORMAT, WIN_METRIC
+from .figures import _save  # one way to write a figure: PNG + SVG, closed
 
 NOTE_BOX = {"boxstyle": "round", "facecolor": "lightyellow", "edgecolor": "grey"}
 METRIC_LABELS = {  # (axis label, title)

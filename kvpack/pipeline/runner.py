@@ -4,7 +4,7 @@ For machines where Snakemake is not installed (a bare GPU box): the benchmark an
 of every workload of a config, in one process (the extension loads once), skipping records that
 already exist, stopping cleanly before ``--time-limit`` seconds so a partial run can be resumed.
 
-    python -m kvpack.runner --configfile config/config.yaml --configfile config/paper.yaml \
+    python -m kvpack.pipeline.runner --configfile config/config.yaml --configfile config/paper.yaml \
         --stages benchmark accuracy decode --results results [--time-limit 540]
 """
 
@@ -16,10 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import accuracy, bench, config as cfgmod, records
+from ..study import accuracy, bench, records
+from . import config as cfgmod
 from .jobs import job_provenance
 
-log = logging.getLogger("kvpack.runner")
+log = logging.getLogger("kvpack.pipeline.runner")
 
 
 def record_path(results: Path, slug: str, stage: str, w: dict) -> Path:
@@ -59,13 +60,13 @@ def main(argv=None) -> int:
         records.write_record(run(w, device, settings, prov), out)
         done += 1
     if "decode" in args.stages and device == "cuda":
-        from . import decode
+        from ..study import decode_step
 
         out = results / slug / "decode" / "decode.json"
         if not out.exists() and not (args.time_limit and time.perf_counter() - t0 > args.time_limit):
             settings = dict(config["decode"])
             prov = job_provenance(device, slug, {"settings": settings, "device": device})
-            records.write_record(decode.run_decode_job(settings, device, prov), out)
+            records.write_record(decode_step.run_decode_job(settings, device, prov), out)
             done += 1
     log.info("ran %d jobs in %.0f s; %d left for a later run (time limit)", done, time.perf_counter() - t0, skipped)
     return 0

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from . import ops
+from .. import ops
 
 SCALE_BYTES = 4  # fp32 scales, as kvpack.quantize returns them
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -232,10 +232,10 @@ def format_rows(K: torch.Tensor, V: torch.Tensor, q: torch.Tensor, formats, topk
     """One row per format x role: every attention metric of quantizing K, V, or both (float64).
 
     ``surrogate_score_error`` is the paper's surrogate with the paper's one query (uniform in
-    [-1, 1], kvpack.workloads.query) unless ``paper_query`` gives another, on the quantized tensor
+    [-1, 1], kvpack.study.workloads.query) unless ``paper_query`` gives another, on the quantized tensor
     (K for the roles key and both, V for value).
     """
-    from . import attention, workloads
+    from . import attention_error, workloads
 
     T, D = K.shape
     dtype = K.dtype
@@ -256,8 +256,8 @@ def format_rows(K: torch.Tensor, V: torch.Tensor, q: torch.Tensor, formats, topk
             rows.append({
                 "format": fmt.name, "role": role, "granularity": fmt.granularity,
                 "bytes_per_element": fmt.bytes_per_element(T, D, dtype),
-                **attention.attention_errors(q, K, V, kh, vh, k=topk),
-                "surrogate_score_error": attention.surrogate_score_error(surrogate_x, surrogate_hat, pq),
+                **attention_error.attention_errors(q, K, V, kh, vh, k=topk),
+                "surrogate_score_error": attention_error.surrogate_score_error(surrogate_x, surrogate_hat, pq),
                 "rel_l2_error": rel, "max_abs_error": mx,
             })
     return rows
@@ -269,7 +269,7 @@ def compare_formats(distributions=DEFAULT_DISTRIBUTIONS, formats=tuple(FORMATS),
     """The format study: one row per distribution x format x D x dtype x role (key, value, both).
 
     Per (distribution, D, dtype): K from ``seed``, V from ``seed + 1`` (same distribution),
-    ``n_queries`` fp32 queries from ``seed + 2`` (kvpack.workloads.queries: the same family).
+    ``n_queries`` fp32 queries from ``seed + 2`` (kvpack.study.workloads.queries: the same family).
     Columns: the settings, ``bytes_per_element`` and every metric of :func:`format_rows`.
     """
     import pandas as pd

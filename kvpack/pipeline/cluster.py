@@ -2,7 +2,7 @@
 
 Without snakemake-executor-plugin-slurm, ``snakemake --profile config/profiles/slurm`` stops in
 argument parsing with "argument --executor/-e: invalid choice: 'slurm'", before any of the workflow
-runs, and says nothing about what to install. ``python -m kvpack.cluster`` says it.
+runs, and says nothing about what to install. ``python -m kvpack.pipeline.cluster`` says it.
 """
 
 from __future__ import annotations
