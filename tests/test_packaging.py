@@ -1,9 +1,9 @@
 """environment.yml (conda) and pyproject.toml list the same dependencies; CI runs the README's command."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ def test_environment_yml_matches_pyproject():
 
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- test-command -->\n```[a-z]*\n(.+?)\n```\n<!-- /test-command -->", readme, re.S)
+    block = re.search(r"<!-- test-command -->\n```[a-z]*\n(.+?)\n```\n<!-- /test-command -->", readme, re.DOTALL)
     assert block, "README.md must show the test command between <!-- test-command --> markers"
     assert "pytest" in block.group(1)
     assert "<!-- test-command -->" in (ROOT / ".ci" / "run").read_text()

@@ -17,15 +17,16 @@ provenance (kvpack.pipeline.environment) and the method (CUDA events, kvpack.stu
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kvpack import ops  # noqa: E402
-from kvpack.pipeline import environment  # noqa: E402
-from kvpack.study import bench, records, workloads  # noqa: E402
-from kvpack.torch_impl import dequantize_torch, quantize_fused_torch, quantize_torch  # noqa: E402
+from kvpack import ops
+from kvpack.pipeline import environment
+from kvpack.study import bench, records, workloads
+from kvpack.torch_impl import dequantize_torch, quantize_fused_torch, quantize_torch
 
 
 def main():
@@ -60,25 +61,26 @@ def main():
             x = workloads.uniform(T, D, seed=0, dtype=dtype, device="cuda")
             s = ops.compute_scales(x, check_finite=False)
             q, _ = ops.quantize(x, "fast", scales=s, check_finite=False)
+            # Partials, not lambdas: each holds this shape's x, s, q and dtype, whatever the loops do next.
             fns = {}
             for v in a.variants:
-                fns[(v, "quantize")] = lambda v=v: ops.quantize(x, v, scales=s, check_finite=False)
-                fns[(v, "dequantize")] = lambda v=v: ops.dequantize(q, s, v, dtype=dtype)
-            fns[("fast", "quantize_fused")] = lambda: ops.quantize_fused(x, "fast", check_finite=False)
-            fns[("fast", "scales")] = lambda: ops.compute_scales(x, check_finite=False)
+                fns[(v, "quantize")] = partial(ops.quantize, x, v, scales=s, check_finite=False)
+                fns[(v, "dequantize")] = partial(ops.dequantize, q, s, v, dtype=dtype)
+            fns[("fast", "quantize_fused")] = partial(ops.quantize_fused, x, "fast", check_finite=False)
+            fns[("fast", "scales")] = partial(ops.compute_scales, x, check_finite=False)
             if not a.no_compile:
                 torch._dynamo.reset()  # each shape compiles fresh: no state inherited from the last one
                 cq, cd, cf = (torch.compile(f, dynamic=False) for f in (quantize_torch, dequantize_torch, quantize_fused_torch))
-                fns[("compile", "quantize")] = lambda: cq(x, s)
-                fns[("compile", "dequantize")] = lambda: cd(q, s, "channel", dtype)
-                fns[("compile", "quantize_fused")] = lambda: cf(x)
+                fns[("compile", "quantize")] = partial(cq, x, s)
+                fns[("compile", "dequantize")] = partial(cd, q, s, "channel", dtype)
+                fns[("compile", "quantize_fused")] = partial(cf, x)
             for (impl, op), fn in fns.items():
                 t = bench.time_cuda(fn, 3, a.repeats, flush).summary()
                 rate = bench.gbps(bench.op_bytes(op, T, D, dtype), t["median_ms"])
                 rows.append({"T": T, "D": D, "dtype": dt, "impl": impl, "op": op, **t, "gbps": rate,
                              "fraction_of_copy": rate / ceiling})
                 print(f"{shape:>13} {dt:>9} {impl:>14} {op:>15} {t['median_ms']:8.3f} {rate:7.0f} {rate / ceiling:7.1%}")
-            del x, q
+            del x, q, fns, fn  # the partials hold x and q: drop them too, or the memory stays taken
             torch.cuda.empty_cache()
     if a.json:
         records.write_record({

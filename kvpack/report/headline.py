@@ -26,7 +26,7 @@ def headline(reference_dir, shapes=SHAPES) -> pd.DataFrame:
         if p.empty:
             continue
         for op in ("quantize", "dequantize"):
-            def get(impl, col="median_ms"):
+            def get(impl, col="median_ms", p=p, op=op):  # this shape's rows and this op, bound now
                 r = p[(p["impl"] == impl) & (p["op"] == op)]
                 return float(r[col].iloc[0]) if len(r) else float("nan")
 

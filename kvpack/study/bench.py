@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -156,9 +157,9 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30, warmup: int = 3, repeats:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_(-1, 1)
     dst = torch.empty_like(src)
     if dev.type == "cuda":
-        t = time_cuda(lambda: dst.copy_(src), warmup, repeats)
+        t = time_cuda(partial(dst.copy_, src), warmup, repeats)
     else:
-        t = time_cpu(lambda: dst.copy_(src), warmup, min(repeats, 5))
+        t = time_cpu(partial(dst.copy_, src), warmup, min(repeats, 5))
     s = t.summary()
     del src, dst
     return {"device": dev.type, "copy_bytes": 2 * nbytes, "copy_gbps": gbps(2 * nbytes, s["median_ms"]),
@@ -231,12 +232,13 @@ class _Job:
                     exact = bool(torch.equal(q, ref_q[g]))
                 else:
                     ref_q[g] = q
+                # Each timed call is a partial: it holds this iteration's variant, g, s and q, not the loop's.
                 self.add(variant, "cpu_baseline", "cpu", "scales", g, time_cpu(
-                    lambda: ops.compute_scales(x_cpu, g, variant=variant, check_finite=False), w, r, budget))
+                    partial(ops.compute_scales, x_cpu, g, variant=variant, check_finite=False), w, r, budget))
                 self.add(variant, "cpu_baseline", "cpu", "quantize", g, time_cpu(
-                    lambda: ops.quantize(x_cpu, variant, g, scales=s, check_finite=False), w, r, budget), exact)
+                    partial(ops.quantize, x_cpu, variant, g, scales=s, check_finite=False), w, r, budget), exact)
                 self.add(variant, "cpu_baseline", "cpu", "dequantize", g, time_cpu(
-                    lambda: ops.dequantize(q, s, variant, g, dtype=self.dtype), w, r, budget))
+                    partial(ops.dequantize, q, s, variant, g, dtype=self.dtype), w, r, budget))
                 del q
 
     def run_cuda(self, x: torch.Tensor, granularities):
@@ -249,22 +251,22 @@ class _Job:
             # The eager peer's result for the same scales: the same function, written in torch ops.
             ref_q = quantize_torch(x, s, g)
             self.add("fast", "kvpack", "cuda", "scales", g, time_cuda(
-                lambda: ops.compute_scales(x, g, check_finite=False), w, r, flush),
+                partial(ops.compute_scales, x, g, check_finite=False), w, r, flush),
                 bool(torch.equal(s.cpu(), ops.compute_scales(x.cpu(), g, variant="cpu_torch", check_finite=False))))
             for v in variants:
                 torch.cuda.reset_peak_memory_stats()
                 q, _ = ops.quantize(x, v, g, scales=s, check_finite=False)
                 exact = bool(torch.equal(q, ref_q))
                 self.add(v, "kvpack", "cuda", "quantize", g, time_cuda(
-                    lambda: ops.quantize(x, v, g, scales=s, check_finite=False), w, r, flush), exact)
+                    partial(ops.quantize, x, v, g, scales=s, check_finite=False), w, r, flush), exact)
                 self.add(v, "kvpack", "cuda", "dequantize", g, time_cuda(
-                    lambda: ops.dequantize(q, s, v, g, dtype=self.dtype), w, r, flush))
+                    partial(ops.dequantize, q, s, v, g, dtype=self.dtype), w, r, flush))
                 del q
             if "fast" in variants:
                 qf, sf = ops.quantize_fused(x, "fast", g, check_finite=False)
                 exact = bool(torch.equal(qf, ref_q) and torch.equal(sf, s))
                 self.add("fast", "kvpack", "cuda", "quantize_fused", g, time_cuda(
-                    lambda: ops.quantize_fused(x, "fast", g, check_finite=False), w, r, flush), exact)
+                    partial(ops.quantize_fused, x, "fast", g, check_finite=False), w, r, flush), exact)
                 del qf
             self.run_peers(x, s, g, ref_q, w, r, flush)
             del ref_q
@@ -298,12 +300,12 @@ class _Job:
                 exact_f = bool(torch.equal(qf, ref_q) and torch.equal(sf, s))
                 del qf, sf
                 log.info("torch.compile: %.1f s to compile", time.perf_counter() - t0)
-                self.add("torch_compile", "peer", "cuda", "quantize", g, time_cuda(lambda: cq(x, s, g), w, r, flush), exact_q)
+                self.add("torch_compile", "peer", "cuda", "quantize", g, time_cuda(partial(cq, x, s, g), w, r, flush), exact_q)
                 self.add("torch_compile", "peer", "cuda", "dequantize", g, time_cuda(
-                    lambda: cd(q, s, g, self.dtype), w, r, flush))
+                    partial(cd, q, s, g, self.dtype), w, r, flush))
                 self.add("torch_compile", "peer", "cuda", "quantize_fused", g, time_cuda(
-                    lambda: cf(x, g), w, r, flush), exact_f)
-            except Exception as e:  # a compiler failure is a finding, not a crash of the whole job
+                    partial(cf, x, g), w, r, flush), exact_f)
+            except Exception as e:  # noqa: BLE001  a compiler failure is a finding, not a crash of the whole job
                 log.warning("torch.compile peer failed: %s", e)
                 for op in ("quantize", "dequantize", "quantize_fused"):
                     self.rows.append(_row("torch_compile", "peer", "cuda", op, g, status="failed",
@@ -323,7 +325,7 @@ class _Job:
                     lambda: qt.dequantize() if self.dtype == torch.float32 else qt.dequantize().to(self.dtype),
                     w, r, flush))
                 del qt
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001  as for torch.compile: a failing peer is a row, not a crash
                 log.warning("torch.quantize_per_channel peer failed: %s", e)
                 for op in ("quantize", "dequantize"):
                     self.rows.append(_row("torch_quantize_per_channel", "peer", "cuda", op, g, status="failed",
@@ -335,12 +337,14 @@ class _Job:
         host = x.to("cpu").pin_memory()
         out = torch.empty_like(host).pin_memory()
         w, r = max(1, int(self.s["warmup"])), max(3, int(self.s["repeats"]) // 4)
+
+        def e2e(v, host, out):
+            xd = host.to(x.device, non_blocking=True)
+            q, s = ops.quantize_fused(xd, v, g, check_finite=False)
+            out.copy_(ops.dequantize(q, s, v, g, dtype=self.dtype), non_blocking=True)
+
         for v in variants:
-            def e2e():
-                xd = host.to(x.device, non_blocking=True)
-                q, s = ops.quantize_fused(xd, v, g, check_finite=False)
-                out.copy_(ops.dequantize(q, s, v, g, dtype=self.dtype), non_blocking=True)
-            self.add(v, "kvpack", "cuda", "end_to_end", g, time_cuda(e2e, w, r))
+            self.add(v, "kvpack", "cuda", "end_to_end", g, time_cuda(partial(e2e, v, host, out), w, r))
         del host, out
 
 
