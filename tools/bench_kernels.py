@@ -109,6 +109,7 @@ def bench_api(shapes, repeats: int, ceiling: float, flush) -> list[dict]:
     is inside its timed region: the end event is recorded after the call returns, as a caller sees it.
     """
     rows = []
+    assert ops.available_variants("cuda"), "the kvpack extension has no CUDA variants here"  # loads torch.ops.kvpack
     print(f"{'shape':>13} {'impl':>12} {'ms':>8} {'p10-p90 ms':>17} {'GB/s':>7} {'of copy':>7} {'/ fused':>7}")
     for shape in shapes:
         T, D = map(int, shape.split("x"))
