@@ -95,14 +95,16 @@ def test_non_finite_reaches_the_scale(shape, dtype, granularity):
 
 
 @pytest.mark.parametrize("variant", kvpack.CUDA_VARIANTS)
-def test_default_quantize_is_the_fused_op(variant):
-    """quantize(x) with defaults gives what torch.ops.kvpack.quantize_fused gives, bit for bit."""
+def test_default_quantize_equals_the_fused_op(variant):
+    """quantize(x) with defaults (scales, check, quantize) gives quantize_fused's bits, and so does check_finite=False."""
     for dtype in DTYPES:
         for granularity in kvpack.GRANULARITIES:
             x = make_x(1023, 136, dtype, case_seed("fused", variant, dtype, granularity))
             q, s = kvpack.quantize(x, variant, granularity)
             q_f, s_f = torch.ops.kvpack.quantize_fused(x, variant, granularity)
             assert torch.equal(q, q_f) and torch.equal(s, s_f)
+            q_a, s_a = kvpack.quantize(x, variant, granularity, check_finite=False)
+            assert torch.equal(q_a, q_f) and torch.equal(s_a, s_f)
             q_ref, s_ref = reference.quantize(x.cpu(), granularity=granularity)
             assert np.array_equal(s.cpu().numpy().astype(np.float64), s_ref)
             assert np.array_equal(q.cpu().numpy(), q_ref)

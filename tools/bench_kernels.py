@@ -6,7 +6,7 @@ Development tool (the benchmark of record is the workflow's benchmark rule):
 --api times the public API against the fused op it should cost no more than (issue 12), fp32,
 per channel, 131072x1024, 131072x8192 and 262144x128 unless --shapes says otherwise:
     python tools/bench_kernels.py --api
-  api_default   kvpack.quantize(x): the fused op, then the finiteness check on the scales (one sync)
+  api_default   kvpack.quantize(x): scales, their finiteness verdict queued to the host, quantize, one wait
   fused_op      torch.ops.kvpack.quantize_fused(x, "fast", "channel"): the C++ entry point alone
   api_async     kvpack.quantize(x, check_finite=False): no check, no sync
 and prints each one's median (p10-p90) and its ratio to fused_op (the target: api_default <= 1.10).
