@@ -5,6 +5,14 @@
 //   quantize(x, scales, variant, granularity)       -> int8 [T, D]
 //   dequantize(q, scales, variant, granularity, dtype) -> dtype [T, D]
 //   quantize_fused(x, variant, granularity)         -> (int8 [T, D], fp32 scales)
+//
+// The INT8 KV cache (layout in kernels/include/kvpack/decode_launchers.h; CPU: decode_cpu.cpp,
+// CUDA: decode_ops.cpp):
+//   decode_attention(q [B, Hq, D], k_cache, v_cache, k_scales, v_scales, lengths?, granularity,
+//                    sm_scale, splits)                -> [B, Hq, D] in q's dtype (splits 0: planned)
+//   decode_splits(q, k_cache, granularity)            -> the split count a decode step plans (CUDA)
+//   kv_append(k_cache!, v_cache!, k_scales!, v_scales!, lengths!, arrivals!, saturated!, k, v,
+//             counts?, granularity)                   -> quantizes new rows into the cache
 #include <torch/library.h>
 
 TORCH_LIBRARY(kvpack, m) {
@@ -12,4 +20,12 @@ TORCH_LIBRARY(kvpack, m) {
   m.def("quantize(Tensor x, Tensor scales, str variant, str granularity) -> Tensor");
   m.def("dequantize(Tensor q, Tensor scales, str variant, str granularity, ScalarType dtype) -> Tensor");
   m.def("quantize_fused(Tensor x, str variant, str granularity) -> (Tensor, Tensor)");
+  m.def(
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scales, Tensor v_scales, "
+      "Tensor? lengths, str granularity, float sm_scale, int splits) -> Tensor");
+  m.def("decode_splits(Tensor q, Tensor k_cache, str granularity) -> int");
+  m.def(
+      "kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) k_scales, Tensor(d!) v_scales, "
+      "Tensor(e!) lengths, Tensor(f!) arrivals, Tensor(g!) saturated, Tensor k, Tensor v, Tensor? counts, "
+      "str granularity) -> ()");
 }

@@ -20,9 +20,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent.parent  # the checkout: kvpack/build/ is two levels down
 KERNELS = ROOT / "kernels"
-CPU_SOURCES = ("ops.cpp", "cpu_baseline.cpp")
+CPU_SOURCES = ("ops.cpp", "cpu_baseline.cpp", "decode_cpu.cpp")
 # Host code of the CUDA half, compiled by g++ (never nvcc), built only with the kernels/*.cu files.
-CUDA_HOST_SOURCES = ("cuda_ops.cpp",)
+CUDA_HOST_SOURCES = ("cuda_ops.cpp", "decode_ops.cpp")
 
 _loaded: dict | None = None
 

@@ -1,0 +1,96 @@
+// CPU implementations of the KV cache ops (schemas in ops.cpp): correct, not fast, so that the API
+// and its tests run on machines without a GPU. Attention over the dequantized cache in fp32 torch
+// ops; the write path element by element through quant_math.h, the arithmetic every kernel shares.
+#include <cmath>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include "kvpack/decode_checks.h"
+#include "kvpack/quant_math.h"
+
+namespace kvpack {
+namespace {
+
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& ks, const at::Tensor& vs,
+                                const c10::optional<at::Tensor>& lengths, c10::string_view granularity,
+                                double sm_scale, int64_t splits) {
+  (void)splits;  // the CPU path does not split
+  const auto s = check_decode(q, k, v, ks, vs, lengths, std::string(granularity));
+  const int64_t group = s.q_heads / s.kv_heads;
+  // Dequantize as dequantize_value does: float(q) * scale in fp32.
+  auto kf = k.to(at::kFloat) * (s.per_token ? ks.unsqueeze(-1) : ks.unsqueeze(2));
+  auto vf = v.to(at::kFloat) * (s.per_token ? vs.unsqueeze(-1) : vs.unsqueeze(2));
+  kf = kf.repeat_interleave(group, 1);  // [B, Hq, T_max, D]
+  vf = vf.repeat_interleave(group, 1);
+  auto scores = at::matmul(kf, q.to(at::kFloat).unsqueeze(-1)).squeeze(-1) * sm_scale;  // [B, Hq, T_max]
+  if (lengths.has_value()) {
+    const auto pos = at::arange(s.max_tokens, scores.options().dtype(at::kLong));
+    const auto mask = pos.view({1, 1, -1}) >= lengths->to(at::kLong).view({-1, 1, 1});
+    scores = scores.masked_fill(mask, -std::numeric_limits<float>::infinity());
+  }
+  const auto p = at::softmax(scores, -1);
+  return at::matmul(p.unsqueeze(2), vf).squeeze(2).to(q.scalar_type());
+}
+
+void kv_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_scales,
+                   const at::Tensor& v_scales, const at::Tensor& lengths, const at::Tensor& arrivals,
+                   const at::Tensor& saturated, const at::Tensor& k_new, const at::Tensor& v_new,
+                   const c10::optional<at::Tensor>& counts, c10::string_view granularity) {
+  const auto s = check_append(k_cache, v_cache, k_scales, v_scales, lengths, arrivals, saturated, k_new, v_new,
+                              counts, std::string(granularity));
+  const int64_t t_new = k_new.size(2);
+  const int64_t D = s.head_dim;
+  auto* len = lengths.data_ptr<int32_t>();
+  std::vector<int64_t> n(s.batch);
+  for (int64_t b = 0; b < s.batch; ++b) {
+    n[b] = counts.has_value() ? counts->data_ptr<int32_t>()[b] : t_new;
+    TORCH_CHECK_VALUE(n[b] >= 0 && n[b] <= t_new, "kvpack: counts[", b, "] = ", n[b], " is not in [0, ", t_new, "]");
+    TORCH_CHECK_VALUE(len[b] >= 0 && len[b] + n[b] <= s.max_tokens, "kvpack: sequence ", b, " holds ", len[b],
+                      " tokens; appending ", n[b], " would pass max_tokens = ", s.max_tokens);
+  }
+  const at::Tensor src[2] = {k_new.to(at::kFloat).contiguous(), v_new.to(at::kFloat).contiguous()};
+  int8_t* dst[2] = {k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>()};
+  float* scales[2] = {k_scales.data_ptr<float>(), v_scales.data_ptr<float>()};
+  int64_t clipped = 0;
+  for (int kv = 0; kv < 2; ++kv) {
+    const float* x = src[kv].data_ptr<float>();
+    for (int64_t b = 0; b < s.batch; ++b) {
+      for (int64_t h = 0; h < s.kv_heads; ++h) {
+        const int64_t head = b * s.kv_heads + h;
+        for (int64_t j = 0; j < n[b]; ++j) {
+          const float* row = x + (head * t_new + j) * D;
+          const int64_t pos = len[b] + j;
+          int8_t* out = dst[kv] + (head * s.max_tokens + pos) * D;
+          if (s.per_token) {
+            float amax = 0.0f;
+            for (int64_t d = 0; d < D; ++d) amax = absmax_combine(amax, row[d]);
+            const float scale = scale_from_absmax(amax);
+            scales[kv][head * s.max_tokens + pos] = scale;
+            for (int64_t d = 0; d < D; ++d) out[d] = quantize_value(row[d], scale);
+          } else {
+            const float* sc = scales[kv] + head * D;
+            for (int64_t d = 0; d < D; ++d) {
+              out[d] = quantize_value(row[d], sc[d]);
+              clipped += saturates(row[d], sc[d]) ? 1 : 0;
+            }
+          }
+        }
+      }
+    }
+  }
+  for (int64_t b = 0; b < s.batch; ++b) len[b] = static_cast<int32_t>(len[b] + n[b]);
+  saturated.add_(clipped);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kvpack, CPU, m) {
+  m.impl("decode_attention", &decode_attention_cpu);
+  m.impl("kv_append", &kv_append_cpu);
+}
+
+}  // namespace kvpack

@@ -1,0 +1,108 @@
+// CUDA implementations of the KV cache ops (schemas in ops.cpp): checks, device guard, current
+// stream, workspace, then the launchers of kernels/decode_attention.cu. Host code compiled by g++,
+// as kernels/cuda_ops.cpp is (it says why); kvpack/build.py adds it together with the .cu files.
+//
+// No host synchronisation and no allocation whose size depends on data: the split count and the
+// workspace depend on the shapes alone, so a decode step (append, attention) can be captured in a
+// CUDA graph and replayed.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include "kvpack/decode_checks.h"
+#include "kvpack/decode_launchers.h"
+
+namespace kvpack {
+namespace {
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.is_cuda(), "kvpack: ", name, " is on ", t.device(), "; this implementation needs CUDA tensors");
+}
+
+at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& ks, const at::Tensor& vs,
+                                 const c10::optional<at::Tensor>& lengths, c10::string_view granularity,
+                                 double sm_scale, int64_t splits) {
+  const auto s = check_decode(q, k, v, ks, vs, lengths, std::string(granularity));
+  check_cuda(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  if (splits <= 0) {
+    splits = cuda::decode_splits(s.batch, s.q_heads, s.kv_heads, s.max_tokens, static_cast<int>(s.head_dim),
+                                 q.scalar_type(), s.per_token);
+  }
+  TORCH_CHECK_VALUE(splits <= s.max_tokens && splits <= 4096, "kvpack: splits = ", splits,
+                    " must be at most T_max = ", s.max_tokens, " and at most 4096");
+  auto out = at::empty_like(q);
+  const auto f32 = q.options().dtype(at::kFloat);
+  auto partial_out = at::empty({s.batch, s.q_heads, splits, s.head_dim}, f32);
+  auto partial_stats = at::empty({s.batch, s.q_heads, splits, 2}, f32);
+  cuda::DecodeArgs args{q.const_data_ptr(),
+                        k.const_data_ptr<int8_t>(),
+                        v.const_data_ptr<int8_t>(),
+                        ks.const_data_ptr<float>(),
+                        vs.const_data_ptr<float>(),
+                        lengths.has_value() ? lengths->const_data_ptr<int32_t>() : nullptr,
+                        out.mutable_data_ptr(),
+                        partial_out.mutable_data_ptr<float>(),
+                        partial_stats.mutable_data_ptr<float>(),
+                        s.batch,
+                        s.q_heads,
+                        s.kv_heads,
+                        s.max_tokens,
+                        static_cast<int>(s.head_dim),
+                        static_cast<int>(splits),
+                        static_cast<float>(sm_scale),
+                        s.per_token,
+                        q.scalar_type(),
+                        c10::cuda::getCurrentCUDAStream().stream()};
+  cuda::decode_attention(args);
+  return out;
+}
+
+int64_t decode_splits_cuda(const at::Tensor& q, const at::Tensor& k_cache, c10::string_view granularity) {
+  check_cuda(q, "q");
+  TORCH_CHECK_VALUE(q.dim() == 3 && k_cache.dim() == 4, "kvpack: q must be [B, Hq, D] and k_cache [B, Hkv, T_max, D]");
+  const c10::cuda::CUDAGuard guard(q.device());
+  return cuda::decode_splits(q.size(0), q.size(1), k_cache.size(1), k_cache.size(2), static_cast<int>(q.size(2)),
+                             q.scalar_type(), parse_cache_granularity(std::string(granularity)));
+}
+
+void kv_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_scales,
+                    const at::Tensor& v_scales, const at::Tensor& lengths, const at::Tensor& arrivals,
+                    const at::Tensor& saturated, const at::Tensor& k_new, const at::Tensor& v_new,
+                    const c10::optional<at::Tensor>& counts, c10::string_view granularity) {
+  const auto s = check_append(k_cache, v_cache, k_scales, v_scales, lengths, arrivals, saturated, k_new, v_new,
+                              counts, std::string(granularity));
+  check_cuda(k_cache, "k_cache");
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  cuda::AppendArgs args{k_new.const_data_ptr(),
+                        v_new.const_data_ptr(),
+                        counts.has_value() ? counts->const_data_ptr<int32_t>() : nullptr,
+                        k_cache.mutable_data_ptr<int8_t>(),
+                        v_cache.mutable_data_ptr<int8_t>(),
+                        k_scales.mutable_data_ptr<float>(),
+                        v_scales.mutable_data_ptr<float>(),
+                        lengths.mutable_data_ptr<int32_t>(),
+                        arrivals.mutable_data_ptr<int32_t>(),
+                        reinterpret_cast<unsigned long long*>(saturated.mutable_data_ptr<int64_t>()),
+                        s.batch,
+                        s.kv_heads,
+                        k_new.size(2),
+                        s.max_tokens,
+                        static_cast<int>(s.head_dim),
+                        s.per_token,
+                        k_new.scalar_type(),
+                        c10::cuda::getCurrentCUDAStream().stream()};
+  cuda::kv_append(args);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kvpack, CUDA, m) {
+  m.impl("decode_attention", &decode_attention_cuda);
+  m.impl("decode_splits", &decode_splits_cuda);
+  m.impl("kv_append", &kv_append_cuda);
+}
+
+}  // namespace kvpack

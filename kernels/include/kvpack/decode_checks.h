@@ -1,0 +1,100 @@
+// Argument checks of the KV cache ops (decode_attention, kv_append), shared by their CPU
+// (kernels/decode_cpu.cpp) and CUDA (kernels/decode_ops.cpp) implementations. The Python wrappers
+// (kvpack/decode_attention.py, kvpack/cache.py) check first, naming the argument and the fix; these
+// guard direct torch.ops.kvpack calls. Lengths' values are not checked here: on the GPU they live
+// in device memory, and the kernels clamp them to [0, T_max] rather than read outside the cache.
+#pragma once
+
+#include <string>
+
+#include <torch/types.h>
+
+#if defined(__CUDACC__)
+#error "kvpack/decode_checks.h is host code for g++-compiled .cpp files"
+#endif
+
+namespace kvpack {
+namespace {
+
+struct DecodeShape {
+  int64_t batch, q_heads, kv_heads, max_tokens, head_dim;
+  bool per_token;
+};
+
+inline bool parse_cache_granularity(const std::string& g) {
+  TORCH_CHECK_VALUE(g == "token" || g == "channel",
+                    "kvpack: granularity must be 'token' or 'channel', got '", g, "'");
+  return g == "token";
+}
+
+inline void check_cache_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
+                               at::IntArrayRef shape, const at::Tensor& like) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "kvpack: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == shape, "kvpack: ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == like.device(), "kvpack: ", name, " is on ", t.device(), " but q is on ",
+                    like.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), "kvpack: ", name, " must be contiguous");
+}
+
+inline void check_head_dim(int64_t d) {
+  TORCH_CHECK_VALUE(d == 64 || d == 128 || d == 256, "kvpack: head dimension D must be 64, 128 or 256, got ", d);
+}
+
+// q [B, Hq, D] fp16/bf16, caches int8 [B, Hkv, T_max, D], scales fp32 [B, Hkv, T_max] (token) or
+// [B, Hkv, D] (channel), lengths int32 [B] or absent.
+inline DecodeShape check_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& ks, const at::Tensor& vs,
+                                const c10::optional<at::Tensor>& lengths, const std::string& granularity) {
+  const bool per_token = parse_cache_granularity(granularity);
+  TORCH_CHECK_VALUE(q.dim() == 3, "kvpack: q must be [B, Hq, D], got ", q.sizes());
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+                   "kvpack: q must be float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK_VALUE(q.is_contiguous(), "kvpack: q must be contiguous");
+  TORCH_CHECK_VALUE(k.dim() == 4, "kvpack: k_cache must be [B, Hkv, T_max, D], got ", k.sizes());
+  const DecodeShape s{q.size(0), q.size(1), k.size(1), k.size(2), q.size(2), per_token};
+  check_head_dim(s.head_dim);
+  TORCH_CHECK_VALUE(s.kv_heads >= 1 && s.q_heads % s.kv_heads == 0, "kvpack: Hq = ", s.q_heads,
+                    " query heads must be a multiple of Hkv = ", s.kv_heads, " KV heads");
+  TORCH_CHECK_VALUE(s.max_tokens >= 1 && s.max_tokens < (int64_t{1} << 31), "kvpack: T_max = ", s.max_tokens,
+                    " is out of range");
+  check_cache_tensor(k, "k_cache", at::kChar, {s.batch, s.kv_heads, s.max_tokens, s.head_dim}, q);
+  check_cache_tensor(v, "v_cache", at::kChar, {s.batch, s.kv_heads, s.max_tokens, s.head_dim}, q);
+  const int64_t last = per_token ? s.max_tokens : s.head_dim;
+  check_cache_tensor(ks, "k_scales", at::kFloat, {s.batch, s.kv_heads, last}, q);
+  check_cache_tensor(vs, "v_scales", at::kFloat, {s.batch, s.kv_heads, last}, q);
+  if (lengths.has_value()) check_cache_tensor(*lengths, "lengths", at::kInt, {s.batch}, q);
+  return s;
+}
+
+// kv_append: the cache as above (its dtype is the new rows'), k and v [B, Hkv, t_new, D] of one
+// floating dtype, counts int32 [B] or absent, lengths and arrivals int32 [B], saturated int64 [].
+inline DecodeShape check_append(const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
+                                const at::Tensor& vs, const at::Tensor& lengths, const at::Tensor& arrivals,
+                                const at::Tensor& saturated, const at::Tensor& k, const at::Tensor& v,
+                                const c10::optional<at::Tensor>& counts, const std::string& granularity) {
+  const bool per_token = parse_cache_granularity(granularity);
+  TORCH_CHECK_VALUE(kc.dim() == 4, "kvpack: k_cache must be [B, Hkv, T_max, D], got ", kc.sizes());
+  const DecodeShape s{kc.size(0), kc.size(1), kc.size(1), kc.size(2), kc.size(3), per_token};
+  check_head_dim(s.head_dim);
+  TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == s.batch && k.size(1) == s.kv_heads && k.size(3) == s.head_dim,
+                    "kvpack: k must be [B, Hkv, t_new, D] = [", s.batch, ", ", s.kv_heads, ", t_new, ", s.head_dim,
+                    "], got ", k.sizes());
+  TORCH_CHECK_TYPE(k.scalar_type() == at::kFloat || k.scalar_type() == at::kHalf || k.scalar_type() == at::kBFloat16,
+                   "kvpack: k must be float32, float16 or bfloat16, got ", k.scalar_type());
+  TORCH_CHECK_VALUE(k.size(2) >= 1 && k.size(2) < (int64_t{1} << 31), "kvpack: k holds ", k.size(2), " new tokens");
+  check_cache_tensor(k, "k", k.scalar_type(), k.sizes(), kc);
+  check_cache_tensor(v, "v", k.scalar_type(), k.sizes(), kc);
+  check_cache_tensor(kc, "k_cache", at::kChar, {s.batch, s.kv_heads, s.max_tokens, s.head_dim}, kc);
+  check_cache_tensor(vc, "v_cache", at::kChar, {s.batch, s.kv_heads, s.max_tokens, s.head_dim}, kc);
+  const int64_t last = per_token ? s.max_tokens : s.head_dim;
+  check_cache_tensor(ks, "k_scales", at::kFloat, {s.batch, s.kv_heads, last}, kc);
+  check_cache_tensor(vs, "v_scales", at::kFloat, {s.batch, s.kv_heads, last}, kc);
+  check_cache_tensor(lengths, "lengths", at::kInt, {s.batch}, kc);
+  check_cache_tensor(arrivals, "arrivals", at::kInt, {s.batch}, kc);
+  check_cache_tensor(saturated, "saturated", at::kLong, {}, kc);
+  if (counts.has_value()) check_cache_tensor(*counts, "counts", at::kInt, {s.batch}, kc);
+  return s;
+}
+
+}  // namespace
+}  // namespace kvpack

@@ -1,0 +1,81 @@
+// Host launchers of the INT8 KV cache kernels (kernels/decode_attention.cu): fused decode
+// attention over an int8 cache, and the write path that quantizes new tokens into it.
+// kernels/decode_ops.cpp (g++) checks the tensors and calls these with raw pointers.
+//
+// The cache layout (kvpack.KVCache documents it for users):
+//   k, v       int8 [B, Hkv, T_max, D], row-major: one sequence's tokens of one KV head are
+//              contiguous, so a split of the sequence reads one contiguous block of memory
+//   scales     fp32, granularity "token":   [B, Hkv, T_max]  (one scale per token row of K or V)
+//                    granularity "channel": [B, Hkv, D]      (the paper's, fixed by calibration)
+//   lengths    int32 [B], tokens held by each sequence (1 <= lengths[b] <= T_max for attention)
+// The caller guarantees contiguous tensors on the current device, D in {64, 128, 256},
+// Hq a multiple of Hkv, q and out of one dtype (fp16 or bf16), a device guard and the stream.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include <c10/core/ScalarType.h>
+
+namespace kvpack {
+namespace cuda {
+
+struct DecodeArgs {
+  const void* q;             // [B, Hq, D], fp16 or bf16
+  const int8_t* k;           // [B, Hkv, T_max, D]
+  const int8_t* v;           // [B, Hkv, T_max, D]
+  const float* k_scales;     // [B, Hkv, T_max] (token) or [B, Hkv, D] (channel)
+  const float* v_scales;     // likewise
+  const int32_t* lengths;    // [B], or nullptr: every sequence holds T_max tokens
+  void* out;                 // [B, Hq, D], q's dtype
+  float* partial_out;        // workspace [B, Hq, splits, D]
+  float* partial_stats;      // workspace [B, Hq, splits, 2]: (running max, sum) in log2 units
+  int64_t batch;
+  int64_t q_heads;
+  int64_t kv_heads;
+  int64_t max_tokens;        // T_max
+  int head_dim;              // D
+  int splits;                // from decode_splits(); each sequence is cut into this many parts
+  float sm_scale;            // softmax scale (1/sqrt(D) by default, chosen by the caller)
+  bool per_token;            // scale granularity: true "token", false "channel"
+  c10::ScalarType dtype;     // of q and out
+  cudaStream_t stream;
+};
+
+// The number of parts each sequence's tokens are split into (flash-decoding): enough warps to fill
+// the device once, from its multiprocessor count and the kernel's occupancy, never parts shorter
+// than a few tiles. It depends on the shapes alone, never on the lengths' values, so a decode step
+// has the same launch (and workspace) every time: what a CUDA graph needs.
+int decode_splits(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t max_tokens, int head_dim,
+                  c10::ScalarType dtype, bool per_token);
+
+void decode_attention(const DecodeArgs& args);
+
+struct AppendArgs {
+  const void* k;             // new keys   [B, Hkv, t_new, D], dtype
+  const void* v;             // new values [B, Hkv, t_new, D], dtype
+  const int32_t* counts;     // [B]: how many of the t_new rows each sequence appends, or nullptr (all)
+  int8_t* k_cache;           // [B, Hkv, T_max, D]
+  int8_t* v_cache;
+  float* k_scales;           // token: written for the new rows; channel: read (calibrated)
+  float* v_scales;
+  int32_t* lengths;          // [B], read for the write position, then advanced by the kernel
+  int32_t* arrivals;         // [B] zeros: per-sequence block counter (the kernel resets it)
+  unsigned long long* saturated;  // channel: elements clamped to +-127 (or with a zero scale)
+  int64_t batch;
+  int64_t kv_heads;
+  int64_t new_tokens;        // t_new
+  int64_t max_tokens;        // T_max
+  int head_dim;
+  bool per_token;
+  c10::ScalarType dtype;     // of k and v: fp32, fp16 or bf16
+  cudaStream_t stream;
+};
+
+// One launch: quantizes K and V rows on write (per-token scales computed on the fly, per-channel
+// scales read), stores them at lengths[b] + j, and advances lengths[b] by the rows appended.
+void kv_append(const AppendArgs& args);
+
+}  // namespace cuda
+}  // namespace kvpack
