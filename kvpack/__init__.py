@@ -3,8 +3,14 @@
     import kvpack
     q, scales = kvpack.quantize(x, variant="vectorized", granularity="channel")
     x_hat = kvpack.dequantize(q, scales, variant="vectorized", granularity="channel", dtype=x.dtype)
+
+    cache = kvpack.KVCache(batch, kv_heads, head_dim, max_tokens, granularity="token", device="cuda")
+    cache.append(k, v)        # quantized on write into an int8 [B, Hkv, T_max, D] cache
+    out = cache.attend(q)     # fused decode attention over the int8 cache
 """
 
+from .cache import KVCache
+from .decode_attention import decode_attention
 from .ops import (
     CPU_VARIANTS,
     CUDA_VARIANTS,
@@ -25,8 +31,10 @@ __all__ = [
     "CUDA_VARIANTS",
     "GRANULARITIES",
     "VARIANTS",
+    "KVCache",
     "available_variants",
     "compute_scales",
+    "decode_attention",
     "default_variant",
     "dequantize",
     "quantize",

@@ -73,3 +73,98 @@ def dequantize(q, scale, granularity: str = "channel") -> np.ndarray:
     qa = np.asarray(q, dtype=np.float64)
     sb = _broadcast(np.asarray(scale, dtype=np.float64), granularity)
     return (qa * sb).astype(np.float32).astype(np.float64)
+
+
+# --- the INT8 KV cache ----------------------------------------------------------------------------
+
+def _f64(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        import torch
+
+        x = x.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def dequantize_cache(cache, cache_scales, granularity: str = "token") -> np.ndarray:
+    """An int8 cache [B, Hkv, T, D] times its scales ([B, Hkv, T] per token, [B, Hkv, D] per channel), in float64.
+
+    The product of an int8 and an fp32 value is exact in float64: this is the cache's value itself.
+    """
+    c = _f64(cache)
+    s = _f64(cache_scales)
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    return c * (s[..., :, None] if granularity == "token" else s[..., None, :])
+
+
+def attention_decode(q, k, v, lengths=None, sm_scale=None) -> np.ndarray:
+    """Float64 decode attention: softmax(q k^T * sm_scale) v, one query per sequence.
+
+    q [B, Hq, D]; k, v [B, Hkv, T, D] (already real-valued: dequantized, or the unquantized cache);
+    query head h attends with KV head h // (Hq / Hkv); sequence b sees its first lengths[b] tokens.
+    Returns float64 [B, Hq, D].
+    """
+    qa, ka, va = _f64(q), _f64(k), _f64(v)
+    b, hq, d = qa.shape
+    hkv, t = ka.shape[1], ka.shape[2]
+    group = hq // hkv
+    scale = 1.0 / np.sqrt(d) if sm_scale is None else float(sm_scale)
+    lens = np.full(b, t) if lengths is None else np.asarray(_f64(lengths), dtype=np.int64)
+    out = np.empty((b, hq, d))
+    for i in range(b):
+        n = int(lens[i])
+        for h in range(hq):
+            kh, vh = ka[i, h // group, :n], va[i, h // group, :n]
+            s = kh @ qa[i, h] * scale
+            p = np.exp(s - s.max())
+            out[i, h] = (p / p.sum()) @ vh
+    return out
+
+
+def decode_attention(q, k_cache, v_cache, k_scales, v_scales, lengths=None, granularity: str = "token",
+                     sm_scale=None) -> np.ndarray:
+    """The function kvpack.decode_attention computes, in float64: attention over the dequantized int8 cache."""
+    return attention_decode(
+        q,
+        dequantize_cache(k_cache, k_scales, granularity),
+        dequantize_cache(v_cache, v_scales, granularity),
+        lengths,
+        sm_scale,
+    )
+
+
+def decode_error_bound(q, k, v, lengths=None, sm_scale=None, *, score_rel: float, weight_rel: float,
+                       k_err=None, v_err: float = 0.0, out_rel: float = 0.0) -> np.ndarray:
+    """A closed-form bound on |out - attention_decode(q, k, v)| per output element, [B, Hq, D].
+
+    Sources of error, each stated as what the computation may perturb:
+      score_rel   each product q_d k_td may be off by this relative amount (the query's rounding:
+                  2^-11 for fp16, as the fused kernel stores q' in fp16), so a score moves by at most
+                  delta_t = score_rel * sm_scale * sum_d |q_d k_td|;
+      k_err       [B, Hkv, T] or None: |K error| per element of token t (a quantized cache: half its
+                  scale), moving the score by sm_scale * k_err_t * sum_d |q_d| more;
+      weight_rel  each softmax weight's own rounding in the weighted sum (2^-11: P' in fp16);
+      v_err       |V error| per element (a quantized cache: half the largest V scale);
+      out_rel     the output's own rounding (2^-11 fp16, 2^-8 bf16, relative to |out|).
+    Softmax weights w_t = e^{s_t} / sum e^{s}: scores each moved by at most Delta change every weight
+    by at most w_t (e^{2 Delta} - 1), so the output, a convex combination of V rows, moves by at most
+    (e^{2 Delta} - 1) max_t |v_t|; weight rounding adds weight_rel * max|v|; V errors add v_err.
+    """
+    qa, ka, va = _f64(q), _f64(k), _f64(v)
+    b, hq, d = qa.shape
+    hkv, t = ka.shape[1], ka.shape[2]
+    group = hq // hkv
+    scale = 1.0 / np.sqrt(d) if sm_scale is None else float(sm_scale)
+    lens = np.full(b, t) if lengths is None else np.asarray(_f64(lengths), dtype=np.int64)
+    ref = attention_decode(qa, ka, va, lens, scale)
+    bound = np.empty((b, hq, d))
+    for i in range(b):
+        n = int(lens[i])
+        for h in range(hq):
+            kh, vh = ka[i, h // group, :n], va[i, h // group, :n]
+            delta = score_rel * scale * (np.abs(kh) @ np.abs(qa[i, h]))
+            if k_err is not None:
+                delta = delta + scale * _f64(k_err)[i, h // group, :n] * np.abs(qa[i, h]).sum()
+            vmax = np.abs(vh).max(axis=0)
+            bound[i, h] = np.expm1(2 * delta.max()) * vmax + weight_rel * vmax + v_err
+    return bound + out_rel * np.abs(ref)

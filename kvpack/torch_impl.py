@@ -18,11 +18,16 @@ def _bcast(scales: torch.Tensor, granularity: str) -> torch.Tensor:
     return scales.unsqueeze(0) if granularity == "channel" else scales.unsqueeze(1)
 
 
-def scales_torch(x: torch.Tensor, granularity: str = "channel") -> torch.Tensor:
-    absmax = torch.amax(torch.abs(x.float()), dim=_dim(granularity))
+def scale_from_absmax(absmax: torch.Tensor) -> torch.Tensor:
+    """fp32 absmax / 127, the IEEE quotient (quant_math.h's scale_from_absmax)."""
+    absmax = absmax.float()
     # Divide by a tensor, not a Python number: on CUDA, torch turns division by a scalar into
     # multiplication by its reciprocal, which is not the IEEE quotient the kernels compute.
     return absmax / torch.full_like(absmax, QMAX)
+
+
+def scales_torch(x: torch.Tensor, granularity: str = "channel") -> torch.Tensor:
+    return scale_from_absmax(torch.amax(torch.abs(x.float()), dim=_dim(granularity)))
 
 
 def quantize_torch(x: torch.Tensor, scales: torch.Tensor, granularity: str = "channel") -> torch.Tensor:

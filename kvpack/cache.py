@@ -1,0 +1,204 @@
+"""``kvpack.KVCache``: an INT8 KV cache that quantizes on write and attends with the fused kernel.
+
+    cache = kvpack.KVCache(batch, kv_heads, head_dim, max_tokens, granularity="token", device="cuda")
+    cache.append(k, v)            # k, v [B, Hkv, t_new, D]: quantized into the int8 cache, one launch
+    out = cache.attend(q)         # q [B, Hq, D] -> [B, Hq, D], fused decode attention over int8
+
+Layout (what ``kvpack.decode_attention`` reads): ``k_cache``/``v_cache`` int8 ``[B, Hkv, T_max, D]``;
+``k_scales``/``v_scales`` fp32 ``[B, Hkv, T_max]`` (token) or ``[B, Hkv, D]`` (channel); lengths int32 ``[B]``.
+
+Granularity:
+
+* ``"token"``: each new row of K and V gets its own scale absmax / 127, computed on the fly by the
+  write kernel (bit-exact with ``kvpack.reference``). Nothing saturates.
+* ``"channel"`` (the paper's): the first ``append`` (the prefill) calibrates a scale per (sequence,
+  KV head, channel) from the rows it appends; later rows are quantized with those scales, values
+  beyond them saturate at +-127, and ``saturated`` counts them (a device tensor: reading it syncs).
+
+Ragged appends: ``append(k, v, counts=[...])`` appends the first ``counts[b]`` of the ``t_new`` rows
+of sequence b (0 appends nothing to it); ``counts`` is host data (a list or a CPU tensor), since the
+cache checks ``max_tokens`` on the host, from its own copy of the lengths, without a device sync.
+An append that would take any sequence past ``max_tokens`` raises ValueError and writes nothing.
+
+Host synchronisation: none in ``append`` (token granularity, or channel after calibration) and none
+in ``attend``; both only queue kernels, so a decode step can be captured in a CUDA graph (replaying
+it appends at the device-side lengths and advances them; the host copy of the lengths is the
+caller's to keep in step, or call ``sync_lengths()``). Calibration (the first channel append) reads
+the scales once, to refuse non-finite input.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .decode_attention import HEAD_DIMS, _ensure_loaded, _tensor, check_granularity, check_head_dim, decode_attention
+from .torch_impl import scale_from_absmax
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _positive_int(x, name: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+        raise ValueError(f"{name} must be a positive int, got {x!r}")
+    return x
+
+
+class KVCache:
+    """Preallocated INT8 K and V for ``batch`` sequences of up to ``max_tokens`` tokens each."""
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, max_tokens: int, *, granularity: str = "token",
+                 device="cuda", dtype=torch.float16):
+        self.batch = _positive_int(batch, "batch")
+        self.kv_heads = _positive_int(kv_heads, "kv_heads")
+        self.head_dim = _positive_int(head_dim, "head_dim")
+        self.max_tokens = _positive_int(max_tokens, "max_tokens")
+        check_head_dim(head_dim, "head_dim")
+        check_granularity(granularity)
+        if max_tokens >= 2**31:
+            raise ValueError(f"max_tokens = {max_tokens} does not fit the int32 lengths; use fewer than 2^31")
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"dtype (of the queries and outputs) must be torch.float16 or torch.bfloat16, got {dtype}")
+        self.granularity = granularity
+        self.dtype = dtype
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        shape = (batch, kv_heads, max_tokens, head_dim)
+        scale_shape = (batch, kv_heads, max_tokens) if granularity == "token" else (batch, kv_heads, head_dim)
+        # Zeros, not empty: slots past a sequence's length are never used, but a sanitizer (and a
+        # reader of the buffers) should find defined memory there.
+        self.k_cache = torch.zeros(shape, dtype=torch.int8, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=torch.int8, device=self.device)
+        self.k_scales = torch.zeros(scale_shape, dtype=torch.float32, device=self.device)
+        self.v_scales = torch.zeros(scale_shape, dtype=torch.float32, device=self.device)
+        self.saturated = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self._arrivals = torch.zeros(batch, dtype=torch.int32, device=self.device)  # the write kernel's counter
+        self._host_lengths = [0] * batch
+        self.calibrated = granularity == "token"
+
+    # --- state ------------------------------------------------------------------------------------
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Tokens held per sequence, int32 ``[B]`` on the CPU (the host's copy: no device sync)."""
+        return torch.tensor(self._host_lengths, dtype=torch.int32)
+
+    @property
+    def device_lengths(self) -> torch.Tensor:
+        """The lengths the kernels read and the write kernel advances (int32 ``[B]`` on the cache's device)."""
+        return self._lengths
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the cache's buffers: int8 K and V and their fp32 scales (the lengths not counted)."""
+        return sum(t.numel() * t.element_size() for t in (self.k_cache, self.v_cache, self.k_scales, self.v_scales))
+
+    def sync_lengths(self) -> torch.Tensor:
+        """Copy the device lengths to the host copy (one sync), e.g. after replaying a captured append."""
+        self._host_lengths = [int(x) for x in self._lengths.tolist()]
+        return self.lengths
+
+    def reset(self) -> None:
+        """Forget every sequence (lengths to 0; channel granularity calibrates again on the next append)."""
+        self._lengths.zero_()
+        self._host_lengths = [0] * self.batch
+        self.saturated.zero_()
+        self.calibrated = self.granularity == "token"
+
+    def __repr__(self) -> str:
+        return (f"KVCache(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
+                f"max_tokens={self.max_tokens}, granularity={self.granularity!r}, device={str(self.device)!r}, "
+                f"lengths={self._host_lengths}, nbytes={self.nbytes})")
+
+    # --- write --------------------------------------------------------------------------------------
+
+    def _check_rows(self, k, v) -> int:
+        for name, x in (("k", k), ("v", v)):
+            _tensor(x, name, 4, "[B, Hkv, t_new, D]")
+            if x.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+            if x.device != self.device:
+                raise ValueError(f"{name} is on {x.device} but the cache is on {self.device}; move it with .to()")
+            b, h, t, d = x.shape
+            if (b, h, d) != (self.batch, self.kv_heads, self.head_dim) or t < 1:
+                raise ValueError(
+                    f"{name} must have shape [B, Hkv, t_new, D] = [{self.batch}, {self.kv_heads}, t_new >= 1, "
+                    f"{self.head_dim}], got {tuple(x.shape)}"
+                )
+        if k.shape != v.shape or k.dtype != v.dtype:
+            raise ValueError(f"k {tuple(k.shape)} {k.dtype} and v {tuple(v.shape)} {v.dtype} must match in shape and dtype")
+        return k.shape[2]
+
+    def _check_counts(self, counts, t_new: int) -> list[int]:
+        if counts is None:
+            return [t_new] * self.batch
+        if isinstance(counts, torch.Tensor):
+            if counts.device.type != "cpu":
+                raise ValueError("counts must be host data (a list or a CPU tensor): the cache checks max_tokens "
+                                 "on the host without a device sync")
+            counts = counts.tolist()
+        counts = list(counts)
+        if len(counts) != self.batch or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+            raise ValueError(f"counts must hold {self.batch} ints (one per sequence), got {counts!r}")
+        for b, c in enumerate(counts):
+            if not 0 <= c <= t_new:
+                raise ValueError(f"counts[{b}] = {c} must be in [0, t_new = {t_new}]")
+        return counts
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, counts=None) -> None:
+        """Quantize the new rows of K and V into the cache and advance the lengths (one launch on CUDA).
+
+        ``counts`` (optional, host ints): sequence b appends its first ``counts[b]`` rows.
+        Raises ValueError, having written nothing, when a sequence would pass ``max_tokens``.
+        """
+        t_new = self._check_rows(k, v)
+        n = self._check_counts(counts, t_new)
+        for b in range(self.batch):
+            if self._host_lengths[b] + n[b] > self.max_tokens:
+                raise ValueError(
+                    f"sequence {b} holds {self._host_lengths[b]} tokens; appending {n[b]} would pass "
+                    f"max_tokens = {self.max_tokens}. Nothing was written; make a larger cache or start a new one"
+                )
+        k, v = k.contiguous(), v.contiguous()
+        if not self.calibrated:
+            self._calibrate(k, v, n)
+        counts_t = None
+        if counts is not None:
+            counts_t = torch.tensor(n, dtype=torch.int32).to(self.device, non_blocking=True)
+        _ensure_loaded()
+        torch.ops.kvpack.kv_append.default(
+            self.k_cache, self.v_cache, self.k_scales, self.v_scales, self._lengths, self._arrivals,
+            self.saturated, k, v, counts_t, self.granularity,
+        )
+        self._host_lengths = [length + c for length, c in zip(self._host_lengths, n)]
+
+    def _calibrate(self, k: torch.Tensor, v: torch.Tensor, n: list[int]) -> None:
+        """Per-channel scales from the rows this (first) append writes: absmax over them / 127."""
+        t_new = k.shape[2]
+        valid = (torch.arange(t_new, device=self.device)[None, :]
+                 < torch.tensor(n, device=self.device)[:, None])[:, None, :, None]  # [B, 1, t_new, 1]
+        for x, scales in ((k, self.k_scales), (v, self.v_scales)):
+            absmax = torch.where(valid, x.float().abs(), 0.0).amax(dim=2)  # NaN propagates through amax
+            scales.copy_(scale_from_absmax(absmax))
+        if not bool(torch.isfinite(self.k_scales).all() & torch.isfinite(self.v_scales).all()):
+            self.k_scales.zero_()
+            self.v_scales.zero_()
+            raise ValueError("k or v holds non-finite values (inf or NaN); per-channel scales would be undefined. "
+                             "Nothing was written")
+        self.calibrated = True
+
+    # --- read ---------------------------------------------------------------------------------------
+
+    def attend(self, q: torch.Tensor, *, sm_scale: float | None = None, splits: int = 0) -> torch.Tensor:
+        """Fused decode attention of q ``[B, Hq, D]`` (Hq a multiple of Hkv) over the cache: ``[B, Hq, D]``."""
+        empty = [b for b, length in enumerate(self._host_lengths) if length == 0]
+        if empty:
+            raise ValueError(f"sequence {empty[0]} holds no tokens; append its prefill before attending")
+        if isinstance(q, torch.Tensor) and q.dtype != self.dtype:
+            raise TypeError(f"q is {q.dtype} but the cache was made for {self.dtype}")
+        return decode_attention(q, self.k_cache, self.v_cache, self.k_scales, self.v_scales, self._lengths,
+                                granularity=self.granularity, sm_scale=sm_scale, check_lengths=False, splits=splits)
+
+
+__all__ = ["HEAD_DIMS", "KVCache"]

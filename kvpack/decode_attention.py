@@ -1,0 +1,194 @@
+"""Fused decode attention over an INT8 KV cache: the Python face of ``torch.ops.kvpack.decode_attention``.
+
+One query token per sequence attends over its int8 cache. On CUDA the kernel
+(``kernels/decode_attention.cu``) reads int8 K and V and their scales once, straight into
+registers, and never writes a dequantized copy; the CPU implementation is torch ops over the
+dequantized cache (correct, not fast).
+
+The cache layout (``kvpack.KVCache`` builds it):
+
+* ``k_cache``, ``v_cache``: int8 ``[B, Hkv, T_max, D]``, contiguous (each sequence's tokens of one
+  KV head are one contiguous block), D in {64, 128, 256};
+* ``k_scales``, ``v_scales``: fp32, ``[B, Hkv, T_max]`` for ``granularity="token"`` (a scale per
+  token row) or ``[B, Hkv, D]`` for ``granularity="channel"`` (the paper's per-channel scales);
+* ``lengths``: int32 ``[B]``, tokens held per sequence (1 <= lengths[b] <= T_max), or None (all T_max).
+
+Grouped-query attention: Hq must be a multiple of Hkv; query head h reads KV head h // (Hq / Hkv).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+GRANULARITIES = ("token", "channel")
+HEAD_DIMS = (64, 128, 256)
+QUERY_DTYPES = (torch.float16, torch.bfloat16)
+
+_fakes_registered = False
+
+
+def _ensure_loaded() -> None:
+    global _fakes_registered
+    from . import ops
+
+    ops._ensure_loaded()
+    if _fakes_registered:
+        return
+
+    @torch.library.register_fake("kvpack::decode_attention")
+    def _(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits):
+        return torch.empty_like(q)
+
+    @torch.library.register_fake("kvpack::kv_append")
+    def _(k_cache, v_cache, k_scales, v_scales, lengths, arrivals, saturated, k, v, counts, granularity):
+        return None
+
+    _fakes_registered = True
+
+
+# --- checks ---------------------------------------------------------------------------------------
+
+def _tensor(x, name: str, ndim: int, what: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be a {ndim}-D tensor {what}, got shape {tuple(x.shape)}")
+    return x
+
+
+def _same_device(x: torch.Tensor, name: str, device: torch.device) -> None:
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but q is on {device}; move it with .to({str(device)!r})")
+
+
+def _contiguous(x: torch.Tensor, name: str) -> None:
+    if not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (the kernel reads it row-major); pass {name}.contiguous()")
+
+
+def check_granularity(granularity: str) -> None:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
+def check_head_dim(d: int, name: str = "D") -> None:
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dimension {name} = {d} is not supported; the kernels take D in {HEAD_DIMS}")
+
+
+def check_decode_inputs(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity: str) -> tuple[int, int, int, int, int]:
+    """Shapes, dtypes, devices and layouts of a decode_attention call; returns (B, Hq, Hkv, T_max, D)."""
+    check_granularity(granularity)
+    q = _tensor(q, "q", 3, "[B, Hq, D] (one query token per sequence)")
+    if q.dtype not in QUERY_DTYPES:
+        raise TypeError(f"q must be float16 or bfloat16, got {q.dtype}; convert it with q.half() or q.bfloat16()")
+    b, hq, d = q.shape
+    check_head_dim(d, "D (q.shape[2])")
+    dev = q.device
+    _contiguous(q, "q")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _tensor(c, name, 4, "[B, Hkv, T_max, D] int8")
+        if c.dtype != torch.int8:
+            raise TypeError(f"{name} must be int8 (quantize it with kvpack.KVCache.append), got {c.dtype}")
+        _same_device(c, name, dev)
+        _contiguous(c, name)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must have one shape")
+    cb, hkv, t_max, cd = k_cache.shape
+    if cb != b:
+        raise ValueError(f"q holds B = {b} sequences but k_cache holds {cb}")
+    if cd != d:
+        raise ValueError(f"q has head dimension D = {d} but k_cache has {cd}")
+    if hkv < 1 or hq % hkv:
+        raise ValueError(f"Hq = {hq} query heads must be a multiple of Hkv = {hkv} KV heads (grouped-query attention)")
+    if t_max < 1:
+        raise ValueError("the cache holds no token slots (T_max = 0)")
+    last = t_max if granularity == "token" else d
+    kind = "[B, Hkv, T_max] (a scale per token)" if granularity == "token" else "[B, Hkv, D] (a scale per channel)"
+    for name, s in (("k_scales", k_scales), ("v_scales", v_scales)):
+        _tensor(s, name, 3, kind)
+        if s.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {s.dtype}")
+        if tuple(s.shape) != (b, hkv, last):
+            raise ValueError(
+                f"{name} must have shape {(b, hkv, last)} for granularity={granularity!r} {kind}, got {tuple(s.shape)}"
+            )
+        _same_device(s, name, dev)
+        _contiguous(s, name)
+    if lengths is not None:
+        _tensor(lengths, "lengths", 1, "[B] int32")
+        if lengths.dtype != torch.int32:
+            raise TypeError(f"lengths must be int32, got {lengths.dtype}; pass lengths.int()")
+        if lengths.shape[0] != b:
+            raise ValueError(f"lengths must have one entry per sequence ({b}), got {lengths.shape[0]}")
+        _same_device(lengths, "lengths", dev)
+        _contiguous(lengths, "lengths")
+    return b, hq, hkv, t_max, d
+
+
+def check_length_values(lengths: torch.Tensor, t_max: int) -> None:
+    """1 <= lengths[b] <= T_max. Reads the values: one host synchronisation for a CUDA tensor."""
+    lo, hi = (int(v) for v in torch.aminmax(lengths))
+    if lo < 1 or hi > t_max:
+        bad = int(((lengths < 1) | (lengths > t_max)).nonzero()[0, 0])
+        raise ValueError(
+            f"lengths[{bad}] = {int(lengths[bad])} is outside [1, T_max = {t_max}]: every sequence must hold at "
+            "least one token and no more than the cache's T_max"
+        )
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+# --- public API -----------------------------------------------------------------------------------
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scales: torch.Tensor,
+    v_scales: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    *,
+    granularity: str = "token",
+    sm_scale: float | None = None,
+    check_lengths: bool = True,
+    splits: int = 0,
+) -> torch.Tensor:
+    """softmax(q K^T * sm_scale) V over the int8 cache, one query token per sequence: ``[B, Hq, D]`` in q's dtype.
+
+    ``sm_scale`` defaults to 1/sqrt(D). ``lengths`` (int32 ``[B]``) gives each sequence's token
+    count; positions past it are never read into the result.
+
+    Host synchronisation: with ``check_lengths=True`` (the default) the lengths' values are checked
+    (1 <= lengths[b] <= T_max), which for a CUDA tensor costs one host synchronisation; while a CUDA
+    graph is being captured the check is skipped. ``check_lengths=False`` (what ``KVCache.attend``
+    passes: it knows its lengths) makes the call fully asynchronous: no synchronisation, no
+    allocation that depends on data, so it can be captured in a CUDA graph; out-of-range values are
+    then clamped to [0, T_max] by the kernel rather than read outside the cache.
+
+    ``splits`` (CUDA) overrides how many parts each sequence is cut into; 0 plans it from the device
+    (its multiprocessor count and the kernel's occupancy) and the shapes.
+    """
+    _b, _hq, _hkv, t_max, d = check_decode_inputs(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity)
+    if lengths is not None and check_lengths and not _capturing(q.device):
+        check_length_values(lengths, t_max)
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(d)
+    if not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale) and sm_scale > 0):
+        raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale!r}")
+    if not isinstance(splits, int) or splits < 0:
+        raise ValueError(f"splits must be a non-negative int (0: planned), got {splits!r}")
+    _ensure_loaded()
+    return torch.ops.kvpack.decode_attention.default(
+        q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, float(sm_scale), splits
+    )
+
+
+def decode_splits(q: torch.Tensor, k_cache: torch.Tensor, granularity: str = "token") -> int:
+    """How many parts a CUDA decode step cuts each sequence into (planned from the device and the shapes)."""
+    _ensure_loaded()
+    return int(torch.ops.kvpack.decode_splits.default(q, k_cache, granularity))

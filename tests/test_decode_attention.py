@@ -1,0 +1,419 @@
+"""The INT8 KV cache: kvpack.KVCache (quantize on write) and kvpack.decode_attention (fused decode
+attention over int8), against the float64 reference (kvpack.reference) and the paper's arithmetic.
+
+CPU tests run everywhere (CI): the API's shapes, errors and ragged lengths, the CPU implementation
+against float64 attention over the dequantized cache, append round trips bit for bit, opcheck.
+GPU tests (marker gpu) check the fused CUDA kernel against the same float64 reference within the
+error bound reference.decode_error_bound derives, against fp16 SDPA on the unquantized cache within
+the quantization budget, the CUDA write path bit for bit against the CPU one, and a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import kvpack
+from kvpack import reference as ref
+
+FP16_REL = 2.0**-11  # half an ulp of fp16, relative
+BF16_REL = 2.0**-8
+OUT_REL = {torch.float16: FP16_REL, torch.bfloat16: BF16_REL}
+
+
+def make_kv(b, hkv, t, d, dtype, seed, device="cpu", outliers=False):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, hkv, t, d, generator=g)
+    v = torch.randn(b, hkv, t, d, generator=g)
+    if outliers:  # a few large channels, as real keys have
+        k[..., :: max(1, d // 8)] *= 8.0
+    return k.to(dtype).to(device), v.to(dtype).to(device)
+
+
+def make_q(b, hq, d, dtype, seed, device="cpu"):
+    g = torch.Generator().manual_seed(seed + 1000)
+    return torch.randn(b, hq, d, generator=g).to(dtype).to(device)
+
+
+def filled_cache(b, hkv, d, t_max, lengths, granularity, dtype, seed, device="cpu", outliers=False):
+    cache = kvpack.KVCache(b, hkv, d, t_max, granularity=granularity, device=device, dtype=dtype)
+    k, v = make_kv(b, hkv, max(lengths), d, dtype, seed, device, outliers)
+    cache.append(k, v, counts=list(lengths))
+    return cache, k, v
+
+
+def kernel_bound(q, cache, dtype, extra_rel=0.0):
+    """What the fused kernel may differ from float64 attention over the same int8 cache (module doc)."""
+    kd = ref.dequantize_cache(cache.k_cache, cache.k_scales, cache.granularity)
+    vd = ref.dequantize_cache(cache.v_cache, cache.v_scales, cache.granularity)
+    t_max = cache.max_tokens
+    return ref.decode_error_bound(
+        q, kd, vd, cache.lengths,
+        score_rel=FP16_REL + 2.0**-16,           # q' in fp16; fp32 accumulation
+        weight_rel=FP16_REL + t_max * 2.0**-25 + extra_rel,  # P' in fp16, its subnormal tail
+        out_rel=OUT_REL[dtype],
+    )
+
+
+# --- CPU: the API ---------------------------------------------------------------------------------
+
+CPU_CASES = [
+    # b, hkv, group, d, t_max, lengths, granularity, dtype
+    (1, 2, 1, 64, 40, (40,), "token", torch.float16),
+    (2, 2, 4, 64, 37, (37, 5), "token", torch.bfloat16),
+    (3, 1, 8, 128, 20, (1, 20, 13), "channel", torch.float16),
+    (2, 4, 2, 256, 33, (17, 33), "channel", torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("b,hkv,group,d,t_max,lengths,granularity,dtype", CPU_CASES)
+def test_cpu_decode_attention_matches_float64_reference(b, hkv, group, d, t_max, lengths, granularity, dtype):
+    cache, _, _ = filled_cache(b, hkv, d, t_max, lengths, granularity, dtype, seed=b * 7 + d)
+    q = make_q(b, hkv * group, d, dtype, seed=d)
+    out = cache.attend(q)
+    assert out.shape == q.shape and out.dtype == dtype
+    want = ref.decode_attention(q, cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales, cache.lengths,
+                                granularity)
+    # fp32 torch ops over the dequantized cache, then one rounding to q's dtype.
+    tol = OUT_REL[dtype] * np.abs(want) + 1e-5 * np.abs(want).max() + 1e-6
+    err = np.abs(out.double().numpy() - want)
+    assert (err <= tol).all(), float((err - tol).max())
+
+
+def test_lengths_hide_the_tail():
+    """Tokens past a sequence's length never reach its output, whatever the cache holds there."""
+    cache, _, _ = filled_cache(2, 2, 64, 32, (32, 32), "token", torch.float16, seed=3)
+    q = make_q(2, 4, 64, torch.float16, seed=3)
+    short = torch.tensor([10, 32], dtype=torch.int32)
+    a = kvpack.decode_attention(q, cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales, short)
+    cache.k_cache[0, :, 10:] = 127  # scribble past sequence 0's length
+    cache.v_cache[0, :, 10:] = -127
+    b = kvpack.decode_attention(q, cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales, short)
+    assert torch.equal(a, b)
+    want = ref.decode_attention(q, cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales, short)
+    assert np.abs(b.double().numpy() - want).max() < 1e-2
+
+
+def test_default_sm_scale_and_lengths():
+    cache, _, _ = filled_cache(1, 1, 128, 16, (16,), "token", torch.float16, seed=5)
+    q = make_q(1, 4, 128, torch.float16, seed=5)
+    a = kvpack.decode_attention(q, cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales)
+    b = kvpack.decode_attention(q, cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales,
+                                torch.tensor([16], dtype=torch.int32), sm_scale=1 / math.sqrt(128))
+    assert torch.equal(a, b)
+    c = kvpack.decode_attention(q, cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales, sm_scale=0.5)
+    want = ref.decode_attention(q, cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales, sm_scale=0.5)
+    assert np.abs(c.double().numpy() - want).max() < 4e-3
+
+
+# --- CPU: the write path --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_token_append_is_the_reference_quantizer_row_by_row(dtype):
+    b, hkv, d = 2, 3, 64
+    cache = kvpack.KVCache(b, hkv, d, 50, device="cpu")
+    k1, v1 = make_kv(b, hkv, 20, d, dtype, seed=11)
+    k2, v2 = make_kv(b, hkv, 7, d, dtype, seed=12)
+    cache.append(k1, v1, counts=[20, 9])
+    cache.append(k2, v2)  # every sequence appends all 7
+    assert cache.lengths.tolist() == [27, 16]
+    assert cache.device_lengths.tolist() == [27, 16]
+    for i, rows in enumerate(([(k1, v1, 20), (k2, v2, 7)], [(k1, v1, 9), (k2, v2, 7)])):
+        for which, cache_q, cache_s in ((0, cache.k_cache, cache.k_scales), (1, cache.v_cache, cache.v_scales)):
+            x = torch.cat([kv[which][i, :, :n] for *kv, n in rows], dim=1)  # [Hkv, n_total, D]
+            for h in range(hkv):
+                q_ref, s_ref = ref.quantize(x[h], granularity="token")
+                n_total = x.shape[1]
+                np.testing.assert_array_equal(cache_q[i, h, :n_total].numpy(), q_ref)
+                np.testing.assert_array_equal(cache_s[i, h, :n_total].double().numpy(), s_ref)
+                assert not cache_q[i, h, n_total:].any()  # nothing written past the length
+
+
+def test_channel_append_calibrates_on_the_prefill_and_counts_saturation():
+    b, hkv, d = 2, 2, 64
+    cache = kvpack.KVCache(b, hkv, d, 40, granularity="channel", device="cpu", dtype=torch.float16)
+    k, v = make_kv(b, hkv, 16, d, torch.float32, seed=21)
+    cache.append(k, v)
+    for i in range(b):
+        for h in range(hkv):
+            np.testing.assert_array_equal(cache.k_scales[i, h].double().numpy(), ref.scales(k[i, h], "channel"))
+            q_ref, _ = ref.quantize(v[i, h], ref.scales(v[i, h], "channel"), "channel")
+            np.testing.assert_array_equal(cache.v_cache[i, h, :16].numpy(), q_ref)
+    assert int(cache.saturated) == 0  # the prefill is within its own scales
+    # A decode step with some values past the calibration: they saturate at +-127 and are counted.
+    k2, v2 = make_kv(b, hkv, 1, d, torch.float32, seed=22)
+    k2 = k2 * 3.0
+    cache.append(k2, v2)
+    predicted = 0
+    for x, s in ((k2, cache.k_scales), (v2, cache.v_scales)):
+        quot = (x[:, :, 0].double().numpy() / s.double().numpy()).astype(np.float32)  # the IEEE fp32 quotient
+        predicted += int((np.abs(quot) >= 127.5).sum())
+    assert predicted > 0
+    assert int(cache.saturated) == predicted
+    assert cache.k_cache[:, :, 16].abs().max() == 127
+
+
+def test_append_past_max_tokens_raises_and_writes_nothing():
+    cache, _, _ = filled_cache(2, 1, 64, 10, (8, 3), "token", torch.float16, seed=31)
+    before = [t.clone() for t in (cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales, cache.device_lengths)]
+    k, v = make_kv(2, 1, 3, 64, torch.float16, seed=32)
+    with pytest.raises(ValueError, match=r"sequence 0 holds 8 tokens; appending 3 would pass max_tokens = 10"):
+        cache.append(k, v)
+    after = (cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales, cache.device_lengths)
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    assert cache.lengths.tolist() == [8, 3]
+    cache.append(k, v, counts=[2, 3])  # fits exactly
+    assert cache.lengths.tolist() == [10, 6]
+
+
+def test_nbytes_is_the_int8_cache_and_its_scales():
+    cache = kvpack.KVCache(2, 8, 128, 1000, device="cpu")
+    assert cache.nbytes == 2 * (2 * 8 * 1000 * 128) + 2 * (2 * 8 * 1000 * 4)
+    ch = kvpack.KVCache(2, 8, 128, 1000, granularity="channel", device="cpu")
+    assert ch.nbytes == 2 * (2 * 8 * 1000 * 128) + 2 * (2 * 8 * 128 * 4)
+
+
+# --- CPU: bad input -------------------------------------------------------------------------------
+
+def _good(b=2, hkv=2, group=2, d=64, t=8):
+    cache, _, _ = filled_cache(b, hkv, d, t, (t,) * b, "token", torch.float16, seed=41)
+    q = make_q(b, hkv * group, d, torch.float16, seed=41)
+    return {"q": q, "k_cache": cache.k_cache, "v_cache": cache.v_cache, "k_scales": cache.k_scales,
+            "v_scales": cache.v_scales, "lengths": cache.device_lengths.clone()}
+
+
+BAD = [
+    ("q", lambda a: a["q"].float(), TypeError, "q must be float16 or bfloat16"),
+    ("q", lambda a: a["q"][0], ValueError, r"q must be a 3-D tensor \[B, Hq, D\]"),
+    ("q", lambda a: a["q"].transpose(1, 2).contiguous().transpose(1, 2), ValueError, "q must be contiguous"),
+    ("q", lambda a: a["q"][:, :3].contiguous(), ValueError, "Hq = 3 query heads must be a multiple of Hkv = 2"),
+    ("q", lambda a: a["q"][:1], ValueError, "q holds B = 1 sequences but k_cache holds 2"),
+    ("k_cache", lambda a: a["k_cache"].float(), TypeError, "k_cache must be int8"),
+    ("k_cache", lambda a: a["k_cache"].transpose(2, 3), ValueError, "must have one shape|k_cache must be contiguous"),
+    ("v_cache", lambda a: a["v_cache"][:, :, :4].contiguous(), ValueError, "must have one shape"),
+    ("k_scales", lambda a: a["k_scales"].double(), TypeError, "k_scales must be float32"),
+    ("v_scales", lambda a: a["v_scales"][:, :, :3], ValueError, r"v_scales must have shape \(2, 2, 8\)"),
+    ("lengths", lambda a: a["lengths"].long(), TypeError, "lengths must be int32"),
+    ("lengths", lambda a: a["lengths"][:1], ValueError, "lengths must have one entry per sequence"),
+    ("lengths", lambda a: torch.tensor([9, 1], dtype=torch.int32), ValueError, r"lengths\[0\] = 9 is outside \[1, T_max = 8\]"),
+    ("lengths", lambda a: torch.tensor([3, 0], dtype=torch.int32), ValueError, r"lengths\[1\] = 0 is outside"),
+    ("q", lambda a: a["q"][..., :32].contiguous(), ValueError, "head dimension D"),
+]
+
+
+@pytest.mark.parametrize("name,bad,exc,match", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_decode_attention_bad_input(name, bad, exc, match):
+    args = _good()
+    args[name] = bad(args)
+    lengths = args.pop("lengths")
+    with pytest.raises(exc, match=match):
+        kvpack.decode_attention(*args.values(), lengths)
+
+
+def test_decode_attention_other_errors():
+    args = _good()
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        kvpack.decode_attention(**args, granularity="tensor")
+    with pytest.raises(ValueError, match=r"k_scales must have shape \(2, 2, 64\) for granularity='channel'"):
+        kvpack.decode_attention(**args, granularity="channel")
+    with pytest.raises(ValueError, match="sm_scale must be a positive finite number"):
+        kvpack.decode_attention(**args, sm_scale=float("nan"))
+    with pytest.raises(TypeError, match="k_cache must be a torch.Tensor"):
+        kvpack.decode_attention(args["q"], None, args["v_cache"], args["k_scales"], args["v_scales"])
+
+
+def test_kvcache_bad_input():
+    with pytest.raises(ValueError, match="head_dim = 96 is not supported"):
+        kvpack.KVCache(1, 1, 96, 8, device="cpu")
+    with pytest.raises(ValueError, match="max_tokens must be a positive int"):
+        kvpack.KVCache(1, 1, 64, 0, device="cpu")
+    with pytest.raises(TypeError, match="dtype .* must be torch.float16 or torch.bfloat16"):
+        kvpack.KVCache(1, 1, 64, 8, device="cpu", dtype=torch.float32)
+    cache = kvpack.KVCache(2, 2, 64, 8, device="cpu")
+    with pytest.raises(ValueError, match="sequence 0 holds no tokens"):
+        cache.attend(make_q(2, 2, 64, torch.float16, 0))
+    k, v = make_kv(2, 2, 3, 64, torch.float16, 0)
+    with pytest.raises(ValueError, match=r"k must have shape \[B, Hkv, t_new, D\] = \[2, 2, t_new >= 1, 64\]"):
+        cache.append(k[:, :1], v[:, :1])
+    with pytest.raises(ValueError, match="must match in shape and dtype"):
+        cache.append(k, v.float())
+    with pytest.raises(ValueError, match=r"counts\[1\] = 4 must be in \[0, t_new = 3\]"):
+        cache.append(k, v, counts=[1, 4])
+    with pytest.raises(ValueError, match="counts must hold 2 ints"):
+        cache.append(k, v, counts=[1])
+    with pytest.raises(TypeError, match="k must be float32, float16 or bfloat16"):
+        cache.append(k.int(), v.int())
+    assert cache.lengths.tolist() == [0, 0]
+    ch = kvpack.KVCache(1, 1, 64, 8, granularity="channel", device="cpu")
+    k1, v1 = make_kv(1, 1, 2, 64, torch.float32, 0)
+    k1[0, 0, 1, 5] = float("nan")
+    with pytest.raises(ValueError, match="non-finite values"):
+        ch.append(k1, v1)
+    assert ch.lengths.tolist() == [0] and not ch.calibrated
+
+
+# --- CPU: the custom ops --------------------------------------------------------------------------
+
+def test_opcheck_cpu():
+    args = _good()
+    kvpack.decode_attention(**args)  # loads the extension and registers the fakes
+    torch.library.opcheck(
+        torch.ops.kvpack.decode_attention.default,
+        (args["q"], args["k_cache"], args["v_cache"], args["k_scales"], args["v_scales"], args["lengths"], "token",
+         0.125, 0),
+    )
+    cache = kvpack.KVCache(2, 2, 64, 8, device="cpu")
+    k, v = make_kv(2, 2, 3, 64, torch.float16, 1)
+    torch.library.opcheck(
+        torch.ops.kvpack.kv_append.default,
+        (cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales, cache.device_lengths, cache._arrivals,
+         cache.saturated, k, v, None, "token"),
+    )
+
+
+# --- accuracy: int8 decoding against attention over the unquantized cache ---------------------------
+
+@pytest.mark.parametrize("granularity", ["token", "channel"])
+@pytest.mark.parametrize("outliers", [False, True])
+def test_int8_decoding_within_the_quantization_budget(granularity, outliers):
+    """Attention over the int8 cache vs over the unquantized one (both float64): within the bound that
+    the quantization errors alone allow (|K error| <= half its scale, |V error| <= half the largest)."""
+    b, hkv, group, d, t = 2, 2, 4, 64, 48
+    cache, k, v = filled_cache(b, hkv, d, t, (t, 30), granularity, torch.float16, 51,
+                               outliers=outliers)
+    q = make_q(b, hkv * group, d, torch.float16, 51)
+    ks = cache.k_scales.double().numpy()
+    k_err = ks / 2 if granularity == "token" else np.broadcast_to(ks.max(axis=-1, keepdims=True) / 2, (b, hkv, t))
+    v_err = float(cache.v_scales.max()) / 2
+    bound = ref.decode_error_bound(q, k, v, cache.lengths, score_rel=0.0, weight_rel=0.0, k_err=k_err, v_err=v_err)
+    got = ref.decode_attention(q, cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales, cache.lengths,
+                               granularity)
+    want = ref.attention_decode(q, k, v, cache.lengths)
+    err = np.abs(got - want)
+    assert (err <= bound).all()
+    assert err.max() > 0  # the budget is not vacuous: quantization does move the output
+
+
+# --- GPU ------------------------------------------------------------------------------------------
+
+GPU_CASES = [
+    # b, hkv, group, d, t_max, lengths, granularity, dtype
+    (1, 1, 1, 128, 1, (1,), "token", torch.float16),                      # T = 1
+    (1, 4, 1, 64, 1000, (1000,), "token", torch.float16),                 # MHA, T not a multiple of 16
+    (3, 2, 4, 128, 777, (777, 1, 300), "token", torch.bfloat16),          # GQA, ragged
+    (2, 1, 32, 128, 513, (513, 250), "token", torch.float16),             # MQA: 4 head groups share K/V
+    (2, 2, 2, 256, 400, (399, 17), "token", torch.bfloat16),
+    (2, 8, 4, 128, 4096, (4096, 2049), "token", torch.float16),           # many splits
+    (2, 2, 4, 64, 333, (333, 100), "channel", torch.float16),
+    (1, 2, 8, 256, 250, (250,), "channel", torch.bfloat16),
+    (4, 2, 1, 128, 97, (97, 96, 95, 16), "channel", torch.bfloat16),
+    (1, 1, 3, 64, 40, (40,), "token", torch.float16),                     # a group of 3
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,hkv,group,d,t_max,lengths,granularity,dtype", GPU_CASES)
+def test_fused_kernel_matches_float64_reference(b, hkv, group, d, t_max, lengths, granularity, dtype):
+    cache, _, _ = filled_cache(b, hkv, d, t_max, lengths, granularity, dtype, seed=t_max + d, device="cuda",
+                               outliers=granularity == "channel")
+    q = make_q(b, hkv * group, d, dtype, seed=t_max, device="cuda")
+    out = cache.attend(q)
+    torch.cuda.synchronize()
+    assert out.shape == q.shape and out.dtype == dtype
+    got = out.double().cpu().numpy()
+    assert np.isfinite(got).all()
+    want = ref.decode_attention(q, cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales, cache.lengths,
+                                granularity)
+    bound = kernel_bound(q, cache, dtype)
+    err = np.abs(got - want)
+    assert (err <= bound).all(), f"max excess {float((err - bound).max())}, max err {float(err.max())}"
+    # The split count does not change the function (only the fp32 merge order).
+    one = kvpack.decode_attention(q, cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales,
+                                  cache.device_lengths, granularity=granularity, splits=1)
+    assert (np.abs(one.double().cpu().numpy() - want) <= bound).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("granularity", ["token", "channel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_cuda_append_is_bit_exact_with_the_cpu_append(granularity, dtype, d):
+    b, hkv = 3, 2
+    caches = [kvpack.KVCache(b, hkv, d, 300, granularity=granularity, device=dev) for dev in ("cpu", "cuda")]
+    for step, (t_new, counts) in enumerate(((200, [200, 37, 1]), (1, None), (5, [0, 5, 2]))):
+        k, v = make_kv(b, hkv, t_new, d, dtype, seed=60 + step)
+        if step:
+            k = k * 1.5  # past the calibration: saturation on the channel path
+        for cache in caches:
+            cache.append(k.to(cache.device), v.to(cache.device), counts=counts)
+    cpu, gpu = caches
+    for name in ("k_cache", "v_cache", "k_scales", "v_scales", "saturated"):
+        assert torch.equal(getattr(cpu, name), getattr(gpu, name).cpu()), name
+    assert torch.equal(cpu.device_lengths, gpu.device_lengths.cpu())
+    assert not gpu._arrivals.any()  # the kernel reset its counter
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hkv,group", [(8, 4), (32, 1)])
+def test_fused_int8_decoding_against_fp16_sdpa_on_the_unquantized_cache(hkv, group):
+    """The whole INT8 path (quantize on write, fused attention) against fp16 SDPA over the fp16 cache,
+    within the quantization budget plus the kernel's and SDPA's own rounding."""
+    b, d, t = 2, 128, 2000
+    cache, k, v = filled_cache(b, hkv, d, t, (t, t), "token", torch.float16, seed=71, device="cuda")
+    q = make_q(b, hkv * group, d, torch.float16, seed=71, device="cuda")
+    out = cache.attend(q).double().cpu().numpy()
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.unsqueeze(2), k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    ).squeeze(2).double().cpu().numpy()
+    ks = cache.k_scales.double().cpu().numpy()
+    bound = ref.decode_error_bound(q, k, v, None, score_rel=2 * FP16_REL, weight_rel=2 * FP16_REL + t * 2.0**-25,
+                                   k_err=ks / 2, v_err=float(cache.v_scales.max()) / 2, out_rel=2 * FP16_REL)
+    err = np.abs(out - sdpa)
+    assert (err <= bound).all(), float((err - bound).max())
+
+
+@pytest.mark.gpu
+def test_decode_step_in_a_cuda_graph():
+    """Append one token and attend, captured once, replayed: same results as eager calls."""
+    b, hkv, group, d = 4, 2, 4, 128
+    cache, _, _ = filled_cache(b, hkv, d, 512, (300, 17, 64, 1), "token", torch.float16, seed=81, device="cuda")
+    twin, _, _ = filled_cache(b, hkv, d, 512, (300, 17, 64, 1), "token", torch.float16, seed=81, device="cuda")
+    k1, v1 = make_kv(b, hkv, 1, d, torch.float16, seed=82, device="cuda")
+    q = make_q(b, hkv * group, d, torch.float16, seed=82, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (loads, plans) outside the capture
+        kvpack.decode_attention(q, cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales,
+                                cache.device_lengths, check_lengths=False)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cache.append(k1, v1)
+        out = cache.attend(q)
+    for step in range(3):
+        graph.replay()
+        twin.append(k1, v1)
+        want = twin.attend(q)
+        torch.cuda.synchronize()
+        assert torch.equal(out, want), step
+    assert cache.sync_lengths().tolist() == [303, 20, 67, 4]
+    assert torch.equal(cache.k_cache, twin.k_cache) and torch.equal(cache.v_scales, twin.v_scales)
+
+
+@pytest.mark.gpu
+def test_opcheck_cuda():
+    cache, _, _ = filled_cache(2, 2, 128, 64, (64, 9), "token", torch.float16, seed=91, device="cuda")
+    q = make_q(2, 8, 128, torch.float16, seed=91, device="cuda")
+    torch.library.opcheck(
+        torch.ops.kvpack.decode_attention.default,
+        (q, cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales, cache.device_lengths, "token", 0.1, 0),
+    )
+    k, v = make_kv(2, 2, 2, 128, torch.bfloat16, 92, device="cuda")
+    torch.library.opcheck(
+        torch.ops.kvpack.kv_append.default,
+        (cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales, cache.device_lengths, cache._arrivals,
+         cache.saturated, k, v, None, "token"),
+    )
