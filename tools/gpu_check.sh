@@ -59,8 +59,8 @@ ARCH=$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(
 step build build.log "$PY" -m kvpack.build --verbose --out "$OUT/build-info.json"
 step ptxas ptxas_fast.log "$PY" tools/check_cuda_compile.py --arch "$ARCH" --sass --jobs 1 \
   --log-dir "$OUT/cuda-compile" kernels/quantize_fast.cu
-step pytest pytest_gpu.log "$PY" -m pytest -m gpu tests/test_cuda_ops.py -q -x --no-header -p no:cacheprovider \
-  --durations=8
+step pytest pytest_gpu.log "$PY" -m pytest -m gpu tests/test_cuda_ops.py tests/test_api_cuda.py \
+  tests/test_decode_attention.py -q -x --no-header -p no:cacheprovider --durations=8
 # A crash (segfault, abort: exit 128 + signal) gives no Python traceback worth having: rerun the
 # test that crashed (named by faulthandler's dump, most recent frame first) under the debugger.
 if [ "${RC[pytest]}" -ge 128 ] || grep -q "Fatal Python error" "$OUT/pytest_gpu.log"; then
@@ -84,6 +84,11 @@ if SAN=$(find_sanitizer); then
     "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 "$PY" tools/sanitize_kernels.py
   step racecheck racecheck.log "$SAN" --tool racecheck --error-exitcode 1 --print-limit 20 \
     "$PY" tools/sanitize_kernels.py --variants tiled --dtypes fp32,fp16
+  # The KV cache kernels: decode attention (shared-memory merges), the write path (cross-block counter).
+  step memcheck_decode sanitizer_decode.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 "$PY" tools/sanitize_kernels.py --decode
+  step racecheck_decode racecheck_decode.log "$SAN" --tool racecheck --error-exitcode 1 --print-limit 20 \
+    "$PY" tools/sanitize_kernels.py --decode
 else
   step memcheck sanitizer.log missing "compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin)"
 fi
@@ -99,7 +104,7 @@ for log in pytest_gpu.log; do
   echo "  $log: $(grep -E '[0-9]+ (passed|failed|error|skipped)' "$OUT/$log" | tail -1)"
 done
 [ -f "$OUT/crash_backtrace.log" ] && echo "  crash_backtrace.log: $(grep -m1 -E '^#0 ' "$OUT/crash_backtrace.log")"
-for log in sanitizer.log racecheck.log; do
+for log in sanitizer.log racecheck.log sanitizer_decode.log racecheck_decode.log; do
   [ -f "$OUT/$log" ] && echo "  $log: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|not found' "$OUT/$log" | tail -1)"
 done
 echo "  ptxas:     $(grep -E '^(OK|FAIL) +kernels/quantize_fast.cu' "$OUT/ptxas_fast.log" | tail -1)"

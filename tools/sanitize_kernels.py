@@ -6,6 +6,12 @@ memory errors):
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 \\
         compute-sanitizer --tool memcheck --error-exitcode 1 python3 tools/sanitize_kernels.py
     compute-sanitizer --tool racecheck --error-exitcode 1 python3 tools/sanitize_kernels.py --variants tiled
+    compute-sanitizer --tool memcheck --error-exitcode 1 python3 tools/sanitize_kernels.py --decode
+
+--decode runs the KV cache kernels instead (kernels/decode_attention.cu): appends (per token and per
+channel, every input dtype and head dimension, ragged counts) and fused decode attention over them
+(MHA, GQA, a group of 3, MQA with several head groups, odd T_max, lengths of 1, every split count up
+to more parts than tokens hold, so that empty parts occur).
 
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 gives every tensor its own cudaMalloc, so an access past the end
 of an output lands outside any allocation and memcheck sees it (inside a cached pool block it
@@ -69,15 +75,46 @@ def run(variants, granularities, dtypes, shapes) -> tuple[bool, int]:
     return True, calls
 
 
+def run_decode() -> int:
+    """The KV cache kernels on awkward shapes; returns the number of kernel calls."""
+    calls = 0
+    for d in (64, 128, 256):
+        for gran in ("token", "channel"):
+            for in_dtype in DTYPES.values():
+                for b, hkv, group, t_max, counts in ((1, 1, 1, 1, [1]), (3, 2, 3, 37, [37, 1, 20]), (2, 1, 32, 150, [150, 77])):
+                    q_dtype = torch.bfloat16 if in_dtype == torch.bfloat16 else torch.float16
+                    cache = kvpack.KVCache(b, hkv, d, t_max, granularity=gran, device="cuda", dtype=q_dtype)
+                    g = torch.Generator(device="cuda").manual_seed(d + t_max)
+                    k = torch.empty(b, hkv, t_max, d, dtype=in_dtype, device="cuda").uniform_(-1, 1, generator=g)
+                    v = torch.empty_like(k).uniform_(-1, 1, generator=g)
+                    first = [max(1, c - 1) for c in counts]
+                    cache.append(k, v, counts=first)              # ragged prefill (calibrates per channel)
+                    cache.append(k[:, :, :1] * 2, v[:, :, :1] * 2, counts=[c - f for c, f in zip(counts, first)])
+                    q = torch.empty(b, hkv * group, d, dtype=q_dtype, device="cuda").uniform_(-1, 1, generator=g)
+                    for splits in (0, 1, 2, 7, t_max):
+                        cache.attend(q, splits=min(splits, t_max))
+                        calls += 2
+                    calls += 2
+            torch.cuda.synchronize()
+            print(f"  decode D={d} {gran}: ok", flush=True)
+    return calls
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default=",".join(kvpack.CUDA_VARIANTS), help="comma-separated (default: all)")
     ap.add_argument("--granularities", default="channel,token")
     ap.add_argument("--dtypes", default="fp32,fp16,bf16")
+    ap.add_argument("--decode", action="store_true", help="the KV cache kernels (append, fused decode attention)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("sanitize_kernels: no CUDA device", file=sys.stderr)
         return 2
+    if args.decode:
+        t0 = time.perf_counter()
+        calls = run_decode()
+        print(f"sanitize_kernels --decode: {calls} kernel calls, {time.perf_counter() - t0:.1f} s")
+        return 0
     variants = [v for v in args.variants.split(",") if v]
     unknown = set(variants) - set(kvpack.CUDA_VARIANTS)
     if unknown:
