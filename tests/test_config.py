@@ -159,6 +159,13 @@ def test_job_settings_and_workloads():
     assert b["seed"] == 7 and b["repeats"] == 20 and b["variants"] == "all" and b["granularities"] == ["channel"]
     a = kvconfig.job_settings(cfg, "accuracy")
     assert a["query_seed"] == 1 and a["cpu_serial_max_elements"] == 2**25
+    # a decode point's job reads no grid key: a point added to the grid reruns no other
+    d = kvconfig.job_settings(cfg, "decode")
+    assert set(d) == {"granularity", "warmup", "repeats", "seed", "copy_bytes"}
+    assert kvconfig.job_settings(cfg, "decode_append")["append_shape"] == {"batch": 32, "kv_heads": 8, "head_dim": 128}
+    assert kvconfig.job_settings(cfg, "decode_accuracy")["distributions"] == ["uniform", "outlier_keys", "real_model"]
+    points = kvconfig.decode_points(cfg)
+    assert len(points) == 20 and points[0] == {"T": 4096, "batch": 1, "q_heads": 32, "kv_heads": 32, "head_dim": 128}
 
 
 # ---- bad configs: each fails with the key and the reason ------------------------------------------
@@ -195,6 +202,28 @@ BAD = [
      ["grid[1]: shape T=4, D=4 repeats grid[0]"]),
     ("duplicate-name", {"grid": [{"name": "a", "T": 4, "D": 4}, {"name": "a", "T": 8, "D": 4}]},
      ["grid[1].name: 'a' is already the name of grid[0]"]),
+    # the decode grid
+    ("decode-gqa-not-a-multiple", {"decode": {"heads": [[32, 32], [32, 5]]}},
+     ["decode.heads[1]: q_heads 32 is not a multiple of kv_heads 5"]),
+    ("decode-head-dim-96", {"decode": {"head_dim": 96}},
+     ["decode.head_dim: 96 is not a head dimension the fused kernel takes (64, 128, 256)"]),
+    ("decode-extra-head-dim-32", {"decode": {"extra_head_dims": {"head_dims": [64, 32]}}},
+     ["decode.extra_head_dims.head_dims[1]: 32 is not a head dimension"]),
+    ("decode-extra-heads", {"decode": {"extra_head_dims": {"heads": [12, 8]}}},
+     ["decode.extra_head_dims.heads: q_heads 12 is not a multiple of kv_heads 8"]),
+    ("decode-heads-not-pairs", {"decode": {"heads": 32}}, ["decode.heads", "not of type array"]),
+    ("decode-heads-triple", {"decode": {"heads": [[32, 8, 1]]}}, ["decode.heads[0]", "too long"]),
+    ("decode-duplicate-heads", {"decode": {"heads": [[32, 8], [32, 8]]}}, ["decode.heads[1]: [32, 8] repeats"]),
+    ("decode-T-zero", {"decode": {"T": [0]}}, ["decode.T[0]", "0 is less than the minimum of 1"]),
+    ("decode-batch-empty", {"decode": {"batch": []}}, ["decode.batch: needs at least 1 item"]),
+    ("decode-granularity", {"decode": {"granularity": "block"}}, ["decode.granularity", "'block' is not one of"]),
+    ("decode-append-head-dim", {"decode": {"append_shape": {"head_dim": 100}}},
+     ["decode.append_shape.head_dim: 100 is not a head dimension"]),
+    ("decode-accuracy-distribution", {"decode": {"accuracy": {"distributions": ["gaussian"]}}},
+     ["decode.accuracy.distributions[0]", "'gaussian' is not one of"]),
+    ("decode-accuracy-heads", {"decode": {"accuracy": {"heads": [6, 4]}}},
+     ["decode.accuracy.heads: q_heads 6 is not a multiple of kv_heads 4"]),
+    ("decode-unknown-key", {"decode": {"points": []}}, ["decode: unknown key 'points'"]),
 ]
 
 
@@ -256,6 +285,7 @@ SNAKEMAKE_BAD = [
     ("negative-T", {"grid": [{"name": "a", "T": -5, "D": 64}]}, "grid[0].T: -5 is less than the minimum of 1"),
     ("D-a-float", {"grid": [{"name": "a", "T": 4, "D": 64.5}]}, "grid[0].D: 64.5 is not of type integer"),
     ("repeats-0", {"benchmark": {"repeats": 0}}, "benchmark.repeats: 0 is less than the minimum of 1"),
+    ("decode-gqa", {"decode": {"heads": [[32, 6]]}}, "decode.heads[0]: q_heads 32 is not a multiple of kv_heads 6"),
     pytest.param("cuda-on-cpu-only", {"device": "cuda"}, "device 'cuda' was requested",
                  marks=pytest.mark.skipif(HAS_CUDA, reason="needs a machine without CUDA")),
 ]

@@ -128,6 +128,48 @@ def _semantic_errors(config: dict) -> list[str]:
     unknown_g = [g for g in config["granularities"] if g not in ops.GRANULARITIES]
     if unknown_g:
         problems.append(f"granularities: unknown {unknown_g}; known: {list(ops.GRANULARITIES)}")
+    return problems + _decode_errors(config.get("decode") or {})
+
+
+def _heads_error(key: str, pair) -> str | None:
+    hq, hkv = pair
+    if hq % hkv:
+        return (f"{key}: q_heads {hq} is not a multiple of kv_heads {hkv} (each KV head serves q_heads / kv_heads "
+                "query heads)")
+    return None
+
+
+def _decode_errors(decode: dict) -> list[str]:
+    """What the schema cannot say about the decode grid: GQA groups, and head dimensions the fused kernel takes."""
+    from ..decode_attention import HEAD_DIMS
+
+    problems = []
+
+    def head_dim(key, d):
+        if d not in HEAD_DIMS:
+            problems.append(f"{key}: {d} is not a head dimension the fused kernel takes ({', '.join(map(str, HEAD_DIMS))})")
+
+    seen: dict[tuple, int] = {}
+    for i, pair in enumerate(decode.get("heads", [])):
+        if (e := _heads_error(f"decode.heads[{i}]", pair)):
+            problems.append(e)
+        if tuple(pair) in seen:
+            problems.append(f"decode.heads[{i}]: {pair} repeats decode.heads[{seen[tuple(pair)]}]")
+        seen.setdefault(tuple(pair), i)
+    if "head_dim" in decode:
+        head_dim("decode.head_dim", decode["head_dim"])
+    extra = decode.get("extra_head_dims") or {}
+    for i, d in enumerate(extra.get("head_dims", [])):
+        head_dim(f"decode.extra_head_dims.head_dims[{i}]", d)
+    if "heads" in extra and (e := _heads_error("decode.extra_head_dims.heads", extra["heads"])):
+        problems.append(e)
+    if "head_dim" in (decode.get("append_shape") or {}):
+        head_dim("decode.append_shape.head_dim", decode["append_shape"]["head_dim"])
+    acc = decode.get("accuracy") or {}
+    if "head_dim" in acc:
+        head_dim("decode.accuracy.head_dim", acc["head_dim"])
+    if "heads" in acc and (e := _heads_error("decode.accuracy.heads", acc["heads"])):
+        problems.append(e)
     return problems
 
 
@@ -229,20 +271,38 @@ def find_workload(config: dict, T, D, dtype: str) -> dict:
     return {"name": f"{T}x{D}", "T": T, "D": D, "dtype": dtype, "seed": config["seed"]}
 
 
+DECODE_JOB_KEYS = ("granularity", "warmup", "repeats", "seed", "copy_bytes")
+
+
 def job_settings(config: dict, stage: str) -> dict:
-    """The settings dict of a benchmark or accuracy job: config[stage] plus the run-wide keys."""
+    """The settings dict of a job: config[stage] plus the run-wide keys (benchmark, accuracy); for the
+    decode jobs (decode, decode_append, decode_accuracy) the keys of config decode that job reads."""
     common = {"seed": config["seed"], "variants": config["variants"], "granularities": list(config["granularities"])}
     if stage == "benchmark":
         return {**config["benchmark"], **common}
     if stage == "accuracy":
         serial = config["benchmark"]["cpu_serial_max_elements"]  # one knob bounds cpu_serial in both jobs
         return {**config["accuracy"], "cpu_serial_max_elements": serial, **common}
-    raise ValueError(f"stage must be 'benchmark' or 'accuracy', got {stage!r}")
+    if stage == "decode":  # what one decode point's job reads: not the grid, so a new point reruns no other
+        return {k: config["decode"][k] for k in DECODE_JOB_KEYS}
+    if stage == "decode_append":
+        return {**{k: config["decode"][k] for k in DECODE_JOB_KEYS}, "append_shape": dict(config["decode"]["append_shape"])}
+    if stage == "decode_accuracy":
+        return {**config["decode"]["accuracy"], "granularity": config["decode"]["granularity"]}
+    raise ValueError(f"stage must be 'benchmark', 'accuracy', 'decode', 'decode_append' or 'decode_accuracy', got {stage!r}")
+
+
+def decode_points(config: dict) -> list[dict]:
+    """The decode grid's points, one job each: {T, batch, q_heads, kv_heads, head_dim}."""
+    from ..study.decode_step import grid_points
+
+    return grid_points(config["decode"])
 
 
 __all__ = [
     "SCHEMA_PATH",
     "ConfigError",
+    "decode_points",
     "device_slug",
     "find_workload",
     "job_settings",
