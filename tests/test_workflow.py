@@ -24,8 +24,9 @@ PAPER = ROOT / "config" / "paper.yaml"
 CLAIMS = yaml.safe_load((ROOT / "reports" / "paper" / "claims.yaml").read_text())
 
 # The report stage's outputs (workflow/rules/tables.smk, figures.smk, report.smk).
-TABLES = ("performance", "accuracy", "memory", "workloads", "paper", "speedups", "claims", "provenance", "paper_l2")
-FIGURES = ("time", "speedup", "roofline", "accuracy", "memory", "peers")
+TABLES = ("performance", "accuracy", "memory", "workloads", "paper", "speedups", "claims", "provenance", "paper_l2",
+          "decode", "decode_append", "decode_accuracy")
+FIGURES = ("time", "speedup", "roofline", "accuracy", "memory", "peers", "decode")
 
 TINY = {
     "grid": [
@@ -35,6 +36,8 @@ TINY = {
     "benchmark": {"warmup": 1, "repeats": 2, "cpu_repeats": 2, "cpu_time_budget_s": 2.0,
                   "peers": ["torch_eager"], "copy_bytes": 1048576},
     "reference_dirs": [],
+    # the decode accuracy study small (its timings need a GPU: a CPU run skips them and says so)
+    "decode": {"accuracy": {"distributions": ["uniform"], "T": 64, "batch": 2, "heads": [4, 2], "head_dim": 64}},
 }
 
 
@@ -76,6 +79,38 @@ def test_paper_dry_run_lists_every_paper_workload(tmp_path):
             assert any(re.fullmatch(pattern, o) for o in outputs), (stage, w)
     counts = job_counts(out)
     assert counts["build"] == 1 and counts["benchmark"] == counts["accuracy"] >= len(CLAIMS["grid"])
+
+
+def test_cuda_dry_run_lists_one_decode_job_per_grid_point(tmp_path):
+    """`snakemake -n` of a CUDA run (device_name set: no GPU needed to plan it): one decode job per point of
+    the decode grid, each its own record, plus the append timing and the decode accuracy job."""
+    from kvpack.pipeline import config as cfgmod
+    from kvpack.study import decode_step
+
+    run = snakemake(tmp_path, "-n", "--configfile", str(CONFIG), "--config", "device=cuda", "device_name=testgpu")
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out
+    counts = job_counts(out)
+    points = cfgmod.decode_points(cfgmod.load_config(CONFIG))
+    assert len(points) == 20 and counts["decode"] == len(points), counts
+    assert counts["decode_append"] == 1 and counts["decode_accuracy"] == 1 and counts["figure_decode"] == 1
+    planned = planned_outputs(out)
+    for p in points:
+        assert f"results/testgpu/decode/{decode_step.point_name(p)}.json" in planned
+    assert {"results/testgpu/decode/append.json", "results/testgpu/decode/accuracy.json"} <= planned
+    # the runner without Snakemake (a bare GPU box) writes the same records to the same paths
+    from kvpack.pipeline import runner
+
+    jobs = runner.decode_jobs(cfgmod.load_config(CONFIG), "cuda", Path("results/testgpu/decode"))
+    assert {str(out) for out, _, _ in jobs} == {p for p in planned if p.startswith("results/testgpu/decode/")}
+
+
+def test_cpu_dry_run_skips_the_decode_timings(tmp_path):
+    run = snakemake(tmp_path, "-n", "--configfile", str(CONFIG), "--config", "device=cpu", "device_name=testcpu")
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out
+    counts = job_counts(out)
+    assert "decode" not in counts and "decode_append" not in counts and counts["decode_accuracy"] == 1, counts
 
 
 def test_two_devices_land_in_two_folders(tmp_path):

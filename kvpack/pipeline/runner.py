@@ -1,11 +1,12 @@
 """Run the workflow's measurement jobs without Snakemake, writing the same records to the same paths.
 
 For machines where Snakemake is not installed (a bare GPU box): the benchmark and accuracy jobs
-of every workload of a config, in one process (the extension loads once), skipping records that
-already exist, stopping cleanly before ``--time-limit`` seconds so a partial run can be resumed.
+of every workload of a config, and the decode stage (one record per decode grid point, the append
+timing, the decode accuracy record), in one process (the extension loads once), skipping records
+that already exist, stopping cleanly before ``--time-limit`` seconds so a partial run can be resumed.
 
     python -m kvpack.pipeline.runner --configfile config/config.yaml --configfile config/paper.yaml \
-        --stages benchmark accuracy decode --results results [--time-limit 540]
+        --stages benchmark accuracy decode --results results [--time-limit 540] [--device-name h200]
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import logging
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from ..study import accuracy, bench, records
@@ -27,6 +29,33 @@ def record_path(results: Path, slug: str, stage: str, w: dict) -> Path:
     return results / slug / stage / f"{w['T']}x{w['D']}_{w['dtype']}.json"
 
 
+def decode_jobs(config: dict, device: str, outdir: Path) -> list:
+    """The decode stage's jobs as (record path, provenance payload, run(provenance) -> record), the
+    paths and settings of workflow/rules/decode.smk: one per grid point and the append timing (CUDA
+    only: on a CPU they are left out, and logged), and the decode accuracy record (every device)."""
+    from ..study import decode_accuracy, decode_step
+
+    jobs = []
+    if device == "cuda":
+        settings = cfgmod.job_settings(config, "decode")
+        for p in cfgmod.decode_points(config):
+            payload = {"settings": settings, "device": device, "point": p}
+            jobs.append((outdir / f"{decode_step.point_name(p)}.json", payload,
+                         partial(decode_step.run_decode_point_job, p, settings, device)))
+        if config["decode"]["append"]:
+            settings = cfgmod.job_settings(config, "decode_append")
+            jobs.append((outdir / "append.json", {"settings": settings, "device": device},
+                         partial(decode_step.run_append_job, settings, device)))
+    else:
+        log.info("decode: the %d grid points and the append timing need a CUDA GPU; this run's device is %s: "
+                 "skipped", len(cfgmod.decode_points(config)), device)
+    if config["decode"]["accuracy"]["enabled"]:
+        settings = cfgmod.job_settings(config, "decode_accuracy")
+        jobs.append((outdir / "accuracy.json", {"settings": settings, "device": device},
+                     partial(decode_accuracy.run_decode_accuracy_job, settings, device)))
+    return jobs
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configfile", action="append", required=True)
@@ -34,10 +63,14 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default="results")
     ap.add_argument("--time-limit", type=float, default=None, help="stop before starting a job after this many seconds")
     ap.add_argument("--max-elements", type=int, default=None, help="only workloads with at most this many elements")
+    ap.add_argument("--device-name", default=None,
+                    help="name of <results>/<name>/ (config device_name; default: the device's slug)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
 
     config = cfgmod.load_config(*args.configfile)
+    if args.device_name:
+        config["device_name"] = args.device_name
     device = cfgmod.resolve_run_device(config)
     slug = cfgmod.device_slug(config, device)
     results = Path(args.results)
@@ -59,14 +92,15 @@ def main(argv=None) -> int:
         run = bench.run_benchmark_job if stage == "benchmark" else accuracy.run_accuracy_job
         records.write_record(run(w, device, settings, prov), out)
         done += 1
-    if "decode" in args.stages and device == "cuda":
-        from ..study import decode_step
-
-        out = results / slug / "decode" / "decode.json"
-        if not out.exists() and not (args.time_limit and time.perf_counter() - t0 > args.time_limit):
-            settings = dict(config["decode"])
-            prov = job_provenance(device, slug, {"settings": settings, "device": device})
-            records.write_record(decode_step.run_decode_job(settings, device, prov), out)
+    if "decode" in args.stages:
+        for out, job, run in decode_jobs(config, device, results / slug / "decode"):
+            if out.exists():
+                continue
+            if args.time_limit and time.perf_counter() - t0 > args.time_limit:
+                skipped += 1
+                continue
+            log.info("decode %s", out.name)
+            records.write_record(run(job_provenance(device, slug, job)), out)
             done += 1
     log.info("ran %d jobs in %.0f s; %d left for a later run (time limit)", done, time.perf_counter() - t0, skipped)
     return 0

@@ -3,6 +3,7 @@
 
 import math
 import re
+import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -32,7 +33,9 @@ wildcard_constraints:
 BUILD_JSON = "results/{device}/build.json"
 BENCHMARK_JSON = "results/{device}/benchmark/{T}x{D}_{dtype}.json"
 ACCURACY_JSON = "results/{device}/accuracy/{T}x{D}_{dtype}.json"
-DECODE_JSON = "results/{device}/decode/decode.json"
+DECODE_JSON = "results/{device}/decode/T{T}_B{B}_H{Hq}x{Hkv}_D{D}.json"  # one decode grid point
+DECODE_APPEND_JSON = "results/{device}/decode/append.json"
+DECODE_ACCURACY_JSON = "results/{device}/decode/accuracy.json"
 REPORT_HTML = "results/report/report.html"
 
 
@@ -50,9 +53,40 @@ def benchmark_records():
     return _records(BENCHMARK_JSON)
 
 
+DECODE_POINTS = kvpack.pipeline.config.decode_points(config)  # [{T, batch, q_heads, kv_heads, head_dim}]
+
+
 def decode_records():
-    """This run's decode-step record: a GPU measurement, none on a CPU-only run."""
-    return [DECODE_JSON.format(device=DEVICE)] if DEVICE_KIND == "cuda" else []
+    """This run's decode-step records: one per grid point and the append timing, GPU measurements
+    (none on a CPU-only run: decode_skipped_notes() says so)."""
+    if DEVICE_KIND != "cuda":
+        return []
+    points = [
+        DECODE_JSON.format(device=DEVICE, T=p["T"], B=p["batch"], Hq=p["q_heads"], Hkv=p["kv_heads"], D=p["head_dim"])
+        for p in DECODE_POINTS
+    ]
+    return points + ([DECODE_APPEND_JSON.format(device=DEVICE)] if config["decode"]["append"] else [])
+
+
+def decode_accuracy_records():
+    """This run's decode accuracy record (every device: the CPU path on a CPU, the fused kernel on a GPU)."""
+    return [DECODE_ACCURACY_JSON.format(device=DEVICE)] if config["decode"]["accuracy"]["enabled"] else []
+
+
+def decode_point(wildcards):
+    """The {T, batch, q_heads, kv_heads, head_dim} of one decode job, from its wildcards."""
+    return {"T": int(wildcards.T), "batch": int(wildcards.B), "q_heads": int(wildcards.Hq),
+            "kv_heads": int(wildcards.Hkv), "head_dim": int(wildcards.D)}
+
+
+def decode_skipped_notes():
+    """What a CPU-only run leaves out of the decode study, for the report's 'What was skipped'."""
+    if DEVICE_KIND == "cuda":
+        return []
+    n = len(DECODE_POINTS)
+    return [f"decode: the decode-step timings ({n} grid points of config decode, and the append timing) need a "
+            f"CUDA GPU; this run's device is {DEVICE_KIND}, so rule decode did not run (the decode table and figure "
+            "show the reference runs' rows, if any)"]
 
 
 def accuracy_records():
@@ -85,7 +119,8 @@ def final_outputs():
     and the raw records themselves, so a record deleted after the report was made is made again."""
     report_stage = globals().get("REPORT_OUTPUTS", [REPORT_HTML])
     study = globals().get("ACCURACY_STUDY_OUTPUTS", [])
-    return [*report_stage, *study, *benchmark_records(), *accuracy_records(), *decode_records()]
+    return [*report_stage, *study, *benchmark_records(), *accuracy_records(), *decode_records(),
+            *decode_accuracy_records()]
 
 
 def kernel_sources():
@@ -160,5 +195,5 @@ def job_resources(stage):
 
 
 BUILD_RESOURCES = {"mem_mb": 4096, "runtime": 30, **({"gpu": 1} if DEVICE_KIND == "cuda" else {})}
-# decode: two fp16 caches of up to 32 heads x 131072 x 128 and their INT8 copies, on the GPU
+# decode: the caches live on the GPU (up to ~100 GB at B = 32, T = 131072); the host holds little
 DECODE_RESOURCES = {"mem_mb": 8192, "runtime": 20, **({"gpu": 1} if DEVICE_KIND == "cuda" else {})}

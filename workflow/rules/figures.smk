@@ -126,3 +126,24 @@ rule figure_peers:
         "../../environment.yml"
     script:
         "../scripts/figure.py"
+
+
+rule figure_decode:
+    """Time per decode step against T: best fp16 SDPA, dequantize-then-SDPA, fused INT8 and the int8 byte bound."""
+    input:
+        tables=TABLE_CSVS,
+    output:
+        png=report(FIGURE_PNG.format(name="decode"), caption="../report/decode.rst", category="Figures"),
+        svg=FIGURE_SVG.format(name="decode"),
+    log:
+        log_path(FIGURE_PNG.format(name="decode")),
+    params:
+        name="decode",
+    threads: 1
+    resources:
+        mem_mb=2048,
+        runtime=10,
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/figure.py"

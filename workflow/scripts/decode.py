@@ -1,4 +1,5 @@
-"""rule decode: the decode-step cost of an INT8 cache on the GPU (kvpack.study.decode_step.run_decode_job)."""
+"""rules decode and decode_append: one decode grid point (kvpack.study.decode_step.run_decode_point_job),
+or the one-token append timing (run_append_job), on the GPU."""
 
 from kvpack.pipeline.jobs import job_provenance, log_to_file
 
@@ -9,6 +10,12 @@ from kvpack.study import decode_step, records
 
 device = environment.resolve_device(snakemake.params.device)
 settings = dict(snakemake.params.settings)
-provenance = job_provenance(device, snakemake.wildcards.device, {"settings": settings, "device": device})
-log.info("decode %s on %s (%s)", settings, device, provenance["device_name"])
-records.write_record(decode_step.run_decode_job(settings, device, provenance), snakemake.output[0])
+point = snakemake.params.point
+payload = {"settings": settings, "device": device, **({"point": point} if point else {})}
+provenance = job_provenance(device, snakemake.wildcards.device, payload)
+log.info("decode %s %s on %s (%s)", point or "append", settings, device, provenance["device_name"])
+if point:
+    record = decode_step.run_decode_point_job(point, settings, device, provenance)
+else:
+    record = decode_step.run_append_job(settings, device, provenance)
+records.write_record(record, snakemake.output[0])
