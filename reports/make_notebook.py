@@ -108,14 +108,53 @@ CELLS = [
     md("### The paper's L2 errors and float32 accumulation"),
     code("display(Markdown(kc.paper_l2_note(t.paper_l2)))\n"
              "show(t.paper_l2 if len(t.paper_l2) else kc.paper_l2_check(paper_dir), digits=3)"),
-    md("## Decode-step overhead\n\nWhat \"negligible overhead\" means at decode time, where each generated "
-           "token reads the whole cache once: fp16 `scaled_dot_product_attention` of one query token over T cached "
-           "tokens, against dequantizing the INT8 cache to fp16 with our fastest kernel first (kvpack.study.decode_step). "
-           "A GPU measurement: on a CPU-only run these rows come from the reference run of record."),
-    code('show(t.decode, ["source", "device_slug", "T", "heads", "head_dim", "variant", "status", '
-             '"attention_fp16_median_ms", "dequant_attention_median_ms", "overhead_ratio", '
-             '"max_abs_output_difference"], digits=4) if len(t.decode) else display(Markdown('
-             '"*No decode-step measurement (a CUDA GPU is needed).*"))'),
+    md("## Decode step: fp16 attention vs the INT8 cache\n\nWhat \"negligible overhead\" means at decode time, "
+           "where each generated token reads the whole cache once (kvpack.study.decode_step, one job per grid point, "
+           "GPU only). Each row is one shape (T cached tokens, B sequences, Hq query heads, Hkv KV heads, head "
+           "dimension D), all measured in one job: fp16 `scaled_dot_product_attention` over the fp16 cache with each "
+           "SDPA backend that runs it (flash, cuDNN, efficient; the fastest, `sdpa_best`, is the baseline of every "
+           "ratio), dequantize-then-SDPA (the paper's path), and the fused INT8 kernel (`kvpack.decode_attention`). "
+           "`*_speedup_vs_sdpa` > 1 means faster than the best fp16 SDPA; `fused_fraction_of_int8_bound` is the "
+           "INT8 cache's bytes at the copy bandwidth measured in the same job (`copy_gbps`) over the fused time. "
+           "Medians (ms). On a CPU-only run these rows come from the reference runs of record."),
+    code('dv = kt.decode_view(t.decode)\n'
+             'if len(dv):\n'
+             '    show(dv, digits=3)\n'
+             '    png = Path(figures_dir) / "decode.png"\n'
+             '    if png.exists():\n'
+             '        display(Image(filename=str(png)))\n'
+             '        display(Markdown("*Time per decode step against T: the best fp16 SDPA backend, dequantize-then-SDPA, '
+             'the fused INT8 kernel and the int8 byte bound; one panel per batch and heads (D = 128).*"))\n'
+             'else:\n'
+             '    display(Markdown("*No decode-step measurement of the fused kernel (a CUDA GPU is needed).*"))\n'
+             'old = t.decode[t.decode["record_format"].astype(str).str.startswith("v1")] if len(t.decode) else t.decode\n'
+             'if len(old):\n'
+             '    display(Markdown("Earlier decode records (torch\'s default SDPA, dequantize-then-SDPA, no fused kernel; '
+             'superseded by the rows above where a machine has both):"))\n'
+             '    show(old, ["source", "device_slug", "T", "batch", "q_heads", "head_dim", "sdpa_best_median_ms", '
+             '"dequant_sdpa_median_ms", "dequant_sdpa_speedup_vs_sdpa"], digits=4)\n'
+             'if len(t.decode_append):\n'
+             '    display(Markdown("Appending one token to every sequence (quantized on write, one launch):"))\n'
+             '    show(t.decode_append, ["source", "device_slug", "batch", "kv_heads", "head_dim", "granularity", '
+             '"append_median_us", "append_p10_ms", "append_p90_ms"], digits=3)\n'
+             'for cid in ("decode_overhead", "decode_speed_target"):\n'
+             '    row = claims[claims["claim_id"] == cid]\n'
+             '    if len(row):\n'
+             '        r = row.iloc[0]\n'
+             '        display(Markdown(f"**{cid}: {r[\'verdict\']}.** {r[\'our_value\']} ({r[\'our_source\']}). {r[\'note\']}"))'),
+    md("### Accuracy of fused INT8 decoding\n\nThe INT8 cache attended by the fused kernel (on a CPU: the "
+           "extension's CPU op; `path` says which) against float64 attention over the unquantized fp16 cache, on "
+           "uniform, outlier-channel and the real model's (all-MiniLM-L6-v2) K/V, per scale granularity "
+           "(kvpack.study.decode_accuracy). `max_abs_error`, `rel_l2_error`: the output's error; `fp16_sdpa_*`: fp16 "
+           "SDPA's own error on the same cache, for scale; `top1_agreement`: the fraction of queries whose "
+           "most-attended token is unchanged (the INT8 side's weights computed in float64 from the dequantized "
+           "cache: the fused kernel returns no weights)."),
+    code('if len(t.decode_accuracy):\n'
+             '    show(t.decode_accuracy, ["source", "device_slug", "path", "distribution", "granularity", "status", '
+             '"T", "head_dim", "queries", "max_abs_error", "rel_l2_error", "fp16_sdpa_max_abs_error", '
+             '"fp16_sdpa_rel_l2_error", "top1_agreement", "skip_reason"], digits=3)\n'
+             'else:\n'
+             '    display(Markdown("*No decode accuracy record (config decode.accuracy.enabled is off).*"))'),
     md("## Beyond the paper: KV formats, KV-like data and a real model\n\nThe paper measures error on uniform "
            "[-1, 1] data through a dot-product surrogate only. Here the same budget (about one byte per element) "
            "is spent by several formats on KV-like distributions, measured on real attention (softmax "

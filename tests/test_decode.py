@@ -1,48 +1,175 @@
-"""The decode-step overhead measurement, run small on the CPU (the real run is on the GPU)."""
+"""The decode-step study: its grid, its jobs run small on the CPU (the real run is on the GPU), and the
+decode table, claims and figure from synthetic records (test data, not measurements)."""
 
+import json
+
+import pytest
 import torch
 
 from kvpack.pipeline import environment
-from kvpack.study import decode_step
+from kvpack.report import assemble, claims, figures
+from kvpack.study import decode_step, records
+
+REF = "reports/reference/h100"
 
 
-def test_decode_step_on_cpu():
-    prev = torch.get_default_dtype()
-    r = decode_step.decode_step_times(T=256, heads=2, head_dim=16, device="cpu", repeats=2)
-    assert torch.get_default_dtype() == prev
-    assert r["variant"] == "cpu_torch"
-    assert r["attention_fp16_median_ms"] > 0 and r["dequant_attention_median_ms"] > 0
-    assert r["overhead_ratio"] == r["dequant_attention_median_ms"] / r["attention_fp16_median_ms"]
-    assert r["cache_int8_bytes"] < r["cache_fp16_bytes"] / 1.9
-    # INT8 K and V change the attention output by about the quantization step, no more
-    assert 0 < r["max_abs_output_difference"] < 0.02
+def test_grid_points_default_is_the_issue_grid():
+    pts = decode_step.grid_points({})
+    main = [p for p in pts if p["head_dim"] == 128]
+    assert len(main) == 3 * 3 * 2 and len(pts) == 20
+    assert {(p["q_heads"], p["kv_heads"]) for p in main} == {(32, 32), (32, 8)}
+    assert [p["head_dim"] for p in pts[-2:]] == [64, 256]
+    assert decode_step.point_name(pts[0]) == "T4096_B1_H32x32_D128"
+    # an extra head dimension equal to the grid's at a grid shape is one point, not two
+    s = {"T": [32768], "batch": [8], "heads": [[32, 8]], "extra_head_dims": {"head_dims": [128]}}
+    assert len(decode_step.grid_points(s)) == 1
 
 
-def test_decode_record():
-    rec = decode_step.run_decode_job({"T": [64], "heads": 1, "head_dim": 8, "repeats": 2}, "cpu", environment.provenance("cpu"))
-    assert rec["kind"] == "decode" and rec["rows"][0]["status"] == "ok" and rec["rows"][0]["T"] == 64
+def test_decode_point_job_on_cpu():
+    p = {"T": 64, "batch": 2, "q_heads": 4, "kv_heads": 2, "head_dim": 64}
+    rec = decode_step.run_decode_point_job(p, {"repeats": 2, "warmup": 0}, "cpu", environment.provenance("cpu"))
+    assert rec["kind"] == "decode" and rec["copy"] is None and len(rec["rows"]) == 1
+    row = rec["rows"][0]
+    assert row["status"] == "ok" and (row["T"], row["batch"], row["q_heads"], row["kv_heads"]) == (64, 2, 4, 2)
+    assert row["fused_median_ms"] > 0 and row["sdpa_best"] in decode_step.SDPA_BACKENDS
+    assert row["fused_vs_sdpa_max_abs"] < 0.05
+    assert rec["workload"]["T"] == 64 and rec["workload"]["repeats"] == 2
 
 
-def _decode_record(tmp_path, ratio):
-    """A synthetic decode record (test data, not a measurement) in a reference-dir layout."""
-    from kvpack.study import records
+def test_a_point_that_cannot_allocate_is_a_skipped_row(monkeypatch):
+    def oom(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
 
-    row = {"status": "ok", "T": 131072, "heads": 32, "head_dim": 128, "batch": 1, "variant": "fast", "device": "cuda",
-           "attention_fp16_median_ms": 1.0, "dequant_attention_median_ms": ratio, "overhead_ratio": ratio}
-    rec = {"kind": "decode", "workload": {"name": "decode step"}, "rows": [row],
-           "provenance": {"device_slug": "test-gpu", "gpu_name": "Test GPU (synthetic)"}}
-    records.write_record(rec, tmp_path / "ref" / "decode" / "decode.json")
-    return tmp_path / "ref"
+    monkeypatch.setattr(decode_step, "decode_point", oom)
+    p = {"T": 131072, "batch": 32, "q_heads": 32, "kv_heads": 32, "head_dim": 128}
+    rec = decode_step.run_decode_point_job(p, {}, "cpu", environment.provenance("cpu"))
+    row = rec["rows"][0]
+    assert row["status"] == "skipped" and "out of host memory" in row["skip_reason"]
+    assert row["cache_fp16_bytes"] == 2 * 32 * 32 * 131072 * 128 * 2
+
+    def other(*a, **k):
+        raise RuntimeError("a bug, not memory")
+
+    monkeypatch.setattr(decode_step, "decode_point", other)
+    with pytest.raises(RuntimeError, match="a bug"):
+        decode_step.run_decode_point_job(p, {}, "cpu", environment.provenance("cpu"))
 
 
-def test_decode_table_and_claim(tmp_path):
-    from kvpack.report import assemble, claims
+# --- synthetic records: the table, the claims, the figure ---------------------------------------
 
-    for ratio, verdict in [(2.7, claims.NOT_REPRODUCED), (1.05, claims.REPRODUCED)]:
-        ref = _decode_record(tmp_path, ratio)
-        t = assemble.build_tables(reference_dirs=[ref])
-        assert len(t.decode) == 1 and t.decode.iloc[0]["overhead_ratio"] == ratio
-        row = t.claims.set_index("claim_id").loc["decode_overhead"]
-        assert row["verdict"] == verdict and f"{ratio:.2f}x" in row["our_value"]
-    t = assemble.build_tables()
-    assert t.claims.set_index("claim_id").loc["decode_overhead", "verdict"] == claims.NEEDS_GPU
+PROV = {"device_slug": "test-gpu", "gpu_name": "Test GPU (synthetic)", "device": "cuda"}
+
+
+def _row(T, B, hq, hkv, D, sdpa_ms, fused_ms, copy_gbps=4000.0):
+    b = decode_step.decode_bytes(B, hkv, T, D)
+    row = {"T": T, "batch": B, "q_heads": hq, "kv_heads": hkv, "head_dim": D, "granularity": "token",
+           "dtype": "float16", **b, "copy_gbps": copy_gbps, "int8_byte_bound_ms": b["cache_int8_bytes"] / (copy_gbps * 1e6),
+           "fp16_byte_bound_ms": b["cache_fp16_bytes"] / (copy_gbps * 1e6), "status": "ok"}
+    for name, ms in (("sdpa_flash", sdpa_ms * 1.2), ("sdpa_cudnn", sdpa_ms), ("dequant_sdpa", sdpa_ms * 2.7),
+                     ("fused", fused_ms)):
+        row.update({f"{name}_median_ms": ms, f"{name}_p10_ms": ms * 0.99, f"{name}_p90_ms": ms * 1.01})
+    row.update(sdpa_best="cudnn", sdpa_best_median_ms=sdpa_ms, fused_speedup_vs_sdpa=sdpa_ms / fused_ms,
+               dequant_sdpa_speedup_vs_sdpa=1 / 2.7, fused_fraction_of_int8_bound=row["int8_byte_bound_ms"] / fused_ms)
+    return row
+
+
+def write_synthetic(ref, speedup=1.8, append_us=10.0):
+    """One v2 record per point of a small grid, and the append record, in a reference-dir layout."""
+    for p in decode_step.grid_points({"T": [4096, 32768], "batch": [1, 8], "heads": [[32, 32], [32, 8]],
+                                      "extra_head_dims": {"head_dims": [64], "T": 32768, "batch": 8, "heads": [32, 8]}}):
+        fp16_bytes = decode_step.decode_bytes(p["batch"], p["kv_heads"], p["T"], p["head_dim"])["cache_fp16_bytes"]
+        sdpa = 1.1 * fp16_bytes / 4000e6  # fp16 SDPA at 91 % of the fp16 byte bound
+        fused = sdpa / (speedup if p["T"] >= 32768 else 0.7 * speedup)  # short caches gain less
+        row = _row(p["T"], p["batch"], p["q_heads"], p["kv_heads"], p["head_dim"], sdpa, fused)
+        rec = {"kind": "decode", "workload": {"name": "decode step", **p}, "provenance": PROV,
+               "copy": {"copy_gbps": 4000.0}, "rows": [row]}
+        records.write_record(rec, ref / "decode" / f"{decode_step.point_name(p)}.json")
+    skipped = decode_step.skipped_point_row({"T": 131072, "batch": 32, "q_heads": 32, "kv_heads": 32, "head_dim": 128},
+                                            "token", "out of GPU memory: synthetic")
+    records.write_record({"kind": "decode", "workload": {"name": "decode step"}, "provenance": PROV, "copy": None,
+                          "rows": [skipped]}, ref / "decode" / "T131072_B32_H32x32_D128.json")
+    records.write_record({"kind": "decode_append", "workload": {"name": "decode append"}, "provenance": PROV,
+                          "rows": [{"status": "ok", "batch": 32, "kv_heads": 8, "head_dim": 128, "granularity": "token",
+                                    "append_median_ms": append_us / 1e3, "append_median_us": append_us}]},
+                         ref / "decode" / "append.json")
+    return ref
+
+
+def test_decode_table_from_synthetic_records(tmp_path):
+    t = assemble.build_tables(reference_dirs=[write_synthetic(tmp_path / "ref")])
+    d = t.decode
+    assert len(d) == 2 * 2 * 2 + 1 + 1
+    assert set(d["status"]) == {"ok", "skipped"}
+    ok = d[d["status"] == "ok"]
+    assert (ok["sdpa_best"] == "cudnn").all() and ok["sdpa_cudnn_median_ms"].notna().all()
+    assert (ok["fused_speedup_vs_sdpa"] > 1).all() and ok["copy_gbps"].eq(4000.0).all()
+    assert "out of GPU memory" in d[d["status"] == "skipped"]["skip_reason"].iloc[0]
+    assert len(t.decode_append) == 1 and t.decode_append["append_median_us"].iloc[0] == 10.0
+
+
+def test_decode_table_reads_the_first_format(tmp_path):
+    """The H100 record of record (one file, torch's default SDPA, no fused kernel) stays readable, labelled."""
+    t = assemble.build_tables(reference_dirs=[REF])
+    d = t.decode
+    assert len(d) == 3 and (d["record_format"].str.startswith("v1")).all()
+    assert d["sdpa_best_median_ms"].notna().all() and d["fused_median_ms"].isna().all()
+    ratio = d["dequant_sdpa_median_ms"] / d["sdpa_best_median_ms"]
+    assert ((ratio > 2) & (ratio < 3)).all()
+    c = t.claims.set_index("claim_id")
+    assert c.loc["decode_overhead", "verdict"] == claims.NOT_REPRODUCED
+    assert "no fused-kernel rows" in c.loc["decode_overhead", "our_value"]
+    assert c.loc["decode_speed_target", "verdict"] == claims.NOT_MEASURABLE
+
+
+@pytest.mark.parametrize("speedup, verdict", [(1.8, claims.REPRODUCED), (0.8, claims.NOT_REPRODUCED)])
+def test_decode_claims_from_fused_rows(tmp_path, speedup, verdict):
+    t = assemble.build_tables(reference_dirs=[REF, write_synthetic(tmp_path / "ref", speedup)])
+    c = t.claims.set_index("claim_id")
+    row = c.loc["decode_overhead"]
+    assert row["verdict"] == verdict, row.to_dict()
+    assert "fused INT8 decode" in row["our_value"] and "test-gpu" in row["our_source"]
+    assert "Dequantize-then-SDPA" in row["note"]  # the paper's path stays in the note
+    target = c.loc["decode_speed_target"]
+    assert target["verdict"] == verdict, target.to_dict()
+    assert "append of one token <= 15 us: met" in target["note"]
+
+
+def test_decode_speed_target_missed_append(tmp_path):
+    t = assemble.build_tables(reference_dirs=[write_synthetic(tmp_path / "ref", 1.8, append_us=40.0)])
+    target = t.claims.set_index("claim_id").loc["decode_speed_target"]
+    assert target["verdict"] == claims.NOT_REPRODUCED and "append" in target["our_value"]
+
+
+def test_no_decode_rows_needs_a_gpu():
+    c = assemble.build_tables().claims.set_index("claim_id")
+    assert c.loc["decode_overhead", "verdict"] == claims.NEEDS_GPU
+    assert c.loc["decode_speed_target", "verdict"] == claims.NEEDS_GPU
+
+
+def test_decode_figure_renders(tmp_path):
+    t = assemble.build_tables(reference_dirs=[REF, write_synthetic(tmp_path / "ref")])
+    png, svg = figures.make_figure("decode", t, tmp_path / "decode.png")
+    assert png.stat().st_size > 10_000 and svg.exists()
+    png, _ = figures.make_figure("decode", assemble.build_tables(), tmp_path / "empty.png")  # no rows: a message
+    assert png.stat().st_size > 0
+
+
+def test_written_tables_read_back(tmp_path):
+    from kvpack.report import tables
+
+    ref = write_synthetic(tmp_path / "ref")
+    assemble.write_tables([], [], [ref], tables.PAPER_DIR, [{"name": "x", "T": 3, "D": 5}], tmp_path / "t")
+    t = tables.read_tables(tmp_path / "t")
+    assert len(t.decode) == 10 and len(tables.decode_view(t.decode)) == 10
+    assert json.loads(json.dumps(list(t.decode.columns)))  # plain column names
+    torch.manual_seed(0)
+
+
+def test_decode_headline(tmp_path):
+    from kvpack.report import headline
+
+    h = headline.decode_headline(write_synthetic(tmp_path / "ref"))
+    assert len(h) == 9 and list(h["D"])[-1] == 64 and list(h["Hq x Hkv"])[:4] == ["32x32"] * 4
+    md = headline.to_markdown(h)
+    assert "| T | B | Hq x Hkv | D | best_sdpa |" in md and "1.80x" in md and "%" in md
+    assert headline.decode_headline(REF).empty  # the H100 records predate the fused kernel

@@ -52,7 +52,9 @@ def test_records_complete_with_provenance(stage):
 def test_every_claim_gets_a_gpu_verdict_from_the_records():
     t = assemble.build_tables(reference_dirs=[REF])
     c = t.claims.set_index("claim_id")
-    assert set(c["verdict"]) <= {claims.REPRODUCED, claims.NOT_REPRODUCED}
+    # the H100 decode records predate the fused kernel: the speed target needs its rows (reports/reference/h200)
+    assert c.loc["decode_speed_target", "verdict"] == claims.NOT_MEASURABLE
+    assert set(c.drop(index="decode_speed_target")["verdict"]) <= {claims.REPRODUCED, claims.NOT_REPRODUCED}
     assert c.loc["attention_error_8k", "our_number"] < 0.1
     # the paper's serial baseline was measured at 2^30 elements: the 1,694x claim is checked there
     sp = t.speedups[(t.speedups["baseline"] == "cpu_serial") & (t.speedups["status"] == "ok")]

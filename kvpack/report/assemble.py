@@ -18,6 +18,8 @@ from .tables import (
     _normalise_grid,
     accuracy_table,
     collect_records,
+    decode_accuracy_table,
+    decode_append_table,
     decode_table,
     memory_table,
     paper_table,
@@ -49,6 +51,8 @@ def build_tables(benchmark_paths=(), accuracy_paths=(), reference_dirs=(), paper
         provenance=provenance_table(records),
         paper_l2=claims.paper_l2_check(paper_dir),
         decode=decode_table(records),
+        decode_append=decode_append_table(records),
+        decode_accuracy=decode_accuracy_table(records),
     )
     t.claims = claims.claims_table(t, claims_path or Path(paper_dir) / "claims.yaml")
     return t

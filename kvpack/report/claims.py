@@ -486,32 +486,164 @@ __all__ = [
 
 
 DECODE_NEGLIGIBLE = 1.10  # dequantize-then-attend within 10 % of fp16 attention would be "negligible"
+DECODE_LONG_T = 32768     # "at decode time" is judged where the cache dominates: T >= 32768
+# The issue's speed targets (ours), each row against the fastest fp16 SDPA backend of the same job.
+TARGET_LONG_SPEEDUP = 1.6          # fused >= 1.6x at T >= 32768, D = 128, MHA and GQA, every batch
+TARGET_BOUND_FRACTION = 0.80       # ... and >= 80 % of the int8 byte bound there
+TARGET_MIN_T = 4096                # never slower than fp16 SDPA at any point with T >= 4096
+TARGET_OTHER_D_SPEEDUP = 1.3       # D = 64 and 256 (their one shape): >= 1.3x
+TARGET_APPEND_US = 15.0            # one token appended to every sequence (B = 32, Hkv = 8, D = 128), one launch
+
+
+def _fused_rows(d: pd.DataFrame) -> pd.DataFrame:
+    """The decode rows with a fused-kernel time, of the one device with the most of them (ties: the
+    last by name), so that a claim is judged on one GPU's rows."""
+    if d is None or not len(d) or "fused_median_ms" not in d:
+        return pd.DataFrame(columns=getattr(d, "columns", []))
+    f = d[(d["status"] == "ok") & d["fused_median_ms"].notna() & d["sdpa_best_median_ms"].notna()]
+    if not len(f):
+        return f
+    counts = f.groupby(["source", "device_slug"]).size().reset_index(name="n")
+    best = counts.sort_values(["n", "source", "device_slug"]).iloc[-1]
+    return f[(f["source"] == best["source"]) & (f["device_slug"] == best["device_slug"])]
+
+
+def _point(r) -> str:
+    return (f"T={int(r['T'])} B={int(r['batch'])} Hq={int(r['q_heads'])} Hkv={int(r['kv_heads'])} "
+            f"D={int(r['head_dim'])}")
 
 
 @register_claim("decode_overhead",
-                text="(ours) The INT8 cache's overhead is negligible at decode time: dequantizing the whole cache to "
-                     "fp16 with our fastest kernel, then fp16 attention of one query token, against fp16 attention "
-                     "alone, at the longest cache measured.",
+                text="(ours) The INT8 cache's overhead is negligible at decode time: one decode step over the INT8 "
+                     "cache (the fused kernel, kvpack.decode_attention) against fp16 attention over the fp16 cache "
+                     "(the fastest SDPA backend measured in the same job), at every grid point with T >= 32768.",
                 paper_value="negligible")
 def _decode_overhead(t: Tables, spec: dict) -> Result:
     d = t.decode
     if d is None or not len(d):
         return Result(NEEDS_GPU, note="no decode-step measurement (rule decode runs on a CUDA device; the reference "
-                                      "run of record carries one)")
-    d = d[d["status"] == "ok"]
-    if not len(d):
+                                      "runs of record carry them)")
+    ok = d[d["status"] == "ok"]
+    if not len(ok):
         return Result(NOT_MEASURABLE, note="every decode-step measurement was skipped")
-    r = d.loc[d["T"].idxmax()]
-    ratio = float(r["overhead_ratio"])
-    verdict = REPRODUCED if ratio <= DECODE_NEGLIGIBLE else NOT_REPRODUCED
+    f = _fused_rows(ok)
+    long = f[f["T"] >= DECODE_LONG_T] if len(f) else f
+    if not len(long):
+        # only first-format rows (no fused kernel): the dequantize-then-attend path, as judged before
+        r = ok.loc[ok["T"].idxmax()]
+        ratio = float(r["dequant_sdpa_median_ms"]) / float(r["sdpa_best_median_ms"])
+        return Result(
+            REPRODUCED if ratio <= DECODE_NEGLIGIBLE else NOT_REPRODUCED,
+            our_value=f"dequantize-then-SDPA {ratio:.2f}x the fp16 attention time ({r['dequant_sdpa_median_ms']:.3f} "
+                      f"vs {r['sdpa_best_median_ms']:.3f} ms); no fused-kernel rows",
+            our_source=f"{source_device_label(r['source'], r['device_slug'])}, {_point(r)} ({r['record_format']})",
+            note=f"no decode rows of the fused kernel with T >= {DECODE_LONG_T}: judged from dequantize-then-attend "
+                 f"alone, 'negligible' taken as within {DECODE_NEGLIGIBLE:.2f}x. That path reads the INT8 cache, writes "
+                 "and re-reads an fp16 copy: about 2.5x the bytes of fp16 attention alone.",
+            our_number=ratio,
+        )
+    worst = long.loc[long["fused_speedup_vs_sdpa"].idxmin()]
+    slowdown = 1.0 / float(worst["fused_speedup_vs_sdpa"])  # fused time / best fp16 SDPA time, worst point
+    deq = long["dequant_sdpa_speedup_vs_sdpa"].dropna()
+    if len(deq):
+        missing = "" if len(deq) == len(long) else "; it did not fit at the others"
+        deq_note = (f" Dequantize-then-SDPA (the paper's path) at the same points: {1 / deq.max():.2f}x to "
+                    f"{1 / deq.min():.2f}x the fp16 SDPA time ({len(deq)} of {len(long)} points{missing}).")
+    else:
+        deq_note = " Dequantize-then-SDPA did not run at these points."
+    beaten = slowdown < 1.0
+    return Result(
+        REPRODUCED if slowdown <= 1.0 else NOT_REPRODUCED,
+        our_value=f"fused INT8 decode {float(long['fused_speedup_vs_sdpa'].min()):.2f}x to "
+                  f"{float(long['fused_speedup_vs_sdpa'].max()):.2f}x faster than the best fp16 SDPA "
+                  f"(worst: {worst['fused_median_ms']:.3f} vs {worst['sdpa_best_median_ms']:.3f} ms, "
+                  f"{worst['sdpa_best']}, at {_point(worst)})",
+        our_source=f"{source_device_label(worst['source'], worst['device_slug'])}, {len(long)} grid points with "
+                   f"T >= {DECODE_LONG_T}",
+        note=f"Judged from the fused kernel: reproduced if the INT8 cache is not slower than the fastest fp16 SDPA "
+             f"backend of the same job at every point with T >= {DECODE_LONG_T}"
+             + (" (beaten: it is faster at every one, since it reads half the bytes)." if beaten else ".")
+             + deq_note,
+        our_number=slowdown,
+    )
+
+
+def _target_checks(f: pd.DataFrame, append: pd.DataFrame) -> list[tuple[str, bool | None, str]]:
+    """(target, met or None when not measured, numbers) for each of the issue's speed targets."""
+    out = []
+    main = f[(f["head_dim"] == 128) & (f["T"] >= DECODE_LONG_T)]
+    if len(main):
+        lo = main.loc[main["fused_speedup_vs_sdpa"].idxmin()]
+        out.append((f">= {TARGET_LONG_SPEEDUP}x at T >= {DECODE_LONG_T}, D = 128",
+                    bool(main["fused_speedup_vs_sdpa"].min() >= TARGET_LONG_SPEEDUP),
+                    f"min {lo['fused_speedup_vs_sdpa']:.2f}x at {_point(lo)} over {len(main)} points"))
+        frac = main["fused_fraction_of_int8_bound"].dropna()
+        if len(frac):
+            lo = main.loc[frac.idxmin()]
+            out.append((f">= {TARGET_BOUND_FRACTION:.0%} of the int8 byte bound there",
+                        bool(frac.min() >= TARGET_BOUND_FRACTION),
+                        f"min {frac.min():.0%} at {_point(lo)}"))
+        else:
+            out.append((f">= {TARGET_BOUND_FRACTION:.0%} of the int8 byte bound there", None, "no copy bandwidth"))
+    else:
+        out.append((f">= {TARGET_LONG_SPEEDUP}x at T >= {DECODE_LONG_T}, D = 128", None, "no such points"))
+    every = f[f["T"] >= TARGET_MIN_T]
+    if len(every):
+        lo = every.loc[every["fused_speedup_vs_sdpa"].idxmin()]
+        out.append((f"never slower than fp16 SDPA at T >= {TARGET_MIN_T}",
+                    bool(every["fused_speedup_vs_sdpa"].min() >= 1.0),
+                    f"min {lo['fused_speedup_vs_sdpa']:.2f}x at {_point(lo)} over {len(every)} points"))
+    other = f[f["head_dim"] != 128]
+    if len(other):
+        lo = other.loc[other["fused_speedup_vs_sdpa"].idxmin()]
+        dims = "/".join(str(int(x)) for x in sorted(other["head_dim"].unique()))
+        out.append((f"D = {dims} >= {TARGET_OTHER_D_SPEEDUP}x",
+                    bool(other["fused_speedup_vs_sdpa"].min() >= TARGET_OTHER_D_SPEEDUP),
+                    f"min {lo['fused_speedup_vs_sdpa']:.2f}x at {_point(lo)}"))
+    else:
+        out.append((f"D = 64 and 256 >= {TARGET_OTHER_D_SPEEDUP}x", None, "not measured"))
+    a = append[append["status"] == "ok"] if append is not None and len(append) else pd.DataFrame()
+    if len(a):
+        r = a.iloc[0]
+        shape = f"B={int(r['batch'])} Hkv={int(r['kv_heads'])} D={int(r['head_dim'])}"
+        out.append((f"append of one token <= {TARGET_APPEND_US:g} us", bool(r["append_median_us"] <= TARGET_APPEND_US),
+                    f"{r['append_median_us']:.1f} us at {shape}"))
+    else:
+        out.append((f"append of one token <= {TARGET_APPEND_US:g} us", None, "not measured"))
+    return out
+
+
+@register_claim("decode_speed_target",
+                text=f"(ours, issue 11) Fused INT8 decode against the fastest fp16 SDPA backend of the same job: >= "
+                     f"{TARGET_LONG_SPEEDUP}x faster and >= {TARGET_BOUND_FRACTION:.0%} of the int8 byte bound at every "
+                     f"grid point with T >= {DECODE_LONG_T} (D = 128, MHA and GQA, every batch); never slower at T >= "
+                     f"{TARGET_MIN_T}; D = 64 and 256 >= {TARGET_OTHER_D_SPEEDUP}x; a one-token append to every "
+                     f"sequence (B = 32, Hkv = 8, D = 128) in <= {TARGET_APPEND_US:g} us.",
+                paper_value="(our target)")
+def _decode_speed_target(t: Tables, spec: dict) -> Result:
+    f = _fused_rows(t.decode)
+    if not len(f):
+        if t.decode is not None and len(t.decode):
+            return Result(NOT_MEASURABLE, note="the decode records at hand predate the fused kernel (no fused rows)")
+        return Result(NEEDS_GPU, note="no fused-kernel decode rows (rule decode runs on a CUDA device)")
+    dev = (f["source"].iloc[0], f["device_slug"].iloc[0])
+    append = t.decode_append
+    if append is not None and len(append):
+        append = append[(append["source"] == dev[0]) & (append["device_slug"] == dev[1])]
+    checks = _target_checks(f, append)
+    met = [c for c in checks if c[1] is True]
+    missed = [c for c in checks if c[1] is False]
+    unknown = [c for c in checks if c[1] is None]
+    verdict = NOT_REPRODUCED if missed else (NOT_MEASURABLE if unknown else REPRODUCED)
+    skipped = t.decode[(t.decode["source"] == dev[0]) & (t.decode["device_slug"] == dev[1])
+                       & (t.decode["status"] != "ok")] if len(t.decode) else t.decode
     return Result(
         verdict,
-        our_value=f"{ratio:.2f}x the fp16 attention time ({r['dequant_attention_median_ms']:.3f} vs "
-                  f"{r['attention_fp16_median_ms']:.3f} ms)",
-        our_source=f"{source_device_label(r['source'], r['device_slug'])}, T={int(r['T'])}, {int(r['heads'])} heads "
-                   f"x {int(r['head_dim'])}, variant {r['variant']}",
-        note=f"'negligible' taken as within {DECODE_NEGLIGIBLE:.2f}x. Dequantizing the cache then attending reads the "
-             "INT8 cache, writes and re-reads an fp16 copy: about 2.5x the bytes of fp16 attention alone. Only a "
-             "fused kernel (dequantize inside attention) can make INT8 cheaper than fp16 at decode time.",
-        our_number=ratio,
+        our_value=f"{len(met)} of {len(checks)} targets met" + (f"; missed: {'; '.join(c[0] for c in missed)}"
+                                                                 if missed else ""),
+        our_source=f"{source_device_label(*dev)}, {len(f)} fused rows",
+        note="; ".join(f"{c[0]}: {'met' if c[1] else 'MISSED' if c[1] is False else 'not measured'} ({c[2]})"
+                       for c in checks)
+             + (f". Grid points skipped on this device (e.g. out of memory): {len(skipped)}." if len(skipped) else "."),
+        our_number=float(len(met)) / len(checks),
     )

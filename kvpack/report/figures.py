@@ -355,6 +355,67 @@ def figure_peers(t: Tables, png, svg=None):
     return _save(fig, png, svg)
 
 
+# --- (7) decode step ----------------------------------------------------------------------------
+
+DECODE_LINES = (  # (column, label, colour, line style)
+    ("sdpa_best_median_ms", "best fp16 SDPA (fp16 cache)", "tab:blue", "-"),
+    ("dequant_sdpa_median_ms", "dequantize INT8, then SDPA", "tab:orange", "-"),
+    ("fused_median_ms", "fused INT8 decode (kvpack)", "tab:green", "-"),
+    ("int8_byte_bound_ms", "int8 byte bound (copy GB/s)", "black", ":"),
+)
+
+
+def figure_decode(t: Tables, png, svg=None):
+    """Time per decode step against the cache length T (one query token per sequence, D = 128): the fastest
+    fp16 SDPA backend over the fp16 cache, dequantize-then-SDPA, the fused INT8 kernel, and the int8 byte
+    bound (the int8 cache's bytes at the copy bandwidth of the same job); one panel per batch and heads.
+
+    Medians, log-log; one marker per machine. Points that did not fit in memory are missing."""
+    from .tables import DECODE_V2
+
+    _theme()
+    d = t.decode
+    if d is not None and len(d) and "record_format" in d:
+        d = d[(d["record_format"] == DECODE_V2) & (d["status"] == "ok")]
+    main_d = d[d["head_dim"] == d["head_dim"].mode().iloc[0]] if d is not None and len(d) else d
+    if main_d is None or not len(main_d):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        _message(ax, "no decode-step measurements of the fused kernel\n(rule decode runs on a CUDA GPU)")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return _save(fig, png, svg)
+    batches = sorted(main_d["batch"].dropna().unique())
+    heads = sorted({(int(a), int(b)) for a, b in zip(main_d["q_heads"], main_d["kv_heads"])}, key=lambda h: -h[1])
+    fig, axes = plt.subplots(len(batches), len(heads), figsize=(5.5 * len(heads), 3.8 * len(batches)),
+                             squeeze=False, sharex=True)
+    markers = _source_markers(main_d)
+    for i, b in enumerate(batches):
+        for j, (hq, hkv) in enumerate(heads):
+            ax = axes[i][j]
+            g = main_d[(main_d["batch"] == b) & (main_d["q_heads"] == hq) & (main_d["kv_heads"] == hkv)]
+            for (src, slug), gs in g.groupby(["source", "device_slug"]):
+                gs = gs.sort_values("T")
+                for col, label, colour, ls in DECODE_LINES:
+                    y = gs.get(col)
+                    if y is None or not y.notna().any():
+                        continue
+                    ax.plot(gs["T"], y, ls=ls, color=colour, marker=markers.get(_src_label(src, slug), "o"),
+                            label=label)
+            kind = "MHA" if hq == hkv else "GQA"
+            ax.set(xscale="log", yscale="log", title=f"B = {int(b)}, {kind} Hq = {hq}, Hkv = {hkv}",
+                   xlabel="cached tokens T" if i == len(batches) - 1 else "",
+                   ylabel="ms per decode step" if j == 0 else "")
+    handles = [Line2D([], [], color=c, ls=ls, label=lab) for _, lab, c, ls in DECODE_LINES]
+    handles += [Line2D([], [], color="grey", marker=m, ls="", label=src) for src, m in markers.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=9,
+               bbox_to_anchor=(0.5, -0.02 - 0.02 * (len(handles) > 4)))
+    D = int(main_d["head_dim"].iloc[0])
+    gran = "/".join(sorted(str(x) for x in main_d["granularity"].dropna().unique())) or "?"
+    fig.suptitle(f"One decode step over an fp16 vs an INT8 KV cache (D = {D}, fp16 queries, {gran} scales)")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    return _save(fig, png, svg)
+
+
 FIGURES = {
     "time": figure_time,
     "speedup": figure_speedup,
@@ -362,6 +423,7 @@ FIGURES = {
     "accuracy": figure_accuracy,
     "memory": figure_memory,
     "peers": figure_peers,
+    "decode": figure_decode,
 }
 
 
@@ -374,5 +436,5 @@ def make_figure(name: str, tables: Tables, png, svg=None):
     return fn(tables, png, svg)
 
 
-__all__ = ["FIGURES", "IMPL_COLORS", "figure_accuracy", "figure_memory", "figure_peers", "figure_roofline",
+__all__ = ["FIGURES", "IMPL_COLORS", "figure_accuracy", "figure_decode", "figure_memory", "figure_peers", "figure_roofline",
            "figure_speedup", "figure_time", "make_figure"]

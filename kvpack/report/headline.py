@@ -1,12 +1,15 @@
-"""The README's headline table, from committed records: our fastest kernel against the paper, the
-same op under torch.compile, and the copy ceiling measured in the same job.
+"""The README's headline tables, from committed records: our fastest kernel against the paper, the
+same op under torch.compile, and the copy ceiling measured in the same job; and (``--decode``) one
+decode step: the fused INT8 kernel against the fastest fp16 SDPA backend and the int8 byte bound.
 
     python -m kvpack.report.headline reports/reference/h100
+    python -m kvpack.report.headline --decode reports/reference/h200
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 
 import pandas as pd
 
@@ -45,12 +48,38 @@ def headline(reference_dir, shapes=SHAPES) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def decode_headline(reference_dir) -> pd.DataFrame:
+    """One row per decode grid point of ``reference_dir`` that has a fused-kernel time (records of kind 'decode')."""
+    from .tables import DECODE_V2
+
+    d = assemble.build_tables(reference_dirs=[reference_dir]).decode
+    d = d[(d["record_format"] == DECODE_V2) & (d["status"] == "ok") & d["fused_median_ms"].notna()]
+    rows = []
+    for _, r in d.iterrows():
+        rows.append({
+            "T": int(r["T"]), "B": int(r["batch"]), "Hq x Hkv": f"{int(r['q_heads'])}x{int(r['kv_heads'])}",
+            "D": int(r["head_dim"]), "best_sdpa": r["sdpa_best"], "best_sdpa_ms": float(r["sdpa_best_median_ms"]),
+            "dequant_sdpa_ms": float(r["dequant_sdpa_median_ms"]), "fused_int8_ms": float(r["fused_median_ms"]),
+            "fused_speedup": float(r["fused_speedup_vs_sdpa"]),
+            "fraction_of_int8_bound": float(r["fused_fraction_of_int8_bound"]), "copy_gbps": float(r["copy_gbps"]),
+        })
+    out = pd.DataFrame(rows)
+    if len(out):  # the grid's head dimension first, MHA before GQA, then batch and T
+        key = out.assign(_d=out["D"] != out["D"].mode().iloc[0], _h=-out["Hq x Hkv"].str.split("x").str[1].astype(int))
+        out = out.loc[key.sort_values(["_d", "D", "_h", "B", "T"]).index].reset_index(drop=True)
+    return out
+
+
 def to_markdown(df: pd.DataFrame) -> str:
     def cell(col, v):
         if not isinstance(v, float):
             return str(v)
         if col.startswith("fraction"):
             return f"{v:.1%}"
+        if col.endswith("_speedup"):
+            return f"{v:.2f}x"
+        if math.isnan(v):
+            return ""
         return f"{v:,.0f}" if col.endswith("_gbps") else f"{v:.3f}"
     lines = ["| " + " | ".join(df.columns) + " |", "|" + " --- |" * len(df.columns)]
     lines += ["| " + " | ".join(cell(c, v) for c, v in zip(df.columns, row)) + " |" for row in df.itertuples(index=False)]
@@ -59,9 +88,13 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("reference_dir", nargs="?", default="reports/reference/h100")
+    ap.add_argument("reference_dir", nargs="?", default=None, help="default: reports/reference/h100 (h200 with --decode)")
+    ap.add_argument("--decode", action="store_true", help="the decode-step table (records of kind 'decode')")
     args = ap.parse_args(argv)
-    print(to_markdown(headline(args.reference_dir)))
+    if args.decode:
+        print(to_markdown(decode_headline(args.reference_dir or "reports/reference/h200")))
+    else:
+        print(to_markdown(headline(args.reference_dir or "reports/reference/h100")))
     return 0
 
 

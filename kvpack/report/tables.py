@@ -44,7 +44,7 @@ PEERS = ("torch_eager", "torch_compile", "torch_quantize_per_channel")
 QUANT_DEQUANT = "quant+dequant"  # the paper's timed pair: quantize then dequantize, scales excluded
 
 TABLE_NAMES = ("performance", "accuracy", "memory", "workloads", "paper", "speedups", "claims",
-               "provenance", "paper_l2", "decode")
+               "provenance", "paper_l2", "decode", "decode_append", "decode_accuracy")
 
 PROVENANCE_KEYS = ("device", "device_name", "gpu_name", "cpu_model", "cpu_threads", "driver", "cuda", "torch",
                    "python", "git_commit", "config_hash", "date")
@@ -89,25 +89,125 @@ def collect_records(benchmark_paths=(), accuracy_paths=(), reference_dirs=(), de
     return records
 
 
-DECODE_COLUMNS = ["source", "device_slug", "device_name", "T", "heads", "head_dim", "batch", "variant", "status",
-                  "skip_reason", "cache_fp16_bytes", "cache_int8_bytes", "attention_fp16_median_ms",
-                  "attention_fp16_p10_ms", "attention_fp16_p90_ms", "dequant_attention_median_ms",
-                  "dequant_attention_p10_ms", "dequant_attention_p90_ms", "overhead_ratio", "max_abs_output_difference"]
+SDPA_BACKENDS = ("flash", "cudnn", "efficient")  # kvpack.study.decode_step.SDPA_BACKENDS
+DECODE_METHODS = (*(f"sdpa_{b}" for b in SDPA_BACKENDS), "sdpa_best", "dequant_sdpa", "fused")
+DECODE_COLUMNS = ["source", "device_slug", "device_name", "record_format", "T", "batch", "q_heads", "kv_heads",
+                  "head_dim", "granularity", "status", "skip_reason",
+                  *(f"{m}_{s}_ms" for m in DECODE_METHODS for s in ("median", "p10", "p90")),
+                  "sdpa_best", "fused_speedup_vs_sdpa", "dequant_sdpa_speedup_vs_sdpa", "fused_fraction_of_int8_bound",
+                  "int8_byte_bound_ms", "fp16_byte_bound_ms", "copy_gbps", "fused_splits", "fused_vs_sdpa_max_abs",
+                  "cache_fp16_bytes", "cache_int8_bytes", "path"]
+DECODE_V1 = "v1: torch's default SDPA, dequantize then SDPA, no fused kernel (superseded)"
+DECODE_V2 = "v2: every SDPA backend, dequantize then SDPA, fused int8"
+
+
+def _decode_v1_row(row: dict) -> dict:
+    """A row of a first-format decode record (one file for all T; reports/reference/h100/decode/decode.json)
+    in the columns of the current format: torch's default SDPA backend, named 'default', is its baseline."""
+    base = row.get("attention_fp16_median_ms")
+    out = {"record_format": DECODE_V1, "T": row.get("T"), "batch": row.get("batch", 1),
+           "q_heads": row.get("heads"), "kv_heads": row.get("heads"), "head_dim": row.get("head_dim"),
+           "granularity": "channel", "status": row.get("status", "ok"), "skip_reason": row.get("skip_reason", ""),
+           "sdpa_best": "default", "cache_fp16_bytes": row.get("cache_fp16_bytes"),
+           "cache_int8_bytes": row.get("cache_int8_bytes"), "fused_vs_sdpa_max_abs": None}
+    for s in ("median", "p10", "p90"):
+        out[f"sdpa_best_{s}_ms"] = row.get(f"attention_fp16_{s}_ms")
+        out[f"dequant_sdpa_{s}_ms"] = row.get(f"dequant_attention_{s}_ms")
+    if base and row.get("dequant_attention_median_ms"):
+        out["dequant_sdpa_speedup_vs_sdpa"] = base / row["dequant_attention_median_ms"]
+    return out
+
+
+def _decode_v2_row(row: dict) -> dict:
+    out = {"record_format": DECODE_V2, **row}
+    skipped = row.get("skipped") or {}
+    if not out.get("skip_reason"):
+        out["skip_reason"] = "; ".join(f"{k}: {v}" for k, v in skipped.items())
+    if out.get("sdpa_best") and out.get("sdpa_best_median_ms") is not None:
+        for s in ("p10", "p90"):
+            out[f"sdpa_best_{s}_ms"] = row.get(f"sdpa_{out['sdpa_best']}_{s}_ms")
+    return out
 
 
 def decode_table(records) -> pd.DataFrame:
-    """One row per cache length of each decode record (kvpack.study.decode_step): fp16 attention alone and
-    dequantize-then-attention, their medians and the ratio."""
+    """One row per decode grid point (kvpack.study.decode_step, kind 'decode'): each SDPA backend's
+    median/p10/p90 ms, the fastest of them (``sdpa_best``, the baseline of every ratio),
+    dequantize-then-SDPA, the fused INT8 kernel, their speedups over the best SDPA, the fused kernel's
+    fraction of the int8 byte bound, and the copy bandwidth of the same job. Rows of first-format records
+    (one file for all T, torch's default SDPA, no fused kernel) are kept, labelled in ``record_format``."""
     rows = []
     for r in records:
         if r.get("kind") != "decode":
+            continue
+        p = r["provenance"]
+        where = {"source": r.get("_source", THIS_RUN), "device_slug": p.get("device_slug") or "unknown",
+                 "device_name": p.get("gpu_name") or p.get("device_name") or "unknown", "path": r.get("_path", "")}
+        for row in r["rows"]:
+            body = _decode_v1_row(row) if "attention_fp16_median_ms" in row or "heads" in row else _decode_v2_row(row)
+            rows.append({**where, "skip_reason": "", **body})
+    if not rows:
+        return pd.DataFrame(columns=DECODE_COLUMNS)
+    df = pd.DataFrame(rows).reindex(columns=DECODE_COLUMNS)
+    df["skip_reason"] = df["skip_reason"].fillna("")
+    return df.sort_values(["source", "device_slug", "record_format", "head_dim", "q_heads", "kv_heads", "batch", "T"],
+                          kind="stable", ascending=[True, True, True, True, True, False, True, True]).reset_index(drop=True)
+
+
+def decode_view(decode: pd.DataFrame) -> pd.DataFrame:
+    """The decode table as the report shows it: current-format rows, the columns a reader compares."""
+    if decode is None or not len(decode):
+        return pd.DataFrame()
+    d = decode[decode["record_format"] == DECODE_V2] if "record_format" in decode else decode
+    cols = ["source", "device_slug", "T", "batch", "q_heads", "kv_heads", "head_dim", "status",
+            "sdpa_flash_median_ms", "sdpa_cudnn_median_ms", "sdpa_efficient_median_ms", "sdpa_best",
+            "dequant_sdpa_median_ms", "fused_median_ms", "fused_speedup_vs_sdpa", "dequant_sdpa_speedup_vs_sdpa",
+            "int8_byte_bound_ms", "fused_fraction_of_int8_bound", "copy_gbps", "skip_reason"]
+    return d[[c for c in cols if c in d.columns]]
+
+
+DECODE_APPEND_COLUMNS = ["source", "device_slug", "device_name", "batch", "kv_heads", "head_dim", "granularity",
+                         "status", "skip_reason", "append_median_us", "append_median_ms", "append_p10_ms",
+                         "append_p90_ms"]
+
+
+def decode_append_table(records) -> pd.DataFrame:
+    """The one-token append timing of each device (kind 'decode_append')."""
+    rows = []
+    for r in records:
+        if r.get("kind") != "decode_append":
             continue
         p = r["provenance"]
         for row in r["rows"]:
             rows.append({"source": r.get("_source", THIS_RUN), "device_slug": p.get("device_slug") or "unknown",
                          "device_name": p.get("gpu_name") or p.get("device_name") or "unknown",
                          "skip_reason": "", **row})
-    return pd.DataFrame(rows).reindex(columns=DECODE_COLUMNS) if rows else pd.DataFrame(columns=DECODE_COLUMNS)
+    return pd.DataFrame(rows).reindex(columns=DECODE_APPEND_COLUMNS) if rows else pd.DataFrame(columns=DECODE_APPEND_COLUMNS)
+
+
+DECODE_ACCURACY_COLUMNS = ["source", "device_slug", "device_name", "path", "distribution", "granularity", "status",
+                           "skip_reason", "batch", "q_heads", "kv_heads", "head_dim", "T", "queries",
+                           "max_abs_error", "rel_l2_error", "top1_agreement", "fp16_sdpa_max_abs_error",
+                           "fp16_sdpa_rel_l2_error", "int8_reference_max_abs_error",
+                           "kernel_vs_int8_reference_max_abs", "output_max_abs", "layers", "sentences"]
+
+
+def decode_accuracy_table(records) -> pd.DataFrame:
+    """Fused INT8 decoding against attention over the unquantized cache (kind 'decode_accuracy',
+    kvpack.study.decode_accuracy): one row per device x K/V source x granularity."""
+    rows = []
+    for r in records:
+        if r.get("kind") != "decode_accuracy":
+            continue
+        p = r["provenance"]
+        for row in r["rows"]:
+            rows.append({"source": r.get("_source", THIS_RUN), "device_slug": p.get("device_slug") or "unknown",
+                         "device_name": p.get("gpu_name") or p.get("device_name") or "unknown",
+                         "skip_reason": "", **row})
+    if not rows:
+        return pd.DataFrame(columns=DECODE_ACCURACY_COLUMNS)
+    df = pd.DataFrame(rows).reindex(columns=DECODE_ACCURACY_COLUMNS)
+    df["skip_reason"] = df["skip_reason"].fillna("")
+    return df
 
 
 def _workload_cols(record: dict) -> dict:
@@ -522,6 +622,8 @@ class Tables:
     provenance: pd.DataFrame = field(default_factory=pd.DataFrame)
     paper_l2: pd.DataFrame = field(default_factory=pd.DataFrame)
     decode: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=DECODE_COLUMNS))
+    decode_append: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=DECODE_APPEND_COLUMNS))
+    decode_accuracy: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=DECODE_ACCURACY_COLUMNS))
 
     def as_dict(self) -> dict[str, pd.DataFrame]:
         return {n: getattr(self, n) for n in TABLE_NAMES}
@@ -537,9 +639,9 @@ def read_tables(tables_dir) -> Tables:
                 df = pd.read_csv(p, keep_default_na=True)
             except pd.errors.EmptyDataError:
                 continue
-            for c in ("skip_reason", "note"):
+            for c in ("skip_reason", "note", "record_format"):
                 if c in df:
-                    df[c] = df[c].fillna("")
+                    df[c] = df[c].astype(object).fillna("")
             kw[name] = df
     return Tables(**kw)
 
@@ -637,6 +739,10 @@ __all__ = [
     "accuracy_table",
     "bandwidth_summary",
     "collect_records",
+    "decode_accuracy_table",
+    "decode_append_table",
+    "decode_table",
+    "decode_view",
     "fmt",
     "for_display",
     "gbps",
