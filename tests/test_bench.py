@@ -104,5 +104,7 @@ def test_provenance_and_device():
     p = environment.provenance("cpu", "h")
     for key in ("device_slug", "torch", "cpu_model", "cpu_threads", "git_commit", "config_hash", "date"):
         assert p[key] not in (None, "")
+    assert 1 <= p["cpu_usable_threads"] <= min(p["cpu_affinity"], p["cpu_threads"])
+    assert "cgroup_cpu_quota" in p and p["cgroup_cpu_source"]
     assert environment.device_slug("cpu").startswith("cpu-")
     assert environment.config_hash({"a": 1, "b": [2]}) == environment.config_hash({"b": [2], "a": 1})

@@ -1,7 +1,8 @@
 """Where a run happened: device resolution, a slug for results/{device}/, and provenance.
 
-Every record carries ``provenance(...)``: GPU, driver, CUDA, torch, CPU model and threads, git
-commit, config hash and date, so numbers from several machines can be merged and traced.
+Every record carries ``provenance(...)``: GPU, driver, CUDA, torch, CPU model and threads (with the
+affinity mask and cgroup CPU quota), git commit, config hash and date, so numbers from several
+machines can be merged and traced.
 """
 
 from __future__ import annotations
@@ -98,6 +99,17 @@ def _driver_version() -> str | None:
         return None
 
 
+def cpu_facts() -> dict:
+    """What the CPU lets this process use (kvpack.study.cpu_threads.cpu_limits): the affinity mask, the
+    cgroup CPU quota (None: no quota) and where it was read, and the usable count, min(affinity,
+    ceil(quota), torch's default), the ceiling of the cpu_torch baseline's threads."""
+    from ..study.cpu_threads import cpu_limits
+
+    lim = cpu_limits()
+    return {"cpu_affinity": lim["affinity"], "cgroup_cpu_quota": lim["cgroup_quota_cpus"],
+            "cgroup_cpu_source": lim["cgroup_source"], "cpu_usable_threads": lim["usable"]}
+
+
 def provenance(device: str = "auto", config_hash: str = "") -> dict:
     device = resolve_device(device)
     gpu = None
@@ -121,6 +133,7 @@ def provenance(device: str = "auto", config_hash: str = "") -> dict:
         "python": platform.python_version(),
         "cpu_model": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
+        **cpu_facts(),
         "git_commit": git_commit(),
         "config_hash": config_hash,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

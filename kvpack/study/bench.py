@@ -25,7 +25,7 @@ import torch
 
 from .. import ops
 from ..torch_impl import dequantize_torch, quantize_fused_torch, quantize_torch, scales_torch
-from . import workloads
+from . import cpu_threads, workloads
 
 log = logging.getLogger("kvpack.study.bench")
 
@@ -197,15 +197,16 @@ class _Job:
         self.dtype = workloads.resolve_dtype(workload.get("dtype", "float32"))
         self.rows: list[dict] = []
         self.copy_gbps = None
+        self.cpu_limits: dict | None = None  # kvpack.study.cpu_threads.cpu_limits(), read once per job
 
-    def add(self, impl, family, device, op, granularity, timing: Timing, bit_exact=None):
+    def add(self, impl, family, device, op, granularity, timing: Timing, bit_exact=None, **extra):
         s = timing.summary()
         nbytes = op_bytes(op, self.T, self.D, self.dtype, granularity)
         rate = gbps(nbytes, s["median_ms"])
         frac = rate / self.copy_gbps if (self.copy_gbps and device == "cuda") else None
         peak = int(torch.cuda.max_memory_allocated()) if device == "cuda" else None
         self.rows.append(_row(impl, family, device, op, granularity, bytes=nbytes, gbps=rate,
-                              fraction_of_copy=frac, peak_memory_bytes=peak, bit_exact=bit_exact, **s))
+                              fraction_of_copy=frac, peak_memory_bytes=peak, bit_exact=bit_exact, **s, **extra))
         log.info("%-28s %-15s %-8s median %.4f ms  %.1f GB/s", impl, op, granularity, s["median_ms"], rate)
 
     # CPU baselines: the paper's serial loops and multi-threaded torch, on a CPU copy of x.
@@ -233,13 +234,35 @@ class _Job:
                 else:
                     ref_q[g] = q
                 # Each timed call is a partial: it holds this iteration's variant, g, s and q, not the loop's.
-                self.add(variant, "cpu_baseline", "cpu", "scales", g, time_cpu(
-                    partial(ops.compute_scales, x_cpu, g, variant=variant, check_finite=False), w, r, budget))
-                self.add(variant, "cpu_baseline", "cpu", "quantize", g, time_cpu(
-                    partial(ops.quantize, x_cpu, variant, g, scales=s, check_finite=False), w, r, budget), exact)
-                self.add(variant, "cpu_baseline", "cpu", "dequantize", g, time_cpu(
-                    partial(ops.dequantize, q, s, variant, g, dtype=self.dtype), w, r, budget))
-                del q
+                calls = {
+                    "scales": partial(ops.compute_scales, x_cpu, g, variant=variant, check_finite=False),
+                    "quantize": partial(ops.quantize, x_cpu, variant, g, scales=s, check_finite=False),
+                    "dequantize": partial(ops.dequantize, q, s, variant, g, dtype=self.dtype),
+                }
+                for op, fn in calls.items():
+                    bit = exact if op == "quantize" else None
+                    if variant != "cpu_torch":  # the serial loops: one thread by construction
+                        self.add(variant, "cpu_baseline", "cpu", op, g, time_cpu(fn, w, r, budget), bit, threads=1)
+                        continue
+                    timing, threads = self.time_cpu_torch(fn, w, r, budget)
+                    self.add(variant, "cpu_baseline", "cpu", op, g, timing, bit, **threads)
+                del q, calls
+
+    def time_cpu_torch(self, fn, w, r, budget) -> tuple[Timing, dict]:
+        """Time one cpu_torch op at the usable thread count (what the process may really use) and at one
+        thread, and report the faster (kvpack.study.cpu_threads.choose_threads; torch's thread count is
+        restored). The choice, both medians and the machine's limits go in the row."""
+        if self.cpu_limits is None:
+            self.cpu_limits = cpu_threads.cpu_limits()
+
+        def timer(f):
+            t = time_cpu(f, w, r, budget)
+            return t.summary()["median_ms"], t
+
+        choice, timing = cpu_threads.choose_threads(fn, self.cpu_limits, timer=timer)
+        lim = self.cpu_limits
+        return timing, {**choice, "cpu_affinity": lim["affinity"], "cgroup_cpu_quota": lim["cgroup_quota_cpus"],
+                        "torch_default_threads": lim["torch_default"]}
 
     def run_cuda(self, x: torch.Tensor, granularities):
         w, r = int(self.s["warmup"]), int(self.s["repeats"])
