@@ -194,6 +194,10 @@ BAD = [
     ("warmup-negative", {"benchmark": {"warmup": -1}}, ["benchmark.warmup", "-1 is less than the minimum of 0"]),
     ("reference-dirs-not-a-list", {"reference_dirs": "reports/reference/h100"},
      ["reference_dirs", "not of type array"]),
+    ("reference-dir-typo", {"reference_dirs": ["reports/reference/h100", "reports/reference/h20"]},
+     ["reference_dirs[1]: reports/reference/h20 does not exist (typo?)", "existing beside it: reports/reference/h100"]),
+    ("reference-dir-without-records", {"reference_dirs": ["reports/reference/h100", "docs"]},
+     ["reference_dirs[1]: docs holds no records"]),
     ("granularity-unknown", {"granularities": ["block"]}, ["granularities[0]", "'block' is not one of"]),
     ("peer-unknown", {"benchmark": {"peers": ["cublas"]}}, ["benchmark.peers[0]", "'cublas' is not one of"]),
     ("device-name-not-a-slug", {"device_name": "My GPU"}, ["device_name", "does not match"]),
@@ -235,6 +239,24 @@ def test_bad_config_names_the_key_and_the_reason(overlay, fragments):
     assert msg.startswith("invalid config:")
     for fragment in fragments:
         assert fragment in msg, f"{fragment!r} not in {msg!r}"
+
+
+def test_reference_dirs_that_hold_records_pass(tmp_path, monkeypatch):
+    # relative to the checkout (the working directory elsewhere), relative to the working directory, absolute
+    ref = tmp_path / "ref" / "gpu-x"
+    (ref / "decode").mkdir(parents=True)
+    (ref / "decode" / "append.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    dirs = ["reports/reference/h100", "ref/gpu-x", str(ref)]
+    assert kvconfig.validate_config(merged({"reference_dirs": dirs}), check_device=False)["reference_dirs"] == dirs
+    assert kvconfig.resolve_reference_dir("ref/gpu-x") == Path("ref/gpu-x")
+    assert kvconfig.resolve_reference_dir("reports/reference/h100") == ROOT / "reports/reference/h100"
+    assert kvconfig.validate_config(merged({"reference_dirs": []}), check_device=False)["reference_dirs"] == []
+
+
+def test_every_shipped_reference_dir_exists():
+    for d in load(CONFIG)["reference_dirs"] + kvconfig.load_schema()["properties"]["reference_dirs"]["default"]:
+        assert kvconfig.resolve_reference_dir(d) is not None, f"{d} is a shipped reference dir, but not in the checkout"
 
 
 def test_every_problem_is_reported_at_once():
@@ -286,6 +308,8 @@ SNAKEMAKE_BAD = [
     ("D-a-float", {"grid": [{"name": "a", "T": 4, "D": 64.5}]}, "grid[0].D: 64.5 is not of type integer"),
     ("repeats-0", {"benchmark": {"repeats": 0}}, "benchmark.repeats: 0 is less than the minimum of 1"),
     ("decode-gqa", {"decode": {"heads": [[32, 6]]}}, "decode.heads[0]: q_heads 32 is not a multiple of kv_heads 6"),
+    ("reference-dir-typo", {"reference_dirs": ["reports/reference/h10"]},
+     "reference_dirs[0]: reports/reference/h10 does not exist (typo?)"),
     pytest.param("cuda-on-cpu-only", {"device": "cuda"}, "device 'cuda' was requested",
                  marks=pytest.mark.skipif(HAS_CUDA, reason="needs a machine without CUDA")),
 ]

@@ -10,7 +10,8 @@ The JSON schema (``workflow/schemas/config.schema.yaml``, Draft 2020-12) holds t
 types, bounds and defaults; :func:`validate_config` fills the defaults in place (as
 ``snakemake.utils.validate`` does), reports *every* violation with the key it concerns, then adds
 the checks a schema cannot express: integers written as floats, duplicate shapes or names, a GPU
-requested on a machine without one, variants none of which runs on the chosen device.
+requested on a machine without one, variants none of which runs on the chosen device, a reference
+dir that does not exist or holds no records.
 """
 
 from __future__ import annotations
@@ -128,7 +129,43 @@ def _semantic_errors(config: dict) -> list[str]:
     unknown_g = [g for g in config["granularities"] if g not in ops.GRANULARITIES]
     if unknown_g:
         problems.append(f"granularities: unknown {unknown_g}; known: {list(ops.GRANULARITIES)}")
-    return problems + _decode_errors(config.get("decode") or {})
+    return problems + _decode_errors(config.get("decode") or {}) + _reference_dir_errors(config["reference_dirs"])
+
+
+REFERENCE_KINDS = ("benchmark", "accuracy", "decode")  # the record folders a reference dir holds (docs/records.md)
+
+
+def resolve_reference_dir(path) -> Path | None:
+    """A reference dir as the workflow finds it (common.smk): relative paths in the working directory
+    first, then in the checkout; None when neither is a directory."""
+    for candidate in (Path(path), ROOT / path):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def _has_records(d: Path) -> bool:
+    return any(any((d / kind).glob("*.json")) for kind in REFERENCE_KINDS)
+
+
+def _reference_dir_errors(dirs) -> list[str]:
+    """Each reference dir must exist and hold records: one dropped in silence (a typo) would take its
+    GPU's rows out of the report without a word."""
+    problems = []
+    for i, entry in enumerate(dirs):
+        d = resolve_reference_dir(entry)
+        if d is None:
+            where = Path(entry).parent
+            siblings = [p for base in dict.fromkeys((Path(where), ROOT / where)) if base.is_dir()
+                        for p in sorted(base.iterdir()) if p.is_dir() and _has_records(p)]
+            existing = ", ".join(dict.fromkeys(str(where / p.name) for p in siblings)) or "none with records"
+            looked = "" if Path(entry).is_absolute() else \
+                f"; looked up in {Path.cwd()}" + ("" if Path.cwd().resolve() == ROOT else f" and in {ROOT}")
+            problems.append(f"reference_dirs[{i}]: {entry} does not exist (typo?); existing beside it: {existing}{looked}")
+        elif not _has_records(d):
+            problems.append(f"reference_dirs[{i}]: {entry} holds no records (no {{{','.join(REFERENCE_KINDS)}}}/*.json, "
+                            "the layout of results/{device}/; docs/records.md)")
+    return problems
 
 
 def _heads_error(key: str, pair) -> str | None:
