@@ -97,6 +97,16 @@ def dequantize_cache(cache, cache_scales, granularity: str = "token") -> np.ndar
     return c * (s[..., :, None] if granularity == "token" else s[..., None, :])
 
 
+def _decode_operands(q, k, v, lengths, sm_scale):
+    """q, k, v in float64, the GQA group size, the softmax scale (1/sqrt(D) by default), the lengths."""
+    qa, ka, va = _f64(q), _f64(k), _f64(v)
+    b, hq, d = qa.shape
+    t = ka.shape[2]
+    scale = 1.0 / np.sqrt(d) if sm_scale is None else float(sm_scale)
+    lens = np.full(b, t) if lengths is None else np.asarray(_f64(lengths), dtype=np.int64)
+    return qa, ka, va, hq // ka.shape[1], scale, lens
+
+
 def attention_decode(q, k, v, lengths=None, sm_scale=None) -> np.ndarray:
     """Float64 decode attention: softmax(q k^T * sm_scale) v, one query per sequence.
 
@@ -104,12 +114,8 @@ def attention_decode(q, k, v, lengths=None, sm_scale=None) -> np.ndarray:
     query head h attends with KV head h // (Hq / Hkv); sequence b sees its first lengths[b] tokens.
     Returns float64 [B, Hq, D].
     """
-    qa, ka, va = _f64(q), _f64(k), _f64(v)
+    qa, ka, va, group, scale, lens = _decode_operands(q, k, v, lengths, sm_scale)
     b, hq, d = qa.shape
-    hkv, t = ka.shape[1], ka.shape[2]
-    group = hq // hkv
-    scale = 1.0 / np.sqrt(d) if sm_scale is None else float(sm_scale)
-    lens = np.full(b, t) if lengths is None else np.asarray(_f64(lengths), dtype=np.int64)
     out = np.empty((b, hq, d))
     for i in range(b):
         n = int(lens[i])
@@ -150,12 +156,8 @@ def decode_error_bound(q, k, v, lengths=None, sm_scale=None, *, score_rel: float
     by at most w_t (e^{2 Delta} - 1), so the output, a convex combination of V rows, moves by at most
     (e^{2 Delta} - 1) max_t |v_t|; weight rounding adds weight_rel * max|v|; V errors add v_err.
     """
-    qa, ka, va = _f64(q), _f64(k), _f64(v)
+    qa, ka, va, group, scale, lens = _decode_operands(q, k, v, lengths, sm_scale)
     b, hq, d = qa.shape
-    hkv, t = ka.shape[1], ka.shape[2]
-    group = hq // hkv
-    scale = 1.0 / np.sqrt(d) if sm_scale is None else float(sm_scale)
-    lens = np.full(b, t) if lengths is None else np.asarray(_f64(lengths), dtype=np.int64)
     ref = attention_decode(qa, ka, va, lens, scale)
     bound = np.empty((b, hq, d))
     for i in range(b):

@@ -170,17 +170,23 @@ DECODE_APPEND_COLUMNS = ["source", "device_slug", "device_name", "batch", "kv_he
                          "append_p90_ms"]
 
 
-def decode_append_table(records) -> pd.DataFrame:
-    """The one-token append timing of each device (kind 'decode_append')."""
+def _device_rows(records, kind: str) -> list[dict]:
+    """The rows of every record of ``kind``, each with its source and the device that measured it."""
     rows = []
     for r in records:
-        if r.get("kind") != "decode_append":
+        if r.get("kind") != kind:
             continue
         p = r["provenance"]
         for row in r["rows"]:
             rows.append({"source": r.get("_source", THIS_RUN), "device_slug": p.get("device_slug") or "unknown",
                          "device_name": p.get("gpu_name") or p.get("device_name") or "unknown",
                          "skip_reason": "", **row})
+    return rows
+
+
+def decode_append_table(records) -> pd.DataFrame:
+    """The one-token append timing of each device (kind 'decode_append')."""
+    rows = _device_rows(records, "decode_append")
     return pd.DataFrame(rows).reindex(columns=DECODE_APPEND_COLUMNS) if rows else pd.DataFrame(columns=DECODE_APPEND_COLUMNS)
 
 
@@ -194,15 +200,7 @@ DECODE_ACCURACY_COLUMNS = ["source", "device_slug", "device_name", "path", "dist
 def decode_accuracy_table(records) -> pd.DataFrame:
     """Fused INT8 decoding against attention over the unquantized cache (kind 'decode_accuracy',
     kvpack.study.decode_accuracy): one row per device x K/V source x granularity."""
-    rows = []
-    for r in records:
-        if r.get("kind") != "decode_accuracy":
-            continue
-        p = r["provenance"]
-        for row in r["rows"]:
-            rows.append({"source": r.get("_source", THIS_RUN), "device_slug": p.get("device_slug") or "unknown",
-                         "device_name": p.get("gpu_name") or p.get("device_name") or "unknown",
-                         "skip_reason": "", **row})
+    rows = _device_rows(records, "decode_accuracy")
     if not rows:
         return pd.DataFrame(columns=DECODE_ACCURACY_COLUMNS)
     df = pd.DataFrame(rows).reindex(columns=DECODE_ACCURACY_COLUMNS)
