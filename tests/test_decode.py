@@ -123,8 +123,9 @@ def test_decode_table_reads_the_first_format(tmp_path):
 
 @pytest.mark.parametrize("speedup, verdict", [(1.8, claims.REPRODUCED), (0.8, claims.NOT_REPRODUCED)])
 def test_decode_claims_from_fused_rows(tmp_path, speedup, verdict):
+    """Each source judged on its own decode rows: the synthetic GPU's fused rows, the H100's first-format rows."""
     t = assemble.build_tables(reference_dirs=[REF, write_synthetic(tmp_path / "ref", speedup)])
-    c = t.claims.set_index("claim_id")
+    c = t.claims[t.claims["source"] == "reference: ref"].set_index("claim_id")
     row = c.loc["decode_overhead"]
     assert row["verdict"] == verdict, row.to_dict()
     assert "fused INT8 decode" in row["our_value"] and "test-gpu" in row["our_source"]
@@ -132,6 +133,13 @@ def test_decode_claims_from_fused_rows(tmp_path, speedup, verdict):
     target = c.loc["decode_speed_target"]
     assert target["verdict"] == verdict, target.to_dict()
     assert "append of one token <= 15 us: met" in target["note"]
+    h100 = t.claims[t.claims["source"] == "reference: h100"].set_index("claim_id")
+    assert h100.loc["decode_overhead", "verdict"] == claims.NOT_REPRODUCED  # dequantize-then-attend, v1 rows
+    assert "no fused-kernel rows" in h100.loc["decode_overhead", "our_value"]
+    assert h100.loc["decode_speed_target", "verdict"] == claims.NOT_MEASURABLE
+    # the decode-only reference has a GPU but no benchmark or accuracy records: not measurable there, not 'needs a GPU'
+    assert set(c.loc[["max_speedup", "overhead_range", "reconstruction_error"], "verdict"]) == {claims.NOT_MEASURABLE}
+    assert h100.loc["max_speedup", "verdict"] == claims.REPRODUCED  # and the H100's benchmark verdicts stand beside it
 
 
 def test_decode_speed_target_missed_append(tmp_path):

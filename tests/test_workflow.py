@@ -210,4 +210,8 @@ def test_end_to_end_tables_figures_report(e2e):
     from kvpack.report.claims import CLAIM_CHECKS
 
     ours = [c for c in CLAIM_CHECKS if c not in ids]  # claims of our own (decode_overhead), after the paper's
-    assert list(claims["claim_id"]) == ids + ours, "claims.csv must have one row per claim, the paper's first"
+    assert list(dict.fromkeys(claims["claim_id"])) == ids + ours, "claims.csv: every claim, the paper's first"
+    # one row per claim and source (this run, each reference dir), each source judged on its own rows
+    assert not claims.duplicated(["claim_id", "source", "device_slug"]).any()
+    per_claim = claims.groupby("claim_id", sort=False).size()
+    assert (per_claim == per_claim.iloc[0]).all() and "this run" in set(claims["source"])

@@ -1,10 +1,19 @@
-"""The paper's claims (reports/paper/claims.yaml) checked against our tables: one verdict per claim.
+"""The paper's claims (reports/paper/claims.yaml) checked against our tables: one verdict per claim and
+per source.
+
+Every claim is judged separately on each machine whose records the tables hold: this run and each
+reference directory (a (source, device_slug) pair, :func:`judged_sources`). A check sees only that
+machine's rows (:func:`restrict`), so a small grid measured by this run never stands in for the full
+grid of a reference run, and a source that lacks the data gets its own 'needs a CUDA GPU' or 'not
+measurable here' without touching another source's verdict. :func:`claims_side_by_side` puts the
+verdicts of one claim next to each other, with a one-line summary.
 
 Verdicts are computed here, every time, from the tables; none is stored anywhere:
-  'reproduced' / 'not reproduced'   our measurement agrees / disagrees with the claim (the rule is
-                                    in each check's note)
-  'needs a CUDA GPU'                a GPU claim, and no GPU measurement exists (this run or a reference dir)
-  'not measurable here'             the data needed is missing (a shape not in the grid, a baseline skipped)
+  'reproduced' / 'not reproduced'   this source's measurement agrees / disagrees with the claim (the
+                                    rule is in each check's note)
+  'needs a CUDA GPU'                a GPU claim, and this source ran without a GPU (or no records at all)
+  'not measurable here'             this source lacks the data needed (a shape not in its grid, a
+                                    baseline skipped, no records of that kind)
 
 Each claim has a check function in :data:`CLAIM_CHECKS`, registered with :func:`register_claim`; a new
 claim (the paper's or one of ours) is one more decorated function:
@@ -20,7 +29,7 @@ Also here: :func:`paper_l2_check`, which shows the paper's L2 errors stop growin
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -46,7 +55,9 @@ NEEDS_GPU = "needs a CUDA GPU"
 NOT_MEASURABLE = "not measurable here"
 VERDICTS = (REPRODUCED, NOT_REPRODUCED, NEEDS_GPU, NOT_MEASURABLE)
 
-CLAIMS_COLUMNS = ["claim_id", "text", "paper_value", "our_value", "our_source", "verdict", "note"]
+CLAIMS_COLUMNS = ["claim_id", "text", "paper_value", "source", "device_slug", "device", "verdict", "our_value",
+                  "our_source", "note"]
+NO_SOURCE = "no records"  # the source of the one row per claim when neither this run nor a reference has records
 
 LARGE_ELEMENTS = 1 << 20   # "workloads >= 1M elements": below this, launch overhead dominates the timings
 TILING_TOLERANCE = 0.10    # tiled within +-10 % of naive (or slower) counts as "no gain"
@@ -98,27 +109,103 @@ def _paper_value(spec: dict) -> str:
     return fmt(v)
 
 
+def judged_sources(t: Tables) -> list[tuple[str, str]]:
+    """(source, device_slug) of every machine with records in the tables: this run first, then the
+    reference directories by name. Each is judged on its own rows."""
+    keys = set()
+    for name in PER_SOURCE_TABLES:
+        df = getattr(t, name)
+        if df is not None and len(df) and {"source", "device_slug"} <= set(df.columns):
+            keys |= set(zip(df["source"].astype(str), df["device_slug"].astype(str)))
+    return sorted(keys, key=lambda k: (k[0] != THIS_RUN, k))
+
+
+PER_SOURCE_TABLES = ("performance", "accuracy", "speedups", "provenance", "decode", "decode_append", "decode_accuracy")
+
+
+def restrict(t: Tables, source: str, device_slug: str) -> Tables:
+    """The tables as one machine of one source sees them: its rows of every measured table (the paper's
+    numbers, the memory closed form, the workloads stay whole). The claims table is left out."""
+    kw = {}
+    for name in PER_SOURCE_TABLES:
+        df = getattr(t, name)
+        if df is not None and len(df) and {"source", "device_slug"} <= set(df.columns):
+            df = df[(df["source"].astype(str) == source) & (df["device_slug"].astype(str) == device_slug)]
+        kw[name] = df
+    return replace(t, claims=pd.DataFrame(), **kw)
+
+
+def _device_name(t: Tables, source: str, slug: str) -> str:
+    """The hardware of one source: the GPU's name from its provenance, else the device's name."""
+    p = t.provenance
+    if p is None or not len(p):
+        return ""
+    r = p[(p["source"].astype(str) == source) & (p["device_slug"].astype(str) == slug)]
+    for col in ("gpu_name", "device_name"):
+        if len(r) and col in r and str(r[col].iloc[0]) not in ("", "nan", "None"):
+            return str(r[col].iloc[0])
+    return ""
+
+
 def claims_table(tables: Tables, claims_path=PAPER_DIR / "claims.yaml") -> pd.DataFrame:
-    """Every claim of claims.yaml, then every registered claim not in it: paper value, ours, verdict, note."""
+    """Every claim of claims.yaml, then every registered claim not in it, each judged once per source
+    (:func:`judged_sources`; one row per claim x source, this run first): paper value, ours, verdict, note."""
     specs = load_claims(claims_path)
     known = {s["id"] for s in specs}
     specs += [{"id": cid, "text": c.text or cid} for cid, c in CLAIM_CHECKS.items() if cid not in known]
+    sources = judged_sources(tables)
+    views = [(s, d, restrict(tables, s, d), _device_name(tables, s, d)) for s, d in sources]
+    if not views:
+        views = [(NO_SOURCE, "", tables, "")]
     rows = []
     for spec in specs:
         check = CLAIM_CHECKS.get(spec["id"])
-        if check is None:
-            res = Result(NOT_MEASURABLE, note="no check is implemented for this claim")
-        else:
-            try:
-                res = check.fn(tables, spec)
-            except Exception as e:  # noqa: BLE001  (a broken check is reported, never hides the other claims)
-                res = Result(NOT_MEASURABLE, note=f"check failed: {type(e).__name__}: {e}")
-        assert res.verdict in VERDICTS, res.verdict
-        pv = res.paper_value or (check.paper_value if check and check.paper_value else None) or _paper_value(spec)
-        rows.append({"claim_id": spec["id"], "text": " ".join(str(spec.get("text", "")).split()), "paper_value": pv,
-                     "our_value": res.our_value, "our_source": res.our_source, "verdict": res.verdict,
-                     "note": res.note, "our_number": res.our_number})
+        for source, slug, view, device in views:
+            if check is None:
+                res = Result(NOT_MEASURABLE, note="no check is implemented for this claim")
+            else:
+                try:
+                    res = check.fn(view, spec)
+                except Exception as e:  # noqa: BLE001  (a broken check is reported, never hides the other claims)
+                    res = Result(NOT_MEASURABLE, note=f"check failed: {type(e).__name__}: {e}")
+            assert res.verdict in VERDICTS, res.verdict
+            pv = res.paper_value or (check.paper_value if check and check.paper_value else None) or _paper_value(spec)
+            rows.append({"claim_id": spec["id"], "text": " ".join(str(spec.get("text", "")).split()), "paper_value": pv,
+                         "source": source, "device_slug": slug, "device": device, "verdict": res.verdict,
+                         "our_value": res.our_value, "our_source": res.our_source, "note": res.note,
+                         "our_number": res.our_number})
     return pd.DataFrame(rows, columns=CLAIMS_COLUMNS + ["our_number"])
+
+
+def source_labels(claims: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """(source, device_slug) -> a column name: 'reference: h100' where the reference directory holds one
+    machine, else 'this run: <slug>' / 'reference: x: <slug>'."""
+    keys = list(dict.fromkeys(zip(claims["source"].astype(str), claims["device_slug"].fillna("").astype(str))))
+    slugs: dict[str, set] = {}
+    for s, d in keys:
+        slugs.setdefault(s, set()).add(d)
+    return {(s, d): s if (not d or (s != THIS_RUN and len(slugs[s]) == 1)) else source_device_label(s, d)
+            for s, d in keys}
+
+
+def claims_side_by_side(claims: pd.DataFrame) -> pd.DataFrame:
+    """One row per claim: the paper's value, the verdict of each source in its own column (this run first),
+    and ``summary``, the sources grouped by verdict ('reproduced on reference: h100; needs a CUDA GPU on
+    this run: laptop')."""
+    if claims is None or not len(claims):
+        return pd.DataFrame(columns=["claim_id", "paper_value", "summary"])
+    labels = source_labels(claims)
+    c = claims.assign(_label=[labels[(str(s), "" if pd.isna(d) else str(d))]
+                              for s, d in zip(claims["source"], claims["device_slug"])])
+    cols = list(dict.fromkeys(labels.values()))
+    rows = []
+    for cid, g in c.groupby("claim_id", sort=False):
+        by = dict(zip(g["_label"], g["verdict"]))
+        summary = "; ".join(f"{v} on {', '.join(lab for lab in cols if by.get(lab) == v)}"
+                            for v in VERDICTS if v in by.values())
+        rows.append({"claim_id": cid, "paper_value": g["paper_value"].iloc[0], **{lab: by.get(lab, "") for lab in cols},
+                     "summary": summary})
+    return pd.DataFrame(rows, columns=["claim_id", "paper_value", *cols, "summary"])
 
 
 # --- helpers over the tables ---------------------------------------------------------------------
@@ -156,18 +243,43 @@ def _where(rows: pd.DataFrame) -> str:
     return f"{hw} ({src})" if hw else src
 
 
+def _any_rows(t: Tables) -> bool:
+    return any(getattr(t, n) is not None and len(getattr(t, n)) for n in PER_SOURCE_TABLES)
+
+
+def _gpu_seen(t: Tables) -> bool:
+    """Did this source measure anything on a GPU (a timing, an accuracy row or a decode step)?"""
+    for df in (t.performance, t.accuracy):
+        if df is not None and len(df) and ((df["device"] == "cuda") & (df["status"] == "ok")).any():
+            return True
+    return t.decode is not None and len(t.decode) > 0
+
+
+def _missing(t: Tables, what: str, needs_gpu_note: str) -> Result:
+    """The verdict of a source that lacks ``what``: 'needs a CUDA GPU' where it ran without one (or there are
+    no records at all), 'not measurable here' where it had a GPU but did not record ``what``."""
+    if not _any_rows(t):
+        return Result(NEEDS_GPU, note=needs_gpu_note)
+    if not _gpu_seen(t):
+        perf = t.performance
+        skipped = perf[(perf["device"] == "cuda") & (perf["status"] != "ok")] if perf is not None and len(perf) else perf
+        why = (f" (its GPU variants were skipped: {skipped['skip_reason'].astype(str).iloc[0]})"
+               if skipped is not None and len(skipped) else "")
+        return Result(NEEDS_GPU, note=f"this source measured nothing on a CUDA GPU{why}; {needs_gpu_note}")
+    return Result(NOT_MEASURABLE, note=f"this source holds no {what}")
+
+
 def _per_gpu(t: Tables, fn: Callable[[str, str, pd.DataFrame], Result]) -> Result:
-    """Run ``fn`` for each GPU machine with measurements; the first (this run, else a reference) gives the
-    verdict, the others are summarised in the note. No GPU rows anywhere -> 'needs a CUDA GPU'."""
+    """Run ``fn`` on the GPU timings of the one machine whose tables these are (claims_table restricts the
+    tables to one source at a time). No GPU timings -> 'needs a CUDA GPU' or 'not measurable here'."""
     groups = _groups(_gpu_totals(t))
     if not groups:
-        return Result(NEEDS_GPU, "", "", "no GPU measurements in this run or in any reference directory")
-    results = [(s, d, fn(s, d, rows)) for s, d, rows in groups]
-    first = results[0][2]
-    others = [f"{source_device_label(s, d)}: {r.our_value or '-'} -> {r.verdict}" for s, d, r in results[1:]]
-    if others:
-        first.note = "; ".join(filter(None, [first.note, "also " + "; ".join(others)]))
-    return first
+        return _missing(t, "GPU timings of the paper's kernels (fp32, per-channel; no benchmark records of them)",
+                        "no GPU measurements in this run or in any reference directory")
+    if len(groups) > 1:
+        raise ValueError("GPU timings of several machines: judge one at a time (claims_table, restrict)")
+    source, slug, rows = groups[0]
+    return fn(source, slug, rows)
 
 
 def _spearman(x, y) -> float:
@@ -214,7 +326,8 @@ def _reconstruction_error(t: Tables, spec: dict) -> Result:
     acc = _paper_setup(_ok(t.accuracy))
     acc = acc[acc["max_abs_error"].notna()] if len(acc) else acc
     if not len(acc):
-        return Result(NOT_MEASURABLE, note="no accuracy measurements (fp32, per-channel)", paper_value=f"< {bound:g}")
+        return Result(NOT_MEASURABLE, note="no accuracy measurements (fp32, per-channel) from this source",
+                      paper_value=f"< {bound:g}")
     worst = acc.loc[acc["max_abs_error"].idxmax()]
     verdict = REPRODUCED if (acc["max_abs_error"] < bound).all() else NOT_REPRODUCED
     note = (f"max over {acc['workload'].nunique()} workloads ({fmt(acc['elements'].min())} to "
@@ -242,7 +355,7 @@ def _attention_error_8k(t: Tables, spec: dict) -> Result:
         return Result(verdict, f"{worst:.4f}", f"measured at D = 8192: {_where(at8k)}",
                       f"closed-form prediction {pred:.4f}; {len(at8k)} measurement(s)", float(worst), pv)
     pred = metrics.paper_predictions(LLM_T, 8192)["predicted_attention_score_error"]
-    note = (f"D = 8192 not in this run's grid (not measured at D = 8192). The closed form "
+    note = (f"D = 8192 not in this source's grid (not measured at D = 8192). The closed form "
             f"sqrt(2/pi) sqrt(D/3) s/sqrt(12) gives {pred:.4f} there ({'below' if pred < bound else 'above'} {bound:g}).")
     if len(acc):
         big = acc[acc["D"] == acc["D"].max()]
@@ -441,8 +554,13 @@ def summary_lines(t: Tables) -> list[str]:
     """Short facts for the report's Summary, from the tables."""
     out = []
     claims = t.claims if t.claims is not None and len(t.claims) else claims_table(t)
-    counts = claims["verdict"].value_counts()
-    out.append(f"{len(claims)} claims checked: " + ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS if counts.get(v, 0)) + ".")
+    labels = source_labels(claims)
+    n = claims["claim_id"].nunique()
+    for key, label in labels.items():
+        g = claims[(claims["source"].astype(str) == key[0]) & (claims["device_slug"].fillna("").astype(str) == key[1])]
+        counts = g["verdict"].value_counts()
+        out.append(f"{n} claims judged on {label}: "
+                   + ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS if counts.get(v, 0)) + ".")
     perf = t.performance
     if perf is not None and len(perf):
         for (src, slug), g in perf.groupby(["source", "device_slug"]):
@@ -476,11 +594,15 @@ __all__ = [
     "REPRODUCED",
     "VERDICTS",
     "Result",
+    "claims_side_by_side",
     "claims_table",
+    "judged_sources",
     "load_claims",
     "paper_l2_check",
     "paper_l2_note",
     "register_claim",
+    "restrict",
+    "source_labels",
     "summary_lines",
 ]
 
@@ -497,7 +619,7 @@ TARGET_APPEND_US = 15.0            # one token appended to every sequence (B = 3
 
 def _fused_rows(d: pd.DataFrame) -> pd.DataFrame:
     """The decode rows with a fused-kernel time, of the one device with the most of them (ties: the
-    last by name), so that a claim is judged on one GPU's rows."""
+    last by name), so that a claim is judged on one GPU's rows (claims_table passes one source's rows)."""
     if d is None or not len(d) or "fused_median_ms" not in d:
         return pd.DataFrame(columns=getattr(d, "columns", []))
     f = d[(d["status"] == "ok") & d["fused_median_ms"].notna() & d["sdpa_best_median_ms"].notna()]
@@ -521,8 +643,8 @@ def _point(r) -> str:
 def _decode_overhead(t: Tables, spec: dict) -> Result:
     d = t.decode
     if d is None or not len(d):
-        return Result(NEEDS_GPU, note="no decode-step measurement (rule decode runs on a CUDA device; the reference "
-                                      "runs of record carry them)")
+        return _missing(t, "decode-step records", "no decode-step measurement (rule decode runs on a CUDA device; the "
+                                                  "reference runs of record carry them)")
     ok = d[d["status"] == "ok"]
     if not len(ok):
         return Result(NOT_MEASURABLE, note="every decode-step measurement was skipped")
@@ -625,7 +747,7 @@ def _decode_speed_target(t: Tables, spec: dict) -> Result:
     if not len(f):
         if t.decode is not None and len(t.decode):
             return Result(NOT_MEASURABLE, note="the decode records at hand predate the fused kernel (no fused rows)")
-        return Result(NEEDS_GPU, note="no fused-kernel decode rows (rule decode runs on a CUDA device)")
+        return _missing(t, "decode-step records", "no fused-kernel decode rows (rule decode runs on a CUDA device)")
     dev = (f["source"].iloc[0], f["device_slug"].iloc[0])
     append = t.decode_append
     if append is not None and len(append):
