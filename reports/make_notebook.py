@@ -101,10 +101,15 @@ CELLS = [
     code('m = t.memory[t.memory["granularity"] == "channel"] if len(t.memory) else t.memory\n'
              'show(m, ["workload", "T", "D", "in_paper_grid", "source_dtype", "original_bytes", "int8_bytes", '
              '"scales_bytes", "compressed_bytes", "compression_ratio", "scales_overhead_fraction"], digits=4)'),
-    md("## Claims\n\nEvery claim of the paper, its value, ours (and where ours comes from), and a verdict "
-           "computed from the tables above (kvpack.report.claims): *reproduced*, *not reproduced*, *needs a CUDA GPU* "
-           "(no GPU measurements anywhere), or *not measurable here*."),
-    code('show(claims, ["claim_id", "text", "paper_value", "our_value", "our_source", "verdict", "note"])'),
+    md("## Claims\n\nEvery claim of the paper (and two of ours), judged separately on each source: this run and "
+           "each committed reference run, each on its own machine's rows alone (kvpack.report.claims). One column per "
+           "source, side by side; `summary` groups the sources by verdict. *reproduced* / *not reproduced*: that "
+           "source's numbers agree / disagree with the claim; *needs a CUDA GPU*: that source ran without a GPU; *not "
+           "measurable here*: that source lacks the data (a shape not in its grid, a baseline skipped, no records of "
+           "that kind). One source's verdict never stands in for another's."),
+    code("show(kc.claims_side_by_side(claims))"),
+    md("Each verdict with our value, where it comes from and the rule applied (one row per claim and source):"),
+    code('show(claims, ["claim_id", "source", "device", "verdict", "paper_value", "our_value", "our_source", "note"])'),
     md("### The paper's L2 errors and float32 accumulation"),
     code("display(Markdown(kc.paper_l2_note(t.paper_l2)))\n"
              "show(t.paper_l2 if len(t.paper_l2) else kc.paper_l2_check(paper_dir), digits=3)"),
@@ -137,11 +142,12 @@ CELLS = [
              '    display(Markdown("Appending one token to every sequence (quantized on write, one launch):"))\n'
              '    show(t.decode_append, ["source", "device_slug", "batch", "kv_heads", "head_dim", "granularity", '
              '"append_median_us", "append_p10_ms", "append_p90_ms"], digits=3)\n'
+             'labels = kc.source_labels(claims)\n'
              'for cid in ("decode_overhead", "decode_speed_target"):\n'
-             '    row = claims[claims["claim_id"] == cid]\n'
-             '    if len(row):\n'
-             '        r = row.iloc[0]\n'
-             '        display(Markdown(f"**{cid}: {r[\'verdict\']}.** {r[\'our_value\']} ({r[\'our_source\']}). {r[\'note\']}"))'),
+             '    for _, r in claims[claims["claim_id"] == cid].iterrows():\n'
+             '        label = labels[(str(r["source"]), "" if pd.isna(r["device_slug"]) else str(r["device_slug"]))]\n'
+             '        display(Markdown(f"**{cid} on {label}: {r[\'verdict\']}.** "\n'
+             '                         + (f"{r[\'our_value\']} ({r[\'our_source\']}). " if r["our_value"] else "") + r["note"]))'),
     md("### Accuracy of fused INT8 decoding\n\nThe INT8 cache attended by the fused kernel (on a CPU: the "
            "extension's CPU op; `path` says which) against float64 attention over the unquantized fp16 cache, on "
            "uniform, outlier-channel and the real model's (all-MiniLM-L6-v2) K/V, per scale granularity "

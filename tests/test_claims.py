@@ -151,7 +151,8 @@ def test_each_gpu_judged_on_its_own(tmp_path):
     assert verdicts(t, "reference: gpu-b")["vectorized_fastest"] == kc.NOT_REPRODUCED
     assert "gpu-a" not in row(t, "vectorized_fastest", "reference: gpu-b")["note"]  # each judged on its own rows
     side = kc.claims_side_by_side(t.claims).set_index("claim_id")
-    assert list(side.columns) == ["paper_value", "this run: cpu", "reference: gpu-a", "reference: gpu-b", "summary"]
+    assert list(side.columns) == ["text", "paper_value", "this run: cpu", "reference: gpu-a", "reference: gpu-b",
+                                  "summary"]
     assert side.loc["vectorized_fastest", "summary"] == (
         "reproduced on reference: gpu-a; not reproduced on reference: gpu-b; needs a CUDA GPU on this run: cpu")
 

@@ -111,7 +111,10 @@ def test_notebook_executes_on_synthetic_tables(tmp_path):
     for text in ("Summary", "Workloads", "Performance", "Speedups", "Accuracy", "Memory", "Claims",
                  "float32", "What was skipped", "Provenance", "TEST NOTE from the workflow",
                  "No CUDA GPU on this machine", "committed reference run on", TEST_GPU,
-                 "reproduced", "paper_vectorized_vs_cpu", "paper_l2_error"):
+                 "reproduced", "paper_vectorized_vs_cpu", "paper_l2_error",
+                 # the claims, judged per source, side by side
+                 "claims judged on this run: test-cpu", "<th>this run: test-cpu</th>", "<th>reference: test-gpu</th>",
+                 "reproduced on reference: test-gpu; needs a CUDA GPU on this run: test-cpu"):
         assert text in html, text
     assert html.count("<img") >= len(kf.FIGURES)
     assert "kt.read_tables" not in html  # --no-input: no code in the HTML

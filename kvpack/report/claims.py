@@ -189,11 +189,11 @@ def source_labels(claims: pd.DataFrame) -> dict[tuple[str, str], str]:
 
 
 def claims_side_by_side(claims: pd.DataFrame) -> pd.DataFrame:
-    """One row per claim: the paper's value, the verdict of each source in its own column (this run first),
+    """One row per claim: its text, the paper's value, the verdict of each source in its own column (this run first),
     and ``summary``, the sources grouped by verdict ('reproduced on reference: h100; needs a CUDA GPU on
     this run: laptop')."""
     if claims is None or not len(claims):
-        return pd.DataFrame(columns=["claim_id", "paper_value", "summary"])
+        return pd.DataFrame(columns=["claim_id", "text", "paper_value", "summary"])
     labels = source_labels(claims)
     c = claims.assign(_label=[labels[(str(s), "" if pd.isna(d) else str(d))]
                               for s, d in zip(claims["source"], claims["device_slug"])])
@@ -203,9 +203,9 @@ def claims_side_by_side(claims: pd.DataFrame) -> pd.DataFrame:
         by = dict(zip(g["_label"], g["verdict"]))
         summary = "; ".join(f"{v} on {', '.join(lab for lab in cols if by.get(lab) == v)}"
                             for v in VERDICTS if v in by.values())
-        rows.append({"claim_id": cid, "paper_value": g["paper_value"].iloc[0], **{lab: by.get(lab, "") for lab in cols},
-                     "summary": summary})
-    return pd.DataFrame(rows, columns=["claim_id", "paper_value", *cols, "summary"])
+        rows.append({"claim_id": cid, "text": g["text"].iloc[0], "paper_value": g["paper_value"].iloc[0],
+                     **{lab: by.get(lab, "") for lab in cols}, "summary": summary})
+    return pd.DataFrame(rows, columns=["claim_id", "text", "paper_value", *cols, "summary"])
 
 
 # --- helpers over the tables ---------------------------------------------------------------------

@@ -637,7 +637,7 @@ def read_tables(tables_dir) -> Tables:
                 df = pd.read_csv(p, keep_default_na=True)
             except pd.errors.EmptyDataError:
                 continue
-            for c in ("skip_reason", "note", "record_format"):
+            for c in ("skip_reason", "note", "record_format", "our_value", "our_source", "device"):
                 if c in df:
                     df[c] = df[c].astype(object).fillna("")
             kw[name] = df
