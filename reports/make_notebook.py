@@ -42,7 +42,9 @@ pd.set_option("display.max_columns", 60)
 pd.set_option("display.max_colwidth", 400)
 
 t = kt.read_tables(tables_dir)
-claims = t.claims if len(t.claims) else kc.claims_table(t, Path(paper_dir) / "claims.yaml")
+# the verdicts are computed, never stored: a claims.csv without them per source (written by an older kvpack)
+# is judged again from the other tables
+claims = t.claims = t.claims if "source" in t.claims.columns else kc.claims_table(t, Path(paper_dir) / "claims.yaml")
 notes = list(dict.fromkeys(list(skipped_notes) + kt.skip_notes(t.performance, t.accuracy)))
 
 

@@ -553,7 +553,7 @@ def paper_l2_note(check: pd.DataFrame | None = None) -> str:
 def summary_lines(t: Tables) -> list[str]:
     """Short facts for the report's Summary, from the tables."""
     out = []
-    claims = t.claims if t.claims is not None and len(t.claims) else claims_table(t)
+    claims = t.claims if t.claims is not None and "source" in t.claims.columns else claims_table(t)
     labels = source_labels(claims)
     n = claims["claim_id"].nunique()
     for key, label in labels.items():
