@@ -109,6 +109,10 @@ def _paper_value(spec: dict) -> str:
     return fmt(v)
 
 
+# the tables whose rows carry (source, device_slug): a claim is judged on one machine's rows of each
+PER_SOURCE_TABLES = ("performance", "accuracy", "speedups", "provenance", "decode", "decode_append", "decode_accuracy")
+
+
 def judged_sources(t: Tables) -> list[tuple[str, str]]:
     """(source, device_slug) of every machine with records in the tables: this run first, then the
     reference directories by name. Each is judged on its own rows."""
@@ -118,9 +122,6 @@ def judged_sources(t: Tables) -> list[tuple[str, str]]:
         if df is not None and len(df) and {"source", "device_slug"} <= set(df.columns):
             keys |= set(zip(df["source"].astype(str), df["device_slug"].astype(str)))
     return sorted(keys, key=lambda k: (k[0] != THIS_RUN, k))
-
-
-PER_SOURCE_TABLES = ("performance", "accuracy", "speedups", "provenance", "decode", "decode_append", "decode_accuracy")
 
 
 def restrict(t: Tables, source: str, device_slug: str) -> Tables:
