@@ -98,18 +98,24 @@ int main() {
 def _compiler() -> str | None:
     return shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
-
-@pytest.mark.parametrize("flags", [["-O2"], ["-O3", "-ffp-contract=fast"]], ids=["O2", "O3-contract"])
-def test_reciprocal_form_equals_the_division(tmp_path, flags):
+def _compile_and_run(tmp_path, name: str, program: str, flags) -> subprocess.CompletedProcess:
+    """Compile ``program`` against quant_math.h with the host compiler and run it; skip without one."""
     cxx = _compiler()
     if cxx is None:
         pytest.skip("no C++ compiler (g++, c++ or clang++) on PATH")
-    src = tmp_path / "check.cpp"
-    src.write_text(PROGRAM)
-    exe = tmp_path / "check"
+    src = tmp_path / f"{name}.cpp"
+    src.write_text(program)
+    exe = tmp_path / name
     subprocess.run([cxx, "-std=c++17", *flags, f"-I{INCLUDE}", str(src), "-o", str(exe)], check=True)
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return out
+
+
+
+@pytest.mark.parametrize("flags", [["-O2"], ["-O3", "-ffp-contract=fast"]], ids=["O2", "O3-contract"])
+def test_reciprocal_form_equals_the_division(tmp_path, flags):
+    out = _compile_and_run(tmp_path, "check", PROGRAM, flags)
     counts = dict(zip(out.stdout.split()[-12::2], map(int, out.stdout.split()[-11::2])))
     assert counts["mismatched"] == 0
     assert counts["checked"] > 40_000_000
@@ -182,13 +188,5 @@ def test_absmax_combine_keeps_nan_and_inf(tmp_path, flags):
     The scales kernels and cpu_serial reduce with it; NaN-propagation is what lets kvpack.ops find
     non-finite input on the scales alone. On 4M random bit patterns, the specials, and a reduction.
     """
-    cxx = _compiler()
-    if cxx is None:
-        pytest.skip("no C++ compiler (g++, c++ or clang++) on PATH")
-    src = tmp_path / "absmax.cpp"
-    src.write_text(ABSMAX_PROGRAM)
-    exe = tmp_path / "absmax"
-    subprocess.run([cxx, "-std=c++17", *flags, f"-I{INCLUDE}", str(src), "-o", str(exe)], check=True)
-    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600, check=False)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    out = _compile_and_run(tmp_path, "absmax", ABSMAX_PROGRAM, flags)
     assert "bad 0" in out.stdout and int(out.stdout.split()[-3]) > 4_000_000, out.stdout
