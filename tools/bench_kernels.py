@@ -29,6 +29,15 @@ from kvpack.study import bench, records, workloads
 from kvpack.torch_impl import dequantize_torch, quantize_fused_torch, quantize_torch
 
 
+def write_bench_record(kind: str, rows: list, ceiling: float, repeats: int, path: str) -> None:
+    """The rows with the command, provenance, timing method and the copy ceiling of this run."""
+    records.write_record({
+        "kind": kind, "command": " ".join(sys.argv), "provenance": environment.provenance("cuda"),
+        "method": {"timer": "CUDA events", "l2_flush": bench.L2_FLUSH, "lead_cycles": bench.LEAD_CYCLES,
+                   "warmup": 3, "repeats": repeats},
+        "copy_gbps": ceiling, "rows": rows}, path)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["131072x8192", "131072x1024", "131072x128"])
@@ -47,11 +56,7 @@ def main():
         shapes = a.shapes if "--shapes" in sys.argv else API_SHAPES
         rows = bench_api(shapes, a.repeats, ceiling, flush)
         if a.json:
-            records.write_record({
-                "kind": "api_bench", "command": " ".join(sys.argv), "provenance": environment.provenance("cuda"),
-                "method": {"timer": "CUDA events", "l2_flush": bench.L2_FLUSH, "lead_cycles": bench.LEAD_CYCLES,
-                           "warmup": 3, "repeats": a.repeats},
-                "copy_gbps": ceiling, "rows": rows}, a.json)
+            write_bench_record("api_bench", rows, ceiling, a.repeats, a.json)
         return
     print(f"{'shape':>13} {'dtype':>9} {'impl':>14} {'op':>15} {'ms':>8} {'GB/s':>7} {'of copy':>7}")
     for shape in a.shapes:
@@ -83,11 +88,7 @@ def main():
             del x, q, fns, fn  # the partials hold x and q: drop them too, or the memory stays taken
             torch.cuda.empty_cache()
     if a.json:
-        records.write_record({
-            "kind": "kernel_bench", "command": " ".join(sys.argv), "provenance": environment.provenance("cuda"),
-            "method": {"timer": "CUDA events", "l2_flush": bench.L2_FLUSH, "lead_cycles": bench.LEAD_CYCLES,
-                       "warmup": 3, "repeats": a.repeats},
-            "copy_gbps": ceiling, "rows": rows}, a.json)
+        write_bench_record("kernel_bench", rows, ceiling, a.repeats, a.json)
 
 
 API_SHAPES = ["131072x1024", "131072x8192", "262144x128"]

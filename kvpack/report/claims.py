@@ -270,17 +270,21 @@ def _missing(t: Tables, what: str, needs_gpu_note: str) -> Result:
     return Result(NOT_MEASURABLE, note=f"this source holds no {what}")
 
 
-def _per_gpu(t: Tables, fn: Callable[[str, str, pd.DataFrame], Result]) -> Result:
+def _per_gpu(t: Tables, fn: Callable[[str, str, pd.DataFrame], Result], paper_value: str) -> Result:
     """Run ``fn`` on the GPU timings of the one machine whose tables these are (claims_table restricts the
-    tables to one source at a time). No GPU timings -> 'needs a CUDA GPU' or 'not measurable here'."""
+    tables to one source at a time), and label the result with the paper's value. No GPU timings ->
+    'needs a CUDA GPU' or 'not measurable here'."""
     groups = _groups(_gpu_totals(t))
     if not groups:
-        return _missing(t, "GPU timings of the paper's kernels (fp32, per-channel; no benchmark records of them)",
-                        "no GPU measurements in this run or in any reference directory")
-    if len(groups) > 1:
+        r = _missing(t, "GPU timings of the paper's kernels (fp32, per-channel; no benchmark records of them)",
+                     "no GPU measurements in this run or in any reference directory")
+    elif len(groups) > 1:
         raise ValueError("GPU timings of several machines: judge one at a time (claims_table, restrict)")
-    source, slug, rows = groups[0]
-    return fn(source, slug, rows)
+    else:
+        source, slug, rows = groups[0]
+        r = fn(source, slug, rows)
+    r.paper_value = paper_value
+    return r
 
 
 def _spearman(x, y) -> float:
@@ -409,9 +413,7 @@ def _max_speedup(t: Tables, spec: dict) -> Result:
         return Result(verdict, "; ".join(filter(None, [f"{b['speedup']:,.1f}x vs cpu_serial", h_value])),
                       where, note, float(b["speedup"]))
 
-    r = _per_gpu(t, one)
-    r.paper_value = f"{claimed:,.0f}x (vs their serial CPU)"
-    return r
+    return _per_gpu(t, one, f"{claimed:,.0f}x (vs their serial CPU)")
 
 
 @register_claim("overhead_range")
@@ -434,9 +436,7 @@ def _overhead_range(t: Tables, spec: dict) -> Result:
             note += f"; D = {', '.join(map(str, missing))} not measured"
         return Result(verdict, f"{lo:.2f} to {hi:.2f} ms", _where(r), note, float(hi))
 
-    r = _per_gpu(t, one)
-    r.paper_value = f"{lo_p:g} to {hi_p:g} ms"
-    return r
+    return _per_gpu(t, one, f"{lo_p:g} to {hi_p:g} ms")
 
 
 def _large(wide: pd.DataFrame) -> tuple[pd.DataFrame, str]:
@@ -464,9 +464,7 @@ def _vectorized_fastest(t: Tables, spec: dict) -> Result:
         return Result(verdict, f"vectorized fastest on {wins} of {len(w)} workloads", _where(rows), note,
                       wins / len(w))
 
-    r = _per_gpu(t, one)
-    r.paper_value = "vectorized fastest of naive/tiled/coarsened/vectorized"
-    return r
+    return _per_gpu(t, one, "vectorized fastest of naive/tiled/coarsened/vectorized")
 
 
 @register_claim("tiling_no_gain")
@@ -484,9 +482,7 @@ def _tiling_no_gain(t: Tables, spec: dict) -> Result:
         return Result(verdict, f"tiled speedup over naive: median {gain.median():.2f}x ({no_gain} of {len(w)} workloads no gain)",
                       _where(rows), note, float(gain.median()))
 
-    r = _per_gpu(t, one)
-    r.paper_value = "little or no gain from tiling"
-    return r
+    return _per_gpu(t, one, "little or no gain from tiling")
 
 
 @register_claim("speedup_grows_with_size")
@@ -508,9 +504,7 @@ def _speedup_grows(t: Tables, spec: dict) -> Result:
                       "; ".join(filter(None, ["vectorized speedup vs elements, rank correlation; reproduced if > 0",
                                               honest])), r_serial)
 
-    r = _per_gpu(t, one)
-    r.paper_value = "grows with size (about 50x to over 1,000x)"
-    return r
+    return _per_gpu(t, one, "grows with size (about 50x to over 1,000x)")
 
 
 # --- the paper's L2 accumulation problem ----------------------------------------------------------
