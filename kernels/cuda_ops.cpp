@@ -131,9 +131,25 @@ std::tuple<at::Tensor, at::Tensor> quantize_fused_cuda(const at::Tensor& x_in,
   return {q, s};
 }
 
+// The fast kernels' device-derived choices on probe's device, as JSON (kvpack.ops.fast_tuning).
+std::string fast_tuning_cuda(const at::Tensor& probe) {
+  check_on_cuda(probe, "probe");
+  const c10::cuda::CUDAGuard guard(probe.device());
+  const cuda::FastTuning t = cuda::fast_tuning();
+  auto triple = [](const int* v) {
+    return "{\"float32\": " + std::to_string(v[0]) + ", \"float16\": " + std::to_string(v[1]) +
+           ", \"bfloat16\": " + std::to_string(v[2]) + "}";
+  };
+  return "{\"sm_count\": " + std::to_string(t.sm_count) + ", \"peak_gbps\": " + std::to_string(t.peak_gbps) +
+         ", \"bytes_in_flight_per_sm\": " + std::to_string(t.bytes_in_flight_per_sm) +
+         ", \"quantize_rows_in_flight\": " + triple(t.quantize_rows_in_flight) +
+         ", \"quantize_blocks_per_sm\": " + triple(t.quantize_blocks_per_sm) + "}";
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kvpack, CUDA, m) {
+  m.impl("fast_tuning", &fast_tuning_cuda);
   m.impl("compute_scales", &compute_scales_cuda);
   m.impl("quantize", &quantize_cuda);
   m.impl("dequantize", &dequantize_cuda);

@@ -5,6 +5,7 @@
 //   quantize(x, scales, variant, granularity)       -> int8 [T, D]
 //   dequantize(q, scales, variant, granularity, dtype) -> dtype [T, D]
 //   quantize_fused(x, variant, granularity)         -> (int8 [T, D], fp32 scales)
+//   fast_tuning(probe)                              -> JSON: what "fast" chose on probe's device (CUDA)
 //
 // The INT8 KV cache (layout in kernels/include/kvpack/decode_launchers.h; CPU: decode_cpu.cpp,
 // CUDA: decode_ops.cpp):
@@ -20,6 +21,7 @@ TORCH_LIBRARY(kvpack, m) {
   m.def("quantize(Tensor x, Tensor scales, str variant, str granularity) -> Tensor");
   m.def("dequantize(Tensor q, Tensor scales, str variant, str granularity, ScalarType dtype) -> Tensor");
   m.def("quantize_fused(Tensor x, str variant, str granularity) -> (Tensor, Tensor)");
+  m.def("fast_tuning(Tensor probe) -> str");
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scales, Tensor v_scales, "
       "Tensor? lengths, str granularity, float sm_scale, int splits) -> Tensor");

@@ -18,9 +18,12 @@
 // merge keeps a block's NaN or inf scale whatever the other blocks hold.
 // (The earlier version merged absmax bits and needed a third launch to divide.)
 //   - D a multiple of the 16-byte vector and x aligned: 1024-thread blocks, each thread 16 bytes of
-//     consecutive columns (4 fp32 / 8 fp16), 8 rows in flight, at most 128 row blocks per column
-//     block: more blocks would queue on the atomics of one address (measured on the H100 at
-//     131072 x 256: 1056 row blocks 63% of copy, 128 row blocks 98% at 131072 x 1024).
+//     consecutive columns (4 fp32 / 8 fp16), 8 rows in flight, one wave of resident blocks but at
+//     most 128 row blocks per column block unless the rows are many: short blocks pay their tree
+//     and same-address atomics for little data (H100, 131072 x 256: 1056 row blocks 63% of copy;
+//     128 row blocks 98% at 131072 x 1024). On the H200 (tools/lab/depth_lab.cu) no merge reaches
+//     90% at D <= 256 in 16 bits: 131072 x 256 fp16 is 64 MB, 15 us at the copy rate, and the best
+//     kernel takes 28 us; without any merge (plain stores, a wrong result) 22 us.
 //   - anything else: 32 x 8 blocks, a warp on 32 neighbouring columns of one row (coalesced 4-byte
 //     loads), 8 rows in flight.
 //
@@ -39,7 +42,8 @@ constexpr int kTokenInFlight = 4;  // per token: loads per lane in flight
 
 constexpr int kVecThreads = 1024;   // vector per-channel kernel: threads per block
 constexpr int kVecInFlight = 8;     // its rows in flight per thread
-constexpr int64_t kMaxRowBlocks = 128;  // its row blocks per column block (atomics per address)
+constexpr int64_t kMaxRowBlocks = 128;  // its row blocks per column block (atomics per address) ...
+constexpr int64_t kMinBatches = 32;     // ... unless every thread still has this many batches of rows
 
 // Merges a block's maximum |x| of one column into the column's scale.
 __device__ __forceinline__ void merge_scale(float* scale, float absmax) {
@@ -179,8 +183,13 @@ void launch_scales(const T* x, float* scales, int64_t rows, int64_t cols, bool p
     const int64_t block_y = std::max<int64_t>(1, kVecThreads / block_x);
     const int64_t wave = static_cast<int64_t>(sm_count()) *
                          blocks_per_sm(reinterpret_cast<const void*>(kernel), static_cast<int>(block_x * block_y));
-    const int64_t row_blocks = std::min({std::max<int64_t>(1, wave / col_blocks), kMaxRowBlocks,
-                                         ceil_div(rows, block_y * kVecInFlight)});
+    // One wave of resident blocks, but past kMaxRowBlocks per column strip only while each thread
+    // still has kMinBatches batches of rows: a short block pays its tree and its atomics for little
+    // data (H200, 131072 x 1024 fp32: 128 row blocks 99%, 256: 96%; 131072 x 8192 fp16, 256
+    // threads' rows per block: 256 row blocks 99%, 128: 89%).
+    const int64_t batches = ceil_div(rows, block_y * kVecInFlight);
+    const int64_t cap = std::max<int64_t>(kMaxRowBlocks, batches / kMinBatches);
+    const int64_t row_blocks = std::min({std::max<int64_t>(1, wave / col_blocks), cap, batches});
     const dim3 grid(static_cast<unsigned int>(col_blocks), grid_y(row_blocks));
     const dim3 block(static_cast<unsigned int>(block_x), static_cast<unsigned int>(block_y));
     kernel<<<grid, block, 0, stream>>>(x, scales, rows, cols);

@@ -9,11 +9,13 @@ Non-finite input and host synchronisation. The abs-max reduction propagates NaN 
 (quant_math.h's absmax_combine), so a channel (token) holding one gets a non-finite scale, and the
 default ``check_finite=True`` checks the D (or T) scales, never x: a one-number reduction of them
 and its copy to pinned host memory. That is the call's one host synchronisation, and it is placed
-so as to cost little: quantize queues the scales kernel, the reduction and the copy, then the
-quantize kernel, and only then waits, for the copy (an event), not for the quantize kernel, so the
-host's round trip overlaps the quantize kernel. (Measured on an H200, fp32 per channel: the default
-call takes 1.01x the fused op's time at 131072x8192, 1.03x at 131072x1024, 1.1x at 262144x128; a
-wait after the fused op took 1.02x, 1.08-1.13x and 1.3-1.4x.) ``check_finite=False`` checks and
+so as to cost little: quantize queues the scales kernel, then the reduction and the copy on a side
+stream (which waits for the scales kernel), the quantize kernel on the current stream right after
+the scales kernel, and only then waits, for the copy (an event), not for the quantize kernel: the
+reduction, the copy and the host's round trip all overlap the quantize kernel. (Measured on an
+H200, fp32 per channel, with the reduction and copy on the current stream between the two kernels:
+the default call took 1.00x the fused op's time at 131072x8192, 1.03x at 131072x1024, 1.17x at
+262144x128. tools/bench_kernels.py --api measures it.) ``check_finite=False`` checks and
 synchronises nothing: one call to the fused entry point (torch.ops.kvpack.quantize_fused: the scales
 kernel, then the quantize kernel, on the current stream), outputs of shapes known from x's, so the
 call can be captured in a CUDA graph; non-finite channels then come back with NaN/inf scales. With
@@ -25,7 +27,9 @@ and never synchronises.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import torch
 
@@ -40,8 +44,21 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _fakes_registered = False
 
 
+ROWS_IN_FLIGHT_ENV = "KVPACK_QUANTIZE_ROWS_IN_FLIGHT"  # overrides the fast quantize's device-derived choice
+
+
+def _check_environment() -> None:
+    value = os.environ.get(ROWS_IN_FLIGHT_ENV)
+    if value is not None and value not in ("4", "8"):
+        raise ValueError(
+            f"{ROWS_IN_FLIGHT_ENV}={value!r}: the fast quantize kernel keeps 4 or 8 rows in flight; set it "
+            "to 4 or 8, or unset it to let the kernel choose from the device"
+        )
+
+
 def _ensure_loaded() -> dict:
     global _fakes_registered
+    _check_environment()
     from . import build  # imported late: `python -m kvpack.build` must not find itself pre-imported
 
     info = build.load()
@@ -79,6 +96,20 @@ def available_variants(device="cpu") -> tuple[str, ...]:
     return CPU_VARIANTS
 
 
+def fast_tuning(device=None) -> dict | None:
+    """What the "fast" kernels chose on a CUDA device from its properties, or None without one.
+
+    The device's peak DRAM bandwidth (memory clock x bus width), the bytes a streaming kernel must
+    keep in flight per SM to reach it (bandwidth per SM x the loaded latency, Little's law), and the
+    rows in flight and resident blocks of the quantize kernel per dtype (kernels/quantize_fast.cu).
+    The benchmarks record it in their provenance.
+    """
+    if not torch.cuda.is_available() or not _ensure_loaded()["cuda"]:
+        return None
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    return json.loads(torch.ops.kvpack.fast_tuning.default(torch.empty(0, device=device)))
+
+
 def default_variant(device) -> str:
     return "fast" if torch.device(device).type == "cuda" else "cpu_torch"
 
@@ -100,24 +131,48 @@ def _check_input(x) -> None:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}; convert it with x.float()")
 
 
-def _queue_to_host(value: torch.Tensor):
-    """Start moving a 0-dim tensor to the host; return a function that waits for it and returns it.
+_side_streams: dict[int, torch.cuda.Stream] = {}
 
-    On CUDA: a non-blocking copy into pinned memory and an event after it, on the current stream, so
-    that work queued before the wait (the quantize kernel) runs while the host waits for the copy.
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per CUDA device, made on first use, for the finiteness verdicts."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _side_streams.get(index)
+    if stream is None:
+        stream = _side_streams[index] = torch.cuda.Stream(device=index)
+    return stream
+
+
+def _queue_to_host(reduce, source: torch.Tensor):
+    """Start ``reduce(source)`` (a 0-dim tensor) and its copy to the host; return a function that
+    waits for it and returns the number.
+
+    On CUDA both run on a side stream that waits for the work queued so far on the current stream
+    (the scales kernel), so the current stream goes on to the next kernel (quantize) with nothing
+    in between: the reduction and the copy to pinned memory overlap it, and the host waits for an
+    event after the copy, not for the quantize kernel.
     """
-    if value.device.type != "cuda":
-        return value.item
-    host = torch.empty((), dtype=value.dtype, pin_memory=True)
-    host.copy_(value, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record(torch.cuda.current_stream(value.device))
+    if source.device.type != "cuda":
+        return reduce(source).item
+    side = _side_stream(source.device)
+    side.wait_stream(torch.cuda.current_stream(source.device))
+    with torch.cuda.stream(side):
+        value = reduce(source)
+        host = torch.empty((), dtype=value.dtype, pin_memory=True)
+        host.copy_(value, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(side)
+    source.record_stream(side)  # its memory is not handed out again before the side stream has read it
 
     def wait():
         copied.synchronize()
         return host.item()
 
     return wait
+
+
+def _all_finite(t: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(t).all()
 
 
 def _check_x_verdict(finite: bool, scales: torch.Tensor, granularity: str) -> None:
@@ -240,12 +295,12 @@ def quantize(x: torch.Tensor, variant=None, granularity: str = "channel", *, sca
             _ensure_loaded()
             return torch.ops.kvpack.quantize_fused.default(x, variant, granularity)
         scales = _scales_op(x, granularity, variant)
-        verdict = _queue_to_host(torch.amax(scales))  # queued before the quantize kernel, read after it
+        verdict = _queue_to_host(torch.amax, scales)  # beside the quantize kernel, read after it
         q = _quantize_op(x, scales, variant, granularity)
         _check_x_verdict(math.isfinite(verdict()), scales, granularity)
         return q, scales
     _check_scales(scales, x, granularity)
-    verdict = _queue_to_host(torch.isfinite(scales).all()) if check_finite else None
+    verdict = _queue_to_host(_all_finite, scales) if check_finite else None
     q = _quantize_op(x, scales, variant, granularity)
     if verdict is not None:
         _check_given_verdict(bool(verdict()), scales)

@@ -55,6 +55,6 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
         assert f"OK    kernels/{src.name}" in out, out
     # The fast kernels' register report was written and shows no local memory.
     report = (tmp_path / "logs" / "quantize_fast.ptxas.txt").read_text()
-    for kernel in ("quantize_fast_kernel", "dequantize_fast_kernel", "elementwise_vectorized_kernel"):
+    for kernel in ("quantize_fast_kernel", "dequantize_fast_kernel", "elementwise_flat_kernel"):
         assert kernel in report, f"{kernel} missing from the register report of quantize_fast.cu"
     assert all(line.endswith(">") and "stack=0 spill=0/0" in line for line in report.splitlines() if line), report

@@ -19,6 +19,9 @@ Needs a CUDA device: skipped otherwise.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -505,3 +508,37 @@ def test_errors_from_the_cuda_ops():
         ops.dequantize.default(x, s, "fast", "channel", torch.float32)
     with pytest.raises(ValueError, match="is empty"):
         ops.compute_scales.default(x[:0], "token")
+
+
+# --- the fast quantize's other depth ---------------------------------------------------------------
+
+_FAST_DEPTH_TESTS = "fast and (matches_reference or ties or near_ties or rows_past or misaligned or large_matches or fused)"
+
+
+def test_fast_quantize_honours_the_rows_in_flight_override():
+    """fast_tuning reports the device-derived depth, or the override when one is set."""
+    tuning = kvpack.ops.fast_tuning()
+    forced = os.environ.get(kvpack.ops.ROWS_IN_FLIGHT_ENV)
+    depths = set(tuning["quantize_rows_in_flight"].values())
+    assert depths <= {4, 8}, tuning
+    if forced:
+        assert depths == {int(forced)}, tuning
+    assert tuning["peak_gbps"] > 0 and tuning["bytes_in_flight_per_sm"] > 0, tuning
+
+
+def test_fast_quantize_at_the_other_rows_in_flight():
+    """The device picks one of the kernel's two depths (4 or 8 rows in flight); the fast tests run
+    again, in a child process, with the other one forced, so both instantiations are checked bit
+    for bit on whatever GPU runs this."""
+    if os.environ.get(kvpack.ops.ROWS_IN_FLIGHT_ENV):
+        pytest.skip("this is the child run")
+    chosen = kvpack.ops.fast_tuning()["quantize_rows_in_flight"]["float32"]
+    other = 4 if chosen == 8 else 8
+    env = {**os.environ, kvpack.ops.ROWS_IN_FLIGHT_ENV: str(other)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         _FAST_DEPTH_TESTS + " or honours"],
+        env=env, capture_output=True, text=True, timeout=1200, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]

@@ -31,7 +31,7 @@ import torch
 
 import kvpack
 
-SHAPES = [(1, 1), (3, 5), (1023, 67), (33, 4097), (64, 128), (100, 68), (7, 5120), (5, 8208)]  # 8208 = 8192 + 16: the fp32 row kernel, a partial column block
+SHAPES = [(1, 1), (3, 5), (1023, 67), (33, 4097), (64, 128), (100, 68), (7, 5120), (5, 8208)]  # 8208 = 8192 + 16: the fast row kernels with a partial column block
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .. import ops
+
 ROOT = Path(__file__).resolve().parents[2]  # the checkout
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -110,6 +112,14 @@ def cpu_facts() -> dict:
             "cgroup_cpu_source": lim["cgroup_source"], "cpu_usable_threads": lim["usable"]}
 
 
+def _fast_tuning():
+    """kvpack.ops.fast_tuning(), or why it could not be read (the extension did not load)."""
+    try:
+        return ops.fast_tuning()
+    except (RuntimeError, OSError) as e:
+        return {"error": str(e)}
+
+
 def provenance(device: str = "auto", config_hash: str = "") -> dict:
     device = resolve_device(device)
     gpu = None
@@ -125,6 +135,7 @@ def provenance(device: str = "auto", config_hash: str = "") -> dict:
     return {
         "device": device,
         "device_slug": device_slug(device),
+        **({"fast_tuning": _fast_tuning()} if device == "cuda" else {}),
         "device_name": device_name(device),
         **(gpu or {"gpu_name": None}),
         "driver": _driver_version() if device == "cuda" else None,

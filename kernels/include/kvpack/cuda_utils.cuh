@@ -278,6 +278,44 @@ inline int sm_count() {
   return cache[dev];
 }
 
+// The device's DRAM, read once per device: peak bandwidth from the memory clock and bus width
+// (2 transfers per clock), and its share per multiprocessor.
+struct DeviceMemory {
+  double peak_gbps = 0.0;
+  double gbps_per_sm = 0.0;
+};
+
+inline const DeviceMemory& device_memory() {
+  static std::mutex mu;
+  static std::map<int, DeviceMemory> cache;
+  const int dev = current_device();
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(dev);
+  if (it != cache.end()) return it->second;
+  int khz = 0, bits = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrMemoryClockRate, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bits, cudaDevAttrGlobalMemoryBusWidth, dev));
+  DeviceMemory m;
+  m.peak_gbps = 2.0 * khz * 1e3 * (bits / 8.0) / 1e9;
+  cudaDeviceProp prop;
+  C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+  m.gbps_per_sm = m.peak_gbps / std::max(1, prop.multiProcessorCount);
+  return cache.emplace(dev, m).first->second;
+}
+
+// The loaded DRAM latency a streaming kernel must cover, in ns: a dependent chain of loads under
+// full load took ~1.7 us per step on the H200 (tools/lab/depth_lab.cu, a scales kernel with one
+// 256-thread block on 64 SMs: 107 us for 64 steps), rounded up.
+constexpr double kLoadedLatencyNs = 2000.0;
+
+// Bytes a streaming kernel must keep in flight per SM to run at the device's peak bandwidth (Little's
+// law: bandwidth per SM x latency). H200: 36.5 GB/s per SM -> 73 KB; H100 SXM: 25.4 -> 51 KB. A
+// device whose attributes read 0 (none known) gets 64 KB.
+inline int64_t bytes_in_flight_per_sm() {
+  const double gbps = device_memory().gbps_per_sm;
+  return gbps > 0.0 ? static_cast<int64_t>(gbps * kLoadedLatencyNs) : int64_t{64} << 10;
+}
+
 // Resident blocks per multiprocessor for `kernel` at `threads` threads per block (registers and
 // shared memory included), from the occupancy calculator, cached per kernel, device and size.
 inline int blocks_per_sm(const void* kernel, int threads, size_t dynamic_smem = 0) {

@@ -42,6 +42,17 @@ void dequantize_vectorized(const ElementwiseArgs& args);
 void quantize_fast(const ElementwiseArgs& args);
 void dequantize_fast(const ElementwiseArgs& args);
 
+// quantize_fast.cu: what the fast quantize chose on the current device, from its properties (the
+// benchmark records it in its provenance). Arrays are indexed fp32, fp16, bf16.
+struct FastTuning {
+  int sm_count = 0;
+  double peak_gbps = 0.0;              // DRAM peak: 2 x memory clock x bus width
+  int64_t bytes_in_flight_per_sm = 0;  // what a streaming kernel must keep in flight per SM
+  int quantize_rows_in_flight[3] = {0, 0, 0};
+  int quantize_blocks_per_sm[3] = {0, 0, 0};  // resident blocks of 256 threads at 8 rows in flight
+};
+FastTuning fast_tuning();
+
 // scales.cu: fp32 scales absmax / 127 of x [rows, cols] (dtype), per channel or per token.
 void compute_scales(const void* x, float* scales, int64_t rows, int64_t cols,
                     c10::ScalarType dtype, bool per_token, cudaStream_t stream);
