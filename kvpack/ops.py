@@ -7,15 +7,14 @@ row-major data); that copy is the caller's cost, so pass contiguous tensors when
 
 Non-finite input and host synchronisation. The abs-max reduction propagates NaN and inf
 (quant_math.h's absmax_combine), so a channel (token) holding one gets a non-finite scale, and the
-default ``check_finite=True`` checks the D (or T) scales, never x: a one-number reduction of them
-and its copy to pinned host memory. That is the call's one host synchronisation, and it is placed
-so as to cost little: quantize queues the scales kernel, then the reduction and the copy on a side
-stream (which waits for the scales kernel), the quantize kernel on the current stream right after
-the scales kernel, and only then waits, for the copy (an event), not for the quantize kernel: the
-reduction, the copy and the host's round trip all overlap the quantize kernel. (Measured on an
-H200, fp32 per channel, with the reduction and copy on the current stream between the two kernels:
-the default call took 1.00x the fused op's time at 131072x8192, 1.03x at 131072x1024, 1.17x at
-262144x128. tools/bench_kernels.py --api measures it.) ``check_finite=False`` checks and
+default ``check_finite=True`` checks the D (or T) scales, never x: their copy to pinned host memory
+and a check on the host. That is the call's one host synchronisation, and it is placed so as to
+cost little: quantize queues the scales kernel, then the copy on a side stream (which waits for the
+scales kernel), the quantize kernel on the current stream right after the scales kernel, and only
+then waits, for the copy (an event), not for the quantize kernel: the copy and the host's round trip
+overlap the quantize kernel. (H200, fp32 per channel: 1.00x the fused op's time at 262144x128 and
+0.99x at 131072x1024, where a reduction of the scales on the device before the copy cost 1.11x and
+1.03x; reports/reference/h200/logs/api_placement.txt. tools/bench_kernels.py --api measures it.) ``check_finite=False`` checks and
 synchronises nothing: one call to the fused entry point (torch.ops.kvpack.quantize_fused: the scales
 kernel, then the quantize kernel, on the current stream), outputs of shapes known from x's, so the
 call can be captured in a CUDA graph; non-finite channels then come back with NaN/inf scales. With
@@ -143,36 +142,33 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
-def _queue_to_host(reduce, source: torch.Tensor):
-    """Start ``reduce(source)`` (a 0-dim tensor) and its copy to the host; return a function that
-    waits for it and returns the number.
+def _queue_finite_check(scales: torch.Tensor):
+    """Start copying ``scales`` to the host; return a function that waits for the copy and says
+    whether every scale is finite.
 
-    On CUDA both run on a side stream that waits for the work queued so far on the current stream
-    (the scales kernel), so the current stream goes on to the next kernel (quantize) with nothing
-    in between: the reduction and the copy to pinned memory overlap it, and the host waits for an
-    event after the copy, not for the quantize kernel.
+    On CUDA the copy (D or T floats into pinned memory) runs on a side stream that waits for the work
+    queued so far on the current stream (the scales kernel), so the current stream goes on to the next
+    kernel (quantize) with nothing in between, and the host waits for an event after the copy, not
+    for the quantize kernel; the check itself runs on the host. (H200, 262144x128 fp32: this costs
+    1.00x the fused op; a device reduction of the scales before the copy cost 1.11x on the current
+    stream and 1.28x on the side stream: reports/reference/h200/logs/api_placement.txt.)
     """
-    if source.device.type != "cuda":
-        return reduce(source).item
-    side = _side_stream(source.device)
-    side.wait_stream(torch.cuda.current_stream(source.device))
+    if scales.device.type != "cuda":
+        return lambda: bool(torch.isfinite(scales).all())
+    side = _side_stream(scales.device)
+    side.wait_stream(torch.cuda.current_stream(scales.device))
     with torch.cuda.stream(side):
-        value = reduce(source)
-        host = torch.empty((), dtype=value.dtype, pin_memory=True)
-        host.copy_(value, non_blocking=True)
+        host = torch.empty(scales.shape, dtype=scales.dtype, pin_memory=True)
+        host.copy_(scales, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record(side)
-    source.record_stream(side)  # its memory is not handed out again before the side stream has read it
+    scales.record_stream(side)  # its memory is not handed out again before the side stream has read it
 
     def wait():
         copied.synchronize()
-        return host.item()
+        return bool(torch.isfinite(host).all())
 
     return wait
-
-
-def _all_finite(t: torch.Tensor) -> torch.Tensor:
-    return torch.isfinite(t).all()
 
 
 def _check_x_verdict(finite: bool, scales: torch.Tensor, granularity: str) -> None:
@@ -295,15 +291,15 @@ def quantize(x: torch.Tensor, variant=None, granularity: str = "channel", *, sca
             _ensure_loaded()
             return torch.ops.kvpack.quantize_fused.default(x, variant, granularity)
         scales = _scales_op(x, granularity, variant)
-        verdict = _queue_to_host(torch.amax, scales)  # beside the quantize kernel, read after it
+        finite = _queue_finite_check(scales)  # beside the quantize kernel, read after it
         q = _quantize_op(x, scales, variant, granularity)
-        _check_x_verdict(math.isfinite(verdict()), scales, granularity)
+        _check_x_verdict(finite(), scales, granularity)
         return q, scales
     _check_scales(scales, x, granularity)
-    verdict = _queue_to_host(_all_finite, scales) if check_finite else None
+    finite = _queue_finite_check(scales) if check_finite else None
     q = _quantize_op(x, scales, variant, granularity)
-    if verdict is not None:
-        _check_given_verdict(bool(verdict()), scales)
+    if finite is not None:
+        _check_given_verdict(finite(), scales)
     return q, scales
 
 
