@@ -29,7 +29,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 
+import numpy as np
 import torch
 
 from .torch_impl import dequantize_torch, quantize_fused_torch, quantize_torch, scales_torch
@@ -130,16 +132,19 @@ def _check_input(x) -> None:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}; convert it with x.float()")
 
 
-_side_streams: dict[int, torch.cuda.Stream] = {}
+class _FiniteCheckState(threading.local):
+    """Per thread and CUDA device: a side stream, a pinned host buffer and an event, made on first use
+    and reused, so that a default call allocates nothing on the host (a pinned allocation and a new
+    event cost the call tens of microseconds of host time). Reuse is safe: every call waits for its
+    copy before it returns, and copies on one side stream run in order."""
+
+    def __init__(self):
+        self.streams: dict[int, torch.cuda.Stream] = {}
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.events: dict[int, torch.cuda.Event] = {}
 
 
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One side stream per CUDA device, made on first use, for the finiteness verdicts."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _side_streams.get(index)
-    if stream is None:
-        stream = _side_streams[index] = torch.cuda.Stream(device=index)
-    return stream
+_finite_state = _FiniteCheckState()
 
 
 def _queue_finite_check(scales: torch.Tensor):
@@ -149,24 +154,33 @@ def _queue_finite_check(scales: torch.Tensor):
     On CUDA the copy (D or T floats into pinned memory) runs on a side stream that waits for the work
     queued so far on the current stream (the scales kernel), so the current stream goes on to the next
     kernel (quantize) with nothing in between, and the host waits for an event after the copy, not
-    for the quantize kernel; the check itself runs on the host. (H200, 262144x128 fp32: this costs
-    1.00x the fused op; a device reduction of the scales before the copy cost 1.11x on the current
-    stream and 1.28x on the side stream: reports/reference/h200/logs/api_placement.txt.)
+    for the quantize kernel; the check itself runs on the host. (H200, 262144x128 fp32: the same
+    steps cost 1.00x the fused op; a device reduction of the scales before the copy cost 1.11x on the
+    current stream and 1.28x on the side stream: reports/reference/h200/logs/api_placement.txt.)
     """
     if scales.device.type != "cuda":
         return lambda: bool(torch.isfinite(scales).all())
-    side = _side_stream(scales.device)
+    index = scales.device.index if scales.device.index is not None else torch.cuda.current_device()
+    state = _finite_state
+    side = state.streams.get(index)
+    if side is None:
+        side = state.streams[index] = torch.cuda.Stream(device=index)
+        state.events[index] = torch.cuda.Event()
+    buffer = state.buffers.get(index)
+    n = scales.numel()
+    if buffer is None or buffer.numel() < n:
+        buffer = state.buffers[index] = torch.empty(max(n, 8192), dtype=torch.float32, pin_memory=True)
+    host = buffer[:n]
+    copied = state.events[index]
     side.wait_stream(torch.cuda.current_stream(scales.device))
     with torch.cuda.stream(side):
-        host = torch.empty(scales.shape, dtype=scales.dtype, pin_memory=True)
         host.copy_(scales, non_blocking=True)
-        copied = torch.cuda.Event()
         copied.record(side)
     scales.record_stream(side)  # its memory is not handed out again before the side stream has read it
 
     def wait():
         copied.synchronize()
-        return bool(torch.isfinite(host).all())
+        return bool(np.isfinite(host.numpy()).all())
 
     return wait
 

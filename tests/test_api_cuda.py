@@ -133,3 +133,27 @@ def test_check_finite_false_is_graph_capturable(variant, granularity):
         q, s = kvpack.quantize(x, variant, granularity)
         torch.cuda.synchronize()
         assert torch.equal(q_static, q) and torch.equal(s_static, s)
+
+
+@pytest.mark.parametrize("granularity", kvpack.GRANULARITIES)
+def test_default_check_sees_each_call_through_its_reused_buffer(granularity):
+    """The default check copies the scales into one pinned buffer per thread and device, reused and
+    grown: a clean call, a NaN call with more scales than the buffer held (it grows), a clean call
+    with fewer (a prefix of it), a NaN call again: each verdict is that call's own."""
+    small = torch.rand(4096, 64, device=DEV) - 0.5
+    big = torch.rand(20000, 9000, device=DEV) - 0.5
+    big[123, 4567] = float("nan")
+    kvpack.quantize(small, granularity=granularity)
+    with pytest.raises(ValueError, match="non-finite"):
+        kvpack.quantize(big, granularity=granularity)
+    q, s = kvpack.quantize(small, granularity=granularity)
+    assert bool(torch.isfinite(s).all())
+    big_scales = kvpack.compute_scales(big.nan_to_num(0.0), granularity)
+    small[7, 7] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        kvpack.quantize(small, granularity=granularity)
+    # and a given-scales call checks the given scales the same way
+    bad = big_scales.clone()
+    bad[-1] = float("nan")
+    with pytest.raises(ValueError):
+        kvpack.quantize(big.nan_to_num(0.0), scales=bad, granularity=granularity)
