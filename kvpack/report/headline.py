@@ -2,20 +2,59 @@
 same op under torch.compile, and the copy ceiling measured in the same job; and (``--decode``) one
 decode step: the fused INT8 kernel against the fastest fp16 SDPA backend and the int8 byte bound.
 
+    python -m kvpack.report.headline                 # the newest records under reports/reference
     python -m kvpack.report.headline reports/reference/h100
     python -m kvpack.report.headline --decode reports/reference/h200
+
+Each table is preceded by a line naming the GPU, the commits and the dates of the records it comes from.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from pathlib import Path
 
 import pandas as pd
 
 from . import assemble
 
 SHAPES = [(131072, 1024), (131072, 8192), (262144, 128)]
+REFERENCE_ROOT = Path(__file__).resolve().parents[2] / "reports" / "reference"
+
+
+def _provenances(reference_dir, stage: str) -> list[dict]:
+    return [json.loads(p.read_text()).get("provenance", {}) for p in sorted(Path(reference_dir).glob(f"{stage}/*.json"))]
+
+
+def newest_reference_dir(root=REFERENCE_ROOT, stage: str = "benchmark") -> Path:
+    """The folder under ``root`` whose ``stage`` records are the most recent (their latest provenance date)."""
+    dated = [(max(p.get("date", "") for p in provs), d) for d in sorted(Path(root).iterdir())
+             if d.is_dir() and (provs := _provenances(d, stage))]
+    if not dated:
+        raise FileNotFoundError(f"no {stage} records under {root}")
+    return max(dated)[1]
+
+
+def source_line(reference_dir, stage: str = "benchmark") -> str:
+    """Which GPU, commits and dates the ``stage`` records of ``reference_dir`` come from."""
+    provs = _provenances(reference_dir, stage)
+    if not provs:
+        raise FileNotFoundError(f"no {stage} records in {reference_dir}")
+    gpus = sorted({p.get("gpu_name") or "?" for p in provs})
+    commits = sorted({(p.get("git_commit") or "?")[:8] for p in provs})
+    dates = sorted(p.get("date", "?")[:10] for p in provs)
+    span = dates[0] if dates[0] == dates[-1] else f"{dates[0]} .. {dates[-1]}"
+    return (f"Source: {', '.join(gpus)}; {len(provs)} {stage} records of commit {', '.join(commits)}, "
+            f"{span} ({_shown(reference_dir)})")
+
+
+def _shown(path) -> str:
+    """``path`` relative to the checkout when it lies inside it."""
+    p = Path(path).resolve()
+    root = REFERENCE_ROOT.parents[1]
+    return p.relative_to(root).as_posix() if p.is_relative_to(root) else p.as_posix()
 
 
 def headline(reference_dir, shapes=SHAPES) -> pd.DataFrame:
@@ -88,13 +127,14 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("reference_dir", nargs="?", default=None, help="default: reports/reference/h100 (h200 with --decode)")
+    ap.add_argument("reference_dir", nargs="?", default=None,
+                    help="default: the folder under reports/reference with the newest records")
     ap.add_argument("--decode", action="store_true", help="the decode-step table (records of kind 'decode')")
     args = ap.parse_args(argv)
-    if args.decode:
-        print(to_markdown(decode_headline(args.reference_dir or "reports/reference/h200")))
-    else:
-        print(to_markdown(headline(args.reference_dir or "reports/reference/h100")))
+    stage = "decode" if args.decode else "benchmark"
+    ref = args.reference_dir or newest_reference_dir(stage=stage)
+    print(source_line(ref, stage) + "\n")
+    print(to_markdown(decode_headline(ref) if args.decode else headline(ref)))
     return 0
 
 
