@@ -7,13 +7,13 @@ namespace cuda {
 
 void quantize_vectorized(const ElementwiseArgs& a) {
   dispatch_elementwise<QuantizeOp>(a, "quantize_vectorized", [&](auto op, auto per_token) {
-    launch_vectorized<typename decltype(op)::type, decltype(per_token)::value, false>(a);
+    launch_vectorized<typename decltype(op)::type, decltype(per_token)::value>(a);
   });
 }
 
 void dequantize_vectorized(const ElementwiseArgs& a) {
   dispatch_elementwise<DequantizeOp>(a, "dequantize_vectorized", [&](auto op, auto per_token) {
-    launch_vectorized<typename decltype(op)::type, decltype(per_token)::value, false>(a);
+    launch_vectorized<typename decltype(op)::type, decltype(per_token)::value>(a);
   });
 }
 

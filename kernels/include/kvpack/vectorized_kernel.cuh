@@ -1,5 +1,6 @@
-// The vectorized kernel (the paper's fourth variant) as a template, shared by "vectorized" (plain
-// loads, as the paper's) and "fast" (streaming loads, for fp32 rows below 4096): each thread moves 4
+// The vectorized kernel (the paper's fourth variant) as a template, with plain loads as the paper's
+// ("fast" used it with streaming loads for short fp32 rows until it had row kernels sized from the
+// device; kernels/quantize_fast.cu): each thread moves 4
 // consecutive elements of a row with one vector access each way: quantize reads a float4 (fp32; 8
 // bytes of fp16/bf16) and writes a char4; dequantize reads a char4 and writes a float4. Blocks are
 // the paper's 16 x 16: x over groups of 4 columns, y over rows.
@@ -21,7 +22,7 @@ namespace {
 constexpr int kBlock = 16;
 constexpr int kVec = 4;  // float4 / char4
 
-template <typename Op, bool kPerToken, bool kStreaming>
+template <typename Op, bool kPerToken>
 __global__ void __launch_bounds__(kBlock* kBlock)
     elementwise_vectorized_kernel(const typename Op::In* __restrict__ in,
                                   const float* __restrict__ scales,
@@ -41,7 +42,7 @@ __global__ void __launch_bounds__(kBlock* kBlock)
   for (int64_t row = static_cast<int64_t>(blockIdx.y) * kBlock + threadIdx.y; row < rows;
        row += row_stride) {
     const int64_t i = row * cols + col;
-    const VecN<In, kVec> x = load_vec_hinted<In, kVec, kStreaming>(in + i);
+    const VecN<In, kVec> x = load_vec<In, kVec>(in + i);
     const float row_scale = kPerToken ? scales[row] : 0.0f;
     VecN<Out, kVec> y;
 #pragma unroll
@@ -50,7 +51,7 @@ __global__ void __launch_bounds__(kBlock* kBlock)
   }
 }
 
-template <typename Op, bool kPerToken, bool kStreaming>
+template <typename Op, bool kPerToken>
 void launch_vectorized(const ElementwiseArgs& a) {
   using In = typename Op::In;
   using Out = typename Op::Out;
@@ -65,7 +66,7 @@ void launch_vectorized(const ElementwiseArgs& a) {
   const dim3 block(kBlock, kBlock);
   const dim3 grid(static_cast<unsigned int>(ceil_div(a.cols / kVec, kBlock)),
                   grid_y(ceil_div(a.rows, kBlock)));
-  elementwise_vectorized_kernel<Op, kPerToken, kStreaming><<<grid, block, 0, a.stream>>>(
+  elementwise_vectorized_kernel<Op, kPerToken><<<grid, block, 0, a.stream>>>(
       static_cast<const In*>(a.in), a.scales, static_cast<Out*>(a.out), a.rows, a.cols);
   KVPACK_LAUNCH_CHECK();
 }
