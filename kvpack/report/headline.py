@@ -12,12 +12,12 @@ Each table is preceded by a line naming the GPU, the commits and the dates of th
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import pandas as pd
 
+from ..study import records
 from . import assemble
 
 SHAPES = [(131072, 1024), (131072, 8192), (262144, 128)]
@@ -25,7 +25,7 @@ REFERENCE_ROOT = Path(__file__).resolve().parents[2] / "reports" / "reference"
 
 
 def _provenances(reference_dir, stage: str) -> list[dict]:
-    return [json.loads(p.read_text()).get("provenance", {}) for p in sorted(Path(reference_dir).glob(f"{stage}/*.json"))]
+    return [records.read_record(p)["provenance"] for p in sorted(Path(reference_dir).glob(f"{stage}/*.json"))]
 
 
 def newest_reference_dir(root=REFERENCE_ROOT, stage: str = "benchmark") -> Path:

@@ -253,19 +253,13 @@ __global__ void __launch_bounds__(256) q_lean(const T* __restrict__ in, const fl
   for (; row < rows; row += stride) emit(ldraw<C * sizeof(T), H>(in + row * cols + col), row);
 }
 
-// Per-channel scales over a grid of many blocks, merged through K replicas of the scales
-// (MODE 0: atomicMax into replica blockIdx.y % K, then the last block of the column strip maxes the
-// K replicas into the scales and zeroes them; MODE 1: plain stores into the replica, no merge: a
-// timing probe of what the atomics cost, its result is wrong).
-template <typename T, int U, int MODE>
-__global__ void __launch_bounds__(1024) s_rep(const T* __restrict__ x, float* __restrict__ scales, float* rep,
-                                              unsigned int* counters, int64_t rows, int64_t cols, int K) {
+// The shared front half of the scales kernels below: thread t's absmax of its 16 bytes of columns over
+// its rows (U loads in flight, streaming), then the block's rows combined into row 0 (a tree over
+// threadIdx.y in shared memory). Every thread of the block must call it (barriers).
+template <typename T, int U>
+__device__ __forceinline__ void block_column_absmax(const T* __restrict__ x, int64_t rows, int64_t cols, int64_t t,
+                                                    int64_t row_threads, float* m, float (*part)[1024]) {
   constexpr int V = 16 / sizeof(T);
-  __shared__ float part[V][1024];
-  __shared__ bool last;
-  const int64_t row_threads = cols / V;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  float m[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) m[j] = 0.0f;
   if (t < row_threads) {
@@ -304,6 +298,23 @@ __global__ void __launch_bounds__(1024) s_rep(const T* __restrict__ x, float* __
       n = half;
     }
   }
+}
+
+// Per-channel scales over a grid of many blocks, merged through K replicas of the scales
+// (MODE 0: atomicMax into replica blockIdx.y % K, then the last block of the column strip maxes the
+// K replicas into the scales and zeroes them; MODE 1: plain stores into the replica, no merge: a
+// timing probe of what the atomics cost, its result is wrong).
+template <typename T, int U, int MODE>
+__global__ void __launch_bounds__(1024) s_rep(const T* __restrict__ x, float* __restrict__ scales, float* rep,
+                                              unsigned int* counters, int64_t rows, int64_t cols, int K) {
+  constexpr int V = 16 / sizeof(T);
+  __shared__ float part[V][1024];
+  __shared__ bool last;
+  const int64_t row_threads = cols / V;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  float m[V];
+  block_column_absmax<T, U>(x, rows, cols, t, row_threads, m, part);
+  const int ty = threadIdx.y, tid = ty * blockDim.x + threadIdx.x;
   float* mine = rep + static_cast<int64_t>(blockIdx.y % K) * cols;
   if (ty == 0 && t < row_threads) {
 #pragma unroll
@@ -408,44 +419,8 @@ __global__ void __launch_bounds__(1024) s_rows(const T* __restrict__ x, float* _
   const int64_t row_threads = cols / V;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   float m[V];
-#pragma unroll
-  for (int j = 0; j < V; ++j) m[j] = 0.0f;
-  if (t < row_threads) {
-    const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
-    int64_t row = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
-    for (; row + (U - 1) * stride < rows; row += U * stride) {
-      Raw<16> v[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) v[u] = ldraw<16, 1>(x + (row + u * stride) * cols + t * V);
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-#pragma unroll
-        for (int j = 0; j < V; ++j) m[j] = absmax_combine(m[j], tof(elem<T, V>(v[u], j)));
-    }
-    for (; row < rows; row += stride) {
-      const Raw<16> v = ldraw<16, 1>(x + row * cols + t * V);
-#pragma unroll
-      for (int j = 0; j < V; ++j) m[j] = absmax_combine(m[j], tof(elem<T, V>(v, j)));
-    }
-  }
+  block_column_absmax<T, U>(x, rows, cols, t, row_threads, m, part);
   const int ty = threadIdx.y, tid = ty * blockDim.x + threadIdx.x;
-  if (blockDim.y > 1) {
-#pragma unroll
-    for (int j = 0; j < V; ++j) part[j][tid] = m[j];
-    __syncthreads();
-    for (int n = blockDim.y; n > 1;) {
-      const int half = (n + 1) / 2;
-      if (ty < half && ty + half < n) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          m[j] = absmax_combine(m[j], part[j][tid + half * blockDim.x]);
-          part[j][tid] = m[j];
-        }
-      }
-      __syncthreads();
-      n = half;
-    }
-  }
   if constexpr (ATOMIC) {
     if (ty == 0 && t < row_threads)
 #pragma unroll

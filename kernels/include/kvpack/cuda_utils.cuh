@@ -297,9 +297,7 @@ inline const DeviceMemory& device_memory() {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&bits, cudaDevAttrGlobalMemoryBusWidth, dev));
   DeviceMemory m;
   m.peak_gbps = 2.0 * khz * 1e3 * (bits / 8.0) / 1e9;
-  cudaDeviceProp prop;
-  C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
-  m.gbps_per_sm = m.peak_gbps / std::max(1, prop.multiProcessorCount);
+  m.gbps_per_sm = m.peak_gbps / std::max(1, sm_count());
   return cache.emplace(dev, m).first->second;
 }
 
