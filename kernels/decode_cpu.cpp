@@ -19,7 +19,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
                                 const c10::optional<at::Tensor>& lengths, c10::string_view granularity,
                                 double sm_scale, int64_t splits) {
   (void)splits;  // the CPU path does not split
-  const auto s = check_decode(q, k, v, ks, vs, lengths, std::string(granularity));
+  const auto s = check_decode(q, k, v, ks, vs, lengths, std::string(granularity), /*allow_fp32_q=*/true);
   const int64_t group = s.q_heads / s.kv_heads;
   // Dequantize as dequantize_value does: float(q) * scale in fp32.
   auto kf = k.to(at::kFloat) * (s.per_token ? ks.unsqueeze(-1) : ks.unsqueeze(2));

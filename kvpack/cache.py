@@ -31,7 +31,15 @@ from __future__ import annotations
 
 import torch
 
-from .decode_attention import HEAD_DIMS, _ensure_loaded, _tensor, check_granularity, check_head_dim, decode_attention
+from .decode_attention import (
+    HEAD_DIMS,
+    _ensure_loaded,
+    _tensor,
+    check_granularity,
+    check_head_dim,
+    check_query_dtype,
+    decode_attention,
+)
 from .torch_impl import scale_from_absmax
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,11 +64,10 @@ class KVCache:
         check_granularity(granularity)
         if max_tokens >= 2**31:
             raise ValueError(f"max_tokens = {max_tokens} does not fit the int32 lengths; use fewer than 2^31")
-        if dtype not in (torch.float16, torch.bfloat16):
-            raise TypeError(f"dtype (of the queries and outputs) must be torch.float16 or torch.bfloat16, got {dtype}")
+        self.device = torch.device(device)
+        check_query_dtype(dtype, self.device, "dtype (of the queries and outputs)")
         self.granularity = granularity
         self.dtype = dtype
-        self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         shape = (batch, kv_heads, max_tokens, head_dim)

@@ -73,6 +73,15 @@ def check_granularity(granularity: str) -> None:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
 
 
+def check_query_dtype(dtype: torch.dtype, device, name: str = "q") -> None:
+    """fp16 or bf16 queries (what the CUDA kernel reads); the CPU implementation, which computes in
+    fp32 anyway, takes fp32 too (a float32 model on the CPU, e.g. a test's exact reference)."""
+    allowed = QUERY_DTYPES + ((torch.float32,) if torch.device(device).type == "cpu" else ())
+    if dtype not in allowed:
+        also = " (or float32 on the CPU)" if torch.device(device).type == "cpu" else ""
+        raise TypeError(f"{name} must be float16 or bfloat16{also}, got {dtype}; convert it with .half() or .bfloat16()")
+
+
 def check_head_dim(d: int, name: str = "D") -> None:
     if d not in HEAD_DIMS:
         raise ValueError(f"head dimension {name} = {d} is not supported; the kernels take D in {HEAD_DIMS}")
@@ -82,8 +91,7 @@ def check_decode_inputs(q, k_cache, v_cache, k_scales, v_scales, lengths, granul
     """Shapes, dtypes, devices and layouts of a decode_attention call; returns (B, Hq, Hkv, T_max, D)."""
     check_granularity(granularity)
     q = _tensor(q, "q", 3, "[B, Hq, D] (one query token per sequence)")
-    if q.dtype not in QUERY_DTYPES:
-        raise TypeError(f"q must be float16 or bfloat16, got {q.dtype}; convert it with q.half() or q.bfloat16()")
+    check_query_dtype(q.dtype, q.device, "q")
     b, hq, d = q.shape
     check_head_dim(d, "D (q.shape[2])")
     dev = q.device

@@ -186,7 +186,7 @@ def _good(b=2, hkv=2, group=2, d=64, t=8):
 
 
 BAD = [
-    ("q", lambda a: a["q"].float(), TypeError, "q must be float16 or bfloat16"),
+    ("q", lambda a: a["q"].double(), TypeError, r"q must be float16 or bfloat16 \(or float32 on the CPU\)"),
     ("q", lambda a: a["q"][0], ValueError, r"q must be a 3-D tensor \[B, Hq, D\]"),
     ("q", lambda a: a["q"].transpose(1, 2).contiguous().transpose(1, 2), ValueError, "q must be contiguous"),
     ("q", lambda a: a["q"][:, :3].contiguous(), ValueError, "Hq = 3 query heads must be a multiple of Hkv = 2"),
@@ -230,8 +230,8 @@ def test_kvcache_bad_input():
         kvpack.KVCache(1, 1, 96, 8, device="cpu")
     with pytest.raises(ValueError, match="max_tokens must be a positive int"):
         kvpack.KVCache(1, 1, 64, 0, device="cpu")
-    with pytest.raises(TypeError, match="dtype .* must be torch.float16 or torch.bfloat16"):
-        kvpack.KVCache(1, 1, 64, 8, device="cpu", dtype=torch.float32)
+    with pytest.raises(TypeError, match=r"dtype .* must be float16 or bfloat16 \(or float32 on the CPU\), got torch.float64"):
+        kvpack.KVCache(1, 1, 64, 8, device="cpu", dtype=torch.float64)
     cache = kvpack.KVCache(2, 2, 64, 8, device="cpu")
     with pytest.raises(ValueError, match="sequence 0 holds no tokens"):
         cache.attend(make_q(2, 2, 64, torch.float16, 0))

@@ -40,15 +40,19 @@ inline void check_head_dim(int64_t d) {
   TORCH_CHECK_VALUE(d == 64 || d == 128 || d == 256, "kvpack: head dimension D must be 64, 128 or 256, got ", d);
 }
 
-// q [B, Hq, D] fp16/bf16, caches int8 [B, Hkv, T_max, D], scales fp32 [B, Hkv, T_max] (token) or
-// [B, Hkv, D] (channel), lengths int32 [B] or absent.
+// q [B, Hq, D] fp16/bf16 (fp32 too where allow_fp32_q: the CPU implementation, which computes in
+// fp32 anyway), caches int8 [B, Hkv, T_max, D], scales fp32 [B, Hkv, T_max] (token) or [B, Hkv, D]
+// (channel), lengths int32 [B] or absent.
 inline DecodeShape check_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& ks, const at::Tensor& vs,
-                                const c10::optional<at::Tensor>& lengths, const std::string& granularity) {
+                                const c10::optional<at::Tensor>& lengths, const std::string& granularity,
+                                bool allow_fp32_q = false) {
   const bool per_token = parse_cache_granularity(granularity);
   TORCH_CHECK_VALUE(q.dim() == 3, "kvpack: q must be [B, Hq, D], got ", q.sizes());
-  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-                   "kvpack: q must be float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16 ||
+                       (allow_fp32_q && q.scalar_type() == at::kFloat),
+                   "kvpack: q must be float16 or bfloat16", allow_fp32_q ? " (or float32 on the CPU)" : "",
+                   ", got ", q.scalar_type());
   TORCH_CHECK_VALUE(q.is_contiguous(), "kvpack: q must be contiguous");
   TORCH_CHECK_VALUE(k.dim() == 4, "kvpack: k_cache must be [B, Hkv, T_max, D], got ", k.sizes());
   const DecodeShape s{q.size(0), q.size(1), k.size(1), k.size(2), q.size(2), per_token};
