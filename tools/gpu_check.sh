@@ -60,7 +60,7 @@ step build build.log "$PY" -m kvpack.build --verbose --out "$OUT/build-info.json
 step ptxas ptxas_fast.log "$PY" tools/check_cuda_compile.py --arch "$ARCH" --sass --jobs 1 \
   --log-dir "$OUT/cuda-compile" kernels/quantize_fast.cu
 step pytest pytest_gpu.log "$PY" -m pytest -m gpu tests/test_cuda_ops.py tests/test_api_cuda.py \
-  tests/test_decode_attention.py -q -x --no-header -p no:cacheprovider --durations=8
+  tests/test_decode_attention.py tests/test_hf.py -q -x --no-header -p no:cacheprovider --durations=8
 # A crash (segfault, abort: exit 128 + signal) gives no Python traceback worth having: rerun the
 # test that crashed (named by faulthandler's dump, most recent frame first) under the debugger.
 if [ "${RC[pytest]}" -ge 128 ] || grep -q "Fatal Python error" "$OUT/pytest_gpu.log"; then
