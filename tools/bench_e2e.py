@@ -51,17 +51,30 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=e2e.DEFAULTS["repeats"])
     ap.add_argument("--out", default="results/e2e")
     ap.add_argument("--device-name", default=None)
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="seconds after which no further method starts (its rows: skipped, with the reason)")
     args = ap.parse_args(argv)
     settings = {**e2e.DEFAULTS, "model": args.model, "batch": args.batch, "methods": args.methods,
                 "capacity_T": args.capacity_T, "capacity_methods": args.capacity_methods, "repeats": args.repeats}
     if args.compiled_points is not None:
         settings["compiled_points"] = [[int(x) for x in p.split("x")] for p in args.compiled_points]
+    if args.time_limit:
+        settings["deadline"] = time.time() + args.time_limit
     device = environment.resolve_device("auto")
     for T in args.T:
         t0 = time.perf_counter()
-        prov = job_provenance(device, args.device_name, {"settings": {**settings, "T": [T]}, "device": device})
-        record = e2e.run_e2e_job({**settings, "T": [T]}, device, prov, log=show)
-        out = records.write_record(record, Path(args.out) / e2e.record_name(args.model, T))
+        job = {k: v for k, v in settings.items() if k != "deadline"}
+        prov = job_provenance(device, args.device_name, {"settings": {**job, "T": [T]}, "device": device})
+        out = Path(args.out) / e2e.record_name(args.model, T)
+        partial = {"kind": "e2e", "provenance": prov, "rows": [], "partial": True}
+
+        def log(row, partial=partial, out=out):  # the rows so far, on disk after each: a killed run keeps them
+            show(row)
+            partial["rows"].append(row)
+            records.write_record(partial, out)
+
+        record = e2e.run_e2e_job({**settings, "T": [T]}, device, prov, log=log)
+        records.write_record(record, out)
         print(f"wrote {out} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return 0
 

@@ -49,7 +49,7 @@ DEFAULTS = {"model": "llama-3.1-8b", "dtype": "bfloat16", "T": [4096, 32768], "b
             "methods": [m for m in METHODS if m != "quantized_quanto_int4"],
             "capacity_T": [32768], "capacity_methods": list(GRAPH_METHODS), "warmup": 3, "repeats": 20,
             "eager_repeats": 5, "fill_chunk_tokens": 8192, "reserve_bytes": 3 << 30, "seed": 0,
-            "copy_bytes": 1 << 30, "compiled_points": None}
+            "copy_bytes": 1 << 30, "compiled_points": None, "deadline": None}
 FP16_ATTN = "kvpack_e2e_fp16_sdpa"  # the fp16 baseline's attention backend (registered by this module)
 
 
@@ -411,6 +411,9 @@ def run_e2e_job(settings: dict, device: str, provenance: dict, T: int | None = N
                 if method == "static_sdpa_compiled" and not compiled_here(s, t, int(batch)):
                     row = {"method": method, "T": t, "batch": int(batch), "status": "skipped",
                            "skip_reason": "not in e2e.compiled_points (each shape compiles anew, a minute or more)"}
+                elif s["deadline"] is not None and time.time() > s["deadline"]:
+                    row = {"method": method, "T": t, "batch": int(batch), "status": "skipped",
+                           "skip_reason": "not run: the run's time limit was reached"}
                 else:
                     row = method_row(method, model, int(batch), t, s, copy, shape)
                 record["rows"].append(row)
@@ -418,7 +421,11 @@ def run_e2e_job(settings: dict, device: str, provenance: dict, T: int | None = N
                     log(row)
         if device == "cuda" and t in [int(x) for x in s["capacity_T"]]:
             for method in s["capacity_methods"]:
-                row = largest_batch(method, model, t, s, copy, shape)
+                if s["deadline"] is not None and time.time() > s["deadline"]:
+                    row = {"method": method, "T": t, "batch": 0, "status": "skipped", "capacity": True,
+                           "skip_reason": "not run: the run's time limit was reached"}
+                else:
+                    row = largest_batch(method, model, t, s, copy, shape)
                 record["rows"].append(row)
                 if log:
                     log(row)
