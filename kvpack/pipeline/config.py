@@ -129,10 +129,25 @@ def _semantic_errors(config: dict) -> list[str]:
     unknown_g = [g for g in config["granularities"] if g not in ops.GRANULARITIES]
     if unknown_g:
         problems.append(f"granularities: unknown {unknown_g}; known: {list(ops.GRANULARITIES)}")
-    return problems + _decode_errors(config.get("decode") or {}) + _reference_dir_errors(config["reference_dirs"])
+    return (problems + _decode_errors(config.get("decode") or {}) + _e2e_errors(config.get("e2e") or {})
+            + _reference_dir_errors(config["reference_dirs"]))
 
 
-REFERENCE_KINDS = ("benchmark", "accuracy", "decode")  # the record folders a reference dir holds (docs/records.md)
+def _e2e_errors(e2e: dict) -> list[str]:
+    """What the schema cannot say about the e2e benchmark: the model's file, and compiled points on its grid."""
+    from ..study.e2e import MODELS
+
+    problems = []
+    if "model" in e2e and not (MODELS / f"{e2e['model']}.json").exists():
+        known = sorted(p.stem for p in MODELS.glob("*.json"))
+        problems.append(f"e2e.model: no data/models/{e2e['model']}.json (known: {', '.join(known)})")
+    for i, point in enumerate(e2e.get("compiled_points") or []):
+        if "T" in e2e and "batch" in e2e and (point[0] not in e2e["T"] or point[1] not in e2e["batch"]):
+            problems.append(f"e2e.compiled_points[{i}]: {point} is not a point of e2e.T x e2e.batch")
+    return problems
+
+
+REFERENCE_KINDS = ("benchmark", "accuracy", "decode", "e2e")  # the record folders a reference dir holds (docs/records.md)
 
 
 def resolve_reference_dir(path) -> Path | None:
@@ -326,7 +341,15 @@ def job_settings(config: dict, stage: str) -> dict:
         return {**{k: config["decode"][k] for k in DECODE_JOB_KEYS}, "append_shape": dict(config["decode"]["append_shape"])}
     if stage == "decode_accuracy":
         return {**config["decode"]["accuracy"], "granularity": config["decode"]["granularity"]}
-    raise ValueError(f"stage must be 'benchmark', 'accuracy', 'decode', 'decode_append' or 'decode_accuracy', got {stage!r}")
+    if stage == "e2e":  # what one e2e job reads (its T comes from the job): not the list of Ts
+        return {k: v for k, v in config["e2e"].items() if k not in ("enabled", "T")}
+    raise ValueError("stage must be 'benchmark', 'accuracy', 'decode', 'decode_append', 'decode_accuracy' or 'e2e', "
+                     f"got {stage!r}")
+
+
+def e2e_contexts(config: dict) -> list[int]:
+    """The contexts T of the end-to-end benchmark, one job each ([] when e2e.enabled is false)."""
+    return [int(t) for t in config["e2e"]["T"]] if config["e2e"]["enabled"] else []
 
 
 def decode_points(config: dict) -> list[dict]:
@@ -340,6 +363,7 @@ __all__ = [
     "SCHEMA_PATH",
     "ConfigError",
     "decode_points",
+    "e2e_contexts",
     "device_slug",
     "find_workload",
     "job_settings",
