@@ -21,6 +21,7 @@ from .tables import (
     decode_accuracy_table,
     decode_append_table,
     decode_table,
+    e2e_table,
     memory_table,
     paper_table,
     paper_workloads,
@@ -32,9 +33,9 @@ from .tables import (
 
 
 def build_tables(benchmark_paths=(), accuracy_paths=(), reference_dirs=(), paper_dir=PAPER_DIR, grid=None,
-                 claims_path=None, decode_paths=()) -> Tables:
+                 claims_path=None, decode_paths=(), e2e_paths=()) -> Tables:
     """Every table, from raw record paths, reference directories, the paper's folder and the config grid."""
-    records = collect_records(benchmark_paths, accuracy_paths, reference_dirs, decode_paths)
+    records = collect_records(benchmark_paths, accuracy_paths, reference_dirs, decode_paths, e2e_paths)
     paper = paper_table(paper_dir)
     perf = performance_table(records)
     acc = accuracy_table(records, paper_dir)
@@ -53,15 +54,17 @@ def build_tables(benchmark_paths=(), accuracy_paths=(), reference_dirs=(), paper
         decode=decode_table(records),
         decode_append=decode_append_table(records),
         decode_accuracy=decode_accuracy_table(records),
+        e2e=e2e_table(records),
     )
     t.claims = claims.claims_table(t, claims_path or Path(paper_dir) / "claims.yaml")
     return t
 
 
 def write_tables(benchmark_paths, accuracy_paths, reference_dirs, paper_dir, grid, outdir, claims_path=None,
-                 decode_paths=()) -> dict:
+                 decode_paths=(), e2e_paths=()) -> dict:
     """Build every table and write ``<outdir>/<name>.csv`` for each of TABLE_NAMES. Returns {name: path}."""
-    t = build_tables(benchmark_paths, accuracy_paths, reference_dirs, paper_dir, grid, claims_path, decode_paths)
+    t = build_tables(benchmark_paths, accuracy_paths, reference_dirs, paper_dir, grid, claims_path, decode_paths,
+                     e2e_paths)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     paths = {}

@@ -44,7 +44,7 @@ PEERS = ("torch_eager", "torch_compile", "torch_quantize_per_channel")
 QUANT_DEQUANT = "quant+dequant"  # the paper's timed pair: quantize then dequantize, scales excluded
 
 TABLE_NAMES = ("performance", "accuracy", "memory", "workloads", "paper", "speedups", "claims",
-               "provenance", "paper_l2", "decode", "decode_append", "decode_accuracy")
+               "provenance", "paper_l2", "decode", "decode_append", "decode_accuracy", "e2e")
 
 PROVENANCE_KEYS = ("device", "device_name", "gpu_name", "cpu_model", "cpu_threads", "driver", "cuda", "torch",
                    "python", "git_commit", "config_hash", "date")
@@ -81,11 +81,13 @@ def reference_record_paths(reference_dir, kinds=("benchmark", "accuracy")) -> li
     return [p for kind in kinds for p in sorted(d.glob(f"{kind}/*.json"))]
 
 
-def collect_records(benchmark_paths=(), accuracy_paths=(), reference_dirs=(), decode_paths=()) -> list[dict]:
+def collect_records(benchmark_paths=(), accuracy_paths=(), reference_dirs=(), decode_paths=(),
+                    e2e_paths=()) -> list[dict]:
     """This run's records and those of every reference directory, each labelled with its source."""
-    records = load_records(list(benchmark_paths) + list(accuracy_paths) + list(decode_paths), THIS_RUN)
+    records = load_records(list(benchmark_paths) + list(accuracy_paths) + list(decode_paths) + list(e2e_paths),
+                           THIS_RUN)
     for d in reference_dirs or ():
-        records += load_records(reference_record_paths(d, ("benchmark", "accuracy", "decode")), source_label(d))
+        records += load_records(reference_record_paths(d, ("benchmark", "accuracy", "decode", "e2e")), source_label(d))
     return records
 
 
@@ -206,6 +208,67 @@ def decode_accuracy_table(records) -> pd.DataFrame:
     df = pd.DataFrame(rows).reindex(columns=DECODE_ACCURACY_COLUMNS)
     df["skip_reason"] = df["skip_reason"].fillna("")
     return df
+
+
+E2E_COLUMNS = ["source", "device_slug", "device_name", "git_commit", "model", "T", "batch", "method", "capacity",
+               "status", "skip_reason", "step_median_ms", "step_p10_ms", "step_p90_ms", "tokens_per_s",
+               "peak_memory_bytes", "cache_bytes", "weights_read_bytes", "bytes_read", "byte_bound_ms",
+               "fraction_of_bound", "fp16_byte_bound_ms", "vs_fp16_bound", "vs_fp16_graph", "vs_best_transformers",
+               "vs_quantized_cache", "sdpa_backend", "compile_s", "copy_gbps", "path"]
+E2E_TRANSFORMERS = ("dynamic_sdpa", "static_sdpa_compiled")  # transformers' own fp16 paths
+
+
+def e2e_table(records) -> pd.DataFrame:
+    """The end-to-end decode benchmark (kind 'e2e', kvpack.study.e2e): one row per device x T x batch x
+    method (and the largest batch of each capacity method, ``capacity`` True), with each step's
+    ratios against the same job's fp16 graph, best transformers path and best QuantizedCache, and
+    against the fp16 byte bound of the same step (> 1: faster than any fp16 cache can be)."""
+    rows = []
+    for r in records:
+        if r.get("kind") != "e2e":
+            continue
+        p = r["provenance"]
+        for row in r["rows"]:
+            rows.append({"source": r.get("_source", THIS_RUN), "device_slug": p.get("device_slug") or "unknown",
+                         "device_name": p.get("gpu_name") or p.get("device_name") or "unknown",
+                         "git_commit": (p.get("git_commit") or "")[:8], "model": r["workload"].get("model"),
+                         "path": r.get("_path", ""), "capacity": bool(row.get("capacity", False)),
+                         "skip_reason": "", **{k: v for k, v in row.items() if k != "capacity"}})
+    if not rows:
+        return pd.DataFrame(columns=E2E_COLUMNS)
+    df = pd.DataFrame(rows)
+    df["skip_reason"] = df["skip_reason"].fillna("")
+    ok = (df["status"] == "ok") & ~df["capacity"]
+    key = ["source", "device_slug", "T", "batch"]
+    for name, methods in (("vs_fp16_graph", ("fp16_graph",)), ("vs_best_transformers", E2E_TRANSFORMERS),
+                          ("vs_quantized_cache", tuple(m for m in df["method"].unique() if str(m).startswith("quantized")))):
+        base = df[ok & df["method"].isin(methods)].groupby(key)["step_median_ms"].min().rename("_base")
+        df = df.join(base, on=key)
+        df[name] = np.where(ok, df["_base"] / df["step_median_ms"], np.nan)
+        df = df.drop(columns="_base")
+    if "fp16_byte_bound_ms" in df:
+        df["vs_fp16_bound"] = df["fp16_byte_bound_ms"] / df["step_median_ms"]
+    return df.reindex(columns=E2E_COLUMNS)
+
+
+E2E_LABELS = {"kvpack_token_graph": "kvpack INT8 token, graph", "kvpack_channel_graph": "kvpack INT8 channel, graph",
+              "kvpack_token_eager": "kvpack INT8 token, eager", "kvpack_channel_eager": "kvpack INT8 channel, eager",
+              "fp16_graph": "fp16 cache, graph (best SDPA)", "dynamic_sdpa": "transformers DynamicCache, eager",
+              "static_sdpa_compiled": "transformers StaticCache, compiled", "quantized_fp8": "QuantizedCache fp8",
+              "quantized_hqq_int8": "QuantizedCache HQQ int8", "quantized_quanto_int4": "QuantizedCache quanto int4"}
+
+
+def e2e_view(e2e: pd.DataFrame) -> pd.DataFrame:
+    """The e2e table as the report shows it: one line per device x point x method that ran."""
+    if e2e is None or not len(e2e):
+        return pd.DataFrame()
+    d = e2e[e2e["status"] == "ok"].copy()
+    d["method"] = d["method"].map(lambda m: E2E_LABELS.get(m, m)) + np.where(d["capacity"].astype(bool),
+                                                                              " [largest batch]", "")
+    cols = ["device_slug", "T", "batch", "method", "step_median_ms", "step_p10_ms", "step_p90_ms", "tokens_per_s",
+            "peak_memory_bytes", "fraction_of_bound", "vs_fp16_bound", "vs_fp16_graph", "vs_best_transformers",
+            "vs_quantized_cache"]
+    return d.sort_values(["device_slug", "T", "batch", "step_median_ms"])[cols]
 
 
 def _workload_cols(record: dict) -> dict:
@@ -622,6 +685,7 @@ class Tables:
     decode: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=DECODE_COLUMNS))
     decode_append: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=DECODE_APPEND_COLUMNS))
     decode_accuracy: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=DECODE_ACCURACY_COLUMNS))
+    e2e: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=E2E_COLUMNS))
 
     def as_dict(self) -> dict[str, pd.DataFrame]:
         return {n: getattr(self, n) for n in TABLE_NAMES}
@@ -741,6 +805,8 @@ __all__ = [
     "decode_append_table",
     "decode_table",
     "decode_view",
+    "e2e_table",
+    "e2e_view",
     "fmt",
     "for_display",
     "gbps",

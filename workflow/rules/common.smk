@@ -36,6 +36,7 @@ ACCURACY_JSON = "results/{device}/accuracy/{T}x{D}_{dtype}.json"
 DECODE_JSON = "results/{device}/decode/T{T}_B{B}_H{Hq}x{Hkv}_D{D}.json"  # one decode grid point
 DECODE_APPEND_JSON = "results/{device}/decode/append.json"
 DECODE_ACCURACY_JSON = "results/{device}/decode/accuracy.json"
+E2E_JSON = "results/{device}/e2e/{model}_T{T}.json"  # one context of the end-to-end benchmark
 REPORT_HTML = "results/report/report.html"
 
 
@@ -79,6 +80,24 @@ def decode_point(wildcards):
             "kv_heads": int(wildcards.Hkv), "head_dim": int(wildcards.D)}
 
 
+def e2e_records():
+    """This run's end-to-end records, one per context T of config e2e: GPU measurements (none on a
+    CPU-only run: e2e_skipped_notes() says so)."""
+    if DEVICE_KIND != "cuda":
+        return []
+    return [E2E_JSON.format(device=DEVICE, model=config["e2e"]["model"], T=t)
+            for t in kvpack.pipeline.config.e2e_contexts(config)]
+
+
+def e2e_skipped_notes():
+    """What a CPU-only run leaves out of the end-to-end benchmark."""
+    if DEVICE_KIND == "cuda" or not config["e2e"]["enabled"]:
+        return []
+    return [f"e2e: the end-to-end decode benchmark ({config['e2e']['model']} at T = {config['e2e']['T']}) needs a "
+            f"CUDA GPU; this run's device is {DEVICE_KIND}, so rule e2e did not run (the report shows the reference "
+            "runs' rows, if any)"]
+
+
 def decode_skipped_notes():
     """What a CPU-only run leaves out of the decode study, for the report's 'What was skipped'."""
     if DEVICE_KIND == "cuda":
@@ -120,7 +139,7 @@ def final_outputs():
     report_stage = globals().get("REPORT_OUTPUTS", [REPORT_HTML])
     study = globals().get("ACCURACY_STUDY_OUTPUTS", [])
     return [*report_stage, *study, *benchmark_records(), *accuracy_records(), *decode_records(),
-            *decode_accuracy_records()]
+            *decode_accuracy_records(), *e2e_records()]
 
 
 def kernel_sources():
@@ -197,3 +216,5 @@ def job_resources(stage):
 BUILD_RESOURCES = {"mem_mb": 4096, "runtime": 30, **({"gpu": 1} if DEVICE_KIND == "cuda" else {})}
 # decode: the caches live on the GPU (up to ~100 GB at B = 32, T = 131072); the host holds little
 DECODE_RESOURCES = {"mem_mb": 8192, "runtime": 20, **({"gpu": 1} if DEVICE_KIND == "cuda" else {})}
+# e2e: an 8B model and its caches on the GPU; the host builds nothing large (weights made on the device)
+E2E_RESOURCES = {"mem_mb": 16384, "runtime": 60, **({"gpu": 1} if DEVICE_KIND == "cuda" else {})}

@@ -33,7 +33,9 @@ rule tables:
         benchmark=benchmark_records(),
         accuracy=accuracy_records(),
         decode=decode_records() + decode_accuracy_records(),
-        reference=reference_records("benchmark") + reference_records("accuracy") + reference_records("decode"),
+        e2e=e2e_records(),
+        reference=reference_records("benchmark") + reference_records("accuracy") + reference_records("decode")
+        + reference_records("e2e"),
         paper=[f"{PAPER_DIR}/raw_results.csv", f"{PAPER_DIR}/claims.yaml"],
     output:
         **{

@@ -14,6 +14,7 @@ paths = write_tables(
     benchmark_paths=list(sm.input.benchmark),
     accuracy_paths=list(sm.input.accuracy),
     decode_paths=list(sm.input.decode),
+    e2e_paths=list(sm.input.e2e),
     reference_dirs=list(sm.params.reference_dirs),
     paper_dir=sm.params.paper_dir,
     grid=list(sm.params.grid),
