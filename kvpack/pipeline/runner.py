@@ -6,7 +6,7 @@ timing, the decode accuracy record), in one process (the extension loads once), 
 that already exist, stopping cleanly before ``--time-limit`` seconds so a partial run can be resumed.
 
     python -m kvpack.pipeline.runner --configfile config/config.yaml --configfile config/paper.yaml \
-        --stages benchmark accuracy decode --results results [--time-limit 540] [--device-name h200]
+        --stages benchmark accuracy decode e2e --results results [--time-limit 540] [--device-name h200]
 """
 
 from __future__ import annotations
@@ -56,10 +56,23 @@ def decode_jobs(config: dict, device: str, outdir: Path) -> list:
     return jobs
 
 
+def e2e_jobs(config: dict, device: str, outdir: Path) -> list:
+    """The e2e stage's jobs (workflow/rules/e2e.smk): one per context T, CUDA only (logged on a CPU)."""
+    from ..study import e2e
+
+    if device != "cuda":
+        log.info("e2e: the end-to-end benchmark needs a CUDA GPU; this run's device is %s: skipped", device)
+        return []
+    settings = cfgmod.job_settings(config, "e2e")
+    return [(outdir / e2e.record_name(settings["model"], T), {"settings": settings, "device": device, "T": T},
+             partial(e2e.run_e2e_job, {**settings, "T": [T]}, device)) for T in cfgmod.e2e_contexts(config)]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configfile", action="append", required=True)
-    ap.add_argument("--stages", nargs="+", default=["benchmark", "accuracy"], choices=["benchmark", "accuracy", "decode"])
+    ap.add_argument("--stages", nargs="+", default=["benchmark", "accuracy"],
+                    choices=["benchmark", "accuracy", "decode", "e2e"])
     ap.add_argument("--results", default="results")
     ap.add_argument("--time-limit", type=float, default=None, help="stop before starting a job after this many seconds")
     ap.add_argument("--max-elements", type=int, default=None, help="only workloads with at most this many elements")
@@ -75,7 +88,7 @@ def main(argv=None) -> int:
     slug = cfgmod.device_slug(config, device)
     results = Path(args.results)
     t0 = time.perf_counter()
-    jobs = [(stage, w) for w in cfgmod.workloads(config) for stage in args.stages if stage != "decode"]
+    jobs = [(stage, w) for w in cfgmod.workloads(config) for stage in args.stages if stage in ("benchmark", "accuracy")]
     if args.max_elements:
         jobs = [(s, w) for s, w in jobs if w["T"] * w["D"] <= args.max_elements]
     done = skipped = 0
@@ -100,6 +113,16 @@ def main(argv=None) -> int:
                 skipped += 1
                 continue
             log.info("decode %s", out.name)
+            records.write_record(run(job_provenance(device, slug, job)), out)
+            done += 1
+    if "e2e" in args.stages:
+        for out, job, run in e2e_jobs(config, device, results / slug / "e2e"):
+            if out.exists():
+                continue
+            if args.time_limit and time.perf_counter() - t0 > args.time_limit:
+                skipped += 1
+                continue
+            log.info("e2e %s", out.name)
             records.write_record(run(job_provenance(device, slug, job)), out)
             done += 1
     log.info("ran %d jobs in %.0f s; %d left for a later run (time limit)", done, time.perf_counter() - t0, skipped)

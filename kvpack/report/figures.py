@@ -9,6 +9,7 @@ legend 'paper (their GPU)'). A figure that needs GPU data and finds none draws a
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -416,6 +417,66 @@ def figure_decode(t: Tables, png, svg=None):
     return _save(fig, png, svg)
 
 
+E2E_COLORS = {"kvpack": "tab:green", "fp16_graph": "tab:blue", "static": "tab:purple", "dynamic": "tab:orange",
+              "quantized": "tab:red"}
+
+
+def _e2e_color(method: str) -> str:
+    for prefix, colour in E2E_COLORS.items():
+        if method.startswith(prefix):
+            return colour
+    return "grey"
+
+
+def figure_e2e(t: Tables, png, svg=None):
+    """A real model's decode step (Llama-3.1-8B's shape), every method: ms per step, horizontal bars, one
+    panel per device x (T, batch), with the step's byte bounds (weights + the fp16 or INT8 cache at the
+    copy rate of the same job) as vertical lines. Shorter is faster; left of the fp16 line is faster
+    than any fp16 cache can be."""
+    from .tables import E2E_LABELS
+
+    _theme()
+    e = t.e2e
+    ok = e[(e["status"] == "ok") & ~e["capacity"].astype(bool)] if e is not None and len(e) else None
+    if ok is None or not len(ok):
+        fig, ax = plt.subplots(figsize=(8, 4))
+        _message(ax, "no end-to-end measurements\n(rule e2e runs on a CUDA GPU)")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return _save(fig, png, svg)
+    panels = sorted({(r.source, r.device_slug, int(r.T), int(r.batch)) for r in ok.itertuples()},
+                    key=lambda k: (k[0], k[1], k[2], k[3]))
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    n_methods = ok["method"].nunique()
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 0.38 * n_methods * rows + 1.4 * rows), squeeze=False)
+    for ax, (src, slug, T, b) in zip(axes.flat, panels):
+        g = ok[(ok["source"] == src) & (ok["device_slug"] == slug) & (ok["T"] == T) & (ok["batch"] == b)]
+        g = g.sort_values("step_median_ms", ascending=False)
+        labels = [E2E_LABELS.get(m, m) for m in g["method"]]
+        ax.barh(labels, g["step_median_ms"], color=[_e2e_color(m) for m in g["method"]],
+                xerr=[g["step_median_ms"] - g["step_p10_ms"], g["step_p90_ms"] - g["step_median_ms"]], capsize=2)
+        fp16 = g["fp16_byte_bound_ms"].dropna()
+        int8 = g[g["method"].str.startswith("kvpack")]["byte_bound_ms"].dropna()
+        if len(fp16):
+            ax.axvline(float(fp16.iloc[0]), color="tab:blue", ls="--", lw=1)
+        if len(int8):
+            ax.axvline(float(int8.min()), color="tab:green", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_title(f"{slug}: T = {T}, batch {b}", fontsize=10)
+        ax.set_xlabel("ms per decode step (median, p10-p90)")
+        ax.tick_params(axis="y", labelsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], color="tab:blue", ls="--", label="fp16 byte bound (weights + fp16 cache at the copy rate)"),
+               Line2D([], [], color="tab:green", ls=":", label="INT8 byte bound (weights + INT8 cache + scales)")]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=9, bbox_to_anchor=(0.5, -0.01))
+    model = ", ".join(sorted(str(m) for m in ok["model"].dropna().unique()))
+    fig.suptitle(f"A decode step of {model} (random bf16 weights) by cache and attention path", fontsize=11)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+    return _save(fig, png, svg)
+
+
 FIGURES = {
     "time": figure_time,
     "speedup": figure_speedup,
@@ -424,6 +485,7 @@ FIGURES = {
     "memory": figure_memory,
     "peers": figure_peers,
     "decode": figure_decode,
+    "e2e": figure_e2e,
 }
 
 
@@ -436,5 +498,5 @@ def make_figure(name: str, tables: Tables, png, svg=None):
     return fn(tables, png, svg)
 
 
-__all__ = ["FIGURES", "IMPL_COLORS", "figure_accuracy", "figure_decode", "figure_memory", "figure_peers", "figure_roofline",
+__all__ = ["FIGURES", "IMPL_COLORS", "figure_accuracy", "figure_decode", "figure_e2e", "figure_memory", "figure_peers", "figure_roofline",
            "figure_speedup", "figure_time", "make_figure"]

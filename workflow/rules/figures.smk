@@ -147,3 +147,24 @@ rule figure_decode:
         "../../environment.yml"
     script:
         "../scripts/figure.py"
+
+
+rule figure_e2e:
+    """A real model's decode step by method: ms per step per (T, batch), with the fp16 and INT8 byte bounds."""
+    input:
+        tables=TABLE_CSVS,
+    output:
+        png=report(FIGURE_PNG.format(name="e2e"), caption="../report/e2e.rst", category="Figures"),
+        svg=FIGURE_SVG.format(name="e2e"),
+    log:
+        log_path(FIGURE_PNG.format(name="e2e")),
+    params:
+        name="e2e",
+    threads: 1
+    resources:
+        mem_mb=2048,
+        runtime=10,
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/figure.py"

@@ -9,7 +9,7 @@ REPORT_NOTEBOOK = str(Path(workflow.basedir) / "reports" / "report.ipynb")
 REPORT_IPYNB = "results/report/report.ipynb"
 
 TABLE_NAMES = list(kvpack.report.tables.TABLE_NAMES)  # performance, accuracy, memory, workloads, paper, speedups, claims, ...
-FIGURE_NAMES = ["time", "speedup", "roofline", "accuracy", "memory", "peers", "decode"]  # keys of kvpack.report.figures.FIGURES
+FIGURE_NAMES = ["time", "speedup", "roofline", "accuracy", "memory", "peers", "decode", "e2e"]  # keys of kvpack.report.figures.FIGURES
 TABLES_DIR = "results/tables"
 FIGURES_DIR = "results/figures"
 TABLE_CSV = "results/tables/{name}.csv"
