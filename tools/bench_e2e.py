@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=e2e.DEFAULTS["model"])
     ap.add_argument("--T", type=int, nargs="+", default=e2e.DEFAULTS["T"])
+    ap.add_argument("--points", nargs="*", default=None,
+                    help="TxB points in this order, all in one record (<model>_points.json) instead of one per T")
     ap.add_argument("--batch", type=int, nargs="+", default=e2e.DEFAULTS["batch"])
     ap.add_argument("--methods", nargs="+", default=e2e.DEFAULTS["methods"], choices=e2e.METHODS)
     ap.add_argument("--compiled-points", nargs="*", default=None,
@@ -61,11 +63,15 @@ def main(argv=None) -> int:
     if args.time_limit:
         settings["deadline"] = time.time() + args.time_limit
     device = environment.resolve_device("auto")
+    if args.points:
+        settings["points"] = [[int(x) for x in p.split("x")] for p in args.points]
+        args.T = [sorted({p[0] for p in settings["points"]})]
     for T in args.T:
         t0 = time.perf_counter()
         job = {k: v for k, v in settings.items() if k != "deadline"}
-        prov = job_provenance(device, args.device_name, {"settings": {**job, "T": [T]}, "device": device})
-        out = Path(args.out) / e2e.record_name(args.model, T)
+        Ts = T if isinstance(T, list) else [T]
+        prov = job_provenance(device, args.device_name, {"settings": {**job, "T": Ts}, "device": device})
+        out = Path(args.out) / (f"{args.model}_points.json" if args.points else e2e.record_name(args.model, T))
         partial = {"kind": "e2e", "provenance": prov, "rows": [], "partial": True}
 
         def log(row, partial=partial, out=out):  # the rows so far, on disk after each: a killed run keeps them
@@ -73,7 +79,7 @@ def main(argv=None) -> int:
             partial["rows"].append(row)
             records.write_record(partial, out)
 
-        record = e2e.run_e2e_job({**settings, "T": [T]}, device, prov, log=log)
+        record = e2e.run_e2e_job({**settings, "T": Ts}, device, prov, log=log)
         records.write_record(record, out)
         print(f"wrote {out} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return 0

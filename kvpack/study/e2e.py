@@ -49,7 +49,7 @@ DEFAULTS = {"model": "llama-3.1-8b", "dtype": "bfloat16", "T": [4096, 32768], "b
             "methods": [m for m in METHODS if m != "quantized_quanto_int4"],
             "capacity_T": [32768], "capacity_methods": list(GRAPH_METHODS), "warmup": 3, "repeats": 20,
             "eager_repeats": 5, "fill_chunk_tokens": 8192, "reserve_bytes": 3 << 30, "seed": 0,
-            "copy_bytes": 1 << 30, "compiled_points": None, "deadline": None}
+            "copy_bytes": 1 << 30, "compiled_points": None, "deadline": None, "points": None}
 FP16_ATTN = "kvpack_e2e_fp16_sdpa"  # the fp16 baseline's attention backend (registered by this module)
 
 
@@ -405,30 +405,31 @@ def run_e2e_job(settings: dict, device: str, provenance: dict, T: int | None = N
     record["model"] = {"name": s["model"], **model_summary(model)}
     copy = measure_copy(s, device) if device == "cuda" else None
     record["copy"] = copy
-    for t in Ts:
-        for batch in s["batch"]:
-            for method in s["methods"]:
-                if method == "static_sdpa_compiled" and not compiled_here(s, t, int(batch)):
-                    row = {"method": method, "T": t, "batch": int(batch), "status": "skipped",
-                           "skip_reason": "not in e2e.compiled_points (each shape compiles anew, a minute or more)"}
-                elif s["deadline"] is not None and time.time() > s["deadline"]:
-                    row = {"method": method, "T": t, "batch": int(batch), "status": "skipped",
-                           "skip_reason": "not run: the run's time limit was reached"}
-                else:
-                    row = method_row(method, model, int(batch), t, s, copy, shape)
-                record["rows"].append(row)
-                if log:
-                    log(row)
-        if device == "cuda" and t in [int(x) for x in s["capacity_T"]]:
-            for method in s["capacity_methods"]:
-                if s["deadline"] is not None and time.time() > s["deadline"]:
-                    row = {"method": method, "T": t, "batch": 0, "status": "skipped", "capacity": True,
-                           "skip_reason": "not run: the run's time limit was reached"}
-                else:
-                    row = largest_batch(method, model, t, s, copy, shape)
-                record["rows"].append(row)
-                if log:
-                    log(row)
+    points = [(int(a), int(b)) for a, b in s["points"]] if s.get("points") else \
+        [(t, int(b)) for t in Ts for b in s["batch"]]
+    capacity = [t for t in dict.fromkeys(t for t, _ in points) if t in [int(x) for x in s["capacity_T"]]]
+    late = {"status": "skipped", "skip_reason": "not run: the run's time limit was reached"}
+    for t, batch in points:
+        for method in s["methods"]:
+            if method == "static_sdpa_compiled" and not compiled_here(s, t, batch):
+                row = {"method": method, "T": t, "batch": batch, "status": "skipped",
+                       "skip_reason": "not in e2e.compiled_points (each shape compiles anew, a minute or more)"}
+            elif s["deadline"] is not None and time.time() > s["deadline"]:
+                row = {"method": method, "T": t, "batch": batch, **late}
+            else:
+                row = method_row(method, model, batch, t, s, copy, shape)
+            record["rows"].append(row)
+            if log:
+                log(row)
+    for t in capacity if device == "cuda" else ():
+        for method in s["capacity_methods"]:
+            if s["deadline"] is not None and time.time() > s["deadline"]:
+                row = {"method": method, "T": t, "batch": 0, "capacity": True, **late}
+            else:
+                row = largest_batch(method, model, t, s, copy, shape)
+            record["rows"].append(row)
+            if log:
+                log(row)
     del model
     _release()
     return record
