@@ -5,6 +5,7 @@ decode step: the fused INT8 kernel against the fastest fp16 SDPA backend and the
     python -m kvpack.report.headline                 # the newest records under reports/reference
     python -m kvpack.report.headline reports/reference/h100
     python -m kvpack.report.headline --decode reports/reference/h200
+    python -m kvpack.report.headline --e2e            # a real model's decode step (the README's first table)
 
 Each table is preceded by a line naming the GPU, the commits and the dates of the records it comes from.
 """
@@ -109,17 +110,52 @@ def decode_headline(reference_dir) -> pd.DataFrame:
     return out
 
 
+E2E_POINTS = [(32768, 8), (4096, 1)]
+E2E_METHODS = ["kvpack_token_graph", "kvpack_channel_graph", "fp16_graph", "static_sdpa_compiled", "dynamic_sdpa",
+               "quantized_hqq_int8", "quantized_fp8"]
+
+
+def e2e_headline(reference_dir) -> pd.DataFrame:
+    """The end-to-end table: ms per decode step of each method at the issue's points, tokens/s, the
+    ratio to fp16 in the same captured loop and to the step's fp16 byte bound, and then the largest
+    batch at T = 32768 of each capacity method with its tokens/s."""
+    from .tables import E2E_LABELS
+
+    e = assemble.build_tables(reference_dirs=[reference_dir]).e2e
+    ok = e[e["status"] == "ok"]
+    rows = []
+    for T, b in E2E_POINTS:
+        pt = ok[(ok["T"] == T) & (ok["batch"] == b) & ~ok["capacity"].astype(bool)]
+        for m in E2E_METHODS:
+            r = pt[pt["method"] == m]
+            if len(r):
+                r = r.iloc[0]
+                rows.append({"T": T, "batch": b, "method": E2E_LABELS[m], "ms_per_step": float(r["step_median_ms"]),
+                             "tokens_per_s": float(r["tokens_per_s"]), "vs_fp16_graph_speedup": float(r["vs_fp16_graph"]),
+                             "vs_fp16_bound_speedup": float(r["vs_fp16_bound"]),
+                             "fraction_of_bound": float(r["fraction_of_bound"])})
+    cap = ok[ok["capacity"].astype(bool)]
+    for _, r in cap.sort_values("batch", ascending=False).iterrows():
+        rows.append({"T": int(r["T"]), "batch": int(r["batch"]), "method": E2E_LABELS[r["method"]] + ", largest batch",
+                     "ms_per_step": float(r["step_median_ms"]), "tokens_per_s": float(r["tokens_per_s"]),
+                     "vs_fp16_graph_speedup": math.nan, "vs_fp16_bound_speedup": float(r["vs_fp16_bound"]),
+                     "fraction_of_bound": float(r["fraction_of_bound"])})
+    return pd.DataFrame(rows)
+
+
 def to_markdown(df: pd.DataFrame) -> str:
     def cell(col, v):
         if not isinstance(v, float):
             return str(v)
+        if math.isnan(v):
+            return ""
         if col.startswith("fraction"):
             return f"{v:.1%}"
         if col.endswith("_speedup"):
             return f"{v:.2f}x"
         if math.isnan(v):
             return ""
-        return f"{v:,.0f}" if col.endswith("_gbps") else f"{v:.3f}"
+        return f"{v:,.0f}" if col.endswith(("_gbps", "_per_s")) else f"{v:.3f}"
     lines = ["| " + " | ".join(df.columns) + " |", "|" + " --- |" * len(df.columns)]
     lines += ["| " + " | ".join(cell(c, v) for c, v in zip(df.columns, row)) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
@@ -130,11 +166,13 @@ def main(argv=None) -> int:
     ap.add_argument("reference_dir", nargs="?", default=None,
                     help="default: the folder under reports/reference with the newest records")
     ap.add_argument("--decode", action="store_true", help="the decode-step table (records of kind 'decode')")
+    ap.add_argument("--e2e", action="store_true", help="the end-to-end table (records of kind 'e2e')")
     args = ap.parse_args(argv)
-    stage = "decode" if args.decode else "benchmark"
+    stage = "decode" if args.decode else "e2e" if args.e2e else "benchmark"
     ref = args.reference_dir or newest_reference_dir(stage=stage)
     print(source_line(ref, stage) + "\n")
-    print(to_markdown(decode_headline(ref) if args.decode else headline(ref)))
+    table = {"decode": decode_headline, "e2e": e2e_headline, "benchmark": headline}[stage](ref)
+    print(to_markdown(table))
     return 0
 
 
