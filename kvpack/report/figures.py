@@ -25,8 +25,10 @@ from matplotlib.lines import Line2D
 from ..study import metrics
 from .tables import (
     CPU_BASELINES,
+    GPU_IMPLS,
     PAPER_CPU_SOURCE,
     PAPER_SOURCE,
+    PAPER_VARIANTS,
     PEERS,
     QUANT_DEQUANT,
     THIS_RUN,
@@ -128,111 +130,163 @@ def _has_gpu(t: Tables) -> bool:
     return p is not None and len(p) and bool(((p["device"] == "cuda") & (p["status"] == "ok")).any())
 
 
+def _gpu_sources(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """The (source, device) pairs with GPU rows, this run first: one panel column each."""
+    if df is None or not len(df):
+        return []
+    g = df[df["device"] == "cuda"] if "device" in df else df
+    keys = sorted({(s, d) for s, d in zip(g["source"], g["device_slug"])}, key=lambda k: (k[0] != THIS_RUN, k))
+    return keys
+
+
+def _commit(t: Tables, source: str, slug: str) -> str:
+    """The commit(s) that made a source's records, short, for a panel's title."""
+    p = t.provenance
+    if p is None or not len(p) or "git_commit" not in p:
+        return "?"
+    row = p[(p["source"] == source) & (p["device_slug"] == slug)]
+    commits = sorted({c[:8] for v in row["git_commit"].dropna().astype(str) for c in v.split(", ") if c})
+    return ", ".join(commits[:2]) + (" ..." if len(commits) > 2 else "") if commits else "?"
+
+
+def _panel_title(t: Tables, source: str, slug: str, what: str = "") -> str:
+    """'<what>' over '<source>, commit <sha>' (the reference dir's name alone when it names the device)."""
+    where = source if source.startswith("reference: ") else _src_label(source, slug)
+    return f"{what.rstrip(': ')}\n{where}, commit {_commit(t, source, slug)}"
+
+
+def _impl_legend(fig, impls, extra=(), ncol=5):
+    """One legend under the figure: colour = impl, plus any extra handles (the paper's lines)."""
+    impls = [i for i in IMPLS if i in set(impls)]
+    handles = [Line2D([], [], color=IMPL_COLORS[i], lw=2, marker="o", label=i) for i in impls] + list(extra)
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(ncol, len(handles)), fontsize=8,
+                   bbox_to_anchor=(0.5, 0.0))
+
+
 # --- (1) time vs elements ---------------------------------------------------------------------------
 
 def figure_time(t: Tables, png, svg=None):
-    """Quantize + dequantize time vs elements, per impl, log-log; the paper's points beside ours."""
+    """Quantize + dequantize time vs elements, log-log, one column per GPU source. Top: the paper's
+    comparison (its serial CPU loop against its four GPU kernels; the paper's own points dashed).
+    Bottom: ours (the fast kernel against PyTorch on the same GPU and the threaded CPU baseline)."""
     _theme()
-    fig, ax = plt.subplots(figsize=(9, 6))
     ours = _paper_setting(quant_dequant_table(t.performance))
     ours = ours[ours["total_ms"].notna()] if len(ours) else ours
     paper = t.paper[t.paper["op"] == QUANT_DEQUANT] if t.paper is not None and len(t.paper) else pd.DataFrame()
-    markers = _source_markers(ours)
-    if len(ours):
-        _plot_ours(ax, ours, "elements", "total_ms", markers)
-    if len(paper):
-        _plot_paper(ax, paper[paper["device"] == "cuda"], "elements", "time_ms", "--")
-        _plot_paper(ax, paper[paper["device"] == "cpu"], "elements", "time_ms", ":")
-    ax.set(xscale="log", yscale="log", xlabel="elements (T x D)", ylabel="quantize + dequantize time (ms)",
-           title="Quantize + dequantize time (fp32, per-channel; scales excluded, as in the paper)")
-    if not _has_gpu(t):
-        ax.text(0.98, 0.02 + 0.1, "no GPU measurements: GPU variants\nshow the paper's points only",
-                transform=ax.transAxes, ha="right", va="bottom", fontsize=9,
-                bbox=NOTE_BOX)
-    impls = set(ours["impl"]) if len(ours) else set()
-    impls |= set(paper["impl"]) if len(paper) else set()
-    _legends(ax, impls, markers, paper=len(paper) > 0, paper_cpu=len(paper) > 0)
+    sources = _gpu_sources(ours) or [(THIS_RUN, "no GPU")]
+    fig, axes = plt.subplots(2, len(sources), figsize=(6.5 * len(sources), 10), squeeze=False)
+    rows = (("the paper's comparison: ", ("cpu_serial", *PAPER_VARIANTS)),
+            ("ours: ", ("fast", "cpu_torch", *PEERS)))
+    shown = set()
+    for col, (src, slug) in enumerate(sources):
+        mine = ours[(ours["source"] == src) & (ours["device_slug"] == slug)] if len(ours) else ours
+        for row, (what, impls) in enumerate(rows):
+            ax = axes[row][col]
+            d = mine[mine["impl"].isin(impls)] if len(mine) else mine
+            for impl, g in d.groupby("impl", sort=False):
+                g = g.sort_values("elements")
+                ax.plot(g["elements"], g["total_ms"], marker="o", color=IMPL_COLORS.get(impl, "black"), lw=1.2, ms=5)
+                shown.add(impl)
+            if row == 0 and len(paper):
+                _plot_paper(ax, paper[paper["impl"].isin(impls)], "elements", "time_ms", "--")
+            ax.set(xscale="log", yscale="log", xlabel="elements (T x D)", ylabel="quantize + dequantize (ms)",
+                   title=_panel_title(t, src, slug, what))
+            if not len(d):
+                _message(ax, NO_GPU if not _has_gpu(t) else "no rows of these implementations")
+    extra = [Line2D([], [], color="grey", marker=PAPER_MARKER, ls="--", label=PAPER_SOURCE)] if len(paper) else []
+    _impl_legend(fig, shown | (set(paper["impl"]) if len(paper) else set()), extra)
+    fig.suptitle("Quantize + dequantize time (fp32, per-channel; scales excluded, as in the paper)")
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     return _save(fig, png, svg)
 
 
 # --- (2) speedups --------------------------------------------------------------------------------
 
 def figure_speedup(t: Tables, png, svg=None):
-    """Speedup of each GPU impl over the paper's serial CPU baseline (with the paper's speedups) and over
-    multi-threaded torch on the CPU."""
+    """Speedup of each GPU kernel over the paper's serial CPU loop (top, with the paper's own speedups
+    dashed) and over threaded torch on the CPU (bottom), one column per GPU source."""
     _theme()
-    fig, axes = plt.subplots(1, 2, figsize=(15, 6), sharey=False)
     s = t.speedups
     s = _paper_setting(s[s["speedup"].notna()]) if s is not None and len(s) else pd.DataFrame()
     paper = t.paper[(t.paper["op"] == QUANT_DEQUANT) & t.paper["speedup"].notna()] if t.paper is not None and len(
         t.paper) else pd.DataFrame()
-    markers = _source_markers(s)
-    impls = set(s["impl"]) if len(s) else set()
-    for ax, (b, label) in zip(axes, CPU_BASELINES.items()):
-        sb = s[s["baseline"] == b] if len(s) else s
-        if len(sb):
-            _plot_ours(ax, sb, "elements", "speedup", markers)
-        show_paper = b == "cpu_serial" and len(paper) > 0
-        if show_paper:
-            _plot_paper(ax, paper, "elements", "speedup")
-            impls |= set(paper["impl"])
-        ax.set(xscale="log", yscale="log", xlabel="elements (T x D)", ylabel=f"speedup over {b} (x)",
-               title=f"vs {b}: {label}")
-        ax.axhline(1.0, color="black", lw=0.6)
-        if not len(sb):
-            msg = NO_GPU if not _has_gpu(t) else f"no GPU speedups over {b}\n(baseline skipped or missing)"
-            _message(ax, msg + ("\n(the paper's own speedups shown)" if show_paper else ""), 0.12 if show_paper else 0.5)
-            if not show_paper:
-                ax.set_xticks([])
-                ax.set_yticks([])
-    _legends(axes[-1], impls, markers, paper=len(paper) > 0)
+    sources = _gpu_sources(s.assign(device="cuda")) if len(s) else []
+    sources = sources or [(THIS_RUN, "no GPU")]
+    fig, axes = plt.subplots(2, len(sources), figsize=(6.5 * len(sources), 10), squeeze=False)
+    shown = set()
+    for col, (src, slug) in enumerate(sources):
+        for row, (b, label) in enumerate(CPU_BASELINES.items()):
+            ax = axes[row][col]
+            sb = s[(s["baseline"] == b) & (s["source"] == src) & (s["device_slug"] == slug)] if len(s) else s
+            for impl, g in sb.groupby("impl", sort=False):
+                g = g.sort_values("elements")
+                ax.plot(g["elements"], g["speedup"], marker="o", color=IMPL_COLORS.get(impl, "black"), lw=1.2, ms=5)
+                shown.add(impl)
+            if b == "cpu_serial" and len(paper):
+                _plot_paper(ax, paper, "elements", "speedup")
+            ax.axhline(1.0, color="black", lw=0.6)
+            ax.set(xscale="log", yscale="log", xlabel="elements (T x D)", ylabel=f"speedup over {b} (x)",
+                   title=_panel_title(t, src, slug, f"vs {b}"))
+            if not len(sb):
+                _message(ax, NO_GPU if not _has_gpu(t) else f"no GPU speedups over {b}")
+    extra = [Line2D([], [], color="grey", marker=PAPER_MARKER, ls="--", label=PAPER_SOURCE)] if len(paper) else []
+    _impl_legend(fig, shown | (set(paper["impl"]) if len(paper) else set()), extra)
     fig.suptitle("Speedup of quantize + dequantize over the CPU (fp32, per-channel)")
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     return _save(fig, png, svg)
 
 
 # --- (3) roofline -----------------------------------------------------------------------------------
 
-def _ceilings(ax, perf: pd.DataFrame, device=None):
-    """One horizontal line per (source, device) copy ceiling, labelled at the right."""
-    if perf is None or not len(perf):
-        return
-    c = perf[perf["copy_ceiling_gbps"].notna()]
-    if device is not None:
-        c = c[c["device"] == device]
-    if not len(c):
-        return
-    cc = c.groupby(["source", "device_slug", "device"])["copy_ceiling_gbps"].median()
-    for i, ((src, slug, dev), v) in enumerate(cc.items()):
-        ax.axhline(v, color="black", ls=["-", "-.", ":", "--"][i % 4], lw=1)
-        ax.annotate(f"copy ceiling, {_src_label(src, slug)} ({dev}): {v:,.0f} GB/s", (0.99, v),
-                    xycoords=("axes fraction", "data"), fontsize=7, ha="right", va="bottom")
+def _bandwidth_panels(t: Tables, impls, title: str, paper_impl: str | None, png, svg):
+    """Achieved bandwidth as a fraction of the device copy bandwidth measured in the same job (linear,
+    0 to 110 %), rows = quantize, dequantize; columns = GPU sources. With ``paper_impl``, the paper's
+    best GB/s for that kernel (their GPU) drawn on each panel as a fraction of that panel's copy."""
+    _theme()
+    perf = _paper_setting(t.performance)
+    perf = perf[perf["fraction_of_copy"].notna() & perf["impl"].isin(impls)] if len(perf) else perf
+    sources = _gpu_sources(perf) or [(THIS_RUN, "no GPU")]
+    paper = t.paper if t.paper is not None and len(t.paper) else pd.DataFrame()
+    fig, axes = plt.subplots(2, len(sources), figsize=(6.5 * len(sources), 9), squeeze=False, sharey=True)
+    shown = set()
+    for col, (src, slug) in enumerate(sources):
+        for row, op in enumerate(("quantize", "dequantize")):
+            ax = axes[row][col]
+            d = perf[(perf["source"] == src) & (perf["device_slug"] == slug) & (perf["op"] == op)] if len(perf) else perf
+            for impl, g in d.groupby("impl", sort=False):
+                g = g.sort_values("moved_bytes")
+                ax.plot(g["moved_bytes"], 100 * g["fraction_of_copy"], marker="o", color=IMPL_COLORS.get(impl, "black"),
+                        lw=1.2, ms=5)
+                shown.add(impl)
+            ax.axhline(100, color="black", lw=1)
+            if paper_impl and len(paper) and len(d):
+                pg = paper[(paper["op"] == op) & (paper["device"] == "cuda") & (paper["impl"] == paper_impl)]
+                copy = float(d["copy_ceiling_gbps"].median())
+                if len(pg) and copy > 0:
+                    ax.axhline(100 * float(pg["achieved_gbps"].max()) / copy, color=IMPL_COLORS[paper_impl], ls="--",
+                               lw=1)
+            ax.set(xscale="log", ylim=(0, 112), xlabel="bytes moved (read + written)",
+                   ylabel="% of the copy bandwidth (same job)", title=_panel_title(t, src, slug, f"{op}: "))
+            if not len(d):
+                _message(ax, NO_GPU if not _has_gpu(t) else "no GPU rows")
+    extra = [Line2D([], [], color="black", lw=1, label="device copy (100 %)")]
+    if paper_impl:
+        extra.append(Line2D([], [], color=IMPL_COLORS[paper_impl], ls="--",
+                            label=f"paper's best {paper_impl} GB/s (their GPU) / this GPU's copy"))
+    _impl_legend(fig, shown, extra, ncol=4)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    return _save(fig, png, svg)
+
+
+
 
 
 def figure_roofline(t: Tables, png, svg=None):
-    """Achieved GB/s vs bytes moved per op, with the copy bandwidth measured on each device as a line."""
-    _theme()
-    fig, axes = plt.subplots(1, 2, figsize=(15, 6), sharey=True)
-    perf = _paper_setting(t.performance)
-    perf = perf[perf["achieved_gbps"].notna()] if len(perf) else perf
-    paper = t.paper if t.paper is not None and len(t.paper) else pd.DataFrame()
-    markers = _source_markers(perf)
-    impls = set(perf["impl"]) if len(perf) else set()
-    for ax, op in zip(axes, ("quantize", "dequantize")):
-        d = perf[perf["op"] == op] if len(perf) else perf
-        if len(d):
-            _plot_ours(ax, d, "moved_bytes", "achieved_gbps", markers)
-        if len(paper):
-            pg = paper[(paper["op"] == op) & (paper["device"] == "cuda")]
-            _plot_paper(ax, pg, "moved_bytes", "achieved_gbps")
-            impls |= set(pg["impl"])
-        _ceilings(ax, t.performance)
-        ax.set(xscale="log", yscale="log", xlabel="bytes moved (read + written)", ylabel="achieved GB/s", title=op)
-        if not _has_gpu(t):
-            ax.text(0.98, 0.3, "no GPU measurements:\nCPU rows and the paper's GPU only", transform=ax.transAxes,
-                    ha="right", fontsize=9, bbox=NOTE_BOX)
-    _legends(axes[-1], impls, markers, paper=len(paper) > 0)
-    fig.suptitle("Achieved bandwidth vs the copy bandwidth measured on each device (fp32, per-channel)")
-    return _save(fig, png, svg)
+    """How close each GPU kernel comes to the copy bandwidth of its own GPU, per op and GPU source."""
+    return _bandwidth_panels(t, GPU_IMPLS, "Achieved bandwidth of the GPU kernels, as a share of each GPU's copy "
+                             "bandwidth (fp32, per-channel)", "vectorized", png, svg)
 
 
 # --- (4) accuracy ---------------------------------------------------------------------------------
@@ -264,9 +318,9 @@ def figure_accuracy(t: Tables, png, svg=None):
                     markeredgecolor="black", markeredgewidth=0.4, zorder=2)
         if len(acc):
             d = acc[acc[e].notna()]
-            for (impl, src, slug), g in d.groupby(["impl", "source", "device_slug"]):
-                ax.plot(g[x], g[e], ls="", marker=markers.get(_src_label(src, slug), "o"),
-                        color=IMPL_COLORS.get(impl, "grey"), ms=5, alpha=0.9, zorder=3)
+            for impl, g in d.groupby("impl"):  # every source's points (bit-exact arithmetic: they coincide)
+                ax.plot(g[x], g[e], ls="", marker="o", color=IMPL_COLORS.get(impl, "grey"), ms=5, alpha=0.9,
+                        zorder=3)
             ax.plot(d[x], d[f"predicted_{e}"], ls="", marker="_", ms=14, color="black", zorder=4)
         if e in bounds:
             ax.axhline(bounds[e], color="tab:red", ls=":", lw=1)
@@ -289,7 +343,8 @@ def figure_accuracy(t: Tables, png, svg=None):
                       label="paper (published)"),
                Line2D([], [], color="tab:red", ls=":", label="paper's claimed bound")]
     handles += [Line2D([], [], color=IMPL_COLORS.get(i, "grey"), marker="o", ls="", label=f"measured: {i}") for i in impls]
-    handles += [Line2D([], [], color="grey", marker=m, ls="", label=k) for k, m in markers.items()]
+    if markers:
+        handles.append(Line2D([], [], ls="", label="sources: " + "; ".join(markers)))
     axes[-1].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle("Accuracy: measured (fp32, per-channel) vs the closed form vs the paper")
     return _save(fig, png, svg)
@@ -300,8 +355,9 @@ def figure_accuracy(t: Tables, png, svg=None):
 def figure_memory(t: Tables, png, svg=None):
     """Bytes of the cache in fp32 / fp16 vs INT8 + scales, and the compression ratio vs elements."""
     _theme()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6))
     m = t.memory
+    n = 0 if m is None or not len(m) else m.drop_duplicates(["T", "D"]).shape[0]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, max(6, 0.32 * n)))
     if m is None or not len(m):
         _message(ax1, "no memory table")
         _message(ax2, "no memory table")
@@ -312,11 +368,11 @@ def figure_memory(t: Tables, png, svg=None):
     labels = [f"{T}x{D}" for T, D in zip(fp32["T"], fp32["D"])]
     xs = np.arange(len(fp32))
     w = 0.27
-    ax1.bar(xs - w, fp32["original_bytes"], w, label="fp32 cache")
-    ax1.bar(xs, fp16["original_bytes"].to_numpy()[: len(xs)], w, label="fp16 cache")
-    ax1.bar(xs + w, fp32["compressed_bytes"], w, label="INT8 + fp32 scales (per-channel)")
-    ax1.set(yscale="log", ylabel="bytes", title="Memory footprint per workload")
-    ax1.set_xticks(xs, labels, rotation=60, ha="right", fontsize=8)
+    ax1.barh(xs - w, fp32["original_bytes"], w, label="fp32 cache")
+    ax1.barh(xs, fp16["original_bytes"].to_numpy()[: len(xs)], w, label="fp16 cache")
+    ax1.barh(xs + w, fp32["compressed_bytes"], w, label="INT8 + fp32 scales (per-channel)")
+    ax1.set(xscale="log", xlabel="bytes", title="Memory footprint per workload (T x D)")
+    ax1.set_yticks(xs, labels, fontsize=8)
     ax1.legend(fontsize=8)
     for (dtype, g), grp in m.groupby(["source_dtype", "granularity"]):
         grp = grp.sort_values("elements")
@@ -332,28 +388,10 @@ def figure_memory(t: Tables, png, svg=None):
 # --- (6) peers ----------------------------------------------------------------------------------
 
 def figure_peers(t: Tables, png, svg=None):
-    """Our fastest kernel vs PyTorch's own: eager ops, torch.compile, torch.quantize_per_channel (GB/s)."""
-    _theme()
-    fig, axes = plt.subplots(1, 2, figsize=(15, 6), sharey=True)
-    perf = _paper_setting(t.performance)
-    keep = ("fast", "vectorized", *PEERS)
-    d = perf[(perf["device"] == "cuda") & perf["impl"].isin(keep) & perf["achieved_gbps"].notna()] if len(perf) else perf
-    markers = _source_markers(d)
-    for ax, op in zip(axes, ("quantize", "dequantize")):
-        g = d[d["op"] == op] if len(d) else d
-        ax.set(xlabel="elements (T x D)", ylabel="achieved GB/s", title=op)
-        if not len(g):
-            _message(ax, NO_GPU if not _has_gpu(t) else "no peer measurements on the GPU")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            continue
-        ax.set(xscale="log", yscale="log")
-        _plot_ours(ax, g, "elements", "achieved_gbps", markers)
-        _ceilings(ax, t.performance, device="cuda")
-    if len(d):
-        _legends(axes[-1], set(d["impl"]), markers, paper=False)
-    fig.suptitle("kvpack vs PyTorch peers on the GPU (fp32, per-channel; the paper has no peers)")
-    return _save(fig, png, svg)
+    """Our fastest kernel vs PyTorch's own (eager ops, torch.compile, torch.quantize_per_channel), as a
+    share of the copy bandwidth of the same job, per op and GPU source."""
+    return _bandwidth_panels(t, ("fast", *PEERS), "kvpack's fast kernel vs PyTorch on the same GPU, as a share of its "
+                             "copy bandwidth (fp32, per-channel; the paper has no peers)", None, png, svg)
 
 
 # --- (7) decode step ----------------------------------------------------------------------------
