@@ -3,7 +3,7 @@
 Property tests (hypothesis) are deterministic by default: the "ci" profile derandomizes them (the
 examples are a function of the test alone), keeps no example database and has no deadline, so a
 run that passed passes again and CI fails only on a change. To search with fresh random examples
-instead, opt in with the "fresh" profile (also in README.md, "Run the tests"):
+instead, opt in with the "fresh" profile (also in docs/usage.md, "The tests"):
 
     KVPACK_HYPOTHESIS=fresh python -m pytest tests/test_reference.py tests/test_cpu_ops.py
     python -m pytest --hypothesis-profile=fresh ...     # the same, through hypothesis' own option

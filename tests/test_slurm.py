@@ -46,7 +46,7 @@ BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "si
 # GPUs as SLURM sees them: a device file each, any will do. A job that asks for one is scheduled and
 # gets CUDA_VISIBLE_DEVICES; torch finds no CUDA device behind it.
 FAKE_GPUS = ("/dev/null", "/dev/zero", "/dev/full")
-GPU_RULES = ("build", "benchmark", "accuracy", "decode", "decode_append", "decode_accuracy")  # the profile's gpu_rules
+GPU_RULES = ("build", "benchmark", "accuracy", "decode", "decode_append", "decode_accuracy", "e2e")  # the profile's gpu_rules
 
 
 # ----------------------------------------------------------------------------- the cluster

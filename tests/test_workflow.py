@@ -26,7 +26,7 @@ CLAIMS = yaml.safe_load((ROOT / "reports" / "paper" / "claims.yaml").read_text()
 # The report stage's outputs (workflow/rules/tables.smk, figures.smk, report.smk).
 TABLES = ("performance", "accuracy", "memory", "workloads", "paper", "speedups", "claims", "provenance", "paper_l2",
           "decode", "decode_append", "decode_accuracy")
-FIGURES = ("time", "speedup", "roofline", "accuracy", "memory", "peers", "decode")
+FIGURES = ("time", "speedup", "roofline", "accuracy", "memory", "peers", "decode", "e2e")
 
 TINY = {
     "grid": [

@@ -1,11 +1,12 @@
-"""The README's headline tables, from committed records: our fastest kernel against the paper, the
+"""The headline tables of README.md and docs/results.md, from committed records: our fastest kernel against the paper, the
 same op under torch.compile, and the copy ceiling measured in the same job; and (``--decode``) one
 decode step: the fused INT8 kernel against the fastest fp16 SDPA backend and the int8 byte bound.
 
     python -m kvpack.report.headline                 # the newest records under reports/reference
     python -m kvpack.report.headline reports/reference/h100
     python -m kvpack.report.headline --decode reports/reference/h200
-    python -m kvpack.report.headline --e2e            # a real model's decode step (the README's first table)
+    python -m kvpack.report.headline --decode --brief reports/reference/h200   # the README's table
+    python -m kvpack.report.headline --e2e            # a real model's decode step (once its records exist)
 
 Each table is preceded by a line naming the GPU, the commits and the dates of the records it comes from.
 """
@@ -110,6 +111,16 @@ def decode_headline(reference_dir) -> pd.DataFrame:
     return out
 
 
+def decode_brief(reference_dir) -> pd.DataFrame:
+    """The README's short decode table: D = 128, the fastest fp16 SDPA backend against kvpack's fused
+    INT8 kernel, one decode step, at B = 1 and 8 for T = 4096, 32768, 131072 (MHA and GQA)."""
+    d = decode_headline(reference_dir)
+    d = d[(d["D"] == 128) & d["B"].isin([1, 8])]
+    out = d.rename(columns={"best_sdpa_ms": "fp16_sdpa_ms", "fused_int8_ms": "kvpack_int8_ms",
+                            "fused_speedup": "int8_speedup"})
+    return out[["T", "B", "Hq x Hkv", "fp16_sdpa_ms", "kvpack_int8_ms", "int8_speedup"]].reset_index(drop=True)
+
+
 E2E_POINTS = [(32768, 8), (4096, 1)]
 E2E_METHODS = ["kvpack_token_graph", "kvpack_channel_graph", "fp16_graph", "static_sdpa_compiled", "dynamic_sdpa",
                "quantized_hqq_int8", "quantized_fp8"]
@@ -167,11 +178,13 @@ def main(argv=None) -> int:
                     help="default: the folder under reports/reference with the newest records")
     ap.add_argument("--decode", action="store_true", help="the decode-step table (records of kind 'decode')")
     ap.add_argument("--e2e", action="store_true", help="the end-to-end table (records of kind 'e2e')")
+    ap.add_argument("--brief", action="store_true", help="with --decode: the README's short table")
     args = ap.parse_args(argv)
     stage = "decode" if args.decode else "e2e" if args.e2e else "benchmark"
     ref = args.reference_dir or newest_reference_dir(stage=stage)
     print(source_line(ref, stage) + "\n")
-    table = {"decode": decode_headline, "e2e": e2e_headline, "benchmark": headline}[stage](ref)
+    decode = decode_brief if args.brief else decode_headline
+    table = {"decode": decode, "e2e": e2e_headline, "benchmark": headline}[stage](ref)
     print(to_markdown(table))
     return 0
 

@@ -18,7 +18,7 @@ rule report:
         device=DEVICE,
         title=config["report"]["title"],
         paper_dir=PAPER_DIR,
-        notes=decode_skipped_notes(),  # extra lines for "What was skipped" (the tables' own notes are added by the notebook)
+        notes=decode_skipped_notes() + e2e_skipped_notes(),  # extra lines for "What was skipped" (the tables' own notes are added by the notebook)
     threads: 1
     resources:
         mem_mb=4096,
