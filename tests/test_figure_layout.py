@@ -12,9 +12,9 @@ import pytest
 
 matplotlib.use("Agg")
 
-from matplotlib.text import Text  # noqa: E402
+from matplotlib.text import Text
 
-from kvpack.report import assemble, figures  # noqa: E402
+from kvpack.report import assemble, figures
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = [ROOT / "reports" / "reference" / g for g in ("h100", "h200")]
