@@ -131,6 +131,10 @@ def provenance(device: str = "auto", config_hash: str = "") -> dict:
             "gpu_sm_count": int(props.multi_processor_count),
             "gpu_capability": f"{props.major}.{props.minor}",
             "gpu_l2_bytes": int(getattr(props, "L2_cache_size", 0)),
+            # which GPU of the machine: the slot a local run's job held (its physical id), else what
+            # CUDA_VISIBLE_DEVICES (a cluster's scheduler) or the default device says
+            "gpu_index": os.environ.get("KVPACK_GPU_SLOT")
+            or os.environ.get("CUDA_VISIBLE_DEVICES", str(torch.cuda.current_device())).split(",")[0],
         }
     return {
         "device": device,

@@ -22,6 +22,21 @@ def log_to_file(path: str, name: str) -> logging.Logger:
     return logging.getLogger(f"kvpack.workflow.{name}")
 
 
+def hold_gpu():
+    """In a GPU job of a local run: take one of the run's GPU slots (KVPACK_GPU_SLOTS, set by the
+    workflow) and make it this process's only GPU, before anything touches CUDA. The slot is held
+    until the process ends (a crashed job gives it back). Elsewhere (a CPU run, a cluster job, whose
+    scheduler assigns its GPU) nothing happens. Returns the slot or None."""
+    from . import gpu_slots
+
+    ids = [g for g in os.environ.get(gpu_slots.SLOTS_ENV, "").split(",") if g]
+    if not ids:
+        return None
+    slot = gpu_slots.acquire(ids)
+    logging.getLogger("kvpack.workflow").info("holding GPU %s of %s (CUDA_VISIBLE_DEVICES=%s)", slot.gpu, ids, slot.gpu)
+    return slot
+
+
 def job_provenance(device: str, slug: str | None, payload: dict) -> dict:
     """Provenance of one job; ``payload`` (workload, settings, device) is hashed into config_hash,
     so that a change of an unrelated key (the report's title) reruns nothing.

@@ -2,6 +2,7 @@
 # functions. Every rule names its files through the helpers below, never inline.
 
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -19,6 +20,30 @@ kvpack.pipeline.config.validate_config(config)
 # ---- the run's device: 'cpu' or 'cuda', and the slug that names results/{device}/ ----
 DEVICE_KIND = kvpack.pipeline.config.resolve_run_device(config)
 DEVICE = kvpack.pipeline.config.device_slug(config, DEVICE_KIND)
+
+
+# ---- GPU slots of a local GPU run: never two GPU jobs on one GPU, every GPU used ----
+# The resource `gpu` bounds how many GPU jobs run at once (every GPU job asks for gpu=1); each job
+# takes a GPU of its own from KVPACK_GPU_SLOTS (kvpack.pipeline.gpu_slots). A `gpu` given on the
+# command line (--resources) or by a profile (the SLURM one provides its own) is left as it is.
+def _gpu_plan():
+    import kvpack.pipeline.gpu_slots as slots
+
+    if DEVICE_KIND != "cuda" or workflow.remote_exec:
+        return []
+    ids = slots.slot_ids(config["gpus"]) or [str(i) for i in range(config["gpus"] or 1)]  # a GPU-less submit host
+    if "gpu" not in workflow.global_resources:
+        workflow.register_resource("gpu", len(ids))
+    limit = workflow.global_resources["gpu"]
+    limit = getattr(limit, "value", limit)
+    ids = ids[: int(limit)] if str(limit).isdigit() else ids
+    os.environ[slots.SLOTS_ENV] = ",".join(ids)
+    print(f"kvpack: GPU jobs run one per GPU, at most {limit} at once, on GPU {', '.join(ids)} "
+          "(CUDA_VISIBLE_DEVICES of each job; lower it with config gpus or --resources gpu=N)", file=sys.stderr)
+    return ids
+
+
+GPU_SLOTS = _gpu_plan()
 WORKLOADS = kvpack.pipeline.config.workloads(config)  # [{name, T, D, dtype, seed}], grid x dtypes
 
 

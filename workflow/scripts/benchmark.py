@@ -1,9 +1,10 @@
 """rule benchmark: time every variant of one workload side by side (kvpack.study.bench.run_benchmark_job)
 and write its raw record (docs/records.md) atomically."""
 
-from kvpack.pipeline.jobs import job_provenance, log_to_file
+from kvpack.pipeline.jobs import hold_gpu, job_provenance, log_to_file
 
 log = log_to_file(snakemake.log[0], "benchmark")
+gpu_slot = hold_gpu()  # a local GPU run: this job's own GPU, before anything touches CUDA
 
 import torch
 

@@ -6,9 +6,10 @@ what changed. On a CPU run the CUDA half is not built; the JSON lists the GPU va
 
 import os
 
-from kvpack.pipeline.jobs import log_to_file
+from kvpack.pipeline.jobs import hold_gpu, log_to_file
 
 log = log_to_file(snakemake.log[0], "build")  # the compiler's output included
+gpu_slot = hold_gpu()  # a local GPU run: this job's own GPU, before anything touches CUDA
 os.environ.setdefault("MAX_JOBS", str(snakemake.threads))  # ninja's parallel compile jobs
 
 from kvpack import build, ops

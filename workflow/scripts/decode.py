@@ -1,9 +1,10 @@
 """rules decode and decode_append: one decode grid point (kvpack.study.decode_step.run_decode_point_job),
 or the one-token append timing (run_append_job), on the GPU."""
 
-from kvpack.pipeline.jobs import job_provenance, log_to_file
+from kvpack.pipeline.jobs import hold_gpu, job_provenance, log_to_file
 
 log = log_to_file(snakemake.log[0], "decode")
+gpu_slot = hold_gpu()  # a local GPU run: this job's own GPU, before anything touches CUDA
 
 from kvpack.pipeline import environment
 from kvpack.study import decode_step, records

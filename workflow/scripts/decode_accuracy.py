@@ -1,9 +1,10 @@
 """rule decode_accuracy: fused INT8 decoding against attention over the unquantized cache
 (kvpack.study.decode_accuracy.run_decode_accuracy_job), on the run's device."""
 
-from kvpack.pipeline.jobs import job_provenance, log_to_file
+from kvpack.pipeline.jobs import hold_gpu, job_provenance, log_to_file
 
 log = log_to_file(snakemake.log[0], "decode_accuracy")
+gpu_slot = hold_gpu()  # a local GPU run: this job's own GPU, before anything touches CUDA
 
 from kvpack.pipeline import environment
 from kvpack.study import decode_accuracy, records

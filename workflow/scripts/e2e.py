@@ -1,8 +1,9 @@
 """rule e2e: the end-to-end decode benchmark at one context T (kvpack.study.e2e.run_e2e_job), on the GPU."""
 
-from kvpack.pipeline.jobs import job_provenance, log_to_file
+from kvpack.pipeline.jobs import hold_gpu, job_provenance, log_to_file
 
 log = log_to_file(snakemake.log[0], "e2e")
+gpu_slot = hold_gpu()  # a local GPU run: this job's own GPU, before anything touches CUDA
 
 from kvpack.pipeline import environment
 from kvpack.study import e2e, records
