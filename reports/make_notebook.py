@@ -103,7 +103,7 @@ CELLS = [
     code('m = t.memory[t.memory["granularity"] == "channel"] if len(t.memory) else t.memory\n'
              'show(m, ["workload", "T", "D", "in_paper_grid", "source_dtype", "original_bytes", "int8_bytes", '
              '"scales_bytes", "compressed_bytes", "compression_ratio", "scales_overhead_fraction"], digits=4)'),
-    md("## Claims\n\nEvery claim of the paper (and two of ours), judged separately on each source: this run and "
+    md("## Claims\n\nEvery claim of the paper (and three of ours), judged separately on each source: this run and "
            "each committed reference run, each on its own machine's rows alone (kvpack.report.claims). One column per "
            "source, side by side; `summary` groups the sources by verdict. *reproduced* / *not reproduced*: that "
            "source's numbers agree / disagree with the claim; *needs a CUDA GPU*: that source ran without a GPU; *not "
@@ -163,6 +163,33 @@ CELLS = [
              '"fp16_sdpa_rel_l2_error", "top1_agreement", "skip_reason"], digits=3)\n'
              'else:\n'
              '    display(Markdown("*No decode accuracy record (config decode.accuracy.enabled is off).*"))'),
+    md("## End to end: a real model's decode step\n\nWhat the INT8 cache buys inside a transformers model "
+       "(kvpack.study.e2e, rule e2e, GPU only): Llama-3.1-8B's shape with random bf16 weights (a decode step's time "
+       "does not depend on their values), each method's cache filled to T with random K/V, decode steps timed in "
+       "one job beside the copy bandwidth. `vs_fp16_bound` > 1: the step is faster than any fp16 cache can be (the "
+       "weights it reads plus the fp16 cache, at the copy rate); `vs_fp16_graph`: against the same captured decode "
+       "loop over an fp16 cache with the fastest SDPA backend; `vs_best_transformers`, `vs_quantized_cache`: "
+       "against transformers' own paths in the same job."),
+    code('ev = kt.e2e_view(t.e2e)\n'
+         'if len(ev):\n'
+         '    show(ev, digits=3)\n'
+         '    png = Path(figures_dir) / "e2e.png"\n'
+         '    if png.exists():\n'
+         '        display(Image(filename=str(png)))\n'
+         '        display(Markdown("*ms per decode step by method, per device and (T, batch); dashed: the fp16 byte '
+         'bound, dotted: the INT8 byte bound.*"))\n'
+         '    skipped = t.e2e[t.e2e["status"] != "ok"]\n'
+         '    if len(skipped):\n'
+         '        display(Markdown("Methods that did not run:"))\n'
+         '        show(skipped, ["source", "device_slug", "T", "batch", "method", "skip_reason"])\n'
+         'else:\n'
+         '    display(Markdown("*No end-to-end measurement (rule e2e needs a CUDA GPU; no reference run holds e2e '
+         'records yet).*"))\n'
+         'labels = kc.source_labels(claims)\n'
+         'for _, r in claims[claims["claim_id"] == "e2e_decode"].iterrows():\n'
+         '    label = labels[(str(r["source"]), "" if pd.isna(r["device_slug"]) else str(r["device_slug"]))]\n'
+         '    display(Markdown(f"**e2e_decode on {label}: {r[\'verdict\']}.** "\n'
+         '                     + (f"{r[\'our_value\']} ({r[\'our_source\']}). " if r["our_value"] else "") + r["note"]))'),
     md("## Beyond the paper: KV formats, KV-like data and a real model\n\nThe paper measures error on uniform "
            "[-1, 1] data through a dot-product surrogate only. Here the same budget (about one byte per element) "
            "is spent by several formats on KV-like distributions, measured on real attention (softmax "

@@ -211,7 +211,7 @@ def figure_speedup(t: Tables, png, svg=None):
     s = _paper_setting(s[s["speedup"].notna()]) if s is not None and len(s) else pd.DataFrame()
     paper = t.paper[(t.paper["op"] == QUANT_DEQUANT) & t.paper["speedup"].notna()] if t.paper is not None and len(
         t.paper) else pd.DataFrame()
-    sources = _gpu_sources(s.assign(device="cuda")) if len(s) else []
+    sources = _gpu_sources(s.assign(device="cuda")) if len(s) and "source" in s else []
     sources = sources or [(THIS_RUN, "no GPU")]
     fig, axes = plt.subplots(2, len(sources), figsize=(6.5 * len(sources), 10), squeeze=False)
     shown = set()
@@ -219,6 +219,7 @@ def figure_speedup(t: Tables, png, svg=None):
         for row, (b, label) in enumerate(CPU_BASELINES.items()):
             ax = axes[row][col]
             sb = s[(s["baseline"] == b) & (s["source"] == src) & (s["device_slug"] == slug)] if len(s) else s
+            sb = sb if len(sb) else pd.DataFrame(columns=["impl", "elements", "speedup"])
             for impl, g in sb.groupby("impl", sort=False):
                 g = g.sort_values("elements")
                 ax.plot(g["elements"], g["speedup"], marker="o", color=IMPL_COLORS.get(impl, "black"), lw=1.2, ms=5)
@@ -273,7 +274,7 @@ def _bandwidth_panels(t: Tables, impls, title: str, paper_impl: str | None, png,
     extra = [Line2D([], [], color="black", lw=1, label="device copy (100 %)")]
     if paper_impl:
         extra.append(Line2D([], [], color=IMPL_COLORS[paper_impl], ls="--",
-                            label=f"paper's best {paper_impl} GB/s (their GPU) / this GPU's copy"))
+                            label=f"{PAPER_SOURCE}: its best {paper_impl} GB/s / this GPU's copy"))
     _impl_legend(fig, shown, extra, ncol=4)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
