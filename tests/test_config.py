@@ -324,3 +324,18 @@ def test_snakemake_dry_run_stops_before_any_job(tmp_path, name, overlay, fragmen
     assert run.returncode != 0, out
     assert "invalid config:" in out and fragment in out, out
     assert "Job stats" not in out and "rule build" not in out and not (tmp_path / "results").exists()
+
+
+def test_e2e_schema_defaults_are_the_study_defaults():
+    from kvpack.study import e2e
+
+    props = kvconfig.load_schema()["properties"]["e2e"]["properties"]
+    for k, v in props.items():
+        if k in e2e.DEFAULTS:
+            assert v["default"] == e2e.DEFAULTS[k], f"e2e.{k}: schema and kvpack.study.e2e disagree"
+    cfg = kvconfig.validate_config({}, check_device=False)
+    assert kvconfig.job_settings(cfg, "e2e")["methods"] == e2e.DEFAULTS["methods"]
+    with pytest.raises(kvconfig.ConfigError, match=r"e2e.model: no data/models/llama-9b.json"):
+        kvconfig.validate_config({"e2e": {"model": "llama-9b"}}, check_device=False)
+    with pytest.raises(kvconfig.ConfigError, match=r"e2e.compiled_points\[0\]: \[4096, 3\] is not a point"):
+        kvconfig.validate_config({"e2e": {"compiled_points": [[4096, 3]]}}, check_device=False)

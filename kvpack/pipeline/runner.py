@@ -105,24 +105,17 @@ def main(argv=None) -> int:
         run = bench.run_benchmark_job if stage == "benchmark" else accuracy.run_accuracy_job
         records.write_record(run(w, device, settings, prov), out)
         done += 1
-    if "decode" in args.stages:
-        for out, job, run in decode_jobs(config, device, results / slug / "decode"):
+    staged = [("decode", decode_jobs), ("e2e", e2e_jobs)]  # jobs that build their own provenance payload
+    for stage, jobs_of in staged:
+        if stage not in args.stages:
+            continue
+        for out, job, run in jobs_of(config, device, results / slug / stage):
             if out.exists():
                 continue
             if args.time_limit and time.perf_counter() - t0 > args.time_limit:
                 skipped += 1
                 continue
-            log.info("decode %s", out.name)
-            records.write_record(run(job_provenance(device, slug, job)), out)
-            done += 1
-    if "e2e" in args.stages:
-        for out, job, run in e2e_jobs(config, device, results / slug / "e2e"):
-            if out.exists():
-                continue
-            if args.time_limit and time.perf_counter() - t0 > args.time_limit:
-                skipped += 1
-                continue
-            log.info("e2e %s", out.name)
+            log.info("%s %s", stage, out.name)
             records.write_record(run(job_provenance(device, slug, job)), out)
             done += 1
     log.info("ran %d jobs in %.0f s; %d left for a later run (time limit)", done, time.perf_counter() - t0, skipped)

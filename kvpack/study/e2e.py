@@ -42,14 +42,14 @@ from . import bench
 from .decode_step import SDPA_BACKENDS, _is_oom, _sdpa_backend, decode_bytes, measure_copy
 
 MODELS = Path(__file__).resolve().parents[2] / "data" / "models"
-GRAPH_METHODS = ("fp16_graph", "kvpack_token_graph", "kvpack_channel_graph")
+GRAPH_METHODS = ("kvpack_token_graph", "kvpack_channel_graph", "fp16_graph")
 METHODS = ("kvpack_token_graph", "kvpack_channel_graph", "fp16_graph", "kvpack_token_eager", "kvpack_channel_eager",
            "dynamic_sdpa", "quantized_fp8", "quantized_hqq_int8", "quantized_quanto_int4", "static_sdpa_compiled")
 DEFAULTS = {"model": "llama-3.1-8b", "dtype": "bfloat16", "T": [4096, 32768], "batch": [1, 8, 32],
             "methods": [m for m in METHODS if m != "quantized_quanto_int4"],
             "capacity_T": [32768], "capacity_methods": list(GRAPH_METHODS), "warmup": 3, "repeats": 20,
             "eager_repeats": 5, "fill_chunk_tokens": 8192, "reserve_bytes": 3 << 30, "seed": 0,
-            "copy_bytes": 1 << 30, "compiled_points": None, "deadline": None, "points": None}
+            "copy_bytes": 1 << 30, "compiled_points": [[4096, 1], [32768, 8]], "deadline": None, "points": None}
 FP16_ATTN = "kvpack_e2e_fp16_sdpa"  # the fp16 baseline's attention backend (registered by this module)
 
 
