@@ -26,7 +26,6 @@ from ..study import metrics
 from .tables import (
     CPU_BASELINES,
     GPU_IMPLS,
-    PAPER_CPU_SOURCE,
     PAPER_SOURCE,
     PAPER_VARIANTS,
     PEERS,
@@ -90,32 +89,6 @@ def _source_markers(*frames) -> dict[str, str]:
             keys += [_src_label(s, d) for s, d in zip(f["source"], f["device_slug"])]
     keys = sorted(set(keys), key=lambda k: (not k.startswith(THIS_RUN), k))
     return {k: SOURCE_MARKERS[i % len(SOURCE_MARKERS)] for i, k in enumerate(keys)}
-
-
-def _legends(ax, impls, markers: dict[str, str], paper: bool, paper_cpu: bool = False):
-    """Two legends right of ``ax``: colour = impl, marker = where the number comes from (ours per device,
-    or the paper)."""
-    impls = [i for i in IMPLS if i in set(impls)]
-    h1 = [Line2D([], [], color=IMPL_COLORS[i], lw=2, label=i) for i in impls]
-    h2 = [Line2D([], [], color="grey", marker=m, ls="-", label=k) for k, m in markers.items()]
-    if paper:
-        h2.append(Line2D([], [], color="grey", marker=PAPER_MARKER, ls="--", label=PAPER_SOURCE))
-    if paper_cpu:
-        h2.append(Line2D([], [], color="grey", marker=PAPER_MARKER, ls=":", label=PAPER_CPU_SOURCE))
-    if h1:
-        leg = ax.legend(handles=h1, title="impl", loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8,
-                        title_fontsize=9)
-        ax.add_artist(leg)
-    if h2:
-        ax.legend(handles=h2, title="source", loc="lower left", bbox_to_anchor=(1.02, 0.0), fontsize=8,
-                  title_fontsize=9)
-
-
-def _plot_ours(ax, df, x, y, markers, label_key=("source", "device_slug")):
-    for (impl, src, slug), g in df.groupby(["impl", *label_key], sort=False):
-        g = g.sort_values(x)
-        ax.plot(g[x], g[y], marker=markers.get(_src_label(src, slug), "o"), color=IMPL_COLORS.get(impl, "black"),
-                ls="-", lw=1.2, ms=6)
 
 
 def _plot_paper(ax, df, x, y, ls="--"):
