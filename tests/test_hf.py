@@ -355,8 +355,16 @@ def test_gpu_generate_eager_graph_and_compiled(granularity, dtype):
     eager, cache_e = gen(disable_compile=True)
     compiled, cache_c = gen()
     tol = 0.05 * float(torch.stack(eager.logits).abs().max())
-    for a, b in zip(eager.logits, compiled.logits):  # compiled matmuls may round differently: a small budget
-        assert float((a - b).abs().max()) <= tol
+    # Compiled matmuls may round differently (a small budget per step). Where two logits of a step are
+    # that close, greedy decoding may pick the other token; from there the two runs decode different
+    # texts, so the comparison ends at the first such step, and only a near tie may cause it.
+    for i, (a, b) in enumerate(zip(eager.logits, compiled.logits)):
+        assert float((a - b).abs().max()) <= tol, f"decode step {i}"
+        flipped = eager.sequences[:, 16 + i] != compiled.sequences[:, 16 + i]
+        if flipped.any():
+            top2 = a.float().topk(2, dim=-1).values
+            assert bool(((top2[:, 0] - top2[:, 1]) <= 2 * tol)[flipped].all()), f"step {i}: not a near tie"
+            break
     cache_c.sync()
     assert cache_c.lengths.tolist() == cache_e.lengths.tolist() == [16 + 11, 11 + 11]
 

@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=e2e.DEFAULTS["model"])
     ap.add_argument("--T", type=int, nargs="+", default=e2e.DEFAULTS["T"])
     ap.add_argument("--points", nargs="*", default=None,
-                    help="TxB points in this order, all in one record (<model>_points.json) instead of one per T")
+                    help="TxB points in this order, all in one record (<model>_<name>.json) instead of one per T")
+    ap.add_argument("--name", default="points", help="the record's name with --points: <model>_<name>.json")
     ap.add_argument("--batch", type=int, nargs="+", default=e2e.DEFAULTS["batch"])
     ap.add_argument("--methods", nargs="+", default=e2e.DEFAULTS["methods"], choices=e2e.METHODS)
     ap.add_argument("--compiled-points", nargs="*", default=None,
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
         job = {k: v for k, v in settings.items() if k != "deadline"}
         Ts = T if isinstance(T, list) else [T]
         prov = job_provenance(device, args.device_name, {"settings": {**job, "T": Ts}, "device": device})
-        out = Path(args.out) / (f"{args.model}_points.json" if args.points else e2e.record_name(args.model, T))
+        out = Path(args.out) / (f"{args.model}_{args.name}.json" if args.points else e2e.record_name(args.model, T))
         partial = {"kind": "e2e", "provenance": prov, "rows": [], "partial": True}
 
         def log(row, partial=partial, out=out):  # the rows so far, on disk after each: a killed run keeps them

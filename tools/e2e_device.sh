@@ -5,10 +5,13 @@
 #   2. the GPU tests of kvpack.hf (generate() eager, compiled, hand-captured graph;
 #      a decode step that never syncs)                                              -> $OUT/pytest_gpu_hf.log
 #   3. tools/bench_e2e.py at the goal points (T=32768 B=8, T=4096 B=1) and the largest
-#      batch of each graph method at T=32768, all in one job                        -> $OUT/e2e/goals/
-#   4. tools/bench_e2e.py at the rest of the grid, while time is left               -> $OUT/e2e/grid/
+#      batch of each graph method at T=32768, all in one job            -> $OUT/e2e/llama-3.1-8b_goals.json
+#   4. tools/profile_e2e_step.py: the graphed step of kvpack and fp16 by kernel kind
+#                                                                       -> $OUT/e2e/llama-3.1-8b_profile.json
+#   5. tools/bench_e2e.py at the rest of the grid, while time is left   -> $OUT/e2e/llama-3.1-8b_grid.json
+# then the logs in one archive ($OUT/logs.tar.gz: the device tool returns at most 8 files).
 # Every step runs even when an earlier one failed. BUDGET: seconds the whole script may take
-# (default 560); steps 3-4 start no method after it (tools/bench_e2e.py --time-limit).
+# (default 560); steps 3 and 5 start no method after it (tools/bench_e2e.py --time-limit).
 #
 #   OUT=/some/dir KVPACK_GIT_COMMIT=$(git rev-parse HEAD) bash tools/e2e_device.sh
 set -u -o pipefail
@@ -44,11 +47,14 @@ echo "pytest -m gpu tests/test_hf.py: exit $? after $((SECONDS - t0)) s: $(tail 
 ALL="kvpack_token_graph fp16_graph kvpack_channel_graph static_sdpa_compiled dynamic_sdpa quantized_hqq_int8 \
 quantized_fp8 kvpack_token_eager kvpack_channel_eager"
 python3 tools/bench_e2e.py --points 32768x8 4096x1 --methods $ALL --compiled-points 32768x8 4096x1 \
-  --capacity-T 32768 --out "$OUT/e2e/goals" --device-name "$DN" --time-limit "$(($(left) - 150))" \
+  --capacity-T 32768 --out "$OUT/e2e" --name goals --device-name "$DN" --time-limit "$(($(left) - 200))" \
   2>&1 | tee "$OUT/bench_e2e_goals.log"
+timeout $(($(left) - 100)) python3 tools/profile_e2e_step.py --points 32768x8 4096x1 --device-name "$DN" \
+  --out "$OUT/e2e/llama-3.1-8b_profile.json" 2>&1 | tee "$OUT/profile_e2e.log"
 if [ "$(left)" -gt 60 ]; then
   python3 tools/bench_e2e.py --points 4096x8 32768x1 4096x32 32768x32 --methods ${ALL/static_sdpa_compiled /} \
-    --compiled-points --capacity-T --out "$OUT/e2e/grid" --device-name "$DN" --time-limit "$(($(left) - 40))" \
+    --compiled-points --capacity-T --out "$OUT/e2e" --name grid --device-name "$DN" --time-limit "$(($(left) - 40))" \
     2>&1 | tee "$OUT/bench_e2e_grid.log"
 fi
 echo "done after $SECONDS s"
+(cd "$OUT" && tar czf logs.tar.gz --remove-files ./*.log ./*.txt ./*.json 2>/dev/null)
