@@ -98,14 +98,72 @@ def test_headline_comes_from_the_newest_records_and_names_them():
     assert headline.to_markdown(headline.headline(newest)) in results
 
 
-def test_readme_and_results_quote_the_decode_records_as_printed():
-    ref = ROOT / "reports" / "reference" / "h200"
+def test_readme_and_results_quote_the_records_as_printed():
+    """README.md leads with the end-to-end tables as `headline --e2e --brief` prints them, and its
+    prose ratios are those of the same rows; docs/results.md holds the full e2e and decode tables and
+    the per-kernel profile lines of the committed log."""
     readme = (ROOT / "README.md").read_text()
-    brief = headline.to_markdown(headline.decode_brief(ref))
-    assert brief in readme, "README: run python -m kvpack.report.headline --decode --brief reports/reference/h200"
-    assert headline.source_line(ref, "decode") in readme
-    full = headline.to_markdown(headline.decode_headline(ref))
-    assert full in (ROOT / "docs" / "results.md").read_text()
+    results = (ROOT / "docs" / "results.md").read_text()
+    hint = "README: run python -m kvpack.report.headline --e2e --brief reports/reference/h100"
+    brief = headline.e2e_brief(REF)
+    assert headline.to_markdown(brief) in readme, hint
+    assert headline.to_markdown(headline.e2e_capacity(REF)) in readme, hint
+    assert headline.source_line(REF, "e2e") in readme
+    r = brief[(brief["T"] == 32768) & (brief["batch"] == 8)].iloc[0]
+    said = (f"is {r['int8_vs_fp16_speedup']:.2f}x the fp16\nstep, {r['transformers_best_ms'] / r['kvpack_int8_ms']:.1f}x "
+            f"transformers' fastest path and {r['quantized_cache_ms'] / r['kvpack_int8_ms']:.1f}x its `QuantizedCache`")
+    assert said in readme
+    assert r["kvpack_int8_ms"] < r["fp16_byte_bound_ms"]  # "beats the fp16 byte bound"
+    assert headline.to_markdown(headline.e2e_headline(REF)) in results
+    profile = (REF / "logs" / "e2e_profile_e2e.log").read_text().splitlines()
+    lines = [line for line in profile if line.startswith(("kvpack_", "fp16_"))]
+    assert len(lines) == 4 and all(line in results for line in lines)
+    h200 = ROOT / "reports" / "reference" / "h200"
+    assert headline.to_markdown(headline.decode_headline(h200)) in results
+
+
+def test_e2e_records_of_record():
+    """reports/reference/h100/e2e: tools/bench_e2e.py's records of one device call, with provenance;
+    the goal points carry every method of the job, the capacity rows every graph-captured cache; the
+    derived columns follow from the measured ones."""
+    paths = sorted((REF / "e2e").glob("*.json"))
+    assert {p.name for p in paths} == {"llama-3.1-8b_goals.json", "llama-3.1-8b_grid.json"}
+    for path in paths:
+        rec = records.read_record(path)
+        prov = rec["provenance"]
+        assert rec["kind"] == "e2e" and "H100" in prov["gpu_name"] and len(prov["git_commit"]) == 40
+        assert rec["copy"]["copy_gbps"] > 1000 and rec["model"]["layers"] == 32
+        for row in rec["rows"]:
+            if row["status"] != "ok":
+                assert "OutOfMemoryError" in row["skip_reason"] and row["T"] == 32768 and row["batch"] == 32
+                continue
+            assert row["step_p10_ms"] <= row["step_median_ms"] <= row["step_p90_ms"]
+            assert row["bytes_read"] == row["weights_read_bytes"] + row["cache_bytes"]
+            assert abs(row["byte_bound_ms"] - row["bytes_read"] / (rec["copy"]["copy_gbps"] * 1e6)) < 1e-9
+            assert abs(row["tokens_per_s"] * row["step_median_ms"] * 1e-3 - row["batch"]) < 1e-9
+            assert row["peak_memory_bytes"] > row["cache_bytes"]
+    goals = records.read_record(REF / "e2e" / "llama-3.1-8b_goals.json")
+    ok = {(r["method"], r["T"], r["batch"]) for r in goals["rows"] if r["status"] == "ok" and not r.get("capacity")}
+    for point in ((32768, 8), (4096, 1)):
+        for m in ("kvpack_token_graph", "kvpack_channel_graph", "fp16_graph", "static_sdpa_compiled", "dynamic_sdpa",
+                  "quantized_hqq_int8", "quantized_fp8", "kvpack_token_eager", "kvpack_channel_eager"):
+            assert (m, *point) in ok
+    cap = {r["method"]: r["batch"] for r in goals["rows"] if r.get("capacity") and r["status"] == "ok"}
+    assert set(cap) == {"kvpack_token_graph", "kvpack_channel_graph", "fp16_graph"}
+    assert min(cap["kvpack_token_graph"], cap["kvpack_channel_graph"]) >= 1.9 * cap["fp16_graph"]
+
+
+def test_one_machine_per_reference_directory():
+    """The H100 folder holds records named by detection (nvidia-h100-80gb-hbm3) and by --device-name
+    (h100): the claims judge them as one machine, with the e2e claim among the others."""
+    t = assemble.build_tables(reference_dirs=[REF])
+    assert set(t.claims["device_slug"]) == {"h100"}
+    assert t.claims.set_index("claim_id").loc["e2e_decode", "verdict"] in {claims.REPRODUCED, claims.NOT_REPRODUCED}
+    from kvpack.report.tables import one_machine
+
+    recs = [{"provenance": {"device_slug": "nvidia-x"}}, {"provenance": {"device_slug": "x", "device_slug_detected": "nvidia-x"}},
+            {"provenance": {"device_slug": "nvidia-y"}}]
+    assert [r["provenance"]["device_slug"] for r in one_machine(recs)] == ["x", "x", "nvidia-y"]
 
 
 @pytest.mark.parametrize("gpu", GPUS)

@@ -6,7 +6,8 @@ decode step: the fused INT8 kernel against the fastest fp16 SDPA backend and the
     python -m kvpack.report.headline reports/reference/h100
     python -m kvpack.report.headline --decode reports/reference/h200
     python -m kvpack.report.headline --decode --brief reports/reference/h200   # the README's table
-    python -m kvpack.report.headline --e2e            # a real model's decode step (once its records exist)
+    python -m kvpack.report.headline --e2e            # a real model's decode step, every method
+    python -m kvpack.report.headline --e2e --brief reports/reference/h100      # the README's table
 
 Each table is preceded by a line naming the GPU, the commits and the dates of the records it comes from.
 """
@@ -154,6 +155,40 @@ def e2e_headline(reference_dir) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def e2e_brief(reference_dir) -> pd.DataFrame:
+    """The README's end-to-end table: per (T, batch), ms per decode step of kvpack's INT8 cache (token
+    scales, graph-captured), the fp16 cache in the same captured loop, the step's fp16 byte bound, the
+    fastest transformers path (DynamicCache eager, StaticCache compiled) and the fastest QuantizedCache,
+    all from one job; the INT8 step's speedup over the fp16 one."""
+    e = assemble.build_tables(reference_dirs=[reference_dir]).e2e
+    ok = e[(e["status"] == "ok") & ~e["capacity"].astype(bool)]
+    rows = []
+    for (T, b), pt in ok.groupby(["T", "batch"]):
+        ms = pt.groupby("method")["step_median_ms"].min()
+        if "kvpack_token_graph" not in ms or "fp16_graph" not in ms:
+            continue
+        hf = ms[ms.index.isin(["dynamic_sdpa", "static_sdpa_compiled"])]
+        quant = ms[ms.index.str.startswith("quantized")]
+        k = pt[pt["method"] == "kvpack_token_graph"].iloc[0]
+        rows.append({"T": int(T), "batch": int(b), "kvpack_int8_ms": float(ms["kvpack_token_graph"]),
+                     "fp16_graph_ms": float(ms["fp16_graph"]), "fp16_byte_bound_ms": float(k["fp16_byte_bound_ms"]),
+                     "transformers_best_ms": float(hf.min()) if len(hf) else math.nan,
+                     "quantized_cache_ms": float(quant.min()) if len(quant) else math.nan,
+                     "int8_vs_fp16_speedup": float(ms["fp16_graph"] / ms["kvpack_token_graph"])})
+    return pd.DataFrame(rows)
+
+
+def e2e_capacity(reference_dir) -> pd.DataFrame:
+    """The largest batch each graph-captured cache ran at its context T, with its step and tokens/s."""
+    from .tables import E2E_LABELS
+
+    e = assemble.build_tables(reference_dirs=[reference_dir]).e2e
+    cap = e[(e["status"] == "ok") & e["capacity"].astype(bool)].sort_values(["T", "batch"], ascending=[True, False])
+    return pd.DataFrame([{"T": int(r["T"]), "cache": E2E_LABELS[r["method"]].split(",")[0],
+                          "largest_batch": int(r["batch"]), "ms_per_step": float(r["step_median_ms"]),
+                          "tokens_per_s": float(r["tokens_per_s"])} for _, r in cap.iterrows()])
+
+
 def to_markdown(df: pd.DataFrame) -> str:
     def cell(col, v):
         if not isinstance(v, float):
@@ -178,11 +213,14 @@ def main(argv=None) -> int:
                     help="default: the folder under reports/reference with the newest records")
     ap.add_argument("--decode", action="store_true", help="the decode-step table (records of kind 'decode')")
     ap.add_argument("--e2e", action="store_true", help="the end-to-end table (records of kind 'e2e')")
-    ap.add_argument("--brief", action="store_true", help="with --decode: the README's short table")
+    ap.add_argument("--brief", action="store_true", help="with --decode or --e2e: the README's short table")
     args = ap.parse_args(argv)
     stage = "decode" if args.decode else "e2e" if args.e2e else "benchmark"
     ref = args.reference_dir or newest_reference_dir(stage=stage)
     print(source_line(ref, stage) + "\n")
+    if stage == "e2e" and args.brief:
+        print(to_markdown(e2e_brief(ref)) + "\n\n" + to_markdown(e2e_capacity(ref)))
+        return 0
     decode = decode_brief if args.brief else decode_headline
     table = {"decode": decode, "e2e": e2e_headline, "benchmark": headline}[stage](ref)
     print(to_markdown(table))

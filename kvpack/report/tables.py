@@ -87,7 +87,27 @@ def collect_records(benchmark_paths=(), accuracy_paths=(), reference_dirs=(), de
     records = load_records(list(benchmark_paths) + list(accuracy_paths) + list(decode_paths) + list(e2e_paths),
                            THIS_RUN)
     for d in reference_dirs or ():
-        records += load_records(reference_record_paths(d, ("benchmark", "accuracy", "decode", "e2e")), source_label(d))
+        records += one_machine(load_records(reference_record_paths(d, ("benchmark", "accuracy", "decode", "e2e")),
+                                            source_label(d)))
+    return records
+
+
+def one_machine(records: list[dict]) -> list[dict]:
+    """A reference directory's records name one GPU under one slug. Runs that were given a name
+    (``--device-name h100``) and runs that took the detected one (``nvidia-h100-80gb-hbm3``) of the
+    same GPU are one machine: each record's slug becomes the given name of its detected GPU where
+    any record gives one (in memory; the files are not touched)."""
+    named = {}
+    for r in records:
+        p = r["provenance"]
+        detected = p.get("device_slug_detected") or p.get("device_slug")
+        if p.get("device_slug") and p.get("device_slug") != detected:
+            named.setdefault(detected, p["device_slug"])
+    for r in records:
+        p = r["provenance"]
+        detected = p.get("device_slug_detected") or p.get("device_slug")
+        if detected in named and p.get("device_slug") != named[detected]:
+            r["provenance"] = {**p, "device_slug": named[detected], "device_slug_detected": detected}
     return records
 
 
