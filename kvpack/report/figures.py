@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker as mticker
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -475,6 +476,10 @@ def figure_e2e(t: Tables, png, svg=None):
         if len(int8):
             ax.axvline(float(int8.min()), color="tab:green", ls=":", lw=1)
         ax.set_xscale("log")
+        # plain numbers at 1-2-5 steps, no minor labels (they crowd a short log axis)
+        ax.xaxis.set_major_locator(mticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(mticker.NullFormatter())
         ax.set_title(f"{slug}: T = {T}, batch {b}", fontsize=10)
         ax.set_xlabel("ms per decode step (median, p10-p90)")
         ax.tick_params(axis="y", labelsize=8)
