@@ -291,12 +291,44 @@ struct SplitParams {
   int64_t batch, q_heads, kv_heads, max_tokens;
   int splits, head_groups;
   float score_scale;  // sm_scale * log2(e)
+  int32_t* clamped;   // or nullptr: set to 1 where a length (or a page id, or a sequence id) was clamped
+  // Paged caches (kPaged): token t of slot s lives in page block_tables[s][t / page_size], row
+  // t % page_size; the pages are [num_pages, Hkv, page_size, D], token scales [num_pages, Hkv,
+  // page_size], channel scales [num_slots, Hkv, D]. Query row b reads slot seq_ids[b] (or b).
+  const int32_t* block_tables;
+  const int32_t* seq_ids;
+  int64_t num_pages, max_pages, num_slots;
+  int page_size;
 };
+
+// The slot (row of lengths, block_tables and channel scales) that query row b reads: seq_ids[b]
+// clamped to [0, num_slots), or b. Flags a clamped id.
+__device__ __forceinline__ int64_t slot_of(const int32_t* seq_ids, int64_t b, int64_t num_slots, int32_t* clamped,
+                                           bool report) {
+  if (seq_ids == nullptr) return b;
+  const int64_t s = seq_ids[b];
+  if (s < 0 || s >= num_slots) {
+    if (report && clamped) *clamped = 1;
+    return min(max(s, int64_t{0}), num_slots - 1);
+  }
+  return s;
+}
+
+// Row 0 of the page that holds token x of a slot's block-table row bt (clamped to a valid page).
+__device__ __forceinline__ int64_t page_row0(const int32_t* bt, int64_t x, int page_size, int64_t max_pages,
+                                             int64_t num_pages, int64_t kv_heads, int64_t kvh, int32_t* clamped) {
+  int64_t page = bt[min(x / page_size, max_pages - 1)];
+  if (page < 0 || page >= num_pages) {
+    if (clamped) *clamped = 1;
+    page = min(max(page, int64_t{0}), num_pages - 1);
+  }
+  return (page * kv_heads + kvh) * page_size;
+}
 
 // One block per part of one (sequence, KV head, group of up to 8 query heads): its 4 warps take
 // the part's tiles in turn (warp w: tiles w, w + 4, ...), so they stream neighbouring memory, and
 // merge their states in shared memory at the end: one partial result per block.
-template <int D, typename QT, bool kPerToken>
+template <int D, typename QT, bool kPerToken, bool kPaged>
 __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D>)
     decode_split_kernel(const SplitParams p) {
   __shared__ float s_m[kDecodeWarps][kHeadsPerWarp];
@@ -320,7 +352,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D>)
 
   // This part's tokens [t0, t1) of the sequence's len: parts are whole tiles, cut from the actual
   // length (read on the device), so a short sequence in a long cache is still spread over every part.
-  const int64_t len = p.lengths ? min(max(static_cast<int64_t>(p.lengths[b]), int64_t{0}), p.max_tokens) : p.max_tokens;
+  // A length outside [1, T_max] is clamped to [0, T_max] (never read outside the cache) and, where
+  // the caller passed a flag, reported there by the first block of the sequence: no host sync.
+  const bool reporter = split == 0 && hg == 0 && kvh == 0 && threadIdx.x == 0;
+  const int64_t slot = kPaged ? slot_of(p.seq_ids, b, p.num_slots, p.clamped, reporter) : b;
+  const int64_t raw_len = p.lengths ? static_cast<int64_t>(p.lengths[slot]) : p.max_tokens;
+  const int64_t len = min(max(raw_len, int64_t{0}), p.max_tokens);
+  if (reporter && p.clamped && (raw_len < 1 || raw_len > p.max_tokens)) *p.clamped = 1;
   const int64_t chunk = (len + p.splits - 1) / p.splits;
   const int64_t chunk16 = (chunk + kTileTokens - 1) / kTileTokens * kTileTokens;
   const int64_t t0 = split * chunk16;
@@ -332,21 +370,34 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D>)
     return;
   }
 
-  const int64_t kv_row0 = (b * p.kv_heads + kvh);
+  const int64_t kv_row0 = (b * p.kv_heads + kvh);  // contiguous: the (sequence, KV head) block of the cache
+  const int64_t scale_row = (slot * p.kv_heads + kvh);  // channel scales' row (paged: the slot's)
   const int8_t* kb = p.k + kv_row0 * p.max_tokens * D;
   const int8_t* vb = p.v + kv_row0 * p.max_tokens * D;
   const float* ksb = kPerToken ? p.k_scales + kv_row0 * p.max_tokens : nullptr;
   const float* vsb = kPerToken ? p.v_scales + kv_row0 * p.max_tokens : nullptr;
   const int64_t last = p.max_tokens - 1;
+  const int32_t* bt = kPaged ? p.block_tables + slot * p.max_pages : nullptr;
   constexpr int64_t kStride = static_cast<int64_t>(kDecodeWarps) * kTileTokens;
   const int64_t first = t0 + static_cast<int64_t>(warp) * kTileTokens;
+  // Tile x of this (sequence, KV head): contiguous, rows x.. of its block; paged, rows x % page_size..
+  // of the page holding x (a tile never crosses a page: page_size is a multiple of 16, x of 16).
+  auto load = [&](Tile<D>& tile, int64_t x) {
+    if constexpr (kPaged) {
+      const int64_t r0 = page_row0(bt, x, p.page_size, p.max_pages, p.num_pages, p.kv_heads, kvh, p.clamped);
+      load_tile<D, kPerToken>(tile, p.k + r0 * D, p.v + r0 * D, kPerToken ? p.k_scales + r0 : nullptr,
+                              kPerToken ? p.v_scales + r0 : nullptr, x % p.page_size, p.page_size - 1, g, t);
+    } else {
+      load_tile<D, kPerToken>(tile, kb, vb, ksb, vsb, x, last, g, t);
+    }
+  };
 
   // The first tile's loads go out before the query is prepared: their latency overlaps it.
   // Up to D = 128 a warp holds two tiles (the next one's loads in flight while one is computed);
   // at D = 256 one (two would not fit its registers).
   constexpr bool kPrefetch = D <= 128;
   Tile<D> buf[kPrefetch ? 2 : 1];
-  if (first < t1) load_tile<D, kPerToken>(buf[0], kb, vb, ksb, vsb, first, last, g, t);
+  if (first < t1) load(buf[0], first);
 
   // Q' fragments for head g (rows 8..15 of the A operand are zero): elements d0 .. d0 + 3 of chunk
   // kc = 4l + c, d0 = 64l + 16t + 4c.
@@ -363,7 +414,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D>)
       for (int e = 0; e < 16; ++e) {
         const int d = 64 * l + 16 * t + e;
         float f = valid ? to_float(qp[d]) * p.score_scale : 0.f;
-        if constexpr (!kPerToken) f *= __ldg(p.k_scales + kv_row0 * D + d);
+        if constexpr (!kPerToken) f *= __ldg(p.k_scales + scale_row * D + d);
         qf[16 * l + e] = f;
         amax = fmaxf(amax, fabsf(f));
       }
@@ -394,15 +445,15 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D>)
     // ring that reloads each buffer right after computing it, the same prefetch distance, ran
     // 10-15% slower at every shape; so did a third buffer at D = 64.)
     for (int64_t x = first; x < t1; x += 2 * kStride) {
-      if (x + kStride < t1) load_tile<D, kPerToken>(buf[1], kb, vb, ksb, vsb, x + kStride, last, g, t);
+      if (x + kStride < t1) load(buf[1], x + kStride);
       attend_tile<D, kPerToken>(buf[0], qa, st, q_unscale, x, t1, t);
       if (x + kStride >= t1) break;
-      if (x + 2 * kStride < t1) load_tile<D, kPerToken>(buf[0], kb, vb, ksb, vsb, x + 2 * kStride, last, g, t);
+      if (x + 2 * kStride < t1) load(buf[0], x + 2 * kStride);
       attend_tile<D, kPerToken>(buf[1], qa, st, q_unscale, x + kStride, t1, t);
     }
   } else {
     for (int64_t x = first; x < t1; x += kStride) {
-      if (x != first) load_tile<D, kPerToken>(buf[0], kb, vb, ksb, vsb, x, last, g, t);
+      if (x != first) load(buf[0], x);
       attend_tile<D, kPerToken>(buf[0], qa, st, q_unscale, x, t1, t);
     }
   }
@@ -467,11 +518,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D>)
 struct CombineParams {
   const float* partial_out;
   const float* partial_stats;
-  const float* v_scales;  // per channel: [B, Hkv, D], applied here; per token: unused
+  const float* v_scales;  // per channel: [B (paged: slots), Hkv, D], applied here; per token: unused
   void* out;
   int64_t q_heads, kv_heads;
   int splits;
   int head_dim;
+  const int32_t* seq_ids;  // paged: the slot of each query row (channel scales), or nullptr
+  int64_t num_slots;
 };
 
 constexpr int kCombineThreads = 512;
@@ -550,7 +603,7 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const C
     const float inv = l > 0.f ? 1.f / l : 0.f;
     float r[4] = {acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv};
     if constexpr (!kPerToken) {
-      const int64_t b = bh / p.q_heads;
+      const int64_t b = slot_of(p.seq_ids, bh / p.q_heads, p.num_slots, nullptr, false);
       const int64_t kvh = (bh % p.q_heads) / (p.q_heads / p.kv_heads);
 #pragma unroll
       for (int j = 0; j < 4; ++j) r[j] *= p.v_scales[(b * p.kv_heads + kvh) * D + 4 * d4 + j];
@@ -561,9 +614,9 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const C
   }
 }
 
-template <int D, typename QT, bool kPerToken>
+template <int D, typename QT, bool kPerToken, bool kPaged>
 constexpr auto split_kernel() {
-  return &decode_split_kernel<D, QT, kPerToken>;
+  return &decode_split_kernel<D, QT, kPerToken, kPaged>;
 }
 
 template <typename F>
@@ -603,17 +656,24 @@ struct AppendParams {
   int32_t* arrivals;
   unsigned long long* saturated;
   int64_t kv_heads, new_tokens, max_tokens;
+  // Paged (kPaged): as SplitParams; row b of k and v goes to slot seq_ids[b] (or b).
+  const int32_t* block_tables;
+  const int32_t* seq_ids;
+  int32_t* clamped;
+  int64_t num_pages, max_pages, num_slots;
+  int page_size;
 };
 
-template <typename T, int D, bool kPerToken>
+template <typename T, int D, bool kPerToken, bool kPaged>
 __global__ void __launch_bounds__(kAppendWarps * 32) kv_append_kernel(const AppendParams p) {
   constexpr int E = D / 32;  // elements per lane
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int64_t b = blockIdx.y;
+  const int64_t slot = kPaged ? slot_of(p.seq_ids, b, p.num_slots, p.clamped, blockIdx.x == 0 && threadIdx.x == 0) : b;
   const int64_t per_kv = p.kv_heads * p.new_tokens;
   const int64_t n_b = p.counts ? min(max(static_cast<int64_t>(p.counts[b]), int64_t{0}), p.new_tokens) : p.new_tokens;
-  const int64_t start = p.lengths[b];
+  const int64_t start = min(max(static_cast<int64_t>(p.lengths[slot]), int64_t{0}), p.max_tokens);
   unsigned long long saturated = 0;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kAppendWarps + warp; r < 2 * per_kv;
        r += static_cast<int64_t>(gridDim.x) * kAppendWarps) {
@@ -628,6 +688,10 @@ __global__ void __launch_bounds__(kAppendWarps * 32) kv_append_kernel(const Appe
     const VecN<T, E> x = load_vec<T, E>(src);
     VecN<int8_t, E> q;
     float* scales = is_v ? p.v_scales : p.k_scales;
+    // The row's place: contiguous, row pos of the (sequence, head) block; paged, in its page.
+    const int64_t row = kPaged ? page_row0(p.block_tables + slot * p.max_pages, pos, p.page_size, p.max_pages,
+                                           p.num_pages, p.kv_heads, h, p.clamped) + pos % p.page_size
+                               : head * p.max_tokens + pos;
     if constexpr (kPerToken) {
       float amax = 0.f;
 #pragma unroll
@@ -635,11 +699,11 @@ __global__ void __launch_bounds__(kAppendWarps * 32) kv_append_kernel(const Appe
 #pragma unroll
       for (int o = 16; o > 0; o /= 2) amax = absmax_combine(amax, __shfl_xor_sync(kFullMask, amax, o));
       const float s = scale_from_absmax(amax);
-      if (lane == 0) scales[head * p.max_tokens + pos] = s;
+      if (lane == 0) scales[row] = s;
 #pragma unroll
       for (int e = 0; e < E; ++e) q.val[e] = quantize_value(to_float(x.val[e]), s);
     } else {
-      const float* sc = scales + head * D + lane * E;
+      const float* sc = scales + (slot * p.kv_heads + h) * D + lane * E;
 #pragma unroll
       for (int e = 0; e < E; ++e) {
         const float xe = to_float(x.val[e]);
@@ -648,7 +712,7 @@ __global__ void __launch_bounds__(kAppendWarps * 32) kv_append_kernel(const Appe
         saturated += saturates(xe, s) ? 1u : 0u;
       }
     }
-    store_vec<int8_t, E>((is_v ? p.v_cache : p.k_cache) + (head * p.max_tokens + pos) * D + lane * E, q);
+    store_vec<int8_t, E>((is_v ? p.v_cache : p.k_cache) + row * D + lane * E, q);
   }
   if constexpr (!kPerToken) {
 #pragma unroll
@@ -660,9 +724,9 @@ __global__ void __launch_bounds__(kAppendWarps * 32) kv_append_kernel(const Appe
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
-    if (atomicAdd(p.arrivals + b, 1) == static_cast<int>(gridDim.x) - 1) {
-      p.lengths[b] = static_cast<int32_t>(min(start + n_b, p.max_tokens));
-      p.arrivals[b] = 0;
+    if (atomicAdd(p.arrivals + slot, 1) == static_cast<int>(gridDim.x) - 1) {
+      p.lengths[slot] = static_cast<int32_t>(min(start + n_b, p.max_tokens));
+      p.arrivals[slot] = 0;
     }
   }
 }
@@ -681,12 +745,13 @@ int compute_major() {
 }  // namespace
 
 int decode_splits(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t max_tokens, int head_dim,
-                  c10::ScalarType dtype, bool per_token) {
+                  c10::ScalarType dtype, bool per_token, bool paged) {
   int splits = 1;
   dispatch_decode(head_dim, dtype, per_token, [&](auto d, auto qt, auto pt) {
     constexpr int D = decltype(d)::value;
     using QT = typename decltype(qt)::type;
-    const auto kernel = split_kernel<D, QT, decltype(pt)::value>();
+    const auto kernel = paged ? split_kernel<D, QT, decltype(pt)::value, true>()
+                              : split_kernel<D, QT, decltype(pt)::value, false>();
     const int64_t resident_blocks =
         static_cast<int64_t>(sm_count()) * blocks_per_sm(reinterpret_cast<const void*>(kernel), kDecodeWarps * 32);
     const int64_t head_groups = ceil_div(q_heads / kv_heads, kHeadsPerWarp);
@@ -718,14 +783,17 @@ void decode_attention(const DecodeArgs& a) {
     constexpr int D = decltype(d)::value;
     constexpr bool kPerToken = decltype(pt)::value;
     using QT = typename decltype(qt)::type;
+    const bool paged = a.block_tables != nullptr;
     SplitParams sp{a.q, a.k, a.v, a.k_scales, a.v_scales, a.lengths, a.partial_out, a.partial_stats,
                    a.batch, a.q_heads, a.kv_heads, a.max_tokens, a.splits,
-                   static_cast<int>(ceil_div(a.q_heads / a.kv_heads, kHeadsPerWarp)), a.sm_scale * kLog2e};
+                   static_cast<int>(ceil_div(a.q_heads / a.kv_heads, kHeadsPerWarp)), a.sm_scale * kLog2e,
+                   a.clamped, a.block_tables, a.seq_ids, a.num_pages, a.max_pages, a.num_slots, a.page_size};
     const int64_t blocks = a.batch * a.kv_heads * a.splits * sp.head_groups;
-    const auto kernel = split_kernel<D, QT, kPerToken>();
+    const auto kernel = paged ? split_kernel<D, QT, kPerToken, true>() : split_kernel<D, QT, kPerToken, false>();
     kernel<<<static_cast<unsigned>(blocks), kDecodeWarps * 32, 0, a.stream>>>(sp);
     KVPACK_LAUNCH_CHECK();
-    CombineParams cp{a.partial_out, a.partial_stats, a.v_scales, a.out, a.q_heads, a.kv_heads, a.splits, D};
+    CombineParams cp{a.partial_out, a.partial_stats, a.v_scales, a.out, a.q_heads, a.kv_heads, a.splits, D,
+                     paged ? a.seq_ids : nullptr, a.num_slots};
     const size_t smem = sizeof(float) * (static_cast<size_t>(combine_weights_floats(a.splits)) + 4 * kCombineThreads);
     // Launched as a programmatic dependent of the split kernel where the device has it (sm_90): its
     // launch overlaps the split kernel's last blocks instead of following the whole grid's drain.
@@ -745,7 +813,9 @@ void decode_attention(const DecodeArgs& a) {
 
 void kv_append(const AppendArgs& a) {
   AppendParams ap{a.k, a.v, a.counts, a.k_cache, a.v_cache, a.k_scales, a.v_scales, a.lengths,
-                  a.arrivals, a.saturated, a.kv_heads, a.new_tokens, a.max_tokens};
+                  a.arrivals, a.saturated, a.kv_heads, a.new_tokens, a.max_tokens,
+                  a.block_tables, a.seq_ids, a.clamped, a.num_pages, a.max_pages, a.num_slots, a.page_size};
+  const bool paged = a.block_tables != nullptr;
   const int64_t rows = 2 * a.kv_heads * a.new_tokens;
   // Blocks per sequence: enough for every row, never more than fill the device about twice.
   const int64_t fill = ceil_div(2 * static_cast<int64_t>(sm_count()) * 8, a.batch);
@@ -753,14 +823,17 @@ void kv_append(const AppendArgs& a) {
   const dim3 grid(bx, static_cast<unsigned>(a.batch));
   KVPACK_DISPATCH_FLOAT_TYPES(a.dtype, "kv_append", [&] {
     dispatch_bool(a.per_token, [&](auto pt) {
-      constexpr bool kPerToken = decltype(pt)::value;
-      switch (a.head_dim) {
-        case 64: kv_append_kernel<scalar_t, 64, kPerToken><<<grid, kAppendWarps * 32, 0, a.stream>>>(ap); break;
-        case 128: kv_append_kernel<scalar_t, 128, kPerToken><<<grid, kAppendWarps * 32, 0, a.stream>>>(ap); break;
-        case 256: kv_append_kernel<scalar_t, 256, kPerToken><<<grid, kAppendWarps * 32, 0, a.stream>>>(ap); break;
-        default: TORCH_CHECK_VALUE(false, "kvpack: the KV cache supports head dimensions 64, 128 and 256, got ", a.head_dim);
-      }
-      KVPACK_LAUNCH_CHECK();
+      dispatch_bool(paged, [&](auto pg) {
+        constexpr bool kPerToken = decltype(pt)::value;
+        constexpr bool kPaged = decltype(pg)::value;
+        switch (a.head_dim) {
+          case 64: kv_append_kernel<scalar_t, 64, kPerToken, kPaged><<<grid, kAppendWarps * 32, 0, a.stream>>>(ap); break;
+          case 128: kv_append_kernel<scalar_t, 128, kPerToken, kPaged><<<grid, kAppendWarps * 32, 0, a.stream>>>(ap); break;
+          case 256: kv_append_kernel<scalar_t, 256, kPerToken, kPaged><<<grid, kAppendWarps * 32, 0, a.stream>>>(ap); break;
+          default: TORCH_CHECK_VALUE(false, "kvpack: the KV cache supports head dimensions 64, 128 and 256, got ", a.head_dim);
+        }
+        KVPACK_LAUNCH_CHECK();
+      });
     });
   });
 }

@@ -17,9 +17,10 @@ namespace {
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& ks, const at::Tensor& vs,
                                 const c10::optional<at::Tensor>& lengths, c10::string_view granularity,
-                                double sm_scale, int64_t splits) {
+                                double sm_scale, int64_t splits, const c10::optional<at::Tensor>& clamped) {
   (void)splits;  // the CPU path does not split
   const auto s = check_decode(q, k, v, ks, vs, lengths, std::string(granularity), /*allow_fp32_q=*/true);
+  check_flag(clamped, q);
   const int64_t group = s.q_heads / s.kv_heads;
   // Dequantize as dequantize_value does: float(q) * scale in fp32.
   auto kf = k.to(at::kFloat) * (s.per_token ? ks.unsqueeze(-1) : ks.unsqueeze(2));
@@ -27,12 +28,18 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   kf = kf.repeat_interleave(group, 1);  // [B, Hq, T_max, D]
   vf = vf.repeat_interleave(group, 1);
   auto scores = at::matmul(kf, q.to(at::kFloat).unsqueeze(-1)).squeeze(-1) * sm_scale;  // [B, Hq, T_max]
+  at::Tensor empty;  // [B, 1, 1]: sequences whose (clamped) length is 0 attend to nothing: a zero row, as on CUDA
   if (lengths.has_value()) {
+    // As the kernel does: lengths clamped to [0, T_max], the flag set where that changed one.
+    const auto len = lengths->to(at::kLong);
+    if (clamped.has_value() && ((len < 1) | (len > s.max_tokens)).any().item<bool>()) clamped->fill_(1);
+    const auto clamped_len = len.clamp(0, s.max_tokens).view({-1, 1, 1});
     const auto pos = at::arange(s.max_tokens, scores.options().dtype(at::kLong));
-    const auto mask = pos.view({1, 1, -1}) >= lengths->to(at::kLong).view({-1, 1, 1});
-    scores = scores.masked_fill(mask, -std::numeric_limits<float>::infinity());
+    scores = scores.masked_fill(pos.view({1, 1, -1}) >= clamped_len, -std::numeric_limits<float>::infinity());
+    empty = clamped_len == 0;
   }
-  const auto p = at::softmax(scores, -1);
+  auto p = at::softmax(scores, -1);
+  if (empty.defined()) p = p.masked_fill(empty, 0.0);
   return at::matmul(p.unsqueeze(2), vf).squeeze(2).to(q.scalar_type());
 }
 

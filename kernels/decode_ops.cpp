@@ -23,8 +23,9 @@ void check_cuda(const at::Tensor& t, const char* name) {
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& ks, const at::Tensor& vs,
                                  const c10::optional<at::Tensor>& lengths, c10::string_view granularity,
-                                 double sm_scale, int64_t splits) {
+                                 double sm_scale, int64_t splits, const c10::optional<at::Tensor>& clamped) {
   const auto s = check_decode(q, k, v, ks, vs, lengths, std::string(granularity));
+  check_flag(clamped, q);
   check_cuda(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   if (splits <= 0) {
@@ -56,8 +57,116 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
                         s.per_token,
                         q.scalar_type(),
                         c10::cuda::getCurrentCUDAStream().stream()};
+  args.clamped = clamped.has_value() ? clamped->mutable_data_ptr<int32_t>() : nullptr;
   cuda::decode_attention(args);
   return out;
+}
+
+// The paged cache: the same kernels, reading each tile from the page its block table names.
+at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp,
+                                       const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& bt,
+                                       const at::Tensor& lengths, const c10::optional<at::Tensor>& seq_ids,
+                                       const c10::optional<at::Tensor>& clamped, c10::string_view granularity,
+                                       double sm_scale, int64_t splits) {
+  TORCH_CHECK_VALUE(q.dim() == 3, "kvpack: q must be [B, Hq, D], got ", q.sizes());
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+                   "kvpack: q must be float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK_VALUE(q.is_contiguous(), "kvpack: q must be contiguous");
+  auto s = check_paged(q.size(0), kp, vp, ks, vs, bt, lengths, seq_ids, std::string(granularity), q);
+  s.q_heads = q.size(1);
+  TORCH_CHECK_VALUE(q.size(2) == s.head_dim, "kvpack: q has head dimension ", q.size(2), " but the pages ", s.head_dim);
+  TORCH_CHECK_VALUE(s.q_heads % s.kv_heads == 0, "kvpack: Hq = ", s.q_heads, " query heads must be a multiple of Hkv = ",
+                    s.kv_heads, " KV heads");
+  check_flag(clamped, q);
+  check_cuda(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t max_tokens = s.max_pages * s.page_size;
+  if (splits <= 0) {
+    splits = cuda::decode_splits(s.batch, s.q_heads, s.kv_heads, max_tokens, static_cast<int>(s.head_dim),
+                                 q.scalar_type(), s.per_token, /*paged=*/true);
+  }
+  TORCH_CHECK_VALUE(splits <= max_tokens && splits <= 4096, "kvpack: splits = ", splits,
+                    " must be at most max_pages * page_size = ", max_tokens, " and at most 4096");
+  auto out = at::empty_like(q);
+  const auto f32 = q.options().dtype(at::kFloat);
+  auto partial_out = at::empty({s.batch, s.q_heads, splits, s.head_dim}, f32);
+  auto partial_stats = at::empty({s.batch, s.q_heads, splits, 2}, f32);
+  cuda::DecodeArgs args{};
+  args.q = q.const_data_ptr();
+  args.k = kp.const_data_ptr<int8_t>();
+  args.v = vp.const_data_ptr<int8_t>();
+  args.k_scales = ks.const_data_ptr<float>();
+  args.v_scales = vs.const_data_ptr<float>();
+  args.lengths = lengths.const_data_ptr<int32_t>();
+  args.out = out.mutable_data_ptr();
+  args.partial_out = partial_out.mutable_data_ptr<float>();
+  args.partial_stats = partial_stats.mutable_data_ptr<float>();
+  args.batch = s.batch;
+  args.q_heads = s.q_heads;
+  args.kv_heads = s.kv_heads;
+  args.max_tokens = max_tokens;
+  args.head_dim = static_cast<int>(s.head_dim);
+  args.splits = static_cast<int>(splits);
+  args.sm_scale = static_cast<float>(sm_scale);
+  args.per_token = s.per_token;
+  args.dtype = q.scalar_type();
+  args.stream = c10::cuda::getCurrentCUDAStream().stream();
+  args.clamped = clamped.has_value() ? clamped->mutable_data_ptr<int32_t>() : nullptr;
+  args.block_tables = bt.const_data_ptr<int32_t>();
+  args.seq_ids = seq_ids.has_value() ? seq_ids->const_data_ptr<int32_t>() : nullptr;
+  args.num_pages = s.num_pages;
+  args.max_pages = s.max_pages;
+  args.num_slots = s.num_slots;
+  args.page_size = static_cast<int>(s.page_size);
+  cuda::decode_attention(args);
+  return out;
+}
+
+void paged_kv_append_cuda(const at::Tensor& kp, const at::Tensor& vp, const at::Tensor& ks, const at::Tensor& vs,
+                          const at::Tensor& bt, const at::Tensor& lengths, const at::Tensor& arrivals,
+                          const at::Tensor& saturated, const at::Tensor& k_new, const at::Tensor& v_new,
+                          const c10::optional<at::Tensor>& seq_ids, c10::string_view granularity) {
+  TORCH_CHECK_VALUE(k_new.dim() == 4, "kvpack: k must be [B, Hkv, t_new, D], got ", k_new.sizes());
+  const auto s = check_paged(k_new.size(0), kp, vp, ks, vs, bt, lengths, seq_ids, std::string(granularity), kp);
+  TORCH_CHECK_VALUE(k_new.size(1) == s.kv_heads && k_new.size(3) == s.head_dim, "kvpack: k must be [B, Hkv = ",
+                    s.kv_heads, ", t_new, D = ", s.head_dim, "], got ", k_new.sizes());
+  TORCH_CHECK_TYPE(k_new.scalar_type() == at::kFloat || k_new.scalar_type() == at::kHalf ||
+                       k_new.scalar_type() == at::kBFloat16,
+                   "kvpack: k must be float32, float16 or bfloat16, got ", k_new.scalar_type());
+  TORCH_CHECK_VALUE(k_new.size(2) >= 1 && k_new.size(2) < (int64_t{1} << 31), "kvpack: k holds ", k_new.size(2),
+                    " new tokens");
+  check_cache_tensor(k_new, "k", k_new.scalar_type(), k_new.sizes(), kp);
+  check_cache_tensor(v_new, "v", k_new.scalar_type(), k_new.sizes(), kp);
+  check_cache_tensor(arrivals, "arrivals", at::kInt, {s.num_slots}, kp);
+  check_cache_tensor(saturated, "saturated", at::kLong, {}, kp);
+  check_cuda(kp, "k_pages");
+  const c10::cuda::CUDAGuard guard(kp.device());
+  cuda::AppendArgs args{};
+  args.k = k_new.const_data_ptr();
+  args.v = v_new.const_data_ptr();
+  args.counts = nullptr;
+  args.k_cache = kp.mutable_data_ptr<int8_t>();
+  args.v_cache = vp.mutable_data_ptr<int8_t>();
+  args.k_scales = ks.mutable_data_ptr<float>();
+  args.v_scales = vs.mutable_data_ptr<float>();
+  args.lengths = lengths.mutable_data_ptr<int32_t>();
+  args.arrivals = arrivals.mutable_data_ptr<int32_t>();
+  args.saturated = reinterpret_cast<unsigned long long*>(saturated.mutable_data_ptr<int64_t>());
+  args.batch = s.batch;
+  args.kv_heads = s.kv_heads;
+  args.new_tokens = k_new.size(2);
+  args.max_tokens = s.max_pages * s.page_size;
+  args.head_dim = static_cast<int>(s.head_dim);
+  args.per_token = s.per_token;
+  args.dtype = k_new.scalar_type();
+  args.stream = c10::cuda::getCurrentCUDAStream().stream();
+  args.block_tables = bt.const_data_ptr<int32_t>();
+  args.seq_ids = seq_ids.has_value() ? seq_ids->const_data_ptr<int32_t>() : nullptr;
+  args.num_pages = s.num_pages;
+  args.max_pages = s.max_pages;
+  args.num_slots = s.num_slots;
+  args.page_size = static_cast<int>(s.page_size);
+  cuda::kv_append(args);
 }
 
 int64_t decode_splits_cuda(const at::Tensor& q, const at::Tensor& k_cache, c10::string_view granularity) {
@@ -103,6 +212,8 @@ TORCH_LIBRARY_IMPL(kvpack, CUDA, m) {
   m.impl("decode_attention", &decode_attention_cuda);
   m.impl("decode_splits", &decode_splits_cuda);
   m.impl("kv_append", &kv_append_cuda);
+  m.impl("paged_decode_attention", &paged_decode_attention_cuda);
+  m.impl("paged_kv_append", &paged_kv_append_cuda);
 }
 
 }  // namespace kvpack

@@ -13,6 +13,10 @@ The cache layout (``kvpack.KVCache`` builds it):
   token row) or ``[B, Hkv, D]`` for ``granularity="channel"`` (the paper's per-channel scales);
 * ``lengths``: int32 ``[B]``, tokens held per sequence (1 <= lengths[b] <= T_max), or None (all T_max).
 
+No host synchronisation by default: lengths live on the device and the kernel clamps them to
+[0, T_max] (a sequence of length 0 gets a zero row); pass ``clamped`` (int32 ``[1]``) to learn, on
+the device, that it happened, or ``check_lengths=True`` to have the call check them on the host.
+
 Grouped-query attention: Hq must be a multiple of Hkv; query head h reads KV head h // (Hq / Hkv).
 """
 
@@ -38,8 +42,18 @@ def _ensure_loaded() -> None:
         return
 
     @torch.library.register_fake("kvpack::decode_attention")
-    def _(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits):
+    def _(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits, clamped=None):
         return torch.empty_like(q)
+
+    @torch.library.register_fake("kvpack::paged_decode_attention")
+    def _(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, clamped, granularity, sm_scale,
+          splits):
+        return torch.empty_like(q)
+
+    @torch.library.register_fake("kvpack::paged_kv_append")
+    def _(k_pages, v_pages, k_scales, v_scales, block_tables, lengths, arrivals, saturated, k, v, seq_ids,
+          granularity):
+        return None
 
     @torch.library.register_fake("kvpack::kv_append")
     def _(k_cache, v_cache, k_scales, v_scales, lengths, arrivals, saturated, k, v, counts, granularity):
@@ -136,6 +150,17 @@ def check_decode_inputs(q, k_cache, v_cache, k_scales, v_scales, lengths, granul
     return b, hq, hkv, t_max, d
 
 
+def check_flag(clamped, device) -> None:
+    """``clamped``: None or an int32 ``[1]`` tensor on the call's device (the kernel sets it to 1)."""
+    if clamped is None:
+        return
+    _tensor(clamped, "clamped", 1, "[1] int32 (set to 1 where a length was clamped)")
+    if clamped.dtype != torch.int32 or clamped.shape[0] != 1:
+        raise ValueError(f"clamped must be an int32 tensor of shape [1], got {clamped.dtype} {tuple(clamped.shape)}")
+    if clamped.device != torch.device(device):
+        raise ValueError(f"clamped is on {clamped.device} but q is on {device}")
+
+
 def check_length_values(lengths: torch.Tensor, t_max: int) -> None:
     """1 <= lengths[b] <= T_max. Reads the values: one host synchronisation for a CUDA tensor."""
     lo, hi = (int(v) for v in torch.aminmax(lengths))
@@ -163,20 +188,22 @@ def decode_attention(
     *,
     granularity: str = "token",
     sm_scale: float | None = None,
-    check_lengths: bool = True,
+    check_lengths: bool = False,
     splits: int = 0,
+    clamped: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q K^T * sm_scale) V over the int8 cache, one query token per sequence: ``[B, Hq, D]`` in q's dtype.
 
     ``sm_scale`` defaults to 1/sqrt(D). ``lengths`` (int32 ``[B]``) gives each sequence's token
     count; positions past it are never read into the result.
 
-    Host synchronisation: with ``check_lengths=True`` (the default) the lengths' values are checked
-    (1 <= lengths[b] <= T_max), which for a CUDA tensor costs one host synchronisation; while a CUDA
-    graph is being captured the check is skipped. ``check_lengths=False`` (what ``KVCache.attend``
-    passes: it knows its lengths) makes the call fully asynchronous: no synchronisation, no
-    allocation that depends on data, so it can be captured in a CUDA graph; out-of-range values are
-    then clamped to [0, T_max] by the kernel rather than read outside the cache.
+    Host synchronisation: none by default. The call only queues kernels (no allocation that depends
+    on data, so it can be captured in a CUDA graph); out-of-range lengths are clamped to [0, T_max] by
+    the kernel rather than read outside the cache, and ``clamped`` (an int32 ``[1]`` tensor on q's
+    device, or None) is set to 1 when that happened: read it when convenient (reading it syncs).
+    ``check_lengths=True`` opts into a host-side check that raises ValueError (1 <= lengths[b] <=
+    T_max), at the cost of one host synchronisation per call on CUDA; skipped while a CUDA graph is
+    being captured.
 
     ``splits`` (CUDA) overrides how many parts each sequence is cut into; 0 plans it from the device
     (its multiprocessor count and the kernel's occupancy) and the shapes.
@@ -190,9 +217,10 @@ def decode_attention(
         raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale!r}")
     if not isinstance(splits, int) or splits < 0:
         raise ValueError(f"splits must be a non-negative int (0: planned), got {splits!r}")
+    check_flag(clamped, q.device)
     _ensure_loaded()
     return torch.ops.kvpack.decode_attention.default(
-        q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, float(sm_scale), splits
+        q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, float(sm_scale), splits, clamped
     )
 
 

@@ -209,8 +209,31 @@ def test_decode_attention_bad_input(name, bad, exc, match):
     args = _good()
     args[name] = bad(args)
     lengths = args.pop("lengths")
-    with pytest.raises(exc, match=match):
-        kvpack.decode_attention(*args.values(), lengths)
+    with pytest.raises(exc, match=match):  # (the lengths' values: checked on request, check_lengths=True)
+        kvpack.decode_attention(*args.values(), lengths, check_lengths=True)
+
+
+@pytest.mark.parametrize("lengths,clamped_to", [([9, 1], [8, 1]), ([3, 0], [3, 0]), ([-4, 8], [0, 8])])
+def test_decode_attention_clamps_bad_lengths_by_default_and_flags_them(lengths, clamped_to):
+    """The default call reads no lengths on the host: an out-of-range length is clamped to [0, T_max]
+    (0: a zero row), the result is that of the clamped lengths, and `clamped` is set; in-range
+    lengths leave the flag alone."""
+    args = _good()
+    args.pop("lengths")
+    flag = torch.zeros(1, dtype=torch.int32)
+    out = kvpack.decode_attention(*args.values(), torch.tensor(lengths, dtype=torch.int32), clamped=flag)
+    assert flag.item() == 1
+    ok = torch.tensor([max(c, 1) for c in clamped_to], dtype=torch.int32)
+    flag2 = torch.zeros(1, dtype=torch.int32)
+    want = kvpack.decode_attention(*args.values(), ok, clamped=flag2)
+    assert flag2.item() == 0
+    for b, c in enumerate(clamped_to):
+        if c == 0:
+            assert torch.equal(out[b], torch.zeros_like(out[b]))
+        else:
+            assert torch.equal(out[b], want[b])
+    with pytest.raises(ValueError, match="clamped must be an int32 tensor of shape"):
+        kvpack.decode_attention(*args.values(), ok, clamped=torch.zeros(2, dtype=torch.int32))
 
 
 def test_decode_attention_other_errors():
@@ -417,3 +440,29 @@ def test_opcheck_cuda():
         (cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales, cache.device_lengths, cache._arrivals,
          cache.saturated, k, v, None, "token"),
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_default_call_never_syncs_and_flags_clamped_lengths():
+    """The default call queues kernels only (sync debug mode 'error' would raise on a sync); a length
+    outside [1, T_max] is clamped on the device (0: a zero row) and reported in `clamped`."""
+    b, hkv, group, d, t = 3, 2, 4, 128, 256
+    cache, _, _ = filled_cache(b, hkv, d, t, (t, 100, 7), "token", torch.float16, seed=95, device="cuda")
+    q = make_q(b, hkv * group, d, torch.float16, seed=95, device="cuda")
+    args = (q, cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales)
+    bad = torch.tensor([t + 50, 100, -3], dtype=torch.int32, device="cuda")
+    flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+    kvpack.decode_attention(*args, bad)  # loads the kernels before the no-sync window
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = kvpack.decode_attention(*args, bad, clamped=flag)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert flag.item() == 1
+    good = torch.tensor([t, 100, 1], dtype=torch.int32, device="cuda")
+    flag.zero_()
+    want = kvpack.decode_attention(*args, good, clamped=flag)
+    assert flag.item() == 0
+    assert torch.equal(out[:2], want[:2]) and torch.equal(out[2], torch.zeros_like(out[2]))

@@ -100,5 +100,52 @@ inline DecodeShape check_append(const at::Tensor& kc, const at::Tensor& vc, cons
   return s;
 }
 
+struct PagedShape {
+  int64_t batch, q_heads, kv_heads, num_pages, page_size, head_dim, num_slots, max_pages;
+  bool per_token;
+};
+
+// The paged cache: pages int8 [num_pages, Hkv, page_size, D] (page_size a multiple of 16 in
+// [16, 256]), token scales fp32 [num_pages, Hkv, page_size] or channel scales [num_slots, Hkv, D],
+// block_tables int32 [num_slots, max_pages], lengths int32 [num_slots], seq_ids int32 [B] or absent
+// (then num_slots == B). `rows` is B, the rows of q (attention) or of k and v (append).
+inline PagedShape check_paged(int64_t rows, const at::Tensor& kp, const at::Tensor& vp, const at::Tensor& ks,
+                              const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& lengths,
+                              const c10::optional<at::Tensor>& seq_ids, const std::string& granularity,
+                              const at::Tensor& like) {
+  const bool per_token = parse_cache_granularity(granularity);
+  TORCH_CHECK_VALUE(kp.dim() == 4, "kvpack: k_pages must be [num_pages, Hkv, page_size, D], got ", kp.sizes());
+  TORCH_CHECK_VALUE(bt.dim() == 2, "kvpack: block_tables must be [num_slots, max_pages], got ", bt.sizes());
+  const PagedShape s{rows, 0, kp.size(1), kp.size(0), kp.size(2), kp.size(3), bt.size(0), bt.size(1), per_token};
+  check_head_dim(s.head_dim);
+  TORCH_CHECK_VALUE(s.page_size >= 16 && s.page_size <= 256 && s.page_size % 16 == 0, "kvpack: page_size = ",
+                    s.page_size, " must be a multiple of 16 in [16, 256]");
+  TORCH_CHECK_VALUE(s.num_pages >= 1 && s.num_slots >= 1 && s.max_pages >= 1 &&
+                        s.max_pages * s.page_size < (int64_t{1} << 31),
+                    "kvpack: num_pages, num_slots and max_pages must be positive (and max_pages * page_size < 2^31)");
+  check_cache_tensor(kp, "k_pages", at::kChar, {s.num_pages, s.kv_heads, s.page_size, s.head_dim}, like);
+  check_cache_tensor(vp, "v_pages", at::kChar, {s.num_pages, s.kv_heads, s.page_size, s.head_dim}, like);
+  if (per_token) {
+    check_cache_tensor(ks, "k_scales", at::kFloat, {s.num_pages, s.kv_heads, s.page_size}, like);
+    check_cache_tensor(vs, "v_scales", at::kFloat, {s.num_pages, s.kv_heads, s.page_size}, like);
+  } else {
+    check_cache_tensor(ks, "k_scales", at::kFloat, {s.num_slots, s.kv_heads, s.head_dim}, like);
+    check_cache_tensor(vs, "v_scales", at::kFloat, {s.num_slots, s.kv_heads, s.head_dim}, like);
+  }
+  check_cache_tensor(bt, "block_tables", at::kInt, {s.num_slots, s.max_pages}, like);
+  check_cache_tensor(lengths, "lengths", at::kInt, {s.num_slots}, like);
+  if (seq_ids.has_value()) {
+    check_cache_tensor(*seq_ids, "seq_ids", at::kInt, {rows}, like);
+  } else {
+    TORCH_CHECK_VALUE(s.num_slots == rows, "kvpack: without seq_ids, block_tables must hold one row per sequence (",
+                      rows, "), got ", s.num_slots);
+  }
+  return s;
+}
+
+inline void check_flag(const c10::optional<at::Tensor>& clamped, const at::Tensor& like) {
+  if (clamped.has_value()) check_cache_tensor(*clamped, "clamped", at::kInt, {1}, like);
+}
+
 }  // namespace
 }  // namespace kvpack

@@ -41,6 +41,17 @@ struct DecodeArgs {
   bool per_token;            // scale granularity: true "token", false "channel"
   c10::ScalarType dtype;     // of q and out
   cudaStream_t stream;
+  int32_t* clamped = nullptr;  // [1] or nullptr: set to 1 where a length, page id or sequence id was clamped
+  // Paged cache (block_tables != nullptr): k, v are pages [num_pages, Hkv, page_size, D], token
+  // scales [num_pages, Hkv, page_size], channel scales [num_slots, Hkv, D]; block_tables int32
+  // [num_slots, max_pages], lengths [num_slots]; query row b reads slot seq_ids[b] (nullptr: b).
+  // max_tokens is then max_pages * page_size.
+  const int32_t* block_tables = nullptr;
+  const int32_t* seq_ids = nullptr;
+  int64_t num_pages = 0;
+  int64_t max_pages = 0;
+  int64_t num_slots = 0;
+  int page_size = 0;
 };
 
 // The number of parts each sequence's tokens are split into (flash-decoding): enough warps to fill
@@ -48,7 +59,7 @@ struct DecodeArgs {
 // than a few tiles. It depends on the shapes alone, never on the lengths' values, so a decode step
 // has the same launch (and workspace) every time: what a CUDA graph needs.
 int decode_splits(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t max_tokens, int head_dim,
-                  c10::ScalarType dtype, bool per_token);
+                  c10::ScalarType dtype, bool per_token, bool paged = false);
 
 void decode_attention(const DecodeArgs& args);
 
@@ -71,6 +82,15 @@ struct AppendArgs {
   bool per_token;
   c10::ScalarType dtype;     // of k and v: fp32, fp16 or bf16
   cudaStream_t stream;
+  // Paged (block_tables != nullptr): as DecodeArgs; row b of k and v goes to slot seq_ids[b] (or b);
+  // lengths, arrivals and channel scales are per slot; max_tokens = max_pages * page_size.
+  const int32_t* block_tables = nullptr;
+  const int32_t* seq_ids = nullptr;
+  int32_t* clamped = nullptr;
+  int64_t num_pages = 0;
+  int64_t max_pages = 0;
+  int64_t num_slots = 0;
+  int page_size = 0;
 };
 
 // One launch: quantizes K and V rows on write (per-token scales computed on the fly, per-channel
