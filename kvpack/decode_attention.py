@@ -155,8 +155,10 @@ def check_flag(clamped, device) -> None:
     if clamped is None:
         return
     _tensor(clamped, "clamped", 1, "[1] int32 (set to 1 where a length was clamped)")
-    if clamped.dtype != torch.int32 or clamped.shape[0] != 1:
-        raise ValueError(f"clamped must be an int32 tensor of shape [1], got {clamped.dtype} {tuple(clamped.shape)}")
+    if clamped.dtype != torch.int32:
+        raise TypeError(f"clamped must be an int32 tensor of shape [1], got {clamped.dtype}")
+    if clamped.shape[0] != 1:
+        raise ValueError(f"clamped must be an int32 tensor of shape [1], got shape {tuple(clamped.shape)}")
     if clamped.device != torch.device(device):
         raise ValueError(f"clamped is on {clamped.device} but q is on {device}")
 

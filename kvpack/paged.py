@@ -1,0 +1,563 @@
+"""``kvpack.paged``: a paged INT8 KV cache: fixed-size pages from one pool, a block table per sequence.
+
+    cache = PagedKVCache(num_pages, page_size, kv_heads, head_dim, granularity="token", device="cuda")
+    a, b = cache.add_sequence(), cache.add_sequence()   # slot ids (host ints)
+    cache.append([a, b], k, v)    # k, v [2, Hkv, t_new, D]: pages taken from the pool, quantized on write
+    out = cache.attend([b, a], q) # q [2, Hq, D] -> [2, Hq, D]: row 0 attends over b, row 1 over a
+    cache.free(a)                 # a's pages go back to the pool, its slot to the free slots
+
+Layout (what ``paged_decode_attention`` reads; HND pages, as FlashInfer's HND layout):
+
+* ``k_pages``, ``v_pages``: int8 ``[num_pages, Hkv, page_size, D]``, page_size a multiple of 16 in
+  [16, 256] (a tile of 16 tokens never crosses a page), D in {64, 128, 256};
+* ``k_scales``, ``v_scales``: fp32 ``[num_pages, Hkv, page_size]`` for ``granularity="token"`` (a
+  scale per token row, in its page's layout) or ``[S, Hkv, D]`` for ``"channel"`` (per sequence
+  slot and channel);
+* ``block_tables``: int32 ``[S, max_pages_per_seq]`` (S sequence slots): token i of slot s lives in
+  page ``block_tables[s, i // page_size]``, row ``i % page_size``;
+* ``lengths``: int32 ``[S]``, tokens held per slot;
+* ``seq_ids``: int32 ``[B]`` or None: query (append) row b uses slot ``seq_ids[b]``; None means slot b
+  (then S == B).
+
+Arithmetic: the same as ``kvpack.KVCache``. A token row's scale is absmax / 127 and its values are
+quantized by quant_math.h's ``quantize_value`` (on the CPU through the existing ``kv_append`` op, on
+a staging buffer of the new rows: bit-exact with the contiguous cache by construction); the
+per-channel calibration is ``torch_impl.scale_from_absmax`` of the prefill's absmax, as
+``KVCache._calibrate`` computes it. On the CPU, attention gathers each row's pages into a contiguous
+``[B, Hkv, max_pages_per_seq * page_size, D]`` cache and calls ``kvpack.decode_attention``: paged and
+contiguous results are then bit-identical (at the same T_max). On CUDA both functions call the
+``torch.ops.kvpack.paged_*`` ops.
+
+Host synchronisation: the functional API checks shapes, dtypes and devices, never device values;
+``PagedKVCache`` keeps the truth on the host (free pages, each sequence's pages and length), so
+``append`` and ``attend`` never sync (except a sequence's first channel append: its calibration
+reads the scales once, to refuse non-finite input). Each does one small host-to-device copy (the row
+slot ids, and the block-table entries of newly taken pages), so a CUDA graph captures the functional
+API instead, called with device tensors made beforehand (the pages the replays fill allocated).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .cache import FLOAT_DTYPES, _positive_int
+from .decode_attention import (
+    HEAD_DIMS,
+    _contiguous,
+    _ensure_loaded,
+    _tensor,
+    check_granularity,
+    check_head_dim,
+    check_query_dtype,
+    decode_attention,
+)
+from .torch_impl import scale_from_absmax
+
+PAGE_TILE = 16        # page sizes are multiples of the kernels' 16-token tile ...
+MAX_PAGE_SIZE = 256   # ... up to 256 (kernels/include/kvpack/decode_checks.h, check_paged)
+
+
+# --- checks ---------------------------------------------------------------------------------------
+
+def _on(x: torch.Tensor, name: str, device: torch.device, ref: str) -> None:
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but {ref} is on {device}; move it with .to({str(device)!r})")
+
+
+def check_page_size(page_size: int, name: str = "page_size") -> None:
+    if not (PAGE_TILE <= page_size <= MAX_PAGE_SIZE and page_size % PAGE_TILE == 0):
+        raise ValueError(
+            f"{name} = {page_size} is not supported; pages hold a multiple of {PAGE_TILE} tokens in "
+            f"[{PAGE_TILE}, {MAX_PAGE_SIZE}] (so that a {PAGE_TILE}-token tile never crosses a page)"
+        )
+
+
+def _int_tensor(x, name: str, dtype: torch.dtype, shape: tuple, what: str, device: torch.device, ref: str) -> None:
+    _tensor(x, name, len(shape), what)
+    if x.dtype != dtype:
+        fix = "int()" if dtype == torch.int32 else "long()"
+        raise TypeError(f"{name} must be {str(dtype).replace('torch.', '')}, got {x.dtype}; pass {name}.{fix}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} {what}, got {tuple(x.shape)}")
+    _on(x, name, device, ref)
+    _contiguous(x, name)
+
+
+def check_paged_cache(k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity: str,
+                      batch: int, device: torch.device, ref: str) -> tuple[int, int, int, int, int, int]:
+    """The paged cache's tensors (module doc) for ``batch`` rows on ``device``.
+
+    Returns (num_pages, Hkv, page_size, D, S, max_pages_per_seq). Reads no values.
+    """
+    check_granularity(granularity)
+    for name, p in (("k_pages", k_pages), ("v_pages", v_pages)):
+        _tensor(p, name, 4, "[num_pages, Hkv, page_size, D] int8")
+        if p.dtype != torch.int8:
+            raise TypeError(f"{name} must be int8 (fill it with kvpack.paged.paged_kv_append), got {p.dtype}")
+        _on(p, name, device, ref)
+        _contiguous(p, name)
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages {tuple(k_pages.shape)} and v_pages {tuple(v_pages.shape)} must have one shape")
+    num_pages, hkv, page_size, d = k_pages.shape
+    if num_pages < 1 or hkv < 1:
+        raise ValueError(f"k_pages {tuple(k_pages.shape)} holds no pages or no KV heads")
+    check_page_size(page_size, "page_size (k_pages.shape[2])")
+    check_head_dim(d, "D (k_pages.shape[3])")
+    _tensor(block_tables, "block_tables", 2, "[S, max_pages_per_seq] int32")
+    s, max_pages = block_tables.shape
+    if s < 1 or max_pages < 1:
+        raise ValueError(f"block_tables must have shape [S >= 1, max_pages_per_seq >= 1], got {tuple(block_tables.shape)}")
+    if max_pages * page_size >= 2**31:
+        raise ValueError(f"max_pages_per_seq * page_size = {max_pages * page_size} does not fit the int32 lengths")
+    _int_tensor(block_tables, "block_tables", torch.int32, (s, max_pages), "[S, max_pages_per_seq]", device, ref)
+    _int_tensor(lengths, "lengths", torch.int32, (s,), "[S] (one per sequence slot of block_tables)", device, ref)
+    if granularity == "token":
+        shape, kind = (num_pages, hkv, page_size), "[num_pages, Hkv, page_size] (a scale per token row)"
+    else:
+        shape, kind = (s, hkv, d), "[S, Hkv, D] (a scale per sequence slot and channel)"
+    for name, x in (("k_scales", k_scales), ("v_scales", v_scales)):
+        _tensor(x, name, 3, kind)
+        if x.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {x.dtype}")
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for granularity={granularity!r} {kind}, got {tuple(x.shape)}")
+        _on(x, name, device, ref)
+        _contiguous(x, name)
+    if seq_ids is None:
+        if s != batch:
+            raise ValueError(f"without seq_ids row b uses slot b, so block_tables needs S = {batch} rows (one per "
+                             f"row of {ref}), got {s}; pass seq_ids (int32 [{batch}]) to pick the slots")
+    else:
+        _int_tensor(seq_ids, "seq_ids", torch.int32, (batch,), f"[B = {batch}] (a slot id per row of {ref})",
+                    device, ref)
+    return num_pages, hkv, page_size, d, s, max_pages
+
+
+def _check_sm_scale(sm_scale, d: int) -> float:
+    if sm_scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(sm_scale, bool) or not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale) and sm_scale > 0):
+        raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale!r}")
+    return float(sm_scale)
+
+
+def _host_slots(seq_ids, batch: int, s: int) -> torch.Tensor:
+    """The rows' slot ids as int64 on the CPU (CPU tensors only: values are read), range-checked."""
+    if seq_ids is None:
+        return torch.arange(batch)
+    slots = seq_ids.long()
+    bad = ((slots < 0) | (slots >= s)).nonzero()
+    if len(bad):
+        i = int(bad[0, 0])
+        raise ValueError(f"seq_ids[{i}] = {int(slots[i])} is not a slot of block_tables (S = {s})")
+    return slots
+
+
+# --- attention ------------------------------------------------------------------------------------
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    k_scales: torch.Tensor,
+    v_scales: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    seq_ids: torch.Tensor | None = None,
+    granularity: str = "token",
+    sm_scale: float | None = None,
+    clamped: torch.Tensor | None = None,
+    splits: int = 0,
+) -> torch.Tensor:
+    """softmax(q K^T * sm_scale) V over a paged int8 cache, one query token per row: ``[B, Hq, D]`` in q's dtype.
+
+    Row b attends over the first ``lengths[slot]`` tokens of ``slot = seq_ids[b]`` (b without seq_ids).
+    Values are never read on the host: a seq_ids entry outside [0, S) is clamped to that range, a
+    length outside [1, max_pages_per_seq * page_size] to [0, max_pages_per_seq * page_size] (length 0
+    gives a zero row), a page id of a table entry the row reads outside [0, num_pages) to that range,
+    and ``clamped`` (int32 ``[1]``, optional) gets 1 when any was (it is never reset to 0 here).
+    ``splits`` (CUDA): parts per sequence, 0 planned, as in ``kvpack.decode_attention``.
+    """
+    check_granularity(granularity)
+    q = _tensor(q, "q", 3, "[B, Hq, D] (one query token per row)")
+    check_query_dtype(q.dtype, q.device, "q")
+    b, hq, d = q.shape
+    check_head_dim(d, "D (q.shape[2])")
+    _contiguous(q, "q")
+    dev = q.device
+    _, hkv, _, kd, _, _ = check_paged_cache(
+        k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, b, dev, "q")
+    if kd != d:
+        raise ValueError(f"q has head dimension D = {d} but k_pages has {kd}")
+    if hq % hkv:
+        raise ValueError(f"Hq = {hq} query heads must be a multiple of Hkv = {hkv} KV heads (grouped-query attention)")
+    if clamped is not None:
+        _int_tensor(clamped, "clamped", torch.int32, (1,), "(a flag the call sets to 1)", dev, "q")
+    sm_scale = _check_sm_scale(sm_scale, d)
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 0:
+        raise ValueError(f"splits must be a non-negative int (0: planned), got {splits!r}")
+    if dev.type != "cpu":
+        _ensure_loaded()
+        return torch.ops.kvpack.paged_decode_attention.default(
+            q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, clamped, granularity,
+            sm_scale, splits)
+    return _paged_decode_attention_cpu(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids,
+                                       granularity, sm_scale, clamped, splits)
+
+
+def _paged_decode_attention_cpu(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids,
+                                granularity, sm_scale, clamped, splits):
+    """Gather the rows' pages into a contiguous cache and call the contiguous op (bit-exact with it)."""
+    b = q.shape[0]
+    num_pages, hkv, page_size, _ = k_pages.shape
+    s, max_pages = block_tables.shape
+    t_max = max_pages * page_size
+    ids = torch.arange(b) if seq_ids is None else seq_ids.long()
+    slots = ids.clamp(0, s - 1)
+    raw = lengths.long()[slots]                                         # [B]
+    n = raw.clamp(0, t_max)
+    table = block_tables.long()[slots]                                  # [B, max_pages]
+    used = torch.arange(max_pages)[None, :] * page_size < n[:, None]    # entries the rows read
+    pages = table.clamp(0, num_pages - 1)
+    flag = (bool((slots != ids).any()) or bool(((raw < 1) | (raw > t_max)).any())
+            or bool(((pages != table) & used).any()))
+    if clamped is not None and flag:
+        clamped.fill_(1)
+
+    def gather(x):  # [num_pages, Hkv, P, ...] -> [B, Hkv, max_pages * P, ...]
+        g = x[pages]                                                    # [B, max_pages, Hkv, P, ...]
+        return g.transpose(1, 2).reshape(b, hkv, t_max, *x.shape[3:])
+
+    kc, vc = gather(k_pages), gather(v_pages)
+    if granularity == "token":
+        ks, vs = gather(k_scales), gather(v_scales)
+    else:
+        ks, vs = k_scales[slots], v_scales[slots]
+    out = decode_attention(q, kc, vc, ks, vs, n.to(torch.int32), granularity=granularity, sm_scale=sm_scale,
+                           check_lengths=False, splits=splits)
+    # A length of 0 gives a zero row, as the CUDA kernel does, whatever the contiguous CPU op gives there.
+    return out.masked_fill_((n == 0)[:, None, None], 0.0)
+
+
+# --- append ---------------------------------------------------------------------------------------
+
+def paged_kv_append(
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    k_scales: torch.Tensor,
+    v_scales: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    arrivals: torch.Tensor,
+    saturated: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    seq_ids: torch.Tensor | None = None,
+    granularity: str = "token",
+) -> None:
+    """Quantize the t new rows of K and V (``[B, Hkv, t, D]``) into the pages and advance the lengths.
+
+    Row b's tokens go to slot ``seq_ids[b]`` (b without seq_ids) at positions ``lengths[slot] ...
+    lengths[slot] + t - 1``, in the pages its block table names; ``lengths[slot]`` grows by t. Token
+    granularity writes a scale per row (absmax / 127); channel quantizes with the slot's calibrated
+    scales, saturating at +-127 and counting the saturated values into ``saturated`` (int64, shape
+    []). ``arrivals`` (int32 ``[S]``, zeros) is the CUDA kernel's counter. The slots of one call
+    must be distinct and their pages allocated: on the CPU (values readable) duplicates, a slot outside
+    [0, S), a position past max_pages_per_seq * page_size or a page id outside [0, num_pages) raise
+    ValueError having written nothing; on CUDA nothing is read on the host, and the caller (e.g.
+    ``PagedKVCache``) keeps them valid.
+    """
+    for name, x in (("k", k), ("v", v)):
+        _tensor(x, name, 4, "[B, Hkv, t_new, D]")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if k.shape != v.shape or k.dtype != v.dtype:
+        raise ValueError(f"k {tuple(k.shape)} {k.dtype} and v {tuple(v.shape)} {v.dtype} must match in shape and dtype")
+    _tensor(k_pages, "k_pages", 4, "[num_pages, Hkv, page_size, D] int8")
+    dev = k_pages.device
+    for name, x in (("k", k), ("v", v)):
+        _on(x, name, dev, "k_pages")
+    b, h, t, d = k.shape
+    _, hkv, _, pd, s, _ = check_paged_cache(
+        k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, b, dev, "k")
+    if (h, d) != (hkv, pd) or t < 1 or b < 1:
+        raise ValueError(f"k must have shape [B >= 1, Hkv, t_new >= 1, D] = [B, {hkv}, t_new, {pd}] (the pages'), "
+                         f"got {tuple(k.shape)}")
+    _int_tensor(arrivals, "arrivals", torch.int32, (s,), "[S] (the write kernel's counter, zeros)", dev, "k_pages")
+    if not isinstance(saturated, torch.Tensor):
+        raise TypeError(f"saturated must be a torch.Tensor, got {type(saturated).__name__}")
+    if saturated.dtype != torch.int64 or saturated.dim() != 0:
+        raise ValueError(f"saturated must be an int64 scalar tensor (shape [], as KVCache.saturated), got "
+                         f"{saturated.dtype} {tuple(saturated.shape)}")
+    _on(saturated, "saturated", dev, "k_pages")
+    k, v = k.contiguous(), v.contiguous()
+    _ensure_loaded()
+    if dev.type != "cpu":
+        torch.ops.kvpack.paged_kv_append.default(k_pages, v_pages, k_scales, v_scales, block_tables, lengths,
+                                                 arrivals, saturated, k, v, seq_ids, granularity)
+        return
+    _paged_kv_append_cpu(k_pages, v_pages, k_scales, v_scales, block_tables, lengths, saturated, k, v, seq_ids,
+                         granularity)
+
+
+def _paged_kv_append_cpu(k_pages, v_pages, k_scales, v_scales, block_tables, lengths, saturated, k, v, seq_ids,
+                         granularity):
+    """Quantize the new rows with the contiguous ``kv_append`` op into a staging cache of t tokens per row
+    (its arithmetic, its saturation count), then scatter them to their pages."""
+    b, hkv, t, d = k.shape
+    num_pages, _, page_size, _ = k_pages.shape
+    s, max_pages = block_tables.shape
+    slots = _host_slots(seq_ids, b, s)
+    if len(set(slots.tolist())) != b:
+        raise ValueError(f"seq_ids {slots.tolist()} name a slot twice; one call appends to each slot at most once")
+    start = lengths.long()[slots]
+    for i in range(b):
+        if not 0 <= int(start[i]) <= max_pages * page_size - t:
+            raise ValueError(f"slot {int(slots[i])} holds {int(start[i])} tokens; appending {t} would pass "
+                             f"max_pages_per_seq * page_size = {max_pages * page_size}. Nothing was written")
+    pos = start[:, None] + torch.arange(t)[None, :]                     # [B, t]
+    pages = block_tables.long()[slots[:, None], pos // page_size]       # [B, t]
+    rows = pos % page_size
+    bad = ((pages < 0) | (pages >= num_pages)).nonzero()
+    if len(bad):
+        i, j = (int(x) for x in bad[0])
+        raise ValueError(f"block_tables[{int(slots[i])}, {int(pos[i, j]) // page_size}] = {int(pages[i, j])} is not "
+                         f"a page id in [0, num_pages = {num_pages}); allocate the page first. Nothing was written")
+    kq = torch.zeros((b, hkv, t, d), dtype=torch.int8)
+    vq = torch.zeros_like(kq)
+    if granularity == "token":
+        ks, vs = torch.zeros((b, hkv, t)), torch.zeros((b, hkv, t))
+    else:
+        ks, vs = k_scales[slots].contiguous(), v_scales[slots].contiguous()
+    zeros = torch.zeros(b, dtype=torch.int32)
+    torch.ops.kvpack.kv_append.default(kq, vq, ks, vs, zeros, zeros.clone(), saturated, k, v, None,
+                                       granularity)
+    k_pages[pages, :, rows] = kq.transpose(1, 2)                        # [B, t, Hkv, D]
+    v_pages[pages, :, rows] = vq.transpose(1, 2)
+    if granularity == "token":
+        k_scales[pages, :, rows] = ks.transpose(1, 2)                   # [B, t, Hkv]
+        v_scales[pages, :, rows] = vs.transpose(1, 2)
+    lengths[slots] = (start + t).to(torch.int32)
+
+
+# --- the cache ------------------------------------------------------------------------------------
+
+class PagedKVCache:
+    """A pool of ``num_pages`` int8 pages of ``page_size`` tokens shared by up to ``max_seqs`` sequences."""
+
+    def __init__(self, num_pages: int, page_size: int, kv_heads: int, head_dim: int, *, granularity: str = "token",
+                 device="cuda", dtype=torch.float16, max_seqs: int = 256, max_pages_per_seq: int | None = None):
+        self.num_pages = _positive_int(num_pages, "num_pages")
+        self.page_size = _positive_int(page_size, "page_size")
+        self.kv_heads = _positive_int(kv_heads, "kv_heads")
+        self.head_dim = _positive_int(head_dim, "head_dim")
+        self.max_seqs = _positive_int(max_seqs, "max_seqs")
+        self.max_pages_per_seq = _positive_int(num_pages if max_pages_per_seq is None else max_pages_per_seq,
+                                               "max_pages_per_seq")
+        check_page_size(page_size)
+        check_head_dim(head_dim, "head_dim")
+        check_granularity(granularity)
+        if self.max_tokens >= 2**31:
+            raise ValueError(f"max_pages_per_seq * page_size = {self.max_tokens} does not fit the int32 lengths")
+        self.device = torch.device(device)
+        check_query_dtype(dtype, self.device, "dtype (of the queries, outputs and new rows)")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.granularity = granularity
+        self.dtype = dtype
+        shape = (num_pages, kv_heads, page_size, head_dim)
+        scale_shape = (num_pages, kv_heads, page_size) if granularity == "token" else (max_seqs, kv_heads, head_dim)
+        dev = self.device
+        # Zeros, not empty: rows no sequence holds are never used, but should be defined memory.
+        self.k_pages = torch.zeros(shape, dtype=torch.int8, device=dev)
+        self.v_pages = torch.zeros(shape, dtype=torch.int8, device=dev)
+        self.k_scales = torch.zeros(scale_shape, dtype=torch.float32, device=dev)
+        self.v_scales = torch.zeros(scale_shape, dtype=torch.float32, device=dev)
+        self.block_tables = torch.zeros((max_seqs, self.max_pages_per_seq), dtype=torch.int32, device=dev)
+        self.saturated = torch.zeros((), dtype=torch.int64, device=dev)  # as KVCache.saturated
+        self._lengths = torch.zeros(max_seqs, dtype=torch.int32, device=dev)
+        self._arrivals = torch.zeros(max_seqs, dtype=torch.int32, device=dev)
+        # Host truth. Free pages and slots are stacks popped from the end: lowest ids first, and a
+        # freed sequence's pages are the next ones taken (its first page first).
+        self._free_pages = list(range(num_pages - 1, -1, -1))
+        self._free_slots = list(range(max_seqs - 1, -1, -1))
+        self._pages: dict[int, list[int]] = {}       # live slot -> its pages, in token order
+        self._host_lengths: dict[int, int] = {}      # live slot -> tokens held
+        self._calibrated: set[int] = set()           # live slots whose channel scales are set
+
+    # --- state ------------------------------------------------------------------------------------
+
+    @property
+    def max_tokens(self) -> int:
+        """Tokens one sequence can hold: max_pages_per_seq * page_size."""
+        return self.max_pages_per_seq * self.page_size
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free_pages)
+
+    @property
+    def sequences(self) -> list[int]:
+        """Live slot ids, ascending."""
+        return sorted(self._pages)
+
+    @property
+    def device_lengths(self) -> torch.Tensor:
+        """The lengths the kernels read and the write kernel advances (int32 ``[max_seqs]`` on the device)."""
+        return self._lengths
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the pages, their scales and the block tables (the lengths and counters not counted)."""
+        return sum(t.numel() * t.element_size()
+                   for t in (self.k_pages, self.v_pages, self.k_scales, self.v_scales, self.block_tables))
+
+    def lengths(self, seq_ids) -> list[int]:
+        """Tokens held by each of ``seq_ids`` (the host's copy: no device sync)."""
+        return [self._host_lengths[s] for s in self._check_ids(seq_ids, "seq_ids", unique=False)]
+
+    def pages(self, seq_id: int) -> list[int]:
+        """The page ids a sequence holds, in token order (a copy of the host's list)."""
+        return list(self._pages[self._check_ids([seq_id], "seq_id", unique=False)[0]])
+
+    def __repr__(self) -> str:
+        return (f"PagedKVCache(num_pages={self.num_pages}, page_size={self.page_size}, kv_heads={self.kv_heads}, "
+                f"head_dim={self.head_dim}, granularity={self.granularity!r}, device={str(self.device)!r}, "
+                f"max_seqs={self.max_seqs}, max_pages_per_seq={self.max_pages_per_seq}, "
+                f"sequences={len(self._pages)}, free_pages={self.num_free_pages}, nbytes={self.nbytes})")
+
+    def _check_ids(self, seq_ids, name: str, unique: bool) -> list[int]:
+        if isinstance(seq_ids, torch.Tensor):
+            if seq_ids.device.type != "cpu":
+                raise ValueError(f"{name} must be host data (a list of ints or a CPU tensor): the cache checks "
+                                 "them on the host without a device sync")
+            seq_ids = seq_ids.tolist()
+        ids = list(seq_ids)
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError(f"{name} must be a non-empty list of ints (slot ids from add_sequence), got {seq_ids!r}")
+        for i in ids:
+            if i not in self._pages:
+                raise ValueError(f"sequence {i} is not in the cache (never added, or freed); live: {self.sequences}")
+        if unique and len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise ValueError(f"{name} names sequence {dup} twice; append each sequence's rows once per call")
+        return ids
+
+    # --- sequences --------------------------------------------------------------------------------
+
+    def add_sequence(self) -> int:
+        """A free slot id for a new, empty sequence."""
+        if not self._free_slots:
+            raise ValueError(f"all max_seqs = {self.max_seqs} sequence slots are in use; free one first")
+        slot = self._free_slots.pop()
+        self._pages[slot] = []
+        self._host_lengths[slot] = 0
+        return slot
+
+    def free(self, seq_id: int) -> None:
+        """Return a sequence's pages to the pool and its slot to the free slots."""
+        slot = self._check_ids([seq_id], "seq_id", unique=False)[0]
+        self._free_pages.extend(reversed(self._pages.pop(slot)))
+        del self._host_lengths[slot]
+        self._calibrated.discard(slot)
+        self._free_slots.append(slot)
+        self._lengths[slot] = 0  # an asynchronous fill on the device: the next owner starts empty
+
+    # --- write --------------------------------------------------------------------------------------
+
+    def _check_rows(self, k, v, rows: int) -> int:
+        for name, x in (("k", k), ("v", v)):
+            _tensor(x, name, 4, "[len(seq_ids), Hkv, t_new, D]")
+            if x.dtype != self.dtype:
+                raise TypeError(f"{name} is {x.dtype} but the cache was made for {self.dtype}; convert it with .to()")
+            if x.device != self.device:
+                raise ValueError(f"{name} is on {x.device} but the cache is on {self.device}; move it with .to()")
+            b, h, t, d = x.shape
+            if (b, h, d) != (rows, self.kv_heads, self.head_dim) or t < 1:
+                raise ValueError(
+                    f"{name} must have shape [len(seq_ids), Hkv, t_new, D] = [{rows}, {self.kv_heads}, t_new >= 1, "
+                    f"{self.head_dim}], got {tuple(x.shape)}"
+                )
+        if k.shape != v.shape:
+            raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape")
+        return k.shape[2]
+
+    def append(self, seq_ids, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize t new rows per sequence (k, v ``[len(seq_ids), Hkv, t, D]``) into pages taken from the pool.
+
+        Raises ValueError, having written and allocated nothing, for an unknown or repeated id, a
+        sequence that would pass max_pages_per_seq * page_size tokens, or too few free pages.
+        """
+        ids = self._check_ids(seq_ids, "seq_ids", unique=True)
+        t = self._check_rows(k, v, len(ids))
+        need = {}
+        for s in ids:
+            n = self._host_lengths[s] + t
+            if n > self.max_tokens:
+                raise ValueError(
+                    f"sequence {s} holds {self._host_lengths[s]} tokens; appending {t} would pass max_pages_per_seq"
+                    f" * page_size = {self.max_tokens}. Nothing was written"
+                )
+            need[s] = -(-n // self.page_size) - len(self._pages[s])
+        total = sum(need.values())
+        if total > len(self._free_pages):
+            raise ValueError(f"appending {t} tokens to {len(ids)} sequences needs {total} more pages, "
+                             f"{len(self._free_pages)} free. Nothing was written; free a sequence or make a larger pool")
+        k, v = k.contiguous(), v.contiguous()
+        fresh = [i for i, s in enumerate(ids) if s not in self._calibrated] if self.granularity == "channel" else []
+        scales = self._calibration(k, v, fresh) if fresh else None
+        # Committed from here on: nothing below raises on valid state.
+        entries = []
+        for s in ids:
+            for _ in range(need[s]):
+                page = self._free_pages.pop()
+                entries.append((s * self.max_pages_per_seq + len(self._pages[s]), page))
+                self._pages[s].append(page)
+        b, n = len(ids), len(entries)
+        host = torch.tensor(ids + [e[0] for e in entries] + [e[1] for e in entries] + [ids[i] for i in fresh],
+                            dtype=torch.int64)
+        dev = host.to(self.device, non_blocking=True)  # one small host-to-device copy
+        slots = dev[:b].to(torch.int32)
+        if entries:
+            self.block_tables.view(-1).index_copy_(0, dev[b:b + n], dev[b + n:b + 2 * n].to(torch.int32))
+        if scales is not None:
+            fresh_slots = dev[b + 2 * n:]
+            self.k_scales.index_copy_(0, fresh_slots, scales[0])
+            self.v_scales.index_copy_(0, fresh_slots, scales[1])
+            self._calibrated.update(ids[i] for i in fresh)
+        paged_kv_append(self.k_pages, self.v_pages, self.k_scales, self.v_scales, self.block_tables, self._lengths,
+                        self._arrivals, self.saturated, k, v, seq_ids=slots, granularity=self.granularity)
+        for s in ids:
+            self._host_lengths[s] += t
+
+    def _calibration(self, k: torch.Tensor, v: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel scales of the given rows' first append: absmax over its tokens / 127 (as KVCache's)."""
+        ks, vs = (scale_from_absmax(x[rows].float().abs().amax(dim=2)) for x in (k, v))  # [rows, Hkv, D]
+        if not bool(torch.isfinite(ks).all() & torch.isfinite(vs).all()):  # the one sync: a prefill's check
+            raise ValueError("k or v holds non-finite values (inf or NaN); per-channel scales would be undefined. "
+                             "Nothing was written")
+        return ks, vs
+
+    # --- read ---------------------------------------------------------------------------------------
+
+    def attend(self, seq_ids, q: torch.Tensor, *, sm_scale: float | None = None, splits: int = 0) -> torch.Tensor:
+        """Decode attention of q ``[len(seq_ids), Hq, D]`` (row b over sequence seq_ids[b]): ``[len(seq_ids), Hq, D]``."""
+        ids = self._check_ids(seq_ids, "seq_ids", unique=False)
+        empty = [s for s in ids if self._host_lengths[s] == 0]
+        if empty:
+            raise ValueError(f"sequence {empty[0]} holds no tokens; append its prefill before attending")
+        if isinstance(q, torch.Tensor) and q.dtype != self.dtype:
+            raise TypeError(f"q is {q.dtype} but the cache was made for {self.dtype}")
+        if isinstance(q, torch.Tensor) and q.dim() == 3 and q.shape[0] != len(ids):
+            raise ValueError(f"q holds {q.shape[0]} rows but seq_ids names {len(ids)} sequences")
+        slots = torch.tensor(ids, dtype=torch.int32).to(self.device, non_blocking=True)
+        return paged_decode_attention(q, self.k_pages, self.v_pages, self.k_scales, self.v_scales, self.block_tables,
+                                      self._lengths, seq_ids=slots, granularity=self.granularity, sm_scale=sm_scale,
+                                      splits=splits)
+
+
+__all__ = ["HEAD_DIMS", "MAX_PAGE_SIZE", "PAGE_TILE", "PagedKVCache", "check_page_size", "paged_decode_attention", "paged_kv_append"]
