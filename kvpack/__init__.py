@@ -7,6 +7,9 @@
     cache = kvpack.KVCache(batch, kv_heads, head_dim, max_tokens, granularity="token", device="cuda")
     cache.append(k, v)        # quantized on write into an int8 [B, Hkv, T_max, D] cache
     out = cache.attend(q)     # fused decode attention over the int8 cache
+
+    paged = kvpack.PagedKVCache(num_pages, page_size, kv_heads, head_dim, device="cuda")
+    s = paged.add_sequence(); paged.append([s], k1, v1); out = paged.attend([s], q1)
 """
 
 from .cache import KVCache
@@ -23,6 +26,7 @@ from .ops import (
     quantize,
     quantize_fused,
 )
+from .paged import PagedKVCache, paged_decode_attention, paged_kv_append
 
 __version__ = "0.1.0"
 
@@ -32,11 +36,14 @@ __all__ = [
     "GRANULARITIES",
     "VARIANTS",
     "KVCache",
+    "PagedKVCache",
     "available_variants",
     "compute_scales",
     "decode_attention",
     "default_variant",
     "dequantize",
+    "paged_decode_attention",
+    "paged_kv_append",
     "quantize",
     "quantize_fused",
 ]

@@ -161,7 +161,8 @@ def test_job_settings_and_workloads():
     assert a["query_seed"] == 1 and a["cpu_serial_max_elements"] == 2**25
     # a decode point's job reads no grid key: a point added to the grid reruns no other
     d = kvconfig.job_settings(cfg, "decode")
-    assert set(d) == {"granularity", "warmup", "repeats", "seed", "copy_bytes"}
+    assert set(d) == {"granularity", "warmup", "repeats", "seed", "copy_bytes", "page_sizes"}
+    assert d["page_sizes"] == [16, 64] and "page_sizes" not in kvconfig.job_settings(cfg, "decode_append")
     assert kvconfig.job_settings(cfg, "decode_append")["append_shape"] == {"batch": 32, "kv_heads": 8, "head_dim": 128}
     assert kvconfig.job_settings(cfg, "decode_accuracy")["distributions"] == ["uniform", "outlier_keys", "real_model"]
     points = kvconfig.decode_points(cfg)
@@ -228,6 +229,8 @@ BAD = [
     ("decode-accuracy-heads", {"decode": {"accuracy": {"heads": [6, 4]}}},
      ["decode.accuracy.heads: q_heads 6 is not a multiple of kv_heads 4"]),
     ("decode-unknown-key", {"decode": {"points": []}}, ["decode: unknown key 'points'"]),
+    ("decode-page-size-24", {"decode": {"page_sizes": [16, 24]}}, ["decode.page_sizes[1]", "multiple of 16"]),
+    ("decode-page-size-512", {"decode": {"page_sizes": [512]}}, ["decode.page_sizes[0]", "maximum of 256"]),
 ]
 
 

@@ -6,6 +6,7 @@ same run (kvpack.study.decode_step). Prints a table; --json writes the rows with
     python tools/bench_decode.py                        # the issue's grid (T x B x heads, D = 128, + D 64/256)
     python tools/bench_decode.py --points 131072x1x32x32x128 32768x8x32x8x64 --json out.json
     python tools/bench_decode.py --splits 0 64 128      # the fused kernel at several split counts
+    python tools/bench_decode.py --page-sizes 16 64 256 # also the paged kernel over a shuffled paged copy
 
 A point is TxBxHqxHkvxD.
 """
@@ -40,6 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="*", default=["sdpa", "dequant_sdpa", "fused"],
                     help="which of sdpa, dequant_sdpa, fused to time (default: all three)")
     ap.add_argument("--splits", nargs="*", type=int, default=[], help="also time the fused kernel at these split counts")
+    ap.add_argument("--page-sizes", nargs="*", type=int, default=[],
+                    help="also time kvpack.paged_decode_attention over a paged copy of the cache at these page sizes")
     ap.add_argument("--json", help="write the record (rows, copy bandwidth, provenance) here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
         try:
             r = decode_step.decode_point(**p, granularity=args.granularity, warmup=args.warmup,
                                          repeats=args.repeats, copy=copy, extra_splits=args.splits,
-                                         methods=tuple(args.methods))
+                                         methods=tuple(args.methods), page_sizes=args.page_sizes)
         except torch.cuda.OutOfMemoryError as e:
             r = {"status": "skipped", **p, "skip_reason": str(e)[:200]}
         rows.append(r)
@@ -72,6 +75,11 @@ def main(argv=None) -> int:
               f"{ms('dequant_sdpa')} | {ms('fused')} {r.get('fused_speedup_vs_sdpa', float('nan')):6.2f} "
               f"{100 * r.get('fused_fraction_of_int8_bound', float('nan')):6.1f} {r.get('fused_splits', '-'):>6} "
               f"{r.get('fused_vs_sdpa_max_abs', float('nan')):8.2e}", flush=True)
+        if args.page_sizes:
+            print("        paged:", "  ".join(
+                f"P={n}: {r.get(f'paged_p{n}_median_ms', float('nan')):.4f} ms "
+                f"({r.get(f'paged_p{n}_vs_fused', float('nan')):.3f}x fused, "
+                f"{'bit-exact' if r.get(f'paged_p{n}_equals_fused') else 'DIFFERS'})" for n in args.page_sizes), flush=True)
         if args.splits:
             print("        splits:", "  ".join(f"{n}: {r.get(f'fused_s{n}_median_ms', float('nan')):.4f}" for n in args.splits),
                   flush=True)

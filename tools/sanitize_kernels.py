@@ -97,6 +97,52 @@ def run_decode() -> int:
                     calls += 2
             torch.cuda.synchronize()
             print(f"  decode D={d} {gran}: ok", flush=True)
+    calls += run_paged()
+    return calls
+
+
+def run_paged() -> int:
+    """The paged kernels (torch.ops.kvpack.paged_kv_append / paged_decode_attention) on awkward
+    tables: pages in a shuffled order, a slot subset through seq_ids, partial last pages, page sizes
+    16 and 48, and lengths, page ids and sequence ids out of range (clamped, never read outside)."""
+    calls = 0
+    ops = torch.ops.kvpack
+    for d in (64, 128, 256):
+        for gran in ("token", "channel"):
+            for page, slots, hkv, group, t_new in ((16, 3, 2, 3, 37), (48, 2, 1, 32, 100)):
+                g = torch.Generator(device="cuda").manual_seed(d + page)
+                max_pages = -(-t_new // page) + 1
+                num_pages = slots * max_pages + 1
+                kp = torch.zeros(num_pages, hkv, page, d, dtype=torch.int8, device="cuda")
+                vp = torch.zeros_like(kp)
+                shape = (num_pages, hkv, page) if gran == "token" else (slots, hkv, d)
+                ks = torch.full(shape, 0.01, device="cuda")
+                vs = torch.full(shape, 0.01, device="cuda")
+                perm = torch.randperm(num_pages, device="cuda", generator=g)[: slots * max_pages]
+                bt = perm.view(slots, max_pages).to(torch.int32).contiguous()
+                lengths = torch.zeros(slots, dtype=torch.int32, device="cuda")
+                arrivals = torch.zeros_like(lengths)
+                saturated = torch.zeros((), dtype=torch.int64, device="cuda")
+                rows = torch.tensor([slots - 1, 0], dtype=torch.int32, device="cuda")
+                k = torch.empty(2, hkv, t_new, d, dtype=torch.float16, device="cuda").uniform_(-1, 1, generator=g)
+                ops.paged_kv_append.default(kp, vp, ks, vs, bt, lengths, arrivals, saturated, k, k, rows, gran)
+                q = torch.empty(2, hkv * group, d, dtype=torch.float16, device="cuda").uniform_(-1, 1, generator=g)
+                flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+                for splits in (0, 1, 3, t_new):
+                    ops.paged_decode_attention.default(q, kp, vp, ks, vs, bt, lengths, rows, flag, gran, 0.1, splits)
+                    calls += 2
+                # out of range: a length past the table, a negative one, a page id past the pages, a bad slot
+                bad_len = torch.tensor([10**6] + [-5] * (slots - 1), dtype=torch.int32, device="cuda")
+                bad_bt = bt.clone()
+                bad_bt[0, 0] = num_pages + 7
+                bad_rows = torch.tensor([slots + 3, -1], dtype=torch.int32, device="cuda")
+                ops.paged_decode_attention.default(q, kp, vp, ks, vs, bad_bt, bad_len, bad_rows, flag, gran, 0.1, 0)
+                ops.paged_kv_append.default(kp, vp, ks, vs, bad_bt, bad_len, arrivals, saturated, k[:, :, :2],
+                                            k[:, :, :2], bad_rows, gran)
+                calls += 3
+                torch.cuda.synchronize()
+                assert int(flag.item()) == 1, "the clamping was not reported"
+            print(f"  paged D={d} {gran}: ok", flush=True)
     return calls
 
 

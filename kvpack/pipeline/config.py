@@ -323,7 +323,7 @@ def find_workload(config: dict, T, D, dtype: str) -> dict:
     return {"name": f"{T}x{D}", "T": T, "D": D, "dtype": dtype, "seed": config["seed"]}
 
 
-DECODE_JOB_KEYS = ("granularity", "warmup", "repeats", "seed", "copy_bytes")
+DECODE_JOB_KEYS = ("granularity", "warmup", "repeats", "seed", "copy_bytes", "page_sizes")
 
 
 def job_settings(config: dict, stage: str) -> dict:
@@ -338,7 +338,8 @@ def job_settings(config: dict, stage: str) -> dict:
     if stage == "decode":  # what one decode point's job reads: not the grid, so a new point reruns no other
         return {k: config["decode"][k] for k in DECODE_JOB_KEYS}
     if stage == "decode_append":
-        return {**{k: config["decode"][k] for k in DECODE_JOB_KEYS}, "append_shape": dict(config["decode"]["append_shape"])}
+        return {**{k: config["decode"][k] for k in DECODE_JOB_KEYS if k != "page_sizes"},
+                "append_shape": dict(config["decode"]["append_shape"])}
     if stage == "decode_accuracy":
         return {**config["decode"]["accuracy"], "granularity": config["decode"]["granularity"]}
     if stage == "e2e":  # what one e2e job reads (its T comes from the job): not the list of Ts

@@ -9,7 +9,9 @@ tokens cached for it. Three ways to run it, measured side by side in one job on 
   since torch's default choice is not always the fastest;
 * ``dequant_sdpa``: the paper's path: dequantize the int8 cache to fp16 with our ``fast`` kernel,
   then the fastest SDPA backend (today's "negligible overhead" claim);
-* ``fused``: ``kvpack.decode_attention``, fused attention over the int8 cache (kernels/decode_attention.cu).
+* ``fused``: ``kvpack.decode_attention``, fused attention over the int8 cache (kernels/decode_attention.cu);
+* ``paged_p<P>``: ``kvpack.paged_decode_attention`` over a paged copy of the same int8 cache (pages
+  of P tokens in a shuffled order, block tables per sequence), one row per page size.
 
 Each row also carries the int8 byte bound: the bytes the fused kernel must read (int8 K and V and
 their scales) at the device-to-device copy bandwidth measured in the same job.
@@ -54,7 +56,7 @@ def decode_bytes(batch: int, kv_heads: int, tokens: int, head_dim: int, granular
 def decode_point(T: int, batch: int = 1, q_heads: int = 32, kv_heads: int = 32, head_dim: int = 128, *,
                  granularity: str = "token", device: str = "cuda", warmup: int = 3, repeats: int = 20,
                  seed: int = 0, copy: dict | None = None, methods=("sdpa", "dequant_sdpa", "fused"),
-                 extra_splits=()) -> dict:
+                 extra_splits=(), page_sizes=()) -> dict:
     """Time one decode step three ways at one shape; returns one record row (medians, p10/p90).
 
     ``extra_splits``: also time the fused kernel with these split counts (rows ``fused_s<n>``), to
@@ -138,11 +140,19 @@ def decode_point(T: int, batch: int = 1, q_heads: int = 32, kv_heads: int = 32, 
             from ..decode_attention import decode_splits
 
             row["fused_splits"] = decode_splits(q3, cache.k_cache, granularity)
+        if page_sizes and "fused" in timings:
+            del k, v  # the fp16 cache: room for the paged copy
+            fused_out = fused()
+            for size in page_sizes:
+                _paged_rows(row, timed, cache, q3, granularity, int(size), fused_out, gen,
+                            row.get("fused_splits", 0))
 
     for name, s in timings.items():
         row[f"{name}_median_ms"] = s["median_ms"]
         row[f"{name}_p10_ms"] = s["p10_ms"]
         row[f"{name}_p90_ms"] = s["p90_ms"]
+        if name.startswith("paged_p") and "fused" in timings:
+            row[f"{name}_vs_fused"] = timings["fused"]["median_ms"] / s["median_ms"]
     if best is not None:
         base = row[f"sdpa_{best}_median_ms"]
         row["sdpa_best"] = best
@@ -156,6 +166,47 @@ def decode_point(T: int, batch: int = 1, q_heads: int = 32, kv_heads: int = 32, 
         row["skipped"] = skipped
     row["status"] = "ok" if timings else "skipped"
     return row  # the caller empties the CUDA cache once this frame's tensors are gone
+
+
+def paged_copy(cache: KVCache, page_size: int, gen: torch.Generator | None = None) -> dict:
+    """The same int8 cache in pages of ``page_size`` tokens (T_max a multiple of it): pages
+    ``[B * T_max / P, Hkv, P, D]`` in a shuffled order (``gen``), token scales in the pages' layout,
+    block tables int32 ``[B, T_max / P]`` and the cache's lengths: what paged_decode_attention reads."""
+    b, hkv, t, d = cache.k_cache.shape
+    if t % page_size:
+        raise ValueError(f"T_max = {t} is not a multiple of page_size = {page_size}")
+    n = t // page_size
+    perm = torch.randperm(b * n, device=cache.k_cache.device, generator=gen)
+    out = {"block_tables": perm.view(b, n).to(torch.int32).contiguous(), "lengths": cache.device_lengths}
+    for name in ("k_cache", "v_cache"):
+        x = getattr(cache, name).view(b, hkv, n, page_size, d).permute(0, 2, 1, 3, 4).reshape(b * n, hkv, page_size, d)
+        pages = torch.empty_like(x)
+        pages[perm] = x
+        out[name.replace("cache", "pages")] = pages
+    for name in ("k_scales", "v_scales"):
+        s = getattr(cache, name)
+        if cache.granularity == "token":
+            x = s.view(b, hkv, n, page_size).permute(0, 2, 1, 3).reshape(b * n, hkv, page_size)
+            pages = torch.empty_like(x)
+            pages[perm] = x
+            out[name] = pages
+        else:
+            out[name] = s  # per channel: per sequence, [B, Hkv, D]
+    return out
+
+
+def _paged_rows(row: dict, timed, cache: KVCache, q3, granularity: str, page_size: int, fused_out, gen,
+                splits: int) -> None:
+    """Time paged_decode_attention over a shuffled paged copy of ``cache``; record whether it gives
+    the contiguous kernel's result bit for bit (with the same split count, the same arithmetic)."""
+    from ..paged import paged_decode_attention
+
+    name = f"paged_p{page_size}"
+    p = paged_copy(cache, page_size, gen)
+    args = (q3, p["k_pages"], p["v_pages"], p["k_scales"], p["v_scales"], p["block_tables"], p["lengths"])
+    timed(name, lambda: paged_decode_attention(*args, granularity=granularity))
+    same = paged_decode_attention(*args, granularity=granularity, splits=int(splits or 0))
+    row[f"{name}_equals_fused"] = bool(torch.equal(same, fused_out))
 
 
 def append_time(batch: int = 32, kv_heads: int = 8, head_dim: int = 128, max_tokens: int = 4096, *,
@@ -237,7 +288,8 @@ def decode_point_row(p: dict, settings: dict, device: str, copy: dict | None) ->
     try:
         row = decode_point(**{k: int(p[k]) for k in POINT_KEYS}, granularity=granularity, device=device,
                            warmup=int(settings.get("warmup", 3)), repeats=int(settings.get("repeats", 20)),
-                           seed=int(settings.get("seed", 0)), copy=copy)
+                           seed=int(settings.get("seed", 0)), copy=copy,
+                           page_sizes=[int(x) for x in settings.get("page_sizes", [])])
     except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
         if not _is_oom(e):
             raise
@@ -252,7 +304,7 @@ def decode_point_row(p: dict, settings: dict, device: str, copy: dict | None) ->
 
 
 def _workload(settings: dict, **shape) -> dict:
-    keep = ("granularity", "warmup", "repeats", "seed", "copy_bytes")
+    keep = ("granularity", "warmup", "repeats", "seed", "copy_bytes", "page_sizes")
     return {**shape, **{k: settings[k] for k in keep if k in settings}}
 
 
@@ -291,5 +343,5 @@ def run_decode_job(settings: dict, device: str, provenance: dict) -> dict:
 
 
 __all__ = ["APPEND_DEFAULTS", "GRID_DEFAULTS", "SDPA_BACKENDS", "append_time", "decode_bytes", "decode_point",
-           "decode_point_row", "grid_points", "measure_copy", "point_name", "run_append_job", "run_decode_job",
+           "decode_point_row", "grid_points", "measure_copy", "paged_copy", "point_name", "run_append_job", "run_decode_job",
            "run_decode_point_job", "skipped_point_row"]

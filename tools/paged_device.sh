@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Issue 18's GPU half in one device call, on a machine with a CUDA device:
+#   1. build the extension                                                   -> $OUT/logs: build.log
+#   2. GPU tests: decode attention (no-sync default, clamping flag), the paged
+#      cache (paged == contiguous, graph capture), kvpack.hf (compiled generate) -> pytest_gpu.log
+#   3. compute-sanitizer memcheck and racecheck over the KV cache kernels,
+#      the paged ones included (tools/sanitize_kernels.py --decode)           -> sanitizer.log, racecheck.log
+#   4. tools/bench_decode.py at the issue's points with the paged kernel at page
+#      sizes 16, 64 and 256 beside the contiguous kernel and every SDPA backend -> $OUT/decode_paged.json
+# then the logs in one archive ($OUT/logs.tar.gz). Every step runs even when an earlier one failed.
+#
+#   OUT=/some/dir KVPACK_GIT_COMMIT=$(git rev-parse HEAD) bash tools/paged_device.sh
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-build/paged-device}"
+L="$OUT/logs"
+mkdir -p "$L"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$L/pip.log" 2>&1 && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -1)
+{
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  echo "compute-sanitizer: ${SAN:-none}"
+} 2>&1 | tee "$L/env.txt"
+
+t0=$SECONDS; python3 -m kvpack.build --verbose --out "$L/build-info.json" > "$L/build.log" 2>&1
+echo "build: exit $? after $((SECONDS - t0)) s"
+t0=$SECONDS
+timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_decode_attention.py tests/test_paged.py \
+  tests/test_hf.py > "$L/pytest_gpu.log" 2>&1
+echo "pytest -m gpu (decode, paged, hf): exit $? after $((SECONDS - t0)) s: $(tail -1 "$L/pytest_gpu.log")"
+grep -E "^(FAILED|ERROR)" "$L/pytest_gpu.log" | head -20
+if [ -n "$SAN" ]; then
+  t0=$SECONDS
+  timeout 150 "$SAN" --tool memcheck --error-exitcode 1 python3 tools/sanitize_kernels.py --decode > "$L/sanitizer.log" 2>&1
+  echo "memcheck: exit $? after $((SECONDS - t0)) s: $(grep -E 'ERROR SUMMARY' "$L/sanitizer.log" | tail -1)"
+  t0=$SECONDS
+  timeout 120 "$SAN" --tool racecheck --error-exitcode 1 python3 tools/sanitize_kernels.py --decode > "$L/racecheck.log" 2>&1
+  echo "racecheck: exit $? after $((SECONDS - t0)) s: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$L/racecheck.log" | tail -1)"
+fi
+t0=$SECONDS
+timeout 200 python3 tools/bench_decode.py --no-append --page-sizes 16 64 256 --json "$OUT/decode_paged.json" \
+  --points 4096x1x32x8x128 32768x1x32x8x128 32768x8x32x8x128 32768x8x32x32x128 32768x32x32x8x128 \
+  131072x1x32x32x128 4096x8x32x8x128 2>&1 | grep -v -E "Warning|^  warnings" | tee "$L/bench_decode_paged.log"
+echo "bench_decode: after $((SECONDS - t0)) s"
+echo "done after $SECONDS s"
+(cd "$OUT" && tar czf logs.tar.gz logs && rm -rf logs)
