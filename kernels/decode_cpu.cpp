@@ -17,7 +17,7 @@ namespace {
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& ks, const at::Tensor& vs,
                                 const c10::optional<at::Tensor>& lengths, c10::string_view granularity,
-                                double sm_scale, int64_t splits, const c10::optional<at::Tensor>& clamped) {
+                                double sm_scale, int64_t splits, const c10::optional<at::Tensor>& clamped = {}) {
   (void)splits;  // the CPU path does not split
   const auto s = check_decode(q, k, v, ks, vs, lengths, std::string(granularity), /*allow_fp32_q=*/true);
   check_flag(clamped, q);
@@ -41,6 +41,20 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   auto p = at::softmax(scores, -1);
   if (empty.defined()) p = p.masked_fill(empty, 0.0);
   return at::matmul(p.unsqueeze(2), vf).squeeze(2).to(q.scalar_type());
+}
+
+at::Tensor decode_attention_plain_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& ks, const at::Tensor& vs,
+                                      const c10::optional<at::Tensor>& lengths, c10::string_view granularity,
+                                      double sm_scale, int64_t splits) {
+  return decode_attention_cpu(q, k, v, ks, vs, lengths, granularity, sm_scale, splits);
+}
+
+at::Tensor decode_attention_flagged_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& ks, const at::Tensor& vs,
+                                        const c10::optional<at::Tensor>& lengths, c10::string_view granularity,
+                                        double sm_scale, int64_t splits, const at::Tensor& clamped) {
+  return decode_attention_cpu(q, k, v, ks, vs, lengths, granularity, sm_scale, splits, clamped);
 }
 
 void kv_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_scales,
@@ -96,7 +110,8 @@ void kv_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const a
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kvpack, CPU, m) {
-  m.impl("decode_attention", &decode_attention_cpu);
+  m.impl("decode_attention", &decode_attention_plain_cpu);
+  m.impl("decode_attention_flagged", &decode_attention_flagged_cpu);
   m.impl("kv_append", &kv_append_cpu);
 }
 

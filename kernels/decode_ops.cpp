@@ -23,7 +23,7 @@ void check_cuda(const at::Tensor& t, const char* name) {
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& ks, const at::Tensor& vs,
                                  const c10::optional<at::Tensor>& lengths, c10::string_view granularity,
-                                 double sm_scale, int64_t splits, const c10::optional<at::Tensor>& clamped) {
+                                 double sm_scale, int64_t splits, const c10::optional<at::Tensor>& clamped = {}) {
   const auto s = check_decode(q, k, v, ks, vs, lengths, std::string(granularity));
   check_flag(clamped, q);
   check_cuda(q, "q");
@@ -66,8 +66,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
 at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp,
                                        const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& bt,
                                        const at::Tensor& lengths, const c10::optional<at::Tensor>& seq_ids,
-                                       const c10::optional<at::Tensor>& clamped, c10::string_view granularity,
-                                       double sm_scale, int64_t splits) {
+                                       c10::string_view granularity, double sm_scale, int64_t splits,
+                                       const c10::optional<at::Tensor>& clamped = {}) {
   TORCH_CHECK_VALUE(q.dim() == 3, "kvpack: q must be [B, Hq, D], got ", q.sizes());
   TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
                    "kvpack: q must be float16 or bfloat16, got ", q.scalar_type());
@@ -120,6 +120,35 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& kp
   args.page_size = static_cast<int>(s.page_size);
   cuda::decode_attention(args);
   return out;
+}
+
+at::Tensor decode_attention_flagged_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         const at::Tensor& ks, const at::Tensor& vs,
+                                         const c10::optional<at::Tensor>& lengths, c10::string_view granularity,
+                                         double sm_scale, int64_t splits, const at::Tensor& clamped) {
+  return decode_attention_cuda(q, k, v, ks, vs, lengths, granularity, sm_scale, splits, clamped);
+}
+
+at::Tensor paged_decode_attention_flagged_cuda(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp,
+                                               const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& bt,
+                                               const at::Tensor& lengths, const c10::optional<at::Tensor>& seq_ids,
+                                               c10::string_view granularity, double sm_scale, int64_t splits,
+                                               const at::Tensor& clamped) {
+  return paged_decode_attention_cuda(q, kp, vp, ks, vs, bt, lengths, seq_ids, granularity, sm_scale, splits, clamped);
+}
+
+at::Tensor decode_attention_plain_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& ks, const at::Tensor& vs,
+                                       const c10::optional<at::Tensor>& lengths, c10::string_view granularity,
+                                       double sm_scale, int64_t splits) {
+  return decode_attention_cuda(q, k, v, ks, vs, lengths, granularity, sm_scale, splits);
+}
+
+at::Tensor paged_decode_attention_plain_cuda(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp,
+                                             const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& bt,
+                                             const at::Tensor& lengths, const c10::optional<at::Tensor>& seq_ids,
+                                             c10::string_view granularity, double sm_scale, int64_t splits) {
+  return paged_decode_attention_cuda(q, kp, vp, ks, vs, bt, lengths, seq_ids, granularity, sm_scale, splits);
 }
 
 void paged_kv_append_cuda(const at::Tensor& kp, const at::Tensor& vp, const at::Tensor& ks, const at::Tensor& vs,
@@ -209,10 +238,12 @@ void kv_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kvpack, CUDA, m) {
-  m.impl("decode_attention", &decode_attention_cuda);
+  m.impl("decode_attention", &decode_attention_plain_cuda);
+  m.impl("decode_attention_flagged", &decode_attention_flagged_cuda);
   m.impl("decode_splits", &decode_splits_cuda);
   m.impl("kv_append", &kv_append_cuda);
-  m.impl("paged_decode_attention", &paged_decode_attention_cuda);
+  m.impl("paged_decode_attention", &paged_decode_attention_plain_cuda);
+  m.impl("paged_decode_attention_flagged", &paged_decode_attention_flagged_cuda);
   m.impl("paged_kv_append", &paged_kv_append_cuda);
 }
 

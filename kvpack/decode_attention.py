@@ -42,12 +42,20 @@ def _ensure_loaded() -> None:
         return
 
     @torch.library.register_fake("kvpack::decode_attention")
-    def _(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits, clamped=None):
+    def _(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits):
+        return torch.empty_like(q)
+
+    @torch.library.register_fake("kvpack::decode_attention_flagged")
+    def _(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits, clamped):
         return torch.empty_like(q)
 
     @torch.library.register_fake("kvpack::paged_decode_attention")
-    def _(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, clamped, granularity, sm_scale,
-          splits):
+    def _(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, sm_scale, splits):
+        return torch.empty_like(q)
+
+    @torch.library.register_fake("kvpack::paged_decode_attention_flagged")
+    def _(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, sm_scale, splits,
+          clamped):
         return torch.empty_like(q)
 
     @torch.library.register_fake("kvpack::paged_kv_append")
@@ -221,8 +229,12 @@ def decode_attention(
         raise ValueError(f"splits must be a non-negative int (0: planned), got {splits!r}")
     check_flag(clamped, q.device)
     _ensure_loaded()
+    if clamped is not None:
+        return torch.ops.kvpack.decode_attention_flagged.default(
+            q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, float(sm_scale), splits, clamped
+        )
     return torch.ops.kvpack.decode_attention.default(
-        q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, float(sm_scale), splits, clamped
+        q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, float(sm_scale), splits
     )
 
 

@@ -201,9 +201,12 @@ def paged_decode_attention(
         raise ValueError(f"splits must be a non-negative int (0: planned), got {splits!r}")
     if dev.type != "cpu":
         _ensure_loaded()
+        if clamped is not None:
+            return torch.ops.kvpack.paged_decode_attention_flagged.default(
+                q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, sm_scale,
+                splits, clamped)
         return torch.ops.kvpack.paged_decode_attention.default(
-            q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, clamped, granularity,
-            sm_scale, splits)
+            q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, sm_scale, splits)
     return _paged_decode_attention_cpu(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids,
                                        granularity, sm_scale, clamped, splits)
 

@@ -129,16 +129,18 @@ def run_paged() -> int:
                 q = torch.empty(2, hkv * group, d, dtype=torch.float16, device="cuda").uniform_(-1, 1, generator=g)
                 flag = torch.zeros(1, dtype=torch.int32, device="cuda")
                 for splits in (0, 1, 3, t_new):
-                    ops.paged_decode_attention.default(q, kp, vp, ks, vs, bt, lengths, rows, flag, gran, 0.1, splits)
+                    ops.paged_decode_attention_flagged.default(q, kp, vp, ks, vs, bt, lengths, rows, gran, 0.1, splits,
+                                                               flag)
                     calls += 2
                 # out of range: a length past the table, a negative one, a page id past the pages, a bad slot
                 bad_len = torch.tensor([10**6] + [-5] * (slots - 1), dtype=torch.int32, device="cuda")
                 bad_bt = bt.clone()
                 bad_bt[0, 0] = num_pages + 7
                 bad_rows = torch.tensor([slots + 3, -1], dtype=torch.int32, device="cuda")
-                ops.paged_decode_attention.default(q, kp, vp, ks, vs, bad_bt, bad_len, bad_rows, flag, gran, 0.1, 0)
-                ops.paged_kv_append.default(kp, vp, ks, vs, bad_bt, bad_len, arrivals, saturated, k[:, :, :2],
-                                            k[:, :, :2], bad_rows, gran)
+                ops.paged_decode_attention_flagged.default(q, kp, vp, ks, vs, bad_bt, bad_len, bad_rows, gran, 0.1, 0,
+                                                           flag)
+                k2 = k[:, :, :2].contiguous()
+                ops.paged_kv_append.default(kp, vp, ks, vs, bad_bt, bad_len, arrivals, saturated, k2, k2, bad_rows, gran)
                 calls += 3
                 torch.cuda.synchronize()
                 assert int(flag.item()) == 1, "the clamping was not reported"

@@ -180,14 +180,14 @@ def paged_copy(cache: KVCache, page_size: int, gen: torch.Generator | None = Non
     out = {"block_tables": perm.view(b, n).to(torch.int32).contiguous(), "lengths": cache.device_lengths}
     for name in ("k_cache", "v_cache"):
         x = getattr(cache, name).view(b, hkv, n, page_size, d).permute(0, 2, 1, 3, 4).reshape(b * n, hkv, page_size, d)
-        pages = torch.empty_like(x)
+        pages = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # (x may be a strided view: B = 1)
         pages[perm] = x
         out[name.replace("cache", "pages")] = pages
     for name in ("k_scales", "v_scales"):
         s = getattr(cache, name)
         if cache.granularity == "token":
             x = s.view(b, hkv, n, page_size).permute(0, 2, 1, 3).reshape(b * n, hkv, page_size)
-            pages = torch.empty_like(x)
+            pages = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             pages[perm] = x
             out[name] = pages
         else:
