@@ -382,11 +382,26 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D>)
   const int64_t first = t0 + static_cast<int64_t>(warp) * kTileTokens;
   // Tile x of this (sequence, KV head): contiguous, rows x.. of its block; paged, rows x % page_size..
   // of the page holding x (a tile never crosses a page: page_size is a multiple of 16, x of 16).
-  auto load = [&](Tile<D>& tile, int64_t x) {
+  // Paged, the page id of the next tile to load is read one load ahead (lookup), so that the tile's
+  // loads never wait for the block table; an id is checked (clamped, flagged) only when used.
+  auto lookup = [&](int64_t x) -> int32_t {
     if constexpr (kPaged) {
-      const int64_t r0 = page_row0(bt, x, p.page_size, p.max_pages, p.num_pages, p.kv_heads, kvh, p.clamped);
+      const uint32_t xi = static_cast<uint32_t>(x);  // < 2^31 + a few tiles
+      return __ldg(bt + min(xi / static_cast<uint32_t>(p.page_size), static_cast<uint32_t>(p.max_pages - 1)));
+    } else {
+      return 0;
+    }
+  };
+  auto load = [&](Tile<D>& tile, int64_t x, int32_t page) {
+    if constexpr (kPaged) {
+      if (page < 0 || page >= p.num_pages) {
+        if (p.clamped) *p.clamped = 1;
+        page = min(max(page, 0), static_cast<int32_t>(p.num_pages - 1));
+      }
+      const int64_t r0 = (static_cast<int64_t>(page) * p.kv_heads + kvh) * p.page_size;
+      const int row = static_cast<int>(static_cast<uint32_t>(x) % static_cast<uint32_t>(p.page_size));
       load_tile<D, kPerToken>(tile, p.k + r0 * D, p.v + r0 * D, kPerToken ? p.k_scales + r0 : nullptr,
-                              kPerToken ? p.v_scales + r0 : nullptr, x % p.page_size, p.page_size - 1, g, t);
+                              kPerToken ? p.v_scales + r0 : nullptr, row, p.page_size - 1, g, t);
     } else {
       load_tile<D, kPerToken>(tile, kb, vb, ksb, vsb, x, last, g, t);
     }
@@ -397,7 +412,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D>)
   // at D = 256 one (two would not fit its registers).
   constexpr bool kPrefetch = D <= 128;
   Tile<D> buf[kPrefetch ? 2 : 1];
-  if (first < t1) load(buf[0], first);
+  int32_t next_page = lookup(first);
+  if (first < t1) load(buf[0], first, next_page);
+  next_page = lookup(first + kStride);
 
   // Q' fragments for head g (rows 8..15 of the A operand are zero): elements d0 .. d0 + 3 of chunk
   // kc = 4l + c, d0 = 64l + 16t + 4c.
@@ -445,15 +462,24 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D>)
     // ring that reloads each buffer right after computing it, the same prefetch distance, ran
     // 10-15% slower at every shape; so did a third buffer at D = 64.)
     for (int64_t x = first; x < t1; x += 2 * kStride) {
-      if (x + kStride < t1) load(buf[1], x + kStride);
+      if (x + kStride < t1) {
+        load(buf[1], x + kStride, next_page);
+        next_page = lookup(x + 2 * kStride);
+      }
       attend_tile<D, kPerToken>(buf[0], qa, st, q_unscale, x, t1, t);
       if (x + kStride >= t1) break;
-      if (x + 2 * kStride < t1) load(buf[0], x + 2 * kStride);
+      if (x + 2 * kStride < t1) {
+        load(buf[0], x + 2 * kStride, next_page);
+        next_page = lookup(x + 3 * kStride);
+      }
       attend_tile<D, kPerToken>(buf[1], qa, st, q_unscale, x + kStride, t1, t);
     }
   } else {
     for (int64_t x = first; x < t1; x += kStride) {
-      if (x != first) load(buf[0], x);
+      if (x != first) {
+        load(buf[0], x, next_page);
+        next_page = lookup(x + kStride);
+      }
       attend_tile<D, kPerToken>(buf[0], qa, st, q_unscale, x, t1, t);
     }
   }
