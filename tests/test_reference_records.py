@@ -221,3 +221,24 @@ def test_h200_kernel_records():
         assert abs(by[(T, D, "fused_op")]["ratio_to_fused_op"] - 1.0) < 1e-12
         r = by[(T, D, "api_default")]
         assert abs(r["ratio_to_fused_op"] * by[(T, D, "fused_op")]["median_ms"] - r["median_ms"]) < 1e-9
+
+
+def test_paged_record_of_record():
+    """reports/reference/h100/paged: tools/bench_decode.py --page-sizes output of one device run: every
+    point ran, the paged kernel gave the contiguous kernel's result bit for bit at every page size,
+    and the ratios follow from the times."""
+    import json
+
+    rec = json.loads((REF / "paged" / "decode_paged.json").read_text())
+    prov = rec["provenance"]
+    assert rec["kind"] == "decode_bench" and "H100" in prov["gpu_name"] and len(prov["git_commit"]) == 40
+    assert rec["copy"]["copy_gbps"] > 1000 and len(rec["rows"]) == 7
+    for r in rec["rows"]:
+        assert r["status"] == "ok"
+        for n in (16, 64, 256):
+            assert r[f"paged_p{n}_equals_fused"] is True
+            assert r[f"paged_p{n}_p10_ms"] <= r[f"paged_p{n}_median_ms"] <= r[f"paged_p{n}_p90_ms"]
+            assert abs(r[f"paged_p{n}_vs_fused"] - r["fused_median_ms"] / r[f"paged_p{n}_median_ms"]) < 1e-12
+    table = headline.paged_headline(REF)
+    results = (ROOT / "docs" / "results.md").read_text()
+    assert headline.to_markdown(table) in results and headline.paged_source_line(REF) in results

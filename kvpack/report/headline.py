@@ -8,6 +8,7 @@ decode step: the fused INT8 kernel against the fastest fp16 SDPA backend and the
     python -m kvpack.report.headline --decode --brief reports/reference/h200   # the README's table
     python -m kvpack.report.headline --e2e            # a real model's decode step, every method
     python -m kvpack.report.headline --e2e --brief reports/reference/h100      # the README's table
+    python -m kvpack.report.headline --paged reports/reference/h100   # the paged kernel vs the contiguous one
 
 Each table is preceded by a line naming the GPU, the commits and the dates of the records it comes from.
 """
@@ -189,6 +190,43 @@ def e2e_capacity(reference_dir) -> pd.DataFrame:
                           "tokens_per_s": float(r["tokens_per_s"])} for _, r in cap.iterrows()])
 
 
+def paged_headline(reference_dir) -> pd.DataFrame:
+    """The paged decode kernel beside the contiguous one (``paged/decode_paged.json``, written by
+    tools/bench_decode.py --page-sizes): per point, the fastest fp16 SDPA, the contiguous fused INT8
+    kernel, the paged kernel at each page size, its speed relative to the contiguous kernel (1: as
+    fast) and whether it gave the contiguous kernel's result bit for bit."""
+    import json
+
+    path = Path(reference_dir) / "paged" / "decode_paged.json"
+    rec = json.loads(path.read_text())
+    rows = []
+    for r in rec["rows"]:
+        if r.get("status") != "ok":
+            continue
+        sizes = sorted(int(k[len("paged_p"):-len("_median_ms")]) for k in r
+                       if k.startswith("paged_p") and k.endswith("_median_ms"))
+        row = {"T": int(r["T"]), "B": int(r["batch"]), "Hq x Hkv": f"{int(r['q_heads'])}x{int(r['kv_heads'])}",
+               "best_sdpa_ms": float(r["sdpa_best_median_ms"]), "fused_int8_ms": float(r["fused_median_ms"])}
+        for n in sizes:
+            row[f"paged_p{n}_ms"] = float(r[f"paged_p{n}_median_ms"])
+        ratios = [float(r[f"paged_p{n}_vs_fused"]) for n in sizes]
+        row["paged_vs_fused_worst_speedup"] = min(ratios)
+        row["paged_vs_fused_best_speedup"] = max(ratios)
+        row["bit_exact"] = "yes" if all(r.get(f"paged_p{n}_equals_fused") for n in sizes) else "no"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paged_source_line(reference_dir) -> str:
+    """The line naming the paged record's GPU, commit and date."""
+    import json
+
+    rec = json.loads((Path(reference_dir) / "paged" / "decode_paged.json").read_text())
+    p = rec["provenance"]
+    return (f"Source: {p.get('gpu_name')}; paged/decode_paged.json of commit {str(p.get('git_commit'))[:8]}, "
+            f"{str(p.get('date'))[:10]} ({_shown(reference_dir)})")
+
+
 def to_markdown(df: pd.DataFrame) -> str:
     def cell(col, v):
         if not isinstance(v, float):
@@ -213,9 +251,15 @@ def main(argv=None) -> int:
                     help="default: the folder under reports/reference with the newest records")
     ap.add_argument("--decode", action="store_true", help="the decode-step table (records of kind 'decode')")
     ap.add_argument("--e2e", action="store_true", help="the end-to-end table (records of kind 'e2e')")
+    ap.add_argument("--paged", action="store_true", help="the paged decode kernel beside the contiguous one")
     ap.add_argument("--brief", action="store_true", help="with --decode or --e2e: the README's short table")
     args = ap.parse_args(argv)
     stage = "decode" if args.decode else "e2e" if args.e2e else "benchmark"
+    if args.paged:
+        ref = Path(args.reference_dir or "reports/reference/h100")
+        print(paged_source_line(ref) + "\n")
+        print(to_markdown(paged_headline(ref)))
+        return 0
     ref = args.reference_dir or newest_reference_dir(stage=stage)
     print(source_line(ref, stage) + "\n")
     if stage == "e2e" and args.brief:
