@@ -170,3 +170,63 @@ def decode_error_bound(q, k, v, lengths=None, sm_scale=None, *, score_rel: float
             vmax = np.abs(vh).max(axis=0)
             bound[i, h] = np.expm1(2 * delta.max()) * vmax + weight_rel * vmax + v_err
     return bound + out_rel * np.abs(ref)
+
+
+# --- INT4 (kvpack/torch_impl.py states the arithmetic; this is its float64 twin) --------------------
+
+INT4_SYM_QMAX = 7
+INT4_ASYM_LEVELS = 15
+
+
+def _fp32(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64).astype(np.float32).astype(np.float64)
+
+
+def int4_quantize(x, group: int, symmetric: bool = True, granularity: str = "token"):
+    """INT4 of a [T, D] array: ``granularity="token"``: groups of ``group`` consecutive channels of each
+    token (row); ``"channel"``: one group per channel over all T tokens (``group`` ignored).
+    Returns (nibbles uint8 [T, D], scale, lo or None), scales [T, D / group] or [D]."""
+    a = _as_float64(x)
+    t, d = a.shape
+    if granularity == "channel":
+        g = a.T[:, None, :]                      # [D, 1, T]
+    elif granularity == "token":
+        if group < 1 or d % group:
+            raise ValueError(f"group = {group} must divide D = {d}")
+        g = a.reshape(t, d // group, group)      # [T, n, group]
+    else:
+        raise ValueError(f"granularity must be 'token' or 'channel', got {granularity!r}")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if symmetric:
+            scale = _fp32(np.abs(g).max(axis=-1) / INT4_SYM_QMAX)
+            r = _fp32(g / scale[..., None])
+            q = np.clip(np.rint(r), -INT4_SYM_QMAX, INT4_SYM_QMAX) + 8
+            q = np.where(scale[..., None] == 0, 8, q)
+            lo = None
+        else:
+            lo = g.min(axis=-1)
+            scale = _fp32(_fp32(g.max(axis=-1) - lo) / INT4_ASYM_LEVELS)
+            r = _fp32(_fp32(g - lo[..., None]) / scale[..., None])
+            q = np.clip(np.rint(r), 0, INT4_ASYM_LEVELS)
+            q = np.where(scale[..., None] == 0, 0, q)
+    nib = q.astype(np.uint8)
+    if granularity == "channel":
+        return nib[:, 0, :].T.copy(), scale[:, 0], None if lo is None else lo[:, 0]
+    return nib.reshape(t, d), scale, lo
+
+
+def int4_dequantize(nibbles, scale, lo=None, granularity: str = "token") -> np.ndarray:
+    """fp32 reconstruction (as float64 holding fp32 values) of :func:`int4_quantize`'s output."""
+    n = np.asarray(nibbles, dtype=np.float64)
+    d = n.shape[1]
+    s = np.asarray(scale, dtype=np.float64)
+    if granularity == "channel":
+        sb = s[None, :]
+        lb = None if lo is None else np.asarray(lo, dtype=np.float64)[None, :]
+    else:
+        group = d // s.shape[-1]
+        sb = np.repeat(s, group, axis=-1)
+        lb = None if lo is None else np.repeat(np.asarray(lo, dtype=np.float64), group, axis=-1)
+    if lb is None:
+        return _fp32((n - 8) * sb)
+    return _fp32(_fp32(n * sb) + lb)

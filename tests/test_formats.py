@@ -268,7 +268,7 @@ def test_registry_and_errors():
     assert g.name == "int8_group128" and g.granularity == "group128"
     assert F.get_format(F.FORMATS["int8_token"]) is F.FORMATS["int8_token"]
     with pytest.raises(ValueError, match="unknown format"):
-        F.get_format("int4_channel")
+        F.get_format("int3_channel")
     with pytest.raises(TypeError, match="float32"):
         F.int8_channel(torch.zeros(4, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="2-D"):

@@ -26,6 +26,14 @@ FORMATS (8-bit payload each; bytes per element = 1 + fp32 scales / elements):
                        rotation is block-diagonal, blocks of the largest power of two dividing D
                        (D=96: three 32x32 blocks; odd D: no rotation). Rotation in fp32.  1 + 4/D
 
+INT4 formats (issue 17; half a byte per value, kvpack/torch_impl.py's arithmetic, fp32 metadata):
+
+  int4_token_g{G}       symmetric, one scale absmax / 7 per group of G consecutive channels of a
+                        token (G = 32, 64, 128; a G past D is D).                       0.5 + 4/G
+  int4_token_g{G}_asym  asymmetric, (scale = (max - min) / 15, min) per group.           0.5 + 8/G
+  int4_channel          symmetric, one scale per channel over all T tokens (KIVI's keys). 0.5 + 4/T
+  int4_channel_asym     asymmetric per channel.                                           0.5 + 8/T
+
 ``identity`` (not in FORMATS) returns its input unchanged: the unquantized baseline, stored at
 the input's own element size.
 """
@@ -41,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from .. import ops
+from .. import ops, torch_impl
 
 SCALE_BYTES = 4  # fp32 scales, as kvpack.quantize returns them
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -106,6 +114,22 @@ def fp8_e4m3(x: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype).reshape(x.shape)
 
 
+def int4_token_groups(x: torch.Tensor, group: int, symmetric: bool = True) -> torch.Tensor:
+    """INT4 per (token, group of ``group`` consecutive channels) of each [T, D] matrix, roundtripped."""
+    xb = _as_batch(x)
+    g = min(int(group), xb.shape[-1])
+    nib, scale, lo = torch_impl.int4_quantize_groups(xb, g, symmetric)
+    return torch_impl.int4_dequantize_groups(nib, scale, lo, x.dtype).reshape(x.shape)
+
+
+def int4_channel(x: torch.Tensor, symmetric: bool = True) -> torch.Tensor:
+    """INT4 per channel over all T tokens of each [T, D] matrix (KIVI's grouping for keys), roundtripped."""
+    xb = _as_batch(x)
+    t = xb.transpose(1, 2)  # [B, D, T]: a channel's T values are one group
+    nib, scale, lo = torch_impl.int4_quantize_groups(t, t.shape[-1], symmetric)
+    return torch_impl.int4_dequantize_groups(nib, scale, lo, x.dtype).transpose(1, 2).reshape(x.shape)
+
+
 def hadamard_block_size(D: int) -> int:
     """The block of the rotation: the largest power of two dividing D (D itself when a power of two)."""
     return D & -D
@@ -152,6 +176,7 @@ class Format:
     scale_count: Callable[[int, int], int] = field(repr=False)  # fp32 scales per [T, D] matrix
     payload_bytes: float | None = 1.0  # None: the input's own element size (identity)
     granularity: str = ""
+    meta_per_scale: int = 1  # fp32 values stored per scale (2: an asymmetric format's scale and min)
 
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
@@ -161,7 +186,7 @@ class Format:
 
         ``dtype`` matters only for ``identity`` (the unquantized cache, default fp16)."""
         payload = torch.empty((), dtype=dtype).element_size() if self.payload_bytes is None else self.payload_bytes
-        return payload + SCALE_BYTES * self.scale_count(T, D) / (T * D)
+        return payload + SCALE_BYTES * self.meta_per_scale * self.scale_count(T, D) / (T * D)
 
     def bits_per_element(self, T: int, D: int, dtype=torch.float16) -> float:
         return 8.0 * self.bytes_per_element(T, D, dtype)
@@ -175,6 +200,29 @@ def group_format(G: int) -> Format:
                   functools.partial(int8_token_groups, group=G), lambda T, D: -(-T // G) * D, 1.0, f"group{G}")
 
 
+def int4_format(name: str) -> Format | None:
+    """An INT4 format by name (int4_token_g{G}[_asym], int4_channel[_asym]), or None."""
+    m = re.fullmatch(r"int4_token_g(\d+)(_asym)?", str(name))
+    if m:
+        G, sym = int(m.group(1)), m.group(2) is None
+        if G < 2 or G % 2:
+            raise ValueError(f"INT4 group size must be a positive even integer, got {G}")
+        kind = "symmetric" if sym else "asymmetric (scale, min)"
+        return Format(name, f"INT4 {kind}, one group per {G} channels of a token",
+                      functools.partial(int4_token_groups, group=G, symmetric=sym),
+                      lambda T, D, G=G: T * -(-D // min(G, D)), 0.5, f"token_g{G}", 1 if sym else 2)
+    m = re.fullmatch(r"int4_channel(_asym)?", str(name))
+    if m:
+        sym = m.group(1) is None
+        kind = "symmetric" if sym else "asymmetric (scale, min)"
+        return Format(name, f"INT4 {kind}, one group per channel over all tokens (KIVI's keys)",
+                      functools.partial(int4_channel, symmetric=sym), lambda T, D: D, 0.5, "channel", 1 if sym else 2)
+    return None
+
+
+INT4_FORMATS = tuple(f"int4_token_g{G}{a}" for G in (32, 64, 128) for a in ("", "_asym")) + ("int4_channel",
+                                                                                            "int4_channel_asym")
+
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
@@ -184,6 +232,7 @@ FORMATS: dict[str, Format] = {
         Format("fp8_e4m3", "FP8 e4m3 with one per-tensor scale amax/448", fp8_e4m3, lambda T, D: 1, 1.0, "tensor"),
         Format("int8_token_hadamard", "INT8 per token after a Walsh-Hadamard rotation of the head dimension",
                int8_token_hadamard, lambda T, D: T, 1.0, "token"),
+        *(int4_format(n) for n in INT4_FORMATS),
     )
 }
 IDENTITY = Format("identity", "unquantized (the input itself)", identity, lambda T, D: 0, None, "none")
@@ -201,7 +250,11 @@ def get_format(name) -> Format:
     m = re.fullmatch(r"int8_group(\d+)", str(name))
     if m:
         return group_format(int(m.group(1)))
-    raise ValueError(f"unknown format {name!r}; known: {sorted(FORMATS)} + 'identity' + 'int8_group<G>'")
+    fmt = int4_format(name)
+    if fmt is not None:
+        return fmt
+    raise ValueError(f"unknown format {name!r}; known: {sorted(FORMATS)} + 'identity' + 'int8_group<G>' + "
+                     "'int4_token_g<G>[_asym]'")
 
 
 # --- the study: every format on the same data -----------------------------------------------------
