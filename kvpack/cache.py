@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from . import int4
 from .decode_attention import (
     HEAD_DIMS,
     _ensure_loaded,
@@ -55,7 +56,7 @@ class KVCache:
     """Preallocated INT8 K and V for ``batch`` sequences of up to ``max_tokens`` tokens each."""
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, max_tokens: int, *, granularity: str = "token",
-                 device="cuda", dtype=torch.float16):
+                 device="cuda", dtype=torch.float16, bits: int = 8, group_size: int = int4.DEFAULT_GROUP):
         self.batch = _positive_int(batch, "batch")
         self.kv_heads = _positive_int(kv_heads, "kv_heads")
         self.head_dim = _positive_int(head_dim, "head_dim")
@@ -68,16 +69,27 @@ class KVCache:
         check_query_dtype(dtype, self.device, "dtype (of the queries and outputs)")
         self.granularity = granularity
         self.dtype = dtype
+        int4.check_bits(bits, group_size, head_dim)
+        if bits == 4:
+            int4.check_device(self.device)
+        self.bits = bits
+        self.group_size = group_size if bits == 4 else None
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         shape = (batch, kv_heads, max_tokens, head_dim)
         scale_shape = (batch, kv_heads, max_tokens) if granularity == "token" else (batch, kv_heads, head_dim)
         # Zeros, not empty: slots past a sequence's length are never used, but a sanitizer (and a
         # reader of the buffers) should find defined memory there.
-        self.k_cache = torch.zeros(shape, dtype=torch.int8, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=torch.int8, device=self.device)
+        code = torch.int8
+        v_scale_shape = scale_shape
+        if bits == 4:  # two values a byte, a scale per group of channels (kvpack/int4.py)
+            shape, scale_shape, v_scale_shape = int4.shapes(batch, kv_heads, head_dim, max_tokens, granularity,
+                                                            group_size)
+            code = torch.uint8
+        self.k_cache = torch.zeros(shape, dtype=code, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=code, device=self.device)
         self.k_scales = torch.zeros(scale_shape, dtype=torch.float32, device=self.device)
-        self.v_scales = torch.zeros(scale_shape, dtype=torch.float32, device=self.device)
+        self.v_scales = torch.zeros(v_scale_shape, dtype=torch.float32, device=self.device)
         self.saturated = torch.zeros((), dtype=torch.int64, device=self.device)
         self._lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self._arrivals = torch.zeros(batch, dtype=torch.int32, device=self.device)  # the write kernel's counter
@@ -98,7 +110,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the cache's buffers: int8 K and V and their fp32 scales (the lengths not counted)."""
+        """Bytes of the cache's buffers: K and V (int8, or packed int4) and their fp32 scales (the lengths not counted)."""
         return sum(t.numel() * t.element_size() for t in (self.k_cache, self.v_cache, self.k_scales, self.v_scales))
 
     def sync_lengths(self) -> torch.Tensor:
@@ -115,7 +127,8 @@ class KVCache:
 
     def __repr__(self) -> str:
         return (f"KVCache(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
-                f"max_tokens={self.max_tokens}, granularity={self.granularity!r}, device={str(self.device)!r}, "
+                f"max_tokens={self.max_tokens}, granularity={self.granularity!r}, bits={self.bits}, "
+                f"{'' if self.bits == 8 else f'group_size={self.group_size}, '}device={str(self.device)!r}, "
                 f"lengths={self._host_lengths}, nbytes={self.nbytes})")
 
     # --- write --------------------------------------------------------------------------------------
@@ -168,6 +181,10 @@ class KVCache:
                     f"max_tokens = {self.max_tokens}. Nothing was written; make a larger cache or start a new one"
                 )
         k, v = k.contiguous(), v.contiguous()
+        if self.bits == 4:
+            int4.append(self, k, v, n)
+            self._host_lengths = [length + c for length, c in zip(self._host_lengths, n)]
+            return
         if not self.calibrated:
             self._calibrate(k, v, n)
         counts_t = None
@@ -205,7 +222,8 @@ class KVCache:
         if isinstance(q, torch.Tensor) and q.dtype != self.dtype:
             raise TypeError(f"q is {q.dtype} but the cache was made for {self.dtype}")
         return decode_attention(q, self.k_cache, self.v_cache, self.k_scales, self.v_scales, self._lengths,
-                                granularity=self.granularity, sm_scale=sm_scale, check_lengths=False, splits=splits)
+                                granularity=self.granularity, sm_scale=sm_scale, check_lengths=False, splits=splits,
+                                bits=self.bits, group_size=self.group_size or int4.DEFAULT_GROUP)
 
 
 __all__ = ["HEAD_DIMS", "KVCache"]

@@ -201,6 +201,8 @@ def decode_attention(
     check_lengths: bool = False,
     splits: int = 0,
     clamped: torch.Tensor | None = None,
+    bits: int = 8,
+    group_size: int = 32,
 ) -> torch.Tensor:
     """softmax(q K^T * sm_scale) V over the int8 cache, one query token per sequence: ``[B, Hq, D]`` in q's dtype.
 
@@ -217,7 +219,14 @@ def decode_attention(
 
     ``splits`` (CUDA) overrides how many parts each sequence is cut into; 0 plans it from the device
     (its multiprocessor count and the kernel's occupancy) and the shapes.
+
+    ``bits=4``: the cache is packed INT4 (``kvpack/int4.py``'s layout: uint8 ``[B, Hkv, T_max, D / 2]``,
+    scales per ``group_size`` channels of a token, keys per channel with ``granularity="channel"``);
+    CPU only for now (the CUDA kernels are issue 17's next step).
     """
+    if bits != 8:
+        return _decode_attention_int4(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale,
+                                      check_lengths, clamped, bits, group_size)
     _b, _hq, _hkv, t_max, d = check_decode_inputs(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity)
     if lengths is not None and check_lengths and not _capturing(q.device):
         check_length_values(lengths, t_max)
@@ -236,6 +245,36 @@ def decode_attention(
     return torch.ops.kvpack.decode_attention.default(
         q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, float(sm_scale), splits
     )
+
+
+def _decode_attention_int4(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, check_lengths,
+                           clamped, bits, group_size) -> torch.Tensor:
+    from . import int4
+
+    check_granularity(granularity)
+    q = _tensor(q, "q", 3, "[B, Hq, D] (one query token per sequence)")
+    check_query_dtype(q.dtype, q.device, "q")
+    d = q.shape[2]
+    check_head_dim(d, "D (q.shape[2])")
+    int4.check_bits(bits, group_size, d)
+    int4.check_device(q.device)
+    int4.check_inputs(q, k_cache, v_cache, k_scales, v_scales, granularity, group_size)
+    if q.shape[1] % k_cache.shape[1]:
+        raise ValueError(f"Hq = {q.shape[1]} query heads must be a multiple of Hkv = {k_cache.shape[1]} KV heads "
+                         "(grouped-query attention)")
+    if lengths is not None:
+        _tensor(lengths, "lengths", 1, "[B] int32")
+        if lengths.dtype != torch.int32 or lengths.shape[0] != q.shape[0]:
+            raise ValueError(f"lengths must be int32 [B = {q.shape[0]}], got {lengths.dtype} {tuple(lengths.shape)}")
+        if check_lengths:
+            check_length_values(lengths, k_cache.shape[2])
+    check_flag(clamped, q.device)
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(d)
+    if not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale) and sm_scale > 0):
+        raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale!r}")
+    return int4.decode_attention(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, float(sm_scale),
+                                 clamped)
 
 
 def decode_splits(q: torch.Tensor, k_cache: torch.Tensor, granularity: str = "token") -> int:

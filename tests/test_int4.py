@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import kvpack
 from kvpack import reference as ref
 from kvpack import torch_impl as ti
 from kvpack.study import formats
@@ -112,3 +113,82 @@ def test_the_study_decision_holds():
         assert gm[(role, "int4_token_g32")] < gm[(role, "int4_token_g64_asym")]
     out = df[(df["distribution"] == "outlier_keys") & (df["role"] == "key")].set_index("format")["output_rel_error"]
     assert out["int4_token_g32"] < out["int4_token_g32_asym"] and out["int4_token_g32"] < out["int4_token_g64_asym"]
+
+
+# --- the INT4 cache on the CPU (KVCache(bits=4), decode_attention(bits=4)) -------------------------
+
+
+def _kv(b, hkv, t, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, hkv, t, d, generator=g)
+    k[..., :: max(1, d // 8)] *= 10  # outlier channels
+    return k.to(dtype), torch.randn(b, hkv, t, d, generator=g).to(dtype)
+
+
+def _ref_cache(x, counts, group, granularity, channel_scales=None):
+    """float64 [B, Hkv, max(counts), D] of the reference's INT4 roundtrip of each sequence's rows."""
+    b, h, _, d = x.shape
+    out = np.zeros((b, h, max(counts), d))
+    for i in range(b):
+        for j in range(h):
+            rows = x[i, j, : counts[i]]
+            if granularity == "channel":  # the cache's calibrated scales, the reference's quantizer
+                s = channel_scales[i, j].double().numpy()
+                r = ref._fp32(rows.double().numpy() / s[None, :])
+                q = np.where(s[None, :] == 0, 8, np.clip(np.rint(r), -7, 7) + 8)
+                out[i, j, : counts[i]] = ref.int4_dequantize(q.astype(np.uint8), s, None, "channel")
+            else:
+                n, s, lo = ref.int4_quantize(rows, group, True, "token")
+                out[i, j, : counts[i]] = ref.int4_dequantize(n, s, lo, "token")
+    return out
+
+
+@pytest.mark.parametrize("granularity", ["token", "channel"])
+@pytest.mark.parametrize("hkv,group_q,d,group", [(2, 4, 64, 32), (1, 8, 128, 64), (4, 1, 128, 128)])
+def test_int4_cache_attends_as_the_float64_reference(granularity, hkv, group_q, d, group):
+    """KVCache(bits=4) on the CPU: ragged appends, then attention; against the float64 reference
+    attention over the reference's INT4 roundtrip of the same rows. The kvpack path dequantizes to the
+    same fp32 values and attends in fp32: the bound is the fp16 output's rounding plus fp32 sums."""
+    b, t = 3, 40
+    k, v = _kv(b, hkv, t, d, torch.float16, seed=d + group)
+    cache = kvpack.KVCache(b, hkv, d, 64, device="cpu", bits=4, group_size=group, granularity=granularity)
+    first = [30, 12, 1]
+    cache.append(k, v, counts=first)
+    second = [5, 0, 20]
+    cache.append(torch.roll(k, 7, dims=2), torch.roll(v, 7, dims=2), counts=second)
+    lengths = [a + c for a, c in zip(first, second)]
+    assert cache.lengths.tolist() == lengths and cache.device_lengths.tolist() == lengths
+    # the same rows, in order, per sequence, padded to the longest
+    kk, vv = (torch.stack([torch.nn.functional.pad(torch.cat([x[i, :, : first[i]], torch.roll(x, 7, dims=2)[i, :, : second[i]]],
+                                                             1), (0, 0, 0, max(lengths) - lengths[i])) for i in range(b)])
+              for x in (k, v))
+    k_hat = _ref_cache(kk, lengths, group, granularity, cache.k_scales if granularity == "channel" else None)
+    v_hat = _ref_cache(vv, lengths, group, "token")
+    q = torch.randn(b, hkv * group_q, d, generator=torch.Generator().manual_seed(1)).half()
+    out = cache.attend(q).double().numpy()
+    want = ref.attention_decode(q, k_hat, v_hat, lengths)
+    tol = 2.0**-10 * np.abs(v_hat).max() + 1e-5
+    assert np.abs(out - want).max() <= tol
+    if granularity == "channel":  # keys past the calibrated range (the rolled rows) saturate and are counted
+        s = cache.k_scales.double()
+        x = torch.roll(k, 7, dims=2).double()
+        over = sum(int(((x[i, :, : second[i]] / s[i].unsqueeze(1)).abs() > 7.5).sum()) for i in range(b))
+        assert int(cache.saturated) == over
+
+
+def test_int4_cache_bytes_errors_and_the_gpu():
+    cache = kvpack.KVCache(2, 8, 128, 1000, device="cpu", bits=4)
+    assert cache.nbytes == 2 * (2 * 8 * 1000 * 64) + 2 * (2 * 8 * 1000 * 4 * 4)  # packed + a scale per 32 channels
+    assert cache.k_cache.dtype == torch.uint8 and cache.k_cache.shape == (2, 8, 1000, 64)
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        kvpack.KVCache(2, 8, 128, 10, device="cpu", bits=3)
+    with pytest.raises(ValueError, match="group_size = 48 must be an even divisor of head_dim = 128"):
+        kvpack.KVCache(2, 8, 128, 10, device="cpu", bits=4, group_size=48)
+    with pytest.raises(NotImplementedError, match="CPU implementation only"):
+        kvpack.KVCache(2, 8, 128, 10, device="cuda", bits=4)
+    q = torch.zeros(2, 8, 128, dtype=torch.float16)
+    with pytest.raises(ValueError, match="k_cache must be uint8"):
+        kvpack.decode_attention(q, cache.v_cache.view(torch.int8), cache.v_cache, cache.k_scales, cache.v_scales,
+                                bits=4)
+    with pytest.raises(ValueError, match="k_scales must be float32"):
+        kvpack.decode_attention(q, cache.k_cache, cache.v_cache, cache.k_scales[..., :2], cache.v_scales, bits=4)

@@ -1,0 +1,138 @@
+"""The INT4 KV cache's layout, write path and attention on the CPU (issue 17; ``KVCache(bits=4)`` and
+``decode_attention(..., bits=4)`` call these). The arithmetic is kvpack/torch_impl.py's INT4
+(symmetric, docs/int4.md says why); the CUDA kernels are not written yet, so a CUDA cache or call
+with ``bits=4`` raises NotImplementedError.
+
+Layout:
+
+* ``k_cache``, ``v_cache``: uint8 ``[B, Hkv, T_max, D / 2]``, two values per byte (element 2i in the
+  low nibble), each stored as ``q + 8`` (q in [-7, 7]);
+* ``granularity="token"``: ``k_scales``, ``v_scales`` fp32 ``[B, Hkv, T_max, D / group_size]``: one
+  scale absmax / 7 per group of ``group_size`` consecutive channels of a token, computed on write;
+* ``granularity="channel"``: keys per channel, KIVI's choice: ``k_scales`` fp32 ``[B, Hkv, D]``
+  calibrated by the first append (absmax over its rows / 7; later keys beyond it saturate at +-7 and
+  are counted), values per token group as above.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import torch_impl as ti
+
+BITS = (8, 4)
+DEFAULT_GROUP = 32  # docs/int4.md: symmetric groups of 32 channels
+
+
+def check_bits(bits, group_size, head_dim: int) -> None:
+    if bits not in BITS or isinstance(bits, bool):
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    if bits == 4 and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2
+                      or group_size % 2 or head_dim % group_size):
+        raise ValueError(f"group_size = {group_size!r} must be an even divisor of head_dim = {head_dim} "
+                         "(32, 64 or 128 for the study's layouts)")
+
+
+def check_device(device: torch.device) -> None:
+    if torch.device(device).type != "cpu":
+        raise NotImplementedError(
+            "the INT4 cache has a CPU implementation only for now: its CUDA kernels (write path, fused decode "
+            "attention) are issue 17's next step; use bits=8 on the GPU")
+
+
+def shapes(batch: int, kv_heads: int, head_dim: int, max_tokens: int, granularity: str, group_size: int):
+    """(cache shape, k_scales shape, v_scales shape) of an INT4 cache."""
+    groups = (batch, kv_heads, max_tokens, head_dim // group_size)
+    k_scales = groups if granularity == "token" else (batch, kv_heads, head_dim)
+    return (batch, kv_heads, max_tokens, head_dim // 2), k_scales, groups
+
+
+def _quantize_rows(x: torch.Tensor, group_size: int):
+    """[..., D] rows -> (packed [..., D / 2], scales [..., D / group])."""
+    nib, scale, _ = ti.int4_quantize_groups(x, group_size, symmetric=True)
+    return ti.pack_nibbles(nib), scale
+
+
+def append(cache, k: torch.Tensor, v: torch.Tensor, n: list[int]) -> None:
+    """Write the first n[b] rows of k, v ``[B, Hkv, t, D]`` of each sequence at its length (the caller
+    checked the shapes and the room), calibrating the channel key scales on the first append."""
+    g = cache.group_size
+    if cache.granularity == "channel" and not cache.calibrated:
+        rows = torch.zeros(cache.batch, cache.kv_heads, cache.head_dim, dtype=torch.float32)
+        for b, c in enumerate(n):
+            if c:
+                rows[b] = k[b, :, :c].float().abs().amax(dim=1)
+        scales = ti.int4_sym_scale(rows)
+        if not bool(torch.isfinite(scales).all()):
+            raise ValueError("k holds non-finite values (inf or NaN); per-channel scales would be undefined. "
+                             "Nothing was written")
+        cache.k_scales.copy_(scales)
+        cache.calibrated = True
+    clipped = 0
+    for b, c in enumerate(n):
+        if c == 0:
+            continue
+        start = cache._host_lengths[b]
+        sl = slice(start, start + c)
+        vp, vs = _quantize_rows(v[b, :, :c], g)
+        cache.v_cache[b, :, sl] = vp
+        cache.v_scales[b, :, sl] = vs
+        if cache.granularity == "token":
+            kp, ks = _quantize_rows(k[b, :, :c], g)
+            cache.k_scales[b, :, sl] = ks
+        else:
+            s = cache.k_scales[b].unsqueeze(1)  # [Hkv, 1, D]
+            x = k[b, :, :c].float()
+            nib = ti.quantize_int4(x, s)
+            clipped += int((torch.where(s == 0, x != 0, (x / s).abs() > ti.INT4_SYM_QMAX + 0.5)).sum())
+            kp = ti.pack_nibbles(nib)
+        cache.k_cache[b, :, sl] = kp
+    cache.saturated.add_(clipped)
+    cache._lengths.copy_(torch.tensor([a + c for a, c in zip(cache._host_lengths, n)], dtype=torch.int32))
+
+
+def dequantize(packed: torch.Tensor, scales: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """fp32 ``[B, Hkv, T, D]`` of a packed INT4 cache and its scales."""
+    nib = ti.unpack_nibbles(packed)
+    if per_channel:
+        return ti.dequantize_int4(nib, scales.unsqueeze(2))
+    return ti.int4_dequantize_groups(nib, scales, None)
+
+
+def check_inputs(q, k_cache, v_cache, k_scales, v_scales, granularity: str, group_size: int) -> None:
+    b, _, d = q.shape
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.dtype != torch.uint8 or c.dim() != 4 or c.shape[0] != b or c.shape[3] * 2 != d:
+            raise ValueError(f"{name} must be uint8 [B = {b}, Hkv, T_max, D / 2 = {d // 2}] (bits=4: two values a "
+                             f"byte), got {c.dtype} {tuple(c.shape)}")
+    _, kv_shape, v_shape = shapes(b, k_cache.shape[1], d, k_cache.shape[2], granularity, group_size)
+    for name, s, want in (("k_scales", k_scales, kv_shape), ("v_scales", v_scales, v_shape)):
+        if s.dtype != torch.float32 or tuple(s.shape) != want:
+            raise ValueError(f"{name} must be float32 {want} for bits=4, granularity={granularity!r}, "
+                             f"group_size={group_size}, got {s.dtype} {tuple(s.shape)}")
+
+
+def decode_attention(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity: str, sm_scale: float,
+                     clamped=None) -> torch.Tensor:
+    """softmax(q K^T sm_scale) V over the dequantized INT4 cache, in fp32 (the CPU op's arithmetic for
+    INT8: decode_cpu.cpp): lengths clamped to [0, T_max] (0: a zero row), ``clamped`` set where one was."""
+    b, hq, _ = q.shape
+    hkv, t_max = k_cache.shape[1], k_cache.shape[2]
+    k = dequantize(k_cache, k_scales, granularity == "channel").repeat_interleave(hq // hkv, 1)
+    v = dequantize(v_cache, v_scales, False).repeat_interleave(hq // hkv, 1)
+    scores = torch.matmul(k, q.float().unsqueeze(-1)).squeeze(-1) * sm_scale  # [B, Hq, T_max]
+    if lengths is None:
+        lens = torch.full((b,), t_max, dtype=torch.long)
+    else:
+        raw = lengths.long()
+        if clamped is not None and bool(((raw < 1) | (raw > t_max)).any()):
+            clamped.fill_(1)
+        lens = raw.clamp(0, t_max)
+    mask = torch.arange(t_max).view(1, 1, -1) >= lens.view(-1, 1, 1)
+    p = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
+    p = p.masked_fill((lens == 0).view(-1, 1, 1), 0.0)
+    return torch.matmul(p.unsqueeze(2), v).squeeze(2).to(q.dtype)
+
+
+__all__ = ["BITS", "DEFAULT_GROUP", "append", "check_bits", "check_device", "check_inputs", "decode_attention",
+           "dequantize", "shapes"]
