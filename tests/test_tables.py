@@ -279,3 +279,19 @@ def test_bad_record_is_refused(tmp_path):
     p.write_text(json.dumps({"kind": "benchmark", "rows": []}))
     with pytest.raises(ValueError, match="not a kvpack record"):
         kt.load_records([p])
+
+
+def test_decode_view_shows_the_paged_rows_only_where_timed():
+    """A decode record whose rows timed the paged kernel (decode.page_sizes) shows its time and its
+    ratio to the contiguous kernel beside it; page sizes no row timed leave no empty columns."""
+    from kvpack.report import tables as tb
+
+    base = {"T": 4096, "batch": 1, "q_heads": 32, "kv_heads": 8, "head_dim": 128, "granularity": "token",
+            "status": "ok", "sdpa_best": "cudnn", "sdpa_cudnn_median_ms": 0.02, "sdpa_best_median_ms": 0.02,
+            "fused_median_ms": 0.016}
+    paged = {**base, "paged_p16_median_ms": 0.017, "paged_p16_vs_fused": 0.016 / 0.017, "paged_p16_equals_fused": True}
+    prov = {"device_slug": "h100", "gpu_name": "NVIDIA H100"}
+    view = tb.decode_view(tb.decode_table([{"kind": "decode", "provenance": prov, "rows": [paged], "workload": {}}]))
+    assert view["paged_p16_median_ms"].tolist() == [0.017] and "paged_p64_median_ms" not in view
+    plain = tb.decode_view(tb.decode_table([{"kind": "decode", "provenance": prov, "rows": [base], "workload": {}}]))
+    assert not [c for c in plain.columns if c.startswith("paged_")]

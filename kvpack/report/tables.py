@@ -118,7 +118,11 @@ DECODE_COLUMNS = ["source", "device_slug", "device_name", "record_format", "T", 
                   *(f"{m}_{s}_ms" for m in DECODE_METHODS for s in ("median", "p10", "p90")),
                   "sdpa_best", "fused_speedup_vs_sdpa", "dequant_sdpa_speedup_vs_sdpa", "fused_fraction_of_int8_bound",
                   "int8_byte_bound_ms", "fp16_byte_bound_ms", "copy_gbps", "fused_splits", "fused_vs_sdpa_max_abs",
-                  "cache_fp16_bytes", "cache_int8_bytes", "path"]
+                  "cache_fp16_bytes", "cache_int8_bytes", "path",
+                  # the paged kernel over a shuffled paged copy of the same cache (decode.page_sizes), if timed
+                  *(f"paged_p{n}_{c}" for n in (16, 32, 64, 128, 256)
+                    for c in ("median_ms", "p10_ms", "p90_ms", "vs_fused", "equals_fused"))]
+DECODE_PAGE_SIZES = (16, 32, 64, 128, 256)
 DECODE_V1 = "v1: torch's default SDPA, dequantize then SDPA, no fused kernel (superseded)"
 DECODE_V2 = "v2: every SDPA backend, dequantize then SDPA, fused int8"
 
@@ -183,8 +187,11 @@ def decode_view(decode: pd.DataFrame) -> pd.DataFrame:
     cols = ["source", "device_slug", "T", "batch", "q_heads", "kv_heads", "head_dim", "status",
             "sdpa_flash_median_ms", "sdpa_cudnn_median_ms", "sdpa_efficient_median_ms", "sdpa_best",
             "dequant_sdpa_median_ms", "fused_median_ms", "fused_speedup_vs_sdpa", "dequant_sdpa_speedup_vs_sdpa",
-            "int8_byte_bound_ms", "fused_fraction_of_int8_bound", "copy_gbps", "skip_reason"]
-    return d[[c for c in cols if c in d.columns]]
+            "int8_byte_bound_ms", "fused_fraction_of_int8_bound", "copy_gbps",
+            *(f"paged_p{n}_{c}" for n in DECODE_PAGE_SIZES for c in ("median_ms", "vs_fused")), "skip_reason"]
+    d = d[[c for c in cols if c in d.columns]]
+    empty = [c for c in d.columns if c.startswith("paged_") and d[c].isna().all()]
+    return d.drop(columns=empty)  # page sizes no record timed
 
 
 DECODE_APPEND_COLUMNS = ["source", "device_slug", "device_name", "batch", "kv_heads", "head_dim", "granularity",
