@@ -59,6 +59,7 @@ except ImportError as e:  # pragma: no cover - exercised only where transformers
         "`import kvpack` alone needs torch only."
     ) from e
 
+from . import int4
 from .cache import KVCache
 from .decode_attention import HEAD_DIMS, check_granularity, decode_attention
 from .torch_impl import dequantize_torch
@@ -117,11 +118,11 @@ class KVPackLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, layer_idx: int, batch_size: int, kv_heads: int, head_dim: int, max_cache_len: int, *,
-                 granularity: str, device, dtype):
+                 granularity: str, device, dtype, bits: int = 8, group_size: int = 32):
         super().__init__()
         self.layer_idx = layer_idx
         self.kv = KVCache(batch_size, kv_heads, head_dim, max_cache_len, granularity=granularity, device=device,
-                          dtype=dtype)
+                          dtype=dtype, bits=bits, group_size=group_size)
         self.device = self.kv.device
         self.dtype = dtype
         self.batch_size, self.num_heads, self.head_dim = batch_size, kv_heads, head_dim
@@ -248,7 +249,8 @@ class KVPackLayer(CacheLayerMixin):
         self.cumulative_length.add_(1)
         out = decode_attention(query.reshape(b, hq, d), self.kv.k_cache, self.kv.v_cache, self.kv.k_scales,
                                self.kv.v_scales, self.kv.device_lengths, granularity=self.kv.granularity,
-                               sm_scale=float(scaling), check_lengths=False)
+                               sm_scale=float(scaling), check_lengths=False, bits=self.kv.bits,
+                               group_size=self.kv.group_size or 32)
         return out.view(b, 1, hq, d)
 
     def write(self, key, value, attention_mask=None) -> None:
@@ -286,10 +288,17 @@ class KVPackLayer(CacheLayerMixin):
             m = rows.numel()
             if m == 0:
                 continue
-            scales = (kv.k_scales[i, :, :n], kv.v_scales[i, :, :n]) if kv.granularity == "token" else \
-                (kv.k_scales[i], kv.v_scales[i])
-            past_k = _dequantize_rows(kv.k_cache[i, :, :n], scales[0], kv.granularity, query.dtype)
-            past_v = _dequantize_rows(kv.v_cache[i, :, :n], scales[1], kv.granularity, query.dtype)
+            if kv.bits == 4:  # packed nibbles: kvpack/int4.py's layout
+                per_channel = kv.granularity == "channel"
+                ks = kv.k_scales[i:i + 1] if per_channel else kv.k_scales[i:i + 1, :, :n]
+                past_k = int4.dequantize(kv.k_cache[i:i + 1, :, :n], ks, per_channel)[0].to(query.dtype)
+                past_v = int4.dequantize(kv.v_cache[i:i + 1, :, :n], kv.v_scales[i:i + 1, :, :n], False)[0].to(
+                    query.dtype)
+            else:
+                scales = (kv.k_scales[i, :, :n], kv.v_scales[i, :, :n]) if kv.granularity == "token" else \
+                    (kv.k_scales[i], kv.v_scales[i])
+                past_k = _dequantize_rows(kv.k_cache[i, :, :n], scales[0], kv.granularity, query.dtype)
+                past_v = _dequantize_rows(kv.v_cache[i, :, :n], scales[1], kv.granularity, query.dtype)
             k_i = torch.cat([past_k, key[i][:, rows]], dim=1).repeat_interleave(group, 0)
             v_i = torch.cat([past_v, value[i][:, rows]], dim=1).repeat_interleave(group, 0)
             visible = torch.ones(m, n + m, dtype=torch.bool, device=query.device)
@@ -343,10 +352,12 @@ class KVPackCache(Cache):
     ``granularity``: "token" (a scale per token row, computed on write) or "channel" (the paper's: a
     scale per channel, calibrated on the prefill; later values beyond it saturate, see ``saturated``).
     ``device``, ``dtype``: the model's (fp16 or bf16 on CUDA; fp32 too on the CPU).
+    ``bits``: 8, or 4 (packed nibbles, a scale per ``group_size`` channels of a token; keys per
+    channel with granularity "channel"; CPU only until its CUDA kernels exist: docs/int4.md).
     """
 
     def __init__(self, config, batch_size: int, max_cache_len: int, *, granularity: str = "token",
-                 device="cuda", dtype=torch.float16):
+                 device="cuda", dtype=torch.float16, bits: int = 8, group_size: int = 32):
         check_granularity(granularity)
         shape = model_shape(config)
         for name, value in (("batch_size", batch_size), ("max_cache_len", max_cache_len)):
@@ -356,15 +367,17 @@ class KVPackCache(Cache):
         self.granularity = granularity
         self.max_cache_len = max_cache_len
         self.dtype = dtype
+        self.bits = bits
         layers = [KVPackLayer(i, batch_size, shape["kv_heads"], shape["head_dim"], max_cache_len,
-                              granularity=granularity, device=device, dtype=dtype) for i in range(shape["layers"])]
+                              granularity=granularity, device=device, dtype=dtype, bits=bits, group_size=group_size)
+                  for i in range(shape["layers"])]
         super().__init__(layers=layers)
         self.device = layers[0].device
 
     def __repr__(self) -> str:
         return (f"KVPackCache(layers={len(self.layers)}, batch_size={self.batch_size}, kv_heads={self.shape['kv_heads']}, "
                 f"head_dim={self.shape['head_dim']}, max_cache_len={self.max_cache_len}, granularity="
-                f"{self.granularity!r}, device={str(self.device)!r}, nbytes={self.nbytes})")
+                f"{self.granularity!r}, bits={self.bits}, device={str(self.device)!r}, nbytes={self.nbytes})")
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """Hand this layer's new rows to the "kvpack" attention backend, which writes and attends.

@@ -90,9 +90,38 @@ class FakeQuantLayer(DynamicLayer):
         return torch.cat([past[0], key_states], 2), torch.cat([past[1], value_states], 2)
 
 
+class FakeQuant4Layer(FakeQuantLayer):
+    """The INT4 reference: rows roundtripped by kvpack.reference's INT4 (symmetric groups of
+    ``group`` channels per token; keys per channel with granularity "channel", calibrated on the
+    first update), as KVPackCache(bits=4) holds them."""
+
+    group = 32
+
+    def _roundtrip(self, x: torch.Tensor, which: str) -> torch.Tensor:
+        b, h, t, d = x.shape
+        out = np.empty((b, h, t, d))
+        xs = x.detach().double().cpu().numpy()
+        channel = self.granularity == "channel" and which == "k"
+        if channel and which not in self.scales:
+            self.scales[which] = np.stack([[ref.int4_quantize(xs[i, j], 0, True, "channel")[1] for j in range(h)]
+                                           for i in range(b)])
+        for i in range(b):
+            for j in range(h):
+                if channel:
+                    s = self.scales[which][i, j]
+                    r = ref._fp32(xs[i, j] / s[None, :])
+                    n = np.where(s[None, :] == 0, 8, np.clip(np.rint(r), -7, 7) + 8).astype(np.uint8)
+                    out[i, j] = ref.int4_dequantize(n, s, None, "channel")
+                else:
+                    n, sc, lo = ref.int4_quantize(xs[i, j], self.group, True, "token")
+                    out[i, j] = ref.int4_dequantize(n, sc, lo, "token")
+        return torch.from_numpy(out).to(x.dtype)
+
+
 class FakeQuantCache(DynamicCache):
-    def __init__(self, config, granularity="token"):
-        layers = [FakeQuantLayer(granularity) for _ in range(config.num_hidden_layers)]
+    def __init__(self, config, granularity="token", bits=8):
+        layer = FakeQuantLayer if bits == 8 else FakeQuant4Layer
+        layers = [layer(granularity) for _ in range(config.num_hidden_layers)]
         transformers.cache_utils.Cache.__init__(self, layers=layers)
 
 
@@ -141,6 +170,28 @@ def test_logits_equal_the_model_over_the_dequantized_cache(family, hq, hkv, gran
     # the prefill attends over the prompt's own K/V, as "sdpa" does
     assert rel_err(got[:, 0], exact[:, 0]) <= FP32_REL
     assert cache.lengths.tolist() == [12 + 6, 12 + 6]
+
+
+@pytest.mark.parametrize("granularity", ["token", "channel"])
+@pytest.mark.parametrize("family,hq,hkv", FAMILIES[:3], ids=[f"{f}-{q}x{k}" for f, q, k in FAMILIES[:3]])
+def test_int4_logits_equal_the_model_over_the_dequantized_int4_cache(family, hq, hkv, granularity):
+    """KVPackCache(bits=4) (CPU): the model over it gives the logits of the model over a cache of the
+    reference's INT4 roundtrip of the same rows, within fp32 rounding; with per-token scales INT4
+    moves the logits more than INT8 does."""
+    model = tiny_model(family, q_heads=hq, kv_heads=hkv)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (2, 12), generator=g)
+    steps = torch.randint(1, VOCAB, (2, 6), generator=g)
+    cache = kh.KVPackCache(model.config, 2, 32, granularity=granularity, device="cpu", dtype=torch.float32, bits=4)
+    got = teacher_forced(model, cache, ids, steps, "kvpack")
+    want = teacher_forced(model, FakeQuantCache(model.config, granularity, bits=4), ids, steps, "sdpa")
+    exact = teacher_forced(model, DynamicCache(config=model.config), ids, steps, "sdpa")
+    int8 = teacher_forced(model, kh.KVPackCache(model.config, 2, 32, granularity=granularity, device="cpu",
+                                                dtype=torch.float32), ids, steps, "kvpack")
+    assert rel_err(got, want) <= FP32_REL
+    if granularity == "token":  # (channel: INT8 quantizes V per channel too, INT4 per token group)
+        assert rel_err(got[:, 1:], exact[:, 1:]) > rel_err(int8[:, 1:], exact[:, 1:])
+    assert cache.lengths.tolist() == [18, 18] and cache.layers[0].kv.k_cache.dtype == torch.uint8
 
 
 @pytest.mark.parametrize("granularity", ["token", "channel"])
