@@ -217,6 +217,23 @@ def paged_headline(reference_dir) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+PERPLEXITY_RECORD = REFERENCE_ROOT.parents[1] / "data" / "models" / "stdlib-llama" / "perplexity.json"
+
+
+def perplexity_table(path=PERPLEXITY_RECORD) -> pd.DataFrame:
+    """The perplexity of the trained stdlib model through each cache (kvpack.study.perplexity)."""
+    import json
+
+    rec = json.loads(Path(path).read_text())
+    # bytes per cached value, fp32 scales included (head_dim 64; per-channel scales ~0 over many tokens;
+    # int4_channel: keys per channel, values per group of 32); exact: the fp32 cache the model runs in
+    bpe = {"exact": 4.0, "int8_token": 1 + 4 / 64, "int8_channel": 1.0, "int4_token_g32": 0.5 + 4 / 32,
+           "int4_channel": (0.5 + 0.5 + 4 / 32) / 2}
+    return pd.DataFrame([{"cache": r["method"], "bytes_per_value": bpe.get(r["method"], math.nan),
+                          "perplexity": float(r["perplexity"]), "ratio_to_exact": float(r["vs_exact"])}
+                         for r in rec["rows"]])
+
+
 def paged_source_line(reference_dir) -> str:
     """The line naming the paged record's GPU, commit and date."""
     import json
@@ -251,10 +268,14 @@ def main(argv=None) -> int:
                     help="default: the folder under reports/reference with the newest records")
     ap.add_argument("--decode", action="store_true", help="the decode-step table (records of kind 'decode')")
     ap.add_argument("--e2e", action="store_true", help="the end-to-end table (records of kind 'e2e')")
+    ap.add_argument("--perplexity", action="store_true", help="the trained stdlib model's perplexity per cache")
     ap.add_argument("--paged", action="store_true", help="the paged decode kernel beside the contiguous one")
     ap.add_argument("--brief", action="store_true", help="with --decode or --e2e: the README's short table")
     args = ap.parse_args(argv)
     stage = "decode" if args.decode else "e2e" if args.e2e else "benchmark"
+    if args.perplexity:
+        print(to_markdown(perplexity_table()))
+        return 0
     if args.paged:
         ref = Path(args.reference_dir or "reports/reference/h100")
         print(paged_source_line(ref) + "\n")
