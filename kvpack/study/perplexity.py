@@ -7,8 +7,8 @@ study trains its own: a Llama-architecture model (4 layers, hidden 256, 4 query 
 head_dim 64, vocabulary = the 256 byte values) on text every machine has, the top-level modules of
 the Python standard library (sorted by name; every 20th file is held out). Bytes are the tokens.
 
-    python -m kvpack.study.perplexity train --out data/models/stdlib-llama [--steps 1200]
-    python -m kvpack.study.perplexity eval --model data/models/stdlib-llama [--out perplexity.json]
+    python tools/perplexity.py train --out data/models/stdlib-llama [--steps 1200]
+    python tools/perplexity.py eval --model data/models/stdlib-llama [--out perplexity.json]
 
 Evaluation: ``n_seqs`` held-out windows of ``seq_len`` bytes, teacher forced: the first
 ``prefill`` bytes in one prefill step, then one byte per decode step through the cache, the
@@ -25,7 +25,6 @@ the order of the effect, not a prediction for Llama-3.1-8B.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -80,7 +79,8 @@ def make_model(seed: int = 0):
 def train(out: str | Path, *, steps: int = TRAIN_DEFAULTS["steps"], batch: int = TRAIN_DEFAULTS["batch"],
           seq_len: int = TRAIN_DEFAULTS["seq_len"], lr: float = TRAIN_DEFAULTS["lr"],
           warmup: int = TRAIN_DEFAULTS["warmup"], weight_decay: float = TRAIN_DEFAULTS["weight_decay"],
-          seed: int = TRAIN_DEFAULTS["seed"], device: str = "cpu", log=print) -> dict:
+          seed: int = TRAIN_DEFAULTS["seed"], device: str = "cpu", provenance: dict | None = None,
+          log=print) -> dict:
     """Train the model on the training text (random windows, AdamW, cosine schedule) and save it
     (safetensors, bf16) with its training record (settings, loss curve, corpus, time, machine)."""
     text = corpus("train")
@@ -109,15 +109,13 @@ def train(out: str | Path, *, steps: int = TRAIN_DEFAULTS["steps"], batch: int =
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
-    from ..pipeline import environment
-
     record = {"kind": "perplexity_training", "model": MODEL_CONFIG,
               "settings": {"steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr, "warmup": warmup,
                            "weight_decay": weight_decay, "seed": seed, "device": device},
               "corpus": {"train": describe(text), "heldout": describe(corpus("heldout")),
                          "files": f"top-level *.py of the standard library, every {HELD_OUT_EVERY}th held out"},
               "curve": curve, "seconds": time.perf_counter() - t0, "params": sum(p.numel() for p in model.parameters()),
-              "provenance": environment.provenance(device)}
+              "provenance": provenance or {}}
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 
@@ -177,7 +175,7 @@ def nll(model, ids: torch.Tensor, prefill: int, method: str) -> tuple[float, int
 
 def evaluate(model_path, *, methods=METHODS, n_seqs: int = EVAL_DEFAULTS["n_seqs"],
              seq_len: int = EVAL_DEFAULTS["seq_len"], prefill: int = EVAL_DEFAULTS["prefill"],
-             seed: int = EVAL_DEFAULTS["seed"], log=print) -> dict:
+             seed: int = EVAL_DEFAULTS["seed"], provenance: dict | None = None, log=print) -> dict:
     """The perplexity record (kind 'perplexity'): per method the summed NLL, bytes scored, perplexity
     and its ratio to the exact cache's, from the same windows."""
     model = load_model(model_path)
@@ -192,38 +190,10 @@ def evaluate(model_path, *, methods=METHODS, n_seqs: int = EVAL_DEFAULTS["n_seqs
     exact = next((r for r in rows if r["method"] == "exact"), None)
     for r in rows:
         r["vs_exact"] = r["perplexity"] / exact["perplexity"] if exact else math.nan
-    from ..pipeline import environment
-
     return {"kind": "perplexity", "model": str(model_path), "settings": {"n_seqs": n_seqs, "seq_len": seq_len,
                                                                         "prefill": prefill, "seed": seed},
-            "heldout": describe(corpus("heldout")), "rows": rows, "provenance": environment.provenance("cpu")}
+            "heldout": describe(corpus("heldout")), "rows": rows, "provenance": provenance or {}}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train")
-    t.add_argument("--out", required=True)
-    for k, v in TRAIN_DEFAULTS.items():
-        t.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
-    t.add_argument("--device", default="cpu")
-    e = sub.add_parser("eval")
-    e.add_argument("--model", required=True)
-    e.add_argument("--out", default=None)
-    e.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    for k, v in EVAL_DEFAULTS.items():
-        e.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
-    args = ap.parse_args(argv)
-    if args.cmd == "train":
-        train(args.out, steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
-              weight_decay=args.weight_decay, seed=args.seed, device=args.device)
-        return 0
-    record = evaluate(args.model, methods=args.methods, n_seqs=args.n_seqs, seq_len=args.seq_len,
-                      prefill=args.prefill, seed=args.seed)
-    if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+__all__ = ["EVAL_DEFAULTS", "METHODS", "MODEL_CONFIG", "TRAIN_DEFAULTS", "corpus", "corpus_files", "evaluate",
+           "heldout_windows", "load_model", "make_cache", "make_model", "nll", "train"]
