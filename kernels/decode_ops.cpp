@@ -62,6 +62,17 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   return out;
 }
 
+// The paged fields of DecodeArgs or AppendArgs: the block tables, the row -> slot map and the sizes.
+template <typename Args>
+void set_paged(Args& args, const at::Tensor& bt, const c10::optional<at::Tensor>& seq_ids, const PagedShape& s) {
+  args.block_tables = bt.const_data_ptr<int32_t>();
+  args.seq_ids = seq_ids.has_value() ? seq_ids->const_data_ptr<int32_t>() : nullptr;
+  args.num_pages = s.num_pages;
+  args.max_pages = s.max_pages;
+  args.num_slots = s.num_slots;
+  args.page_size = static_cast<int>(s.page_size);
+}
+
 // The paged cache: the same kernels, reading each tile from the page its block table names.
 at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp,
                                        const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& bt,
@@ -112,12 +123,7 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& kp
   args.dtype = q.scalar_type();
   args.stream = c10::cuda::getCurrentCUDAStream().stream();
   args.clamped = clamped.has_value() ? clamped->mutable_data_ptr<int32_t>() : nullptr;
-  args.block_tables = bt.const_data_ptr<int32_t>();
-  args.seq_ids = seq_ids.has_value() ? seq_ids->const_data_ptr<int32_t>() : nullptr;
-  args.num_pages = s.num_pages;
-  args.max_pages = s.max_pages;
-  args.num_slots = s.num_slots;
-  args.page_size = static_cast<int>(s.page_size);
+  set_paged(args, bt, seq_ids, s);
   cuda::decode_attention(args);
   return out;
 }
@@ -189,12 +195,7 @@ void paged_kv_append_cuda(const at::Tensor& kp, const at::Tensor& vp, const at::
   args.per_token = s.per_token;
   args.dtype = k_new.scalar_type();
   args.stream = c10::cuda::getCurrentCUDAStream().stream();
-  args.block_tables = bt.const_data_ptr<int32_t>();
-  args.seq_ids = seq_ids.has_value() ? seq_ids->const_data_ptr<int32_t>() : nullptr;
-  args.num_pages = s.num_pages;
-  args.max_pages = s.max_pages;
-  args.num_slots = s.num_slots;
-  args.page_size = static_cast<int>(s.page_size);
+  set_paged(args, bt, seq_ids, s);
   cuda::kv_append(args);
 }
 

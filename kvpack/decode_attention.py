@@ -158,6 +158,15 @@ def check_decode_inputs(q, k_cache, v_cache, k_scales, v_scales, lengths, granul
     return b, hq, hkv, t_max, d
 
 
+def resolve_sm_scale(sm_scale, d: int) -> float:
+    """The softmax scale of a call: 1/sqrt(D) by default, else a positive finite number."""
+    if sm_scale is None:
+        return 1.0 / math.sqrt(d)
+    if not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale) and sm_scale > 0):
+        raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale!r}")
+    return float(sm_scale)
+
+
 def check_flag(clamped, device) -> None:
     """``clamped``: None or an int32 ``[1]`` tensor on the call's device (the kernel sets it to 1)."""
     if clamped is None:
@@ -230,10 +239,7 @@ def decode_attention(
     _b, _hq, _hkv, t_max, d = check_decode_inputs(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity)
     if lengths is not None and check_lengths and not _capturing(q.device):
         check_length_values(lengths, t_max)
-    if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(d)
-    if not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale) and sm_scale > 0):
-        raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale!r}")
+    sm_scale = resolve_sm_scale(sm_scale, d)
     if not isinstance(splits, int) or splits < 0:
         raise ValueError(f"splits must be a non-negative int (0: planned), got {splits!r}")
     check_flag(clamped, q.device)
@@ -269,12 +275,8 @@ def _decode_attention_int4(q, k_cache, v_cache, k_scales, v_scales, lengths, gra
         if check_lengths:
             check_length_values(lengths, k_cache.shape[2])
     check_flag(clamped, q.device)
-    if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(d)
-    if not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale) and sm_scale > 0):
-        raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale!r}")
-    return int4.decode_attention(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, float(sm_scale),
-                                 clamped)
+    return int4.decode_attention(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity,
+                                 resolve_sm_scale(sm_scale, d), clamped)
 
 
 def decode_splits(q: torch.Tensor, k_cache: torch.Tensor, granularity: str = "token") -> int:

@@ -38,8 +38,6 @@ API instead, called with device tensors made beforehand (the pages the replays f
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .cache import FLOAT_DTYPES, _positive_int
@@ -52,6 +50,7 @@ from .decode_attention import (
     check_head_dim,
     check_query_dtype,
     decode_attention,
+    resolve_sm_scale,
 )
 from .torch_impl import scale_from_absmax
 
@@ -136,11 +135,9 @@ def check_paged_cache(k_pages, v_pages, k_scales, v_scales, block_tables, length
 
 
 def _check_sm_scale(sm_scale, d: int) -> float:
-    if sm_scale is None:
-        return 1.0 / math.sqrt(d)
-    if isinstance(sm_scale, bool) or not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale) and sm_scale > 0):
-        raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale!r}")
-    return float(sm_scale)
+    if isinstance(sm_scale, bool):
+        raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale!r}")  # noqa: TRY004 (the message and type every sm_scale check raises)
+    return resolve_sm_scale(sm_scale, d)
 
 
 def _host_slots(seq_ids, batch: int, s: int) -> torch.Tensor:
