@@ -24,13 +24,13 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& ks, const at::Tensor& vs,
                                  const c10::optional<at::Tensor>& lengths, c10::string_view granularity,
                                  double sm_scale, int64_t splits, const c10::optional<at::Tensor>& clamped = {}) {
-  const auto s = check_decode(q, k, v, ks, vs, lengths, std::string(granularity));
+  const auto s = check_decode(q, k, v, ks, vs, lengths, std::string(granularity), false, /*allow_int4=*/true);
   check_flag(clamped, q);
   check_cuda(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   if (splits <= 0) {
     splits = cuda::decode_splits(s.batch, s.q_heads, s.kv_heads, s.max_tokens, static_cast<int>(s.head_dim),
-                                 q.scalar_type(), s.per_token);
+                                 q.scalar_type(), s.per_token, /*paged=*/false, static_cast<int>(s.group));
   }
   TORCH_CHECK_VALUE(splits <= s.max_tokens && splits <= 4096, "kvpack: splits = ", splits,
                     " must be at most T_max = ", s.max_tokens, " and at most 4096");
@@ -39,8 +39,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   auto partial_out = at::empty({s.batch, s.q_heads, splits, s.head_dim}, f32);
   auto partial_stats = at::empty({s.batch, s.q_heads, splits, 2}, f32);
   cuda::DecodeArgs args{q.const_data_ptr(),
-                        k.const_data_ptr<int8_t>(),
-                        v.const_data_ptr<int8_t>(),
+                        static_cast<const int8_t*>(k.const_data_ptr()),  // INT4: packed bytes
+                        static_cast<const int8_t*>(v.const_data_ptr()),
                         ks.const_data_ptr<float>(),
                         vs.const_data_ptr<float>(),
                         lengths.has_value() ? lengths->const_data_ptr<int32_t>() : nullptr,
@@ -58,6 +58,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
                         q.scalar_type(),
                         c10::cuda::getCurrentCUDAStream().stream()};
   args.clamped = clamped.has_value() ? clamped->mutable_data_ptr<int32_t>() : nullptr;
+  args.group = static_cast<int>(s.group);
   cuda::decode_attention(args);
   return out;
 }
@@ -203,8 +204,10 @@ int64_t decode_splits_cuda(const at::Tensor& q, const at::Tensor& k_cache, c10::
   check_cuda(q, "q");
   TORCH_CHECK_VALUE(q.dim() == 3 && k_cache.dim() == 4, "kvpack: q must be [B, Hq, D] and k_cache [B, Hkv, T_max, D]");
   const c10::cuda::CUDAGuard guard(q.device());
+  // An INT4 (uint8) cache is planned as the default group of 32 (decode_attention plans its own group).
+  const int group = k_cache.scalar_type() == at::kByte ? 32 : 0;
   return cuda::decode_splits(q.size(0), q.size(1), k_cache.size(1), k_cache.size(2), static_cast<int>(q.size(2)),
-                             q.scalar_type(), parse_cache_granularity(std::string(granularity)));
+                             q.scalar_type(), parse_cache_granularity(std::string(granularity)), false, group);
 }
 
 void kv_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_scales,
@@ -212,14 +215,14 @@ void kv_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const 
                     const at::Tensor& saturated, const at::Tensor& k_new, const at::Tensor& v_new,
                     const c10::optional<at::Tensor>& counts, c10::string_view granularity) {
   const auto s = check_append(k_cache, v_cache, k_scales, v_scales, lengths, arrivals, saturated, k_new, v_new,
-                              counts, std::string(granularity));
+                              counts, std::string(granularity), /*allow_int4=*/true);
   check_cuda(k_cache, "k_cache");
   const c10::cuda::CUDAGuard guard(k_cache.device());
   cuda::AppendArgs args{k_new.const_data_ptr(),
                         v_new.const_data_ptr(),
                         counts.has_value() ? counts->const_data_ptr<int32_t>() : nullptr,
-                        k_cache.mutable_data_ptr<int8_t>(),
-                        v_cache.mutable_data_ptr<int8_t>(),
+                        static_cast<int8_t*>(k_cache.mutable_data_ptr()),  // INT4: packed bytes
+                        static_cast<int8_t*>(v_cache.mutable_data_ptr()),
                         k_scales.mutable_data_ptr<float>(),
                         v_scales.mutable_data_ptr<float>(),
                         lengths.mutable_data_ptr<int32_t>(),
@@ -233,6 +236,7 @@ void kv_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const 
                         s.per_token,
                         k_new.scalar_type(),
                         c10::cuda::getCurrentCUDAStream().stream()};
+  args.group = static_cast<int>(s.group);
   cuda::kv_append(args);
 }
 

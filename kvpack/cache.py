@@ -71,7 +71,7 @@ class KVCache:
         self.dtype = dtype
         int4.check_bits(bits, group_size, head_dim)
         if bits == 4:
-            int4.check_device(self.device)
+            int4.check_device(self.device, group_size, head_dim)
         self.bits = bits
         self.group_size = group_size if bits == 4 else None
         if self.device.type == "cuda" and self.device.index is None:
@@ -181,12 +181,15 @@ class KVCache:
                     f"max_tokens = {self.max_tokens}. Nothing was written; make a larger cache or start a new one"
                 )
         k, v = k.contiguous(), v.contiguous()
-        if self.bits == 4:
+        if self.bits == 4 and self.device.type == "cpu":
             int4.append(self, k, v, n)
             self._host_lengths = [length + c for length, c in zip(self._host_lengths, n)]
             return
         if not self.calibrated:
-            self._calibrate(k, v, n)
+            if self.bits == 4:  # keys per channel; INT4 values are always in per-token groups
+                int4.calibrate_keys(self, k, n)
+            else:
+                self._calibrate(k, v, n)
         counts_t = None
         if counts is not None:
             counts_t = torch.tensor(n, dtype=torch.int32).to(self.device, non_blocking=True)

@@ -230,12 +230,12 @@ def decode_attention(
     (its multiprocessor count and the kernel's occupancy) and the shapes.
 
     ``bits=4``: the cache is packed INT4 (``kvpack/int4.py``'s layout: uint8 ``[B, Hkv, T_max, D / 2]``,
-    scales per ``group_size`` channels of a token, keys per channel with ``granularity="channel"``);
-    CPU only for now (the CUDA kernels are issue 17's next step).
+    scales per ``group_size`` channels of a token, keys per channel with ``granularity="channel"``).
+    On CUDA the fused kernel reads the nibbles (group sizes 32, 64, 128); everything above holds for it.
     """
     if bits != 8:
         return _decode_attention_int4(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale,
-                                      check_lengths, clamped, bits, group_size)
+                                      check_lengths, clamped, bits, group_size, splits)
     _b, _hq, _hkv, t_max, d = check_decode_inputs(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity)
     if lengths is not None and check_lengths and not _capturing(q.device):
         check_length_values(lengths, t_max)
@@ -254,7 +254,7 @@ def decode_attention(
 
 
 def _decode_attention_int4(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, check_lengths,
-                           clamped, bits, group_size) -> torch.Tensor:
+                           clamped, bits, group_size, splits) -> torch.Tensor:
     from . import int4
 
     check_granularity(granularity)
@@ -263,8 +263,12 @@ def _decode_attention_int4(q, k_cache, v_cache, k_scales, v_scales, lengths, gra
     d = q.shape[2]
     check_head_dim(d, "D (q.shape[2])")
     int4.check_bits(bits, group_size, d)
-    int4.check_device(q.device)
+    int4.check_device(q.device, group_size, d)
     int4.check_inputs(q, k_cache, v_cache, k_scales, v_scales, granularity, group_size)
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache), ("k_scales", k_scales), ("v_scales", v_scales)):
+        _same_device(x, name, q.device)
+        _contiguous(x, name)
+    _contiguous(q, "q")
     if q.shape[1] % k_cache.shape[1]:
         raise ValueError(f"Hq = {q.shape[1]} query heads must be a multiple of Hkv = {k_cache.shape[1]} KV heads "
                          "(grouped-query attention)")
@@ -272,11 +276,22 @@ def _decode_attention_int4(q, k_cache, v_cache, k_scales, v_scales, lengths, gra
         _tensor(lengths, "lengths", 1, "[B] int32")
         if lengths.dtype != torch.int32 or lengths.shape[0] != q.shape[0]:
             raise ValueError(f"lengths must be int32 [B = {q.shape[0]}], got {lengths.dtype} {tuple(lengths.shape)}")
-        if check_lengths:
+        _same_device(lengths, "lengths", q.device)
+        _contiguous(lengths, "lengths")
+        if check_lengths and not _capturing(q.device):
             check_length_values(lengths, k_cache.shape[2])
     check_flag(clamped, q.device)
-    return int4.decode_attention(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity,
-                                 resolve_sm_scale(sm_scale, d), clamped)
+    sm_scale = resolve_sm_scale(sm_scale, d)
+    if q.device.type == "cpu":
+        return int4.decode_attention(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, clamped)
+    if not isinstance(splits, int) or splits < 0:
+        raise ValueError(f"splits must be a non-negative int (0: planned), got {splits!r}")
+    _ensure_loaded()  # the same ops as INT8: a uint8 cache is INT4, its group D / v_scales.shape[-1]
+    if clamped is not None:
+        return torch.ops.kvpack.decode_attention_flagged.default(
+            q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits, clamped)
+    return torch.ops.kvpack.decode_attention.default(
+        q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits)
 
 
 def decode_splits(q: torch.Tensor, k_cache: torch.Tensor, granularity: str = "token") -> int:

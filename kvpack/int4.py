@@ -1,7 +1,8 @@
 """The INT4 KV cache's layout, write path and attention on the CPU (issue 17; ``KVCache(bits=4)`` and
 ``decode_attention(..., bits=4)`` call these). The arithmetic is kvpack/torch_impl.py's INT4
-(symmetric, docs/int4.md says why); the CUDA kernels are not written yet, so a CUDA cache or call
-with ``bits=4`` raises NotImplementedError.
+(symmetric, docs/int4.md says why). On CUDA the same layout is written and read by the kernels of
+kernels/decode_int4.cu (the ops ``kv_append`` and ``decode_attention`` take a uint8 cache as INT4,
+with group size D / v_scales.shape[-1]), for groups of 32, 64 or 128 channels.
 
 Layout:
 
@@ -22,6 +23,7 @@ from . import torch_impl as ti
 
 BITS = (8, 4)
 DEFAULT_GROUP = 32  # docs/int4.md: symmetric groups of 32 channels
+CUDA_GROUPS = (32, 64, 128)  # the group sizes the CUDA kernels are built for
 
 
 def check_bits(bits, group_size, head_dim: int) -> None:
@@ -33,11 +35,11 @@ def check_bits(bits, group_size, head_dim: int) -> None:
                          "(32, 64 or 128 for the study's layouts)")
 
 
-def check_device(device: torch.device) -> None:
-    if torch.device(device).type != "cpu":
-        raise NotImplementedError(
-            "the INT4 cache has a CPU implementation only for now: its CUDA kernels (write path, fused decode "
-            "attention) are issue 17's next step; use bits=8 on the GPU")
+def check_device(device: torch.device, group_size: int, head_dim: int) -> None:
+    """The CUDA kernels take groups of 32, 64 or 128 channels (at most D); the CPU path any even divisor."""
+    if torch.device(device).type == "cuda" and group_size not in CUDA_GROUPS:
+        raise ValueError(f"group_size = {group_size} is not built for CUDA: the INT4 kernels take group sizes "
+                         f"{CUDA_GROUPS} (at most head_dim = {head_dim}); the CPU path takes any even divisor of D")
 
 
 def shapes(batch: int, kv_heads: int, head_dim: int, max_tokens: int, granularity: str, group_size: int):
@@ -53,21 +55,27 @@ def _quantize_rows(x: torch.Tensor, group_size: int):
     return ti.pack_nibbles(nib), scale
 
 
+def calibrate_keys(cache, k: torch.Tensor, n: list[int]) -> None:
+    """Per-channel key scales from the rows the first append writes: absmax over them / 7. Reads the
+    scales once (a sync on CUDA) to refuse non-finite input, having written nothing."""
+    valid = (torch.arange(k.shape[2], device=k.device)[None, :]
+             < torch.tensor(n, device=k.device)[:, None])[:, None, :, None]  # [B, 1, t_new, 1]
+    absmax = torch.where(valid, k.float().abs(), 0.0).amax(dim=2)  # NaN propagates through amax
+    scales = ti.int4_sym_scale(absmax)
+    if not bool(torch.isfinite(scales).all()):
+        raise ValueError("k holds non-finite values (inf or NaN); per-channel scales would be undefined. "
+                         "Nothing was written")
+    cache.k_scales.copy_(scales)
+    cache.calibrated = True
+
+
 def append(cache, k: torch.Tensor, v: torch.Tensor, n: list[int]) -> None:
     """Write the first n[b] rows of k, v ``[B, Hkv, t, D]`` of each sequence at its length (the caller
-    checked the shapes and the room), calibrating the channel key scales on the first append."""
+    checked the shapes and the room), calibrating the channel key scales on the first append. The CPU
+    path; on CUDA the cache calls the kv_append op."""
     g = cache.group_size
     if cache.granularity == "channel" and not cache.calibrated:
-        rows = torch.zeros(cache.batch, cache.kv_heads, cache.head_dim, dtype=torch.float32)
-        for b, c in enumerate(n):
-            if c:
-                rows[b] = k[b, :, :c].float().abs().amax(dim=1)
-        scales = ti.int4_sym_scale(rows)
-        if not bool(torch.isfinite(scales).all()):
-            raise ValueError("k holds non-finite values (inf or NaN); per-channel scales would be undefined. "
-                             "Nothing was written")
-        cache.k_scales.copy_(scales)
-        cache.calibrated = True
+        calibrate_keys(cache, k, n)
     clipped = 0
     for b, c in enumerate(n):
         if c == 0:
@@ -84,7 +92,7 @@ def append(cache, k: torch.Tensor, v: torch.Tensor, n: list[int]) -> None:
             s = cache.k_scales[b].unsqueeze(1)  # [Hkv, 1, D]
             x = k[b, :, :c].float()
             nib = ti.quantize_int4(x, s)
-            clipped += int((torch.where(s == 0, x != 0, (x / s).abs() > ti.INT4_SYM_QMAX + 0.5)).sum())
+            clipped += int(torch.where(s == 0, x != 0, ~((x / s).abs() < ti.INT4_SYM_QMAX + 0.5)).sum())
             kp = ti.pack_nibbles(nib)
         cache.k_cache[b, :, sl] = kp
     cache.saturated.add_(clipped)
@@ -134,5 +142,5 @@ def decode_attention(q, k_cache, v_cache, k_scales, v_scales, lengths, granulari
     return torch.matmul(p.unsqueeze(2), v).squeeze(2).to(q.dtype)
 
 
-__all__ = ["BITS", "DEFAULT_GROUP", "append", "check_bits", "check_device", "check_inputs", "decode_attention",
+__all__ = ["BITS", "CUDA_GROUPS", "DEFAULT_GROUP", "append", "calibrate_keys", "check_bits", "check_device", "check_inputs", "decode_attention",
            "dequantize", "shapes"]

@@ -387,8 +387,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("granularity,dtype", [("token", torch.float16), ("channel", torch.bfloat16)])
-def test_gpu_generate_eager_graph_and_compiled(granularity, dtype):
+@pytest.mark.parametrize("granularity,dtype,bits", [("token", torch.float16, 8), ("channel", torch.bfloat16, 8),
+                                                    ("token", torch.float16, 4), ("channel", torch.bfloat16, 4)])
+def test_gpu_generate_eager_graph_and_compiled(granularity, dtype, bits):
     """On the GPU: generate() with a KVPackCache, eager and compiled (transformers compiles the decode
     step by itself: reduce-overhead, CUDA graphs), and a hand-captured CUDA graph of a decode step,
     all giving the eager step's logits (same kernels; the graph replays them)."""
@@ -398,7 +399,7 @@ def test_gpu_generate_eager_graph_and_compiled(granularity, dtype):
     mask[1, :5] = 0
 
     def gen(**kw):
-        cache = kh.KVPackCache(model.config, 2, 64, granularity=granularity, device="cuda", dtype=dtype)
+        cache = kh.KVPackCache(model.config, 2, 64, granularity=granularity, device="cuda", dtype=dtype, bits=bits)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                              output_logits=True, return_dict_in_generate=True, **{CACHE: cache}, **kw)
         return out, cache
@@ -420,7 +421,7 @@ def test_gpu_generate_eager_graph_and_compiled(granularity, dtype):
     assert cache_c.lengths.tolist() == cache_e.lengths.tolist() == [16 + 11, 11 + 11]
 
     # a hand-captured decode step: a replay equals the eager step
-    cache = kh.KVPackCache(model.config, 2, 64, granularity=granularity, device="cuda", dtype=dtype)
+    cache = kh.KVPackCache(model.config, 2, 64, granularity=granularity, device="cuda", dtype=dtype, bits=bits)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, **{CACHE: cache})
         tok = torch.randint(1, VOCAB, (2, 1), device="cuda")

@@ -176,7 +176,7 @@ def test_int4_cache_attends_as_the_float64_reference(granularity, hkv, group_q, 
         assert int(cache.saturated) == over
 
 
-def test_int4_cache_bytes_errors_and_the_gpu():
+def test_int4_cache_bytes_and_errors():
     cache = kvpack.KVCache(2, 8, 128, 1000, device="cpu", bits=4)
     assert cache.nbytes == 2 * (2 * 8 * 1000 * 64) + 2 * (2 * 8 * 1000 * 4 * 4)  # packed + a scale per 32 channels
     assert cache.k_cache.dtype == torch.uint8 and cache.k_cache.shape == (2, 8, 1000, 64)
@@ -184,11 +184,153 @@ def test_int4_cache_bytes_errors_and_the_gpu():
         kvpack.KVCache(2, 8, 128, 10, device="cpu", bits=3)
     with pytest.raises(ValueError, match="group_size = 48 must be an even divisor of head_dim = 128"):
         kvpack.KVCache(2, 8, 128, 10, device="cpu", bits=4, group_size=48)
-    with pytest.raises(NotImplementedError, match="CPU implementation only"):
-        kvpack.KVCache(2, 8, 128, 10, device="cuda", bits=4)
+    with pytest.raises(ValueError, match="group_size = 16 is not built for CUDA"):
+        kvpack.KVCache(2, 8, 128, 10, device="cuda", bits=4, group_size=16)
     q = torch.zeros(2, 8, 128, dtype=torch.float16)
     with pytest.raises(ValueError, match="k_cache must be uint8"):
         kvpack.decode_attention(q, cache.v_cache.view(torch.int8), cache.v_cache, cache.k_scales, cache.v_scales,
                                 bits=4)
     with pytest.raises(ValueError, match="k_scales must be float32"):
         kvpack.decode_attention(q, cache.k_cache, cache.v_cache, cache.k_scales[..., :2], cache.v_scales, bits=4)
+
+
+# --- the INT4 cache on the GPU (kernels/decode_int4.cu) ----------------------------------------------
+
+FP16_REL = 2.0**-11
+OUT_REL = {torch.float16: FP16_REL, torch.bfloat16: 2.0**-8}
+
+
+def _gpu_cache(b, hkv, d, t_max, lengths, granularity, group, dtype, seed, device="cuda"):
+    cache = kvpack.KVCache(b, hkv, d, t_max, granularity=granularity, device=device, dtype=dtype, bits=4,
+                           group_size=group)
+    k, v = _kv(b, hkv, max(lengths), d, dtype, seed)
+    cache.append(k.to(device), v.to(device), counts=list(lengths))
+    return cache
+
+
+def _dequantized(cache):
+    """float64 K and V of an INT4 cache (its own nibbles and scales, the reference's arithmetic)."""
+    per_channel = cache.granularity == "channel"
+    kh = kvpack.int4.dequantize(cache.k_cache.cpu(), cache.k_scales.cpu(), per_channel).double()
+    vh = kvpack.int4.dequantize(cache.v_cache.cpu(), cache.v_scales.cpu(), False).double()
+    return kh, vh
+
+
+def _int4_kernel_bound(q, kh, vh, lengths, t_max, dtype):
+    """What the fused INT4 kernel may differ from float64 attention over the same dequantized cache: q'
+    in fp16 (2^-11), each K and V value converted as q * fp16(s_group / s_max) (the ratio's rounding and
+    the fp16 product's: 2 * 2^-11 relative), P' in fp16 and its subnormal tail, the output's rounding."""
+    return ref.decode_error_bound(q, kh, vh, lengths, score_rel=3 * FP16_REL + 2.0**-16,
+                                  weight_rel=3 * FP16_REL + t_max * 2.0**-25, out_rel=OUT_REL[dtype])
+
+
+GPU_CASES = [
+    # b, hkv, q heads per kv head, d, group, t_max, lengths, granularity, dtype
+    (1, 2, 1, 64, 32, 40, (40,), "token", torch.float16),
+    (2, 2, 4, 64, 64, 300, (300, 17), "channel", torch.bfloat16),
+    (3, 1, 8, 128, 32, 1000, (1, 1000, 517), "token", torch.float16),
+    (2, 4, 2, 128, 64, 2048, (2048, 1500), "token", torch.bfloat16),
+    (2, 2, 5, 128, 128, 700, (33, 700), "channel", torch.float16),
+    (1, 8, 4, 128, 32, 4096, (4096,), "channel", torch.float16),
+    (2, 2, 4, 256, 32, 600, (600, 111), "token", torch.float16),
+    (1, 2, 12, 256, 128, 333, (333,), "channel", torch.bfloat16),
+    (2, 1, 3, 256, 64, 130, (16, 130), "token", torch.bfloat16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,hkv,group_q,d,group,t_max,lengths,granularity,dtype", GPU_CASES)
+def test_int4_fused_kernel_matches_float64_reference(b, hkv, group_q, d, group, t_max, lengths, granularity, dtype):
+    cache = _gpu_cache(b, hkv, d, t_max, lengths, granularity, group, dtype, seed=t_max + d)
+    q = torch.randn(b, hkv * group_q, d, generator=torch.Generator().manual_seed(t_max)).to(dtype).cuda()
+    out = cache.attend(q)
+    assert out.shape == q.shape and out.dtype == dtype
+    got = out.double().cpu().numpy()
+    assert np.isfinite(got).all()
+    kh, vh = _dequantized(cache)
+    want = ref.attention_decode(q, kh, vh, list(lengths))
+    bound = _int4_kernel_bound(q, kh, vh, list(lengths), t_max, dtype)
+    err = np.abs(got - want)
+    assert (err <= bound).all(), f"max excess {float((err - bound).max())}, max err {float(err.max())}"
+    one = kvpack.decode_attention(q, cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales, cache.device_lengths,
+                                  granularity=granularity, splits=1, bits=4, group_size=group)
+    assert (np.abs(one.double().cpu().numpy() - want) <= bound).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("granularity", ["token", "channel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d,group", [(64, 32), (64, 64), (128, 32), (128, 64), (128, 128), (256, 32), (256, 128)])
+def test_int4_cuda_append_is_bit_exact_with_the_cpu_append(granularity, dtype, d, group):
+    b, hkv = 3, 2
+    caches = [kvpack.KVCache(b, hkv, d, 300, granularity=granularity, device=dev, bits=4, group_size=group)
+              for dev in ("cpu", "cuda")]
+    for step, (t_new, counts) in enumerate(((200, [200, 37, 1]), (1, None), (5, [0, 5, 2]))):
+        k, v = _kv(b, hkv, t_new, d, dtype, seed=60 + step)
+        if step:
+            k = k * 1.5  # past the calibration: saturation on the channel path
+        for cache in caches:
+            cache.append(k.to(cache.device), v.to(cache.device), counts=counts)
+    cpu, gpu = caches
+    for name in ("k_cache", "v_cache", "k_scales", "v_scales", "saturated"):
+        assert torch.equal(getattr(cpu, name), getattr(gpu, name).cpu()), name
+    assert torch.equal(cpu.device_lengths, gpu.device_lengths.cpu())
+    assert not gpu._arrivals.any()
+    if granularity == "channel":
+        assert int(gpu.saturated) > 0
+
+
+@pytest.mark.gpu
+def test_int4_decode_step_in_a_cuda_graph_never_syncs_and_flags_clamped_lengths():
+    """Append one token and attend, captured once and replayed, as eager calls give; the default call
+    queues kernels only; a length outside [1, T_max] is clamped (0: a zero row) and flagged."""
+    b, hkv, group_q, d = 4, 2, 4, 128
+    lengths = (300, 17, 64, 1)
+    cache, twin = (_gpu_cache(b, hkv, d, 512, lengths, "token", 32, torch.float16, seed=81) for _ in range(2))
+    k1, v1 = (x.cuda() for x in _kv(b, hkv, 1, d, torch.float16, seed=82))
+    q = torch.randn(b, hkv * group_q, d, generator=torch.Generator().manual_seed(82)).half().cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        cache.attend(q)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cache.append(k1, v1)
+        out = cache.attend(q)
+    for step in range(3):
+        graph.replay()
+        twin.append(k1, v1)
+        want = twin.attend(q)
+        torch.cuda.synchronize()
+        assert torch.equal(out, want), step
+    assert cache.sync_lengths().tolist() == [303, 20, 67, 4]
+    args = (q, cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales)
+    bad = torch.tensor([600, 20, 67, -3], dtype=torch.int32, device="cuda")
+    flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = kvpack.decode_attention(*args, bad, clamped=flag, bits=4)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert flag.item() == 1
+    good = torch.tensor([512, 20, 67, 4], dtype=torch.int32, device="cuda")
+    want = kvpack.decode_attention(*args, good, bits=4)
+    assert torch.equal(got[:3], want[:3]) and torch.equal(got[3], torch.zeros_like(got[3]))
+
+
+@pytest.mark.gpu
+def test_int4_opcheck_cuda():
+    cache = _gpu_cache(2, 2, 128, 64, (64, 9), "token", 32, torch.float16, seed=91)
+    q = torch.randn(2, 8, 128, generator=torch.Generator().manual_seed(91)).half().cuda()
+    torch.library.opcheck(
+        torch.ops.kvpack.decode_attention.default,
+        (q, cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales, cache.device_lengths, "token", 0.1, 0),
+    )
+    k, v = (x.cuda() for x in _kv(2, 2, 2, 128, torch.bfloat16, 92))
+    torch.library.opcheck(
+        torch.ops.kvpack.kv_append.default,
+        (cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales, cache.device_lengths, cache._arrivals,
+         cache.saturated, k, v, None, "token"),
+    )

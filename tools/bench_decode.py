@@ -38,8 +38,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-append", action="store_true")
-    ap.add_argument("--methods", nargs="*", default=["sdpa", "dequant_sdpa", "fused"],
-                    help="which of sdpa, dequant_sdpa, fused to time (default: all three)")
+    ap.add_argument("--methods", nargs="*", default=["sdpa", "dequant_sdpa", "fused", "int4"],
+                    help="which of sdpa, dequant_sdpa, fused (INT8), int4 to time (default: all)")
+    ap.add_argument("--int4-group", type=int, default=32, help="the INT4 cache's group size (32, 64, 128)")
     ap.add_argument("--splits", nargs="*", type=int, default=[], help="also time the fused kernel at these split counts")
     ap.add_argument("--page-sizes", nargs="*", type=int, default=[],
                     help="also time kvpack.paged_decode_attention over a paged copy of the cache at these page sizes")
@@ -59,7 +60,8 @@ def main(argv=None) -> int:
         try:
             r = decode_step.decode_point(**p, granularity=args.granularity, warmup=args.warmup,
                                          repeats=args.repeats, copy=copy, extra_splits=args.splits,
-                                         methods=tuple(args.methods), page_sizes=args.page_sizes)
+                                         methods=tuple(args.methods), page_sizes=args.page_sizes,
+                                         int4_group=args.int4_group)
         except torch.cuda.OutOfMemoryError as e:
             r = {"status": "skipped", **p, "skip_reason": str(e)[:200]}
         rows.append(r)
@@ -75,6 +77,11 @@ def main(argv=None) -> int:
               f"{ms('dequant_sdpa')} | {ms('fused')} {r.get('fused_speedup_vs_sdpa', float('nan')):6.2f} "
               f"{100 * r.get('fused_fraction_of_int8_bound', float('nan')):6.1f} {r.get('fused_splits', '-'):>6} "
               f"{r.get('fused_vs_sdpa_max_abs', float('nan')):8.2e}", flush=True)
+        if "int4" in args.methods:
+            print(f"        int4 g{args.int4_group}: {ms('int4')} ms  {r.get('int4_speedup_vs_sdpa', float('nan')):5.2f}x sdpa  "
+                  f"{r.get('int4_vs_fused', float('nan')):5.2f}x int8  "
+                  f"{100 * r.get('int4_fraction_of_int4_bound', float('nan')):5.1f}% of int4 bound  "
+                  f"err {r.get('int4_vs_sdpa_max_abs', float('nan')):8.2e}", flush=True)
         if args.page_sizes:
             print("        paged:", "  ".join(
                 f"P={n}: {r.get(f'paged_p{n}_median_ms', float('nan')):.4f} ms "

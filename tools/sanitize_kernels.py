@@ -76,27 +76,30 @@ def run(variants, granularities, dtypes, shapes) -> tuple[bool, int]:
 
 
 def run_decode() -> int:
-    """The KV cache kernels on awkward shapes; returns the number of kernel calls."""
+    """The KV cache kernels on awkward shapes, INT8 and INT4 (its smallest and largest groups);
+    returns the number of kernel calls."""
     calls = 0
     for d in (64, 128, 256):
-        for gran in ("token", "channel"):
-            for in_dtype in DTYPES.values():
-                for b, hkv, group, t_max, counts in ((1, 1, 1, 1, [1]), (3, 2, 3, 37, [37, 1, 20]), (2, 1, 32, 150, [150, 77])):
-                    q_dtype = torch.bfloat16 if in_dtype == torch.bfloat16 else torch.float16
-                    cache = kvpack.KVCache(b, hkv, d, t_max, granularity=gran, device="cuda", dtype=q_dtype)
-                    g = torch.Generator(device="cuda").manual_seed(d + t_max)
-                    k = torch.empty(b, hkv, t_max, d, dtype=in_dtype, device="cuda").uniform_(-1, 1, generator=g)
-                    v = torch.empty_like(k).uniform_(-1, 1, generator=g)
-                    first = [max(1, c - 1) for c in counts]
-                    cache.append(k, v, counts=first)              # ragged prefill (calibrates per channel)
-                    cache.append(k[:, :, :1] * 2, v[:, :, :1] * 2, counts=[c - f for c, f in zip(counts, first)])
-                    q = torch.empty(b, hkv * group, d, dtype=q_dtype, device="cuda").uniform_(-1, 1, generator=g)
-                    for splits in (0, 1, 2, 7, t_max):
-                        cache.attend(q, splits=min(splits, t_max))
+        for bits, group_size in ((8, 32), (4, 32), (4, min(d, 128))):
+            for gran in ("token", "channel"):
+                for in_dtype in DTYPES.values():
+                    for b, hkv, group, t_max, counts in ((1, 1, 1, 1, [1]), (3, 2, 3, 37, [37, 1, 20]), (2, 1, 32, 150, [150, 77])):
+                        q_dtype = torch.bfloat16 if in_dtype == torch.bfloat16 else torch.float16
+                        cache = kvpack.KVCache(b, hkv, d, t_max, granularity=gran, device="cuda", dtype=q_dtype, bits=bits,
+                                               group_size=group_size)
+                        g = torch.Generator(device="cuda").manual_seed(d + t_max)
+                        k = torch.empty(b, hkv, t_max, d, dtype=in_dtype, device="cuda").uniform_(-1, 1, generator=g)
+                        v = torch.empty_like(k).uniform_(-1, 1, generator=g)
+                        first = [max(1, c - 1) for c in counts]
+                        cache.append(k, v, counts=first)              # ragged prefill (calibrates per channel)
+                        cache.append(k[:, :, :1] * 2, v[:, :, :1] * 2, counts=[c - f for c, f in zip(counts, first)])
+                        q = torch.empty(b, hkv * group, d, dtype=q_dtype, device="cuda").uniform_(-1, 1, generator=g)
+                        for splits in (0, 1, 2, 7, t_max):
+                            cache.attend(q, splits=min(splits, t_max))
+                            calls += 2
                         calls += 2
-                    calls += 2
-            torch.cuda.synchronize()
-            print(f"  decode D={d} {gran}: ok", flush=True)
+                torch.cuda.synchronize()
+                print(f"  decode D={d} bits={bits} group={group_size} {gran}: ok", flush=True)
     calls += run_paged()
     return calls
 

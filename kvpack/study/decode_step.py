@@ -11,10 +11,12 @@ tokens cached for it. Three ways to run it, measured side by side in one job on 
   then the fastest SDPA backend (today's "negligible overhead" claim);
 * ``fused``: ``kvpack.decode_attention``, fused attention over the int8 cache (kernels/decode_attention.cu);
 * ``paged_p<P>``: ``kvpack.paged_decode_attention`` over a paged copy of the same int8 cache (pages
-  of P tokens in a shuffled order, block tables per sequence), one row per page size.
+  of P tokens in a shuffled order, block tables per sequence), one row per page size;
+* ``int4``: ``kvpack.decode_attention(bits=4)``, fused attention over an INT4 cache of the same
+  K and V (packed nibbles, a scale per ``int4_group`` channels of a token; kernels/decode_int4.cu).
 
-Each row also carries the int8 byte bound: the bytes the fused kernel must read (int8 K and V and
-their scales) at the device-to-device copy bandwidth measured in the same job.
+Each row also carries the byte bounds: the bytes each fused kernel must read (int8 or packed int4 K
+and V and their scales) at the device-to-device copy bandwidth measured in the same job.
 """
 
 from __future__ import annotations
@@ -46,17 +48,23 @@ def _uniform(shape, dtype, device, gen) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device).uniform_(-1.0, 1.0, generator=gen)
 
 
-def decode_bytes(batch: int, kv_heads: int, tokens: int, head_dim: int, granularity: str = "token") -> dict:
-    """Bytes one decode step must read: the fp16 cache, and the int8 cache with its fp32 scales."""
+def decode_bytes(batch: int, kv_heads: int, tokens: int, head_dim: int, granularity: str = "token",
+                 int4_group: int = 32) -> dict:
+    """Bytes one decode step must read: the fp16 cache, the int8 cache with its fp32 scales, and the
+    INT4 cache (packed nibbles, an fp32 scale per ``int4_group`` channels of a token; keys per channel
+    with granularity "channel")."""
     elems = batch * kv_heads * tokens * head_dim
     scales = batch * kv_heads * (tokens if granularity == "token" else head_dim)
-    return {"cache_fp16_bytes": 2 * elems * 2, "cache_int8_bytes": 2 * elems + 2 * 4 * scales}
+    groups = batch * kv_heads * tokens * (head_dim // int4_group)
+    k4_scales = groups if granularity == "token" else batch * kv_heads * head_dim
+    return {"cache_fp16_bytes": 2 * elems * 2, "cache_int8_bytes": 2 * elems + 2 * 4 * scales,
+            "cache_int4_bytes": elems + 4 * (groups + k4_scales)}
 
 
 def decode_point(T: int, batch: int = 1, q_heads: int = 32, kv_heads: int = 32, head_dim: int = 128, *,
                  granularity: str = "token", device: str = "cuda", warmup: int = 3, repeats: int = 20,
-                 seed: int = 0, copy: dict | None = None, methods=("sdpa", "dequant_sdpa", "fused"),
-                 extra_splits=(), page_sizes=()) -> dict:
+                 seed: int = 0, copy: dict | None = None, methods=("sdpa", "dequant_sdpa", "fused", "int4"),
+                 extra_splits=(), page_sizes=(), int4_group: int = 32) -> dict:
     """Time one decode step three ways at one shape; returns one record row (medians, p10/p90).
 
     ``extra_splits``: also time the fused kernel with these split counts (rows ``fused_s<n>``), to
@@ -64,10 +72,14 @@ def decode_point(T: int, batch: int = 1, q_heads: int = 32, kv_heads: int = 32, 
     dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(seed)
     row = {"T": T, "batch": batch, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": head_dim,
-           "granularity": granularity, "dtype": "float16", **decode_bytes(batch, kv_heads, T, head_dim, granularity)}
+           "granularity": granularity, "dtype": "float16",
+           **decode_bytes(batch, kv_heads, T, head_dim, granularity, int4_group)}
+    if "int4" in methods:
+        row["int4_group"] = int4_group
     if copy is not None:
         row["copy_gbps"] = copy["copy_gbps"]
         row["int8_byte_bound_ms"] = row["cache_int8_bytes"] / (copy["copy_gbps"] * 1e6)
+        row["int4_byte_bound_ms"] = row["cache_int4_bytes"] / (copy["copy_gbps"] * 1e6)
         row["fp16_byte_bound_ms"] = row["cache_fp16_bytes"] / (copy["copy_gbps"] * 1e6)
     skipped = {}
     timings = {}
@@ -140,12 +152,14 @@ def decode_point(T: int, batch: int = 1, q_heads: int = 32, kv_heads: int = 32, 
             from ..decode_attention import decode_splits
 
             row["fused_splits"] = decode_splits(q3, cache.k_cache, granularity)
-        if page_sizes and "fused" in timings:
-            del k, v  # the fp16 cache: room for the paged copy
-            fused_out = fused()
-            for size in page_sizes:
-                _paged_rows(row, timed, cache, q3, granularity, int(size), fused_out, gen,
-                            row.get("fused_splits", 0))
+    if "int4" in methods:
+        _int4_rows(row, timed, skipped, k, v, q3, granularity, int4_group, reference)
+
+    if "fused" in methods and page_sizes and "fused" in timings:
+        del k, v  # the fp16 cache: room for the paged copy
+        fused_out = fused()
+        for size in page_sizes:
+            _paged_rows(row, timed, cache, q3, granularity, int(size), fused_out, gen, row.get("fused_splits", 0))
 
     for name, s in timings.items():
         row[f"{name}_median_ms"] = s["median_ms"]
@@ -157,15 +171,40 @@ def decode_point(T: int, batch: int = 1, q_heads: int = 32, kv_heads: int = 32, 
         base = row[f"sdpa_{best}_median_ms"]
         row["sdpa_best"] = best
         row["sdpa_best_median_ms"] = base
-        for name in ("dequant_sdpa", "fused"):
+        for name in ("dequant_sdpa", "fused", "int4"):
             if f"{name}_median_ms" in row:
                 row[f"{name}_speedup_vs_sdpa"] = base / row[f"{name}_median_ms"]
     if "fused_median_ms" in row and "int8_byte_bound_ms" in row:
         row["fused_fraction_of_int8_bound"] = row["int8_byte_bound_ms"] / row["fused_median_ms"]
+    if "int4_median_ms" in row and "int4_byte_bound_ms" in row:
+        row["int4_fraction_of_int4_bound"] = row["int4_byte_bound_ms"] / row["int4_median_ms"]
+    if "int4_median_ms" in row and "fused_median_ms" in row:
+        row["int4_vs_fused"] = row["fused_median_ms"] / row["int4_median_ms"]
     if skipped:
         row["skipped"] = skipped
     row["status"] = "ok" if timings else "skipped"
     return row  # the caller empties the CUDA cache once this frame's tensors are gone
+
+
+def _int4_rows(row: dict, timed, skipped: dict, k, v, q3, granularity: str, group: int, reference) -> None:
+    """Time decode_attention(bits=4) over an INT4 cache of the same K and V (row ``int4``), and record
+    its largest difference from fp16 SDPA over the unquantized cache."""
+    batch, kv_heads, t, d = k.shape
+    try:
+        c4 = KVCache(batch, kv_heads, d, t, granularity=granularity, device=k.device, dtype=torch.float16, bits=4,
+                     group_size=group)
+        c4.append(k, v)
+    except torch.cuda.OutOfMemoryError as e:
+        skipped["int4"] = f"out of GPU memory: {str(e).splitlines()[0]}"[:200]
+        return
+
+    def int4():
+        return decode_attention(q3, c4.k_cache, c4.v_cache, c4.k_scales, c4.v_scales, c4.device_lengths,
+                                granularity=granularity, bits=4, group_size=group)
+
+    timed("int4", int4)
+    if reference is not None and "int4" not in skipped:
+        row["int4_vs_sdpa_max_abs"] = float((int4().float() - reference.float()).abs().max())
 
 
 def paged_copy(cache: KVCache, page_size: int, gen: torch.Generator | None = None) -> dict:
@@ -289,7 +328,8 @@ def decode_point_row(p: dict, settings: dict, device: str, copy: dict | None) ->
         row = decode_point(**{k: int(p[k]) for k in POINT_KEYS}, granularity=granularity, device=device,
                            warmup=int(settings.get("warmup", 3)), repeats=int(settings.get("repeats", 20)),
                            seed=int(settings.get("seed", 0)), copy=copy,
-                           page_sizes=[int(x) for x in settings.get("page_sizes", [])])
+                           page_sizes=[int(x) for x in settings.get("page_sizes", [])],
+                           int4_group=int(settings.get("int4_group", 32)))
     except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
         if not _is_oom(e):
             raise
@@ -304,7 +344,7 @@ def decode_point_row(p: dict, settings: dict, device: str, copy: dict | None) ->
 
 
 def _workload(settings: dict, **shape) -> dict:
-    keep = ("granularity", "warmup", "repeats", "seed", "copy_bytes", "page_sizes")
+    keep = ("granularity", "warmup", "repeats", "seed", "copy_bytes", "page_sizes", "int4_group")
     return {**shape, **{k: settings[k] for k in keep if k in settings}}
 
 

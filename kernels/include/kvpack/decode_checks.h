@@ -19,6 +19,7 @@ namespace {
 struct DecodeShape {
   int64_t batch, q_heads, kv_heads, max_tokens, head_dim;
   bool per_token;
+  int64_t group = 0;  // 0: the INT8 cache; else the INT4 cache's group size
 };
 
 inline bool parse_cache_granularity(const std::string& g) {
@@ -40,13 +41,44 @@ inline void check_head_dim(int64_t d) {
   TORCH_CHECK_VALUE(d == 64 || d == 128 || d == 256, "kvpack: head dimension D must be 64, 128 or 256, got ", d);
 }
 
+// The cache's format from its dtype: int8, or uint8 for packed INT4 (CUDA only: allow_int4), whose
+// group size is D / v_scales.size(3). Checks the caches and scales against it; fills s.group.
+inline void check_cache_format(DecodeShape& s, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ks,
+                               const at::Tensor& vs, const at::Tensor& like, bool allow_int4) {
+  const bool int4 = k.scalar_type() == at::kByte;
+  TORCH_CHECK_TYPE(!int4 || allow_int4, "kvpack: a uint8 (INT4) cache on the CPU goes through "
+                   "kvpack.decode_attention(bits=4) / kvpack.KVCache(bits=4), not this op");
+  if (!int4) {
+    check_cache_tensor(k, "k_cache", at::kChar, {s.batch, s.kv_heads, s.max_tokens, s.head_dim}, like);
+    check_cache_tensor(v, "v_cache", at::kChar, {s.batch, s.kv_heads, s.max_tokens, s.head_dim}, like);
+    const int64_t last = s.per_token ? s.max_tokens : s.head_dim;
+    check_cache_tensor(ks, "k_scales", at::kFloat, {s.batch, s.kv_heads, last}, like);
+    check_cache_tensor(vs, "v_scales", at::kFloat, {s.batch, s.kv_heads, last}, like);
+    return;
+  }
+  TORCH_CHECK_VALUE(vs.dim() == 4 && vs.size(3) >= 1 && s.head_dim % vs.size(3) == 0,
+                    "kvpack: an INT4 cache's v_scales must be [B, Hkv, T_max, D / group], got ", vs.sizes());
+  s.group = s.head_dim / vs.size(3);
+  TORCH_CHECK_VALUE(s.group == 32 || s.group == 64 || s.group == 128, "kvpack: the INT4 cache takes groups of 32, "
+                    "64 or 128 channels, got ", s.group, " (D = ", s.head_dim, ", ", vs.size(3), " scales a row)");
+  check_cache_tensor(k, "k_cache", at::kByte, {s.batch, s.kv_heads, s.max_tokens, s.head_dim / 2}, like);
+  check_cache_tensor(v, "v_cache", at::kByte, {s.batch, s.kv_heads, s.max_tokens, s.head_dim / 2}, like);
+  const int64_t groups = s.head_dim / s.group;
+  if (s.per_token) {
+    check_cache_tensor(ks, "k_scales", at::kFloat, {s.batch, s.kv_heads, s.max_tokens, groups}, like);
+  } else {
+    check_cache_tensor(ks, "k_scales", at::kFloat, {s.batch, s.kv_heads, s.head_dim}, like);
+  }
+  check_cache_tensor(vs, "v_scales", at::kFloat, {s.batch, s.kv_heads, s.max_tokens, groups}, like);
+}
+
 // q [B, Hq, D] fp16/bf16 (fp32 too where allow_fp32_q: the CPU implementation, which computes in
 // fp32 anyway), caches int8 [B, Hkv, T_max, D], scales fp32 [B, Hkv, T_max] (token) or [B, Hkv, D]
 // (channel), lengths int32 [B] or absent.
 inline DecodeShape check_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& ks, const at::Tensor& vs,
                                 const c10::optional<at::Tensor>& lengths, const std::string& granularity,
-                                bool allow_fp32_q = false) {
+                                bool allow_fp32_q = false, bool allow_int4 = false) {
   const bool per_token = parse_cache_granularity(granularity);
   TORCH_CHECK_VALUE(q.dim() == 3, "kvpack: q must be [B, Hq, D], got ", q.sizes());
   TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16 ||
@@ -55,17 +87,13 @@ inline DecodeShape check_decode(const at::Tensor& q, const at::Tensor& k, const 
                    ", got ", q.scalar_type());
   TORCH_CHECK_VALUE(q.is_contiguous(), "kvpack: q must be contiguous");
   TORCH_CHECK_VALUE(k.dim() == 4, "kvpack: k_cache must be [B, Hkv, T_max, D], got ", k.sizes());
-  const DecodeShape s{q.size(0), q.size(1), k.size(1), k.size(2), q.size(2), per_token};
+  DecodeShape s{q.size(0), q.size(1), k.size(1), k.size(2), q.size(2), per_token};
   check_head_dim(s.head_dim);
   TORCH_CHECK_VALUE(s.kv_heads >= 1 && s.q_heads % s.kv_heads == 0, "kvpack: Hq = ", s.q_heads,
                     " query heads must be a multiple of Hkv = ", s.kv_heads, " KV heads");
   TORCH_CHECK_VALUE(s.max_tokens >= 1 && s.max_tokens < (int64_t{1} << 31), "kvpack: T_max = ", s.max_tokens,
                     " is out of range");
-  check_cache_tensor(k, "k_cache", at::kChar, {s.batch, s.kv_heads, s.max_tokens, s.head_dim}, q);
-  check_cache_tensor(v, "v_cache", at::kChar, {s.batch, s.kv_heads, s.max_tokens, s.head_dim}, q);
-  const int64_t last = per_token ? s.max_tokens : s.head_dim;
-  check_cache_tensor(ks, "k_scales", at::kFloat, {s.batch, s.kv_heads, last}, q);
-  check_cache_tensor(vs, "v_scales", at::kFloat, {s.batch, s.kv_heads, last}, q);
+  check_cache_format(s, k, v, ks, vs, q, allow_int4);
   if (lengths.has_value()) check_cache_tensor(*lengths, "lengths", at::kInt, {s.batch}, q);
   return s;
 }
@@ -75,10 +103,13 @@ inline DecodeShape check_decode(const at::Tensor& q, const at::Tensor& k, const 
 inline DecodeShape check_append(const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
                                 const at::Tensor& vs, const at::Tensor& lengths, const at::Tensor& arrivals,
                                 const at::Tensor& saturated, const at::Tensor& k, const at::Tensor& v,
-                                const c10::optional<at::Tensor>& counts, const std::string& granularity) {
+                                const c10::optional<at::Tensor>& counts, const std::string& granularity,
+                                bool allow_int4 = false) {
   const bool per_token = parse_cache_granularity(granularity);
   TORCH_CHECK_VALUE(kc.dim() == 4, "kvpack: k_cache must be [B, Hkv, T_max, D], got ", kc.sizes());
-  const DecodeShape s{kc.size(0), kc.size(1), kc.size(1), kc.size(2), kc.size(3), per_token};
+  // D from the new rows (an INT4 cache holds D / 2 bytes a row).
+  TORCH_CHECK_VALUE(k.dim() == 4, "kvpack: k must be [B, Hkv, t_new, D], got ", k.sizes());
+  DecodeShape s{kc.size(0), kc.size(1), kc.size(1), kc.size(2), k.size(3), per_token};
   check_head_dim(s.head_dim);
   TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == s.batch && k.size(1) == s.kv_heads && k.size(3) == s.head_dim,
                     "kvpack: k must be [B, Hkv, t_new, D] = [", s.batch, ", ", s.kv_heads, ", t_new, ", s.head_dim,
@@ -88,11 +119,7 @@ inline DecodeShape check_append(const at::Tensor& kc, const at::Tensor& vc, cons
   TORCH_CHECK_VALUE(k.size(2) >= 1 && k.size(2) < (int64_t{1} << 31), "kvpack: k holds ", k.size(2), " new tokens");
   check_cache_tensor(k, "k", k.scalar_type(), k.sizes(), kc);
   check_cache_tensor(v, "v", k.scalar_type(), k.sizes(), kc);
-  check_cache_tensor(kc, "k_cache", at::kChar, {s.batch, s.kv_heads, s.max_tokens, s.head_dim}, kc);
-  check_cache_tensor(vc, "v_cache", at::kChar, {s.batch, s.kv_heads, s.max_tokens, s.head_dim}, kc);
-  const int64_t last = per_token ? s.max_tokens : s.head_dim;
-  check_cache_tensor(ks, "k_scales", at::kFloat, {s.batch, s.kv_heads, last}, kc);
-  check_cache_tensor(vs, "v_scales", at::kFloat, {s.batch, s.kv_heads, last}, kc);
+  check_cache_format(s, kc, vc, ks, vs, kc, allow_int4);
   check_cache_tensor(lengths, "lengths", at::kInt, {s.batch}, kc);
   check_cache_tensor(arrivals, "arrivals", at::kInt, {s.batch}, kc);
   check_cache_tensor(saturated, "saturated", at::kLong, {}, kc);

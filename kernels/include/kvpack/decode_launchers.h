@@ -8,6 +8,9 @@
 //   scales     fp32, granularity "token":   [B, Hkv, T_max]  (one scale per token row of K or V)
 //                    granularity "channel": [B, Hkv, D]      (the paper's, fixed by calibration)
 //   lengths    int32 [B], tokens held by each sequence (1 <= lengths[b] <= T_max for attention)
+// The INT4 cache (group != 0; kvpack/int4.py documents it): k, v uint8 [B, Hkv, T_max, D / 2], two
+// values a byte; v scales (and k scales, "token") fp32 [B, Hkv, T_max, D / group], group 32, 64 or
+// 128; k scales per channel [B, Hkv, D] with "channel". Contiguous only.
 // The caller guarantees contiguous tensors on the current device, D in {64, 128, 256},
 // Hq a multiple of Hkv, q and out of one dtype (fp16 or bf16), a device guard and the stream.
 #pragma once
@@ -52,6 +55,7 @@ struct DecodeArgs {
   int64_t max_pages = 0;
   int64_t num_slots = 0;
   int page_size = 0;
+  int group = 0;             // 0: the INT8 cache; else the INT4 cache's group size
 };
 
 // The number of parts each sequence's tokens are split into (flash-decoding): enough warps to fill
@@ -59,7 +63,7 @@ struct DecodeArgs {
 // than a few tiles. It depends on the shapes alone, never on the lengths' values, so a decode step
 // has the same launch (and workspace) every time: what a CUDA graph needs.
 int decode_splits(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t max_tokens, int head_dim,
-                  c10::ScalarType dtype, bool per_token, bool paged = false);
+                  c10::ScalarType dtype, bool per_token, bool paged = false, int group = 0);
 
 void decode_attention(const DecodeArgs& args);
 
@@ -91,11 +95,18 @@ struct AppendArgs {
   int64_t max_pages = 0;
   int64_t num_slots = 0;
   int page_size = 0;
+  int group = 0;             // 0: INT8; else INT4 with scales per `group` channels of a token (keys per channel with "channel")
 };
 
 // One launch: quantizes K and V rows on write (per-token scales computed on the fly, per-channel
 // scales read), stores them at lengths[b] + j, and advances lengths[b] by the rows appended.
 void kv_append(const AppendArgs& args);
+
+// The INT4 formats (kernels/decode_int4.cu); the functions above call these where group != 0.
+int decode_splits_int4(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t max_tokens, int head_dim,
+                       c10::ScalarType dtype, bool per_token, int group);
+void decode_attention_int4(const DecodeArgs& args);
+void kv_append_int4(const AppendArgs& args);
 
 }  // namespace cuda
 }  // namespace kvpack

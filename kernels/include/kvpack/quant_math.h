@@ -205,4 +205,27 @@ KVPACK_HD int8_t quantize_flagged(float x, float scale, float recip) {
   return static_cast<int8_t>(q);
 }
 
+// ------------------------------------------------------------------------------------------------
+// Symmetric INT4 (issue 17; docs/int4.md says why symmetric), the same rules at 4 bits:
+//   scale      s = absmax / 7 over a group of channels of a token (or a key channel)
+//   quantize   q = clamp(round_half_even(x / s), -7, 7), stored as the nibble q + 8 (1..15)
+//   dequantize x_hat = float(q) * s
+// A zero scale stores 8 (q = 0). kvpack/torch_impl.py's int4_* functions and kvpack/reference.py's
+// float64 twin compute the same, bit for bit. Two nibbles a byte: element 2i low, 2i + 1 high.
+constexpr float kInt4QMax = 7.0f;
+
+KVPACK_HD float int4_scale_from_absmax(float absmax) { return absmax / kInt4QMax; }
+
+KVPACK_HD uint32_t quantize_int4_nibble(float x, float scale) {
+  if (scale == 0.0f) return 8u;
+  const int8_t q = round_to_int8(x / scale);  // round half to even; NaN -> 0
+  return static_cast<uint32_t>((q > 7 ? 7 : (q < -7 ? -7 : q)) + 8);
+}
+
+// Whether quantize_int4_nibble(x, scale) saturates (a calibrated key channel meets a larger value):
+// |x / s| >= 7.5 rounds past +-7, or the scale is 0 and x is not.
+KVPACK_HD bool saturates_int4(float x, float scale) {
+  return scale == 0.0f ? x != 0.0f : !(std::fabs(x / scale) < kInt4QMax + 0.5f);
+}
+
 }  // namespace kvpack

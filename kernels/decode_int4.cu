@@ -1,0 +1,161 @@
+// The INT4 KV cache on the GPU (issue 17): its write kernel, and the host launchers of fused decode
+// attention over packed nibbles. The split kernel, its INT4 tiles (nibble -> fp16 with one LOP3 and
+// one subtraction, a scale per group of channels) and the merge are shared with the INT8 cache in
+// kernels/include/kvpack/decode_kernels.cuh, which says how a tile is computed; this file only
+// instantiates the INT4 formats: head dimensions 64, 128, 256 with groups of 32, 64 or 128 channels
+// (no larger than D), keys in groups ("token") or per channel ("channel"; values always in groups).
+#include "kvpack/decode_kernels.cuh"
+
+namespace kvpack {
+namespace cuda {
+namespace {
+
+// Write path: a warp per new row of K or V; each lane quantizes D / 32 consecutive elements. Per
+// group the scale absmax / 7 is reduced over the group's lanes (quant_math.h, bit-exact with
+// kvpack/torch_impl.py) and written by its first lane; channel keys use their calibrated scales
+// and count saturation. Two nibbles a byte, element 2i low; lengths advance as the INT8 kernel's do.
+template <typename T, int D, int G, bool kKeyGroups>
+__global__ void __launch_bounds__(kAppendWarps * 32) kv_append_int4_kernel(const AppendParams p) {
+  constexpr int E = D / 32;        // elements per lane: 2, 4 or 8
+  constexpr int kLanes = G / E;    // lanes per group
+  constexpr int kGroups = D / G;   // scales per row
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t b = blockIdx.y;
+  const int64_t per_kv = p.kv_heads * p.new_tokens;
+  const int64_t n_b = p.counts ? min(max(static_cast<int64_t>(p.counts[b]), int64_t{0}), p.new_tokens) : p.new_tokens;
+  const int64_t start = min(max(static_cast<int64_t>(p.lengths[b]), int64_t{0}), p.max_tokens);
+  unsigned long long saturated = 0;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kAppendWarps + warp; r < 2 * per_kv;
+       r += static_cast<int64_t>(gridDim.x) * kAppendWarps) {
+    const bool is_v = r >= per_kv;  // the same for the whole warp
+    const int64_t rem = is_v ? r - per_kv : r;
+    const int64_t h = rem / p.new_tokens;
+    const int64_t j = rem % p.new_tokens;
+    const int64_t pos = start + j;
+    if (j >= n_b || pos >= p.max_tokens) continue;
+    const int64_t head = b * p.kv_heads + h;
+    const T* src = static_cast<const T*>(is_v ? p.v : p.k) + (head * p.new_tokens + j) * D + lane * E;
+    const VecN<T, E> x = load_vec<T, E>(src);
+    const int64_t row = head * p.max_tokens + pos;
+    uint32_t nib[E];
+    if (is_v || kKeyGroups) {
+      float amax = 0.f;
+#pragma unroll
+      for (int e = 0; e < E; ++e) amax = absmax_combine(amax, to_float(x.val[e]));
+#pragma unroll
+      for (int o = kLanes / 2; o > 0; o /= 2) amax = absmax_combine(amax, __shfl_xor_sync(kFullMask, amax, o));
+      const float s = int4_scale_from_absmax(amax);
+      if (lane % kLanes == 0) (is_v ? p.v_scales : p.k_scales)[row * kGroups + lane / kLanes] = s;
+#pragma unroll
+      for (int e = 0; e < E; ++e) nib[e] = quantize_int4_nibble(to_float(x.val[e]), s);
+    } else {
+      const float* sc = p.k_scales + head * D + lane * E;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const float xe = to_float(x.val[e]);
+        nib[e] = quantize_int4_nibble(xe, sc[e]);
+        saturated += saturates_int4(xe, sc[e]) ? 1u : 0u;
+      }
+    }
+    uint32_t packed = 0;
+#pragma unroll
+    for (int i = 0; i < E / 2; ++i) packed |= (nib[2 * i] | (nib[2 * i + 1] << 4)) << (8 * i);
+    uint8_t* dst = reinterpret_cast<uint8_t*>(is_v ? p.v_cache : p.k_cache) + row * (D / 2) + lane * (E / 2);
+    if constexpr (E == 2) {
+      *dst = static_cast<uint8_t>(packed);
+    } else if constexpr (E == 4) {
+      *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(packed);
+    } else {
+      *reinterpret_cast<uint32_t*>(dst) = packed;
+    }
+  }
+  finish_append<!kKeyGroups>(p, saturated, b, start, n_b);
+}
+
+// f(D, G) for the supported (head dimension, group size) pairs.
+template <typename F>
+void dispatch_int4(int head_dim, int group, F&& f) {
+  using std::integral_constant;
+  const auto bad = [&] {
+    TORCH_CHECK_VALUE(false, "kvpack: the INT4 cache takes groups of 32, 64 or 128 channels (at most D), got ", group,
+                      " with D = ", head_dim);
+  };
+  switch (head_dim) {
+    case 64:
+      if (group == 32) f(integral_constant<int, 64>{}, integral_constant<int, 32>{});
+      else if (group == 64) f(integral_constant<int, 64>{}, integral_constant<int, 64>{});
+      else bad();
+      break;
+    case 128:
+      if (group == 32) f(integral_constant<int, 128>{}, integral_constant<int, 32>{});
+      else if (group == 64) f(integral_constant<int, 128>{}, integral_constant<int, 64>{});
+      else if (group == 128) f(integral_constant<int, 128>{}, integral_constant<int, 128>{});
+      else bad();
+      break;
+    case 256:
+      if (group == 32) f(integral_constant<int, 256>{}, integral_constant<int, 32>{});
+      else if (group == 64) f(integral_constant<int, 256>{}, integral_constant<int, 64>{});
+      else if (group == 128) f(integral_constant<int, 256>{}, integral_constant<int, 128>{});
+      else bad();
+      break;
+    default:
+      TORCH_CHECK_VALUE(false, "kvpack: decode attention supports head dimensions 64, 128 and 256, got ", head_dim);
+  }
+}
+
+// f(D, G, query type, keys in groups) for a decode call.
+template <typename F>
+void dispatch_decode_int4(int head_dim, int group, c10::ScalarType dtype, bool key_groups, F&& f) {
+  dispatch_int4(head_dim, group, [&](auto d, auto g) {
+    dispatch_bool(key_groups, [&](auto kg) {
+      if (dtype == c10::ScalarType::Half) {
+        f(d, g, TypeTag<__half>{}, kg);
+      } else if (dtype == c10::ScalarType::BFloat16) {
+        f(d, g, TypeTag<__nv_bfloat16>{}, kg);
+      } else {
+        TORCH_CHECK_TYPE(false, "kvpack: decode attention takes fp16 or bf16 queries, got ", dtype);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+int decode_splits_int4(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t max_tokens, int head_dim,
+                       c10::ScalarType dtype, bool per_token, int group) {
+  int splits = 1;
+  dispatch_decode_int4(head_dim, group, dtype, per_token, [&](auto d, auto g, auto qt, auto kg) {
+    splits = plan_splits(split_kernel<decltype(d)::value, typename decltype(qt)::type, decltype(kg)::value, false,
+                                      decltype(g)::value>(),
+                         batch, q_heads, kv_heads, max_tokens);
+  });
+  return splits;
+}
+
+void decode_attention_int4(const DecodeArgs& a) {
+  TORCH_CHECK_VALUE(a.block_tables == nullptr, "kvpack: the paged cache is INT8 only");
+  dispatch_decode_int4(a.head_dim, a.group, a.dtype, a.per_token, [&](auto d, auto g, auto qt, auto kg) {
+    launch_decode<decltype(d)::value, typename decltype(qt)::type, decltype(kg)::value, false, decltype(g)::value>(a);
+  });
+}
+
+void kv_append_int4(const AppendArgs& a) {
+  TORCH_CHECK_VALUE(a.block_tables == nullptr, "kvpack: the paged cache is INT8 only");
+  AppendParams ap{a.k, a.v, a.counts, a.k_cache, a.v_cache, a.k_scales, a.v_scales, a.lengths,
+                  a.arrivals, a.saturated, a.kv_heads, a.new_tokens, a.max_tokens,
+                  nullptr, nullptr, nullptr, 0, 0, 0, 0};
+  const dim3 grid = append_grid(a.batch, a.kv_heads, a.new_tokens);
+  KVPACK_DISPATCH_FLOAT_TYPES(a.dtype, "kv_append", [&] {
+    dispatch_int4(a.head_dim, a.group, [&](auto d, auto g) {
+      dispatch_bool(a.per_token, [&](auto kg) {
+        kv_append_int4_kernel<scalar_t, decltype(d)::value, decltype(g)::value, decltype(kg)::value>
+            <<<grid, kAppendWarps * 32, 0, a.stream>>>(ap);
+        KVPACK_LAUNCH_CHECK();
+      });
+    });
+  });
+}
+
+}  // namespace cuda
+}  // namespace kvpack

@@ -1,0 +1,1101 @@
+// The decode kernels of the quantized KV cache, shared by kernels/decode_attention.cu (INT8) and
+// kernels/decode_int4.cu (INT4): the split kernel (templated on the head dimension, the query type,
+// the scale granularity, paged or contiguous, and the INT4 group size, 0 for INT8), its tiles, the
+// merge kernel and the write kernels. Each .cu file instantiates its own formats, so the two compile
+// in parallel.
+//
+// The INT8 KV cache on the GPU: fused decode attention over the int8 cache, and the write path.
+//
+// Decode attention (flash-decoding over int8): one query token per sequence attends over its
+// cache. Each sequence's tokens are cut into `splits` parts; a warp owns one part of one KV head
+// for up to 8 of the query heads that share it (grouped-query attention), keeps an online-softmax
+// state (running max, sum, partial output) in registers, and writes it once; a second kernel merges
+// the parts of each query head. K and V are read once, as int8, straight into registers; nothing
+// dequantized is ever written.
+//
+// The arithmetic of a warp, per tile of 16 tokens (g = lane / 4, t = lane % 4):
+//   scores   S^T[h, tok] = Q'[h, :] . K[tok, :] on the tensor cores (mma m16n8k16, fp16 in, fp32
+//            accumulate): Q' is the A operand (rows = the warp's query heads, rows 8..15 zero),
+//            the int8 K tile the B operand. Thread (g, t) loads 16-byte pieces of K rows g and
+//            g + 8 and feeds them as they lie: the head dimension is permuted (k-slot 2t of chunk
+//            4l + c is d = 64l + 16t + 4c), and Q' is laid out with the same permutation, so the
+//            dot product is unchanged and no shuffle or shared memory is needed.
+//   int8 -> fp16 without a conversion instruction: b ^ 0x80 is b + 128 as an unsigned byte;
+//            placed under the fp16 exponent of 1024 (0x64XX, one PRMT for two values) it reads
+//            1024 + b + 128, and one fp16x2 subtraction of 1152 leaves b, exactly (|b| <= 128 is
+//            exact in fp16). Two values per PRMT and per HSUB2: no I2F, which Hopper runs at a
+//            quarter rate.
+//   softmax  scores are in log2 units (sm_scale * log2(e) is folded into Q'), exp2 on the running
+//            max, as flash attention does. Per-token K scales multiply the fp32 scores; per-channel
+//            K scales are folded into Q' once.
+//   output   O^T[d, h] += V^T[d, tok] P'^T[tok, h] on the tensor cores: the C fragment of S^T is
+//            already the B fragment of P'^T (tokens 2t, 2t+1, 2t+8, 2t+9 of head g), and the V tile
+//            is the A operand, its two token rows per register interleaved with one PRMT.
+//            Per-token V scales fold into P' (P'[tok] = p[tok] * vs[tok], kept in fp16 range by
+//            a second running max, of log2(p * vs)); per-channel V scales multiply the output once.
+// Q' is fp16: q * sm_scale * log2(e) (* the channel's K scale), times a power of two per head that
+// puts its largest element in [2^14, 2^15) (exact, undone on the scores), so fp16 neither
+// overflows nor flushes. Its rounding (2^-11 relative) and P''s (2^-11 relative) are the kernel's
+// own error; kvpack/reference.py's decode_attention is the float64 function it is tested against.
+//
+// Write path (kv_append): a warp per new row of K or V: per-token scale absmax / 127 computed on the
+// fly (quant_math.h, bit-exact with the reference) or the calibrated per-channel scale (values past
+// it saturate at +-127 and are counted), the int8 row stored at lengths[b] + j; the last block of a
+// sequence to finish advances lengths[b] (a per-sequence arrival counter that it resets), so one
+// launch appends and the whole step stays on the device (CUDA-graph capturable).
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#include "kvpack/cuda_utils.cuh"
+#include "kvpack/decode_launchers.h"
+
+namespace kvpack {
+namespace cuda {
+namespace {
+
+
+constexpr int kDecodeWarps = 4;        // warps per block of the split kernel
+constexpr int kTileTokens = 16;        // tokens per tile (the mma's k for P'V)
+constexpr int kHeadsPerWarp = 8;       // query heads per warp (the mma's n for S^T rows in use)
+constexpr int kMinSplitTokens = 128;   // never cut a sequence into parts shorter than this (2 tiles a warp)
+constexpr int kMaxSplits = 4096;       // the merge keeps one weight per part in shared memory
+// Resident blocks per multiprocessor the split kernel is compiled for (a register budget): at
+// D = 128, 3 blocks (12 warps, 168 registers, 8 bytes spilled) rather than the 2 that 183 registers
+// allow, for more bytes in flight; D = 64 fits 4, D = 256 takes what 255 registers leave (2).
+template <int D>
+constexpr int kDecodeMinBlocks = D == 128 ? 3 : (D == 64 ? 4 : 1);
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ---- register-level helpers --------------------------------------------------------------------
+
+// Two biased bytes of x (selected by sel, 0x4140: bytes 0, 1; 0x4342: bytes 2, 3) as fp16x2 of
+// their signed values: 0x64XX is 1024 + XX, and XX = b + 128.
+__device__ __forceinline__ uint32_t biased_to_f16x2(uint32_t x, uint32_t sel) {
+  const uint32_t h = __byte_perm(x, 0x64646464u, sel);
+  uint32_t r;
+  asm("sub.f16x2 %0, %1, %2;" : "=r"(r) : "r"(h), "r"(0x64806480u));  // 1152 = 1024 + 128
+  return r;
+}
+
+__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// C += A B, m16n8k16, fp16 inputs, fp32 accumulators (sm_80 and later).
+__device__ __forceinline__ void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                        uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Programmatic dependent launch (sm_90): the primary kernel lets its dependent start; the
+// dependent waits for the primary's writes before reading them. No-ops before sm_90.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_primary() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(kFullMask, x, 1));
+  return fmaxf(x, __shfl_xor_sync(kFullMask, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(kFullMask, x, 1);
+  return x + __shfl_xor_sync(kFullMask, x, 2);
+}
+
+template <int kWords>
+__device__ __forceinline__ void load_words(uint32_t (&w)[kWords], const int8_t* p) {
+  static_assert(kWords == 2 || kWords % 4 == 0, "V pieces are 8 bytes or whole 16-byte vectors");
+  if constexpr (kWords == 2) {
+    const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
+    w[0] = u.x;
+    w[1] = u.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < kWords / 4; ++i) {
+      const uint4 u = __ldg(reinterpret_cast<const uint4*>(p) + i);
+      w[4 * i] = u.x;
+      w[4 * i + 1] = u.y;
+      w[4 * i + 2] = u.z;
+      w[4 * i + 3] = u.w;
+    }
+  }
+}
+
+// ---- one tile of 16 tokens ---------------------------------------------------------------------
+
+// What thread (g, t) holds of one tile: K rows g and g + 8 (D / 4 bytes each: 16-byte pieces at
+// 64l + 16t), V rows 2t, 2t + 1, 2t + 8, 2t + 9 (D / 8 bytes each, at (D / 8) g), and, per token,
+// the scales of the four tokens 2t, 2t + 1, 2t + 8, 2t + 9 of its S^T fragment.
+template <int D>
+struct Tile {
+  static constexpr int kKVecs = D / 64;
+  static constexpr int kVWords = D / 32;
+  uint4 k[2][kKVecs];
+  uint32_t v[4][kVWords];
+  float ks[4];
+  float vs[4];
+};
+
+// Token of fragment slot r (0..3) of thread t: 2t, 2t + 1, 2t + 8, 2t + 9.
+__device__ __forceinline__ int slot_token(int r, int t) { return (r >> 1) * 8 + 2 * t + (r & 1); }
+
+template <int D, bool kPerToken>
+__device__ __forceinline__ void load_tile(Tile<D>& tile, const int8_t* __restrict__ k,
+                                          const int8_t* __restrict__ v, const float* __restrict__ ks,
+                                          const float* __restrict__ vs, int64_t tb, int64_t last_row,
+                                          int g, int t) {
+  // Rows past the cache's end (a partial last tile) are clamped to its last row: always a valid
+  // address, and masked out of the softmax.
+#pragma unroll
+  for (int nb = 0; nb < 2; ++nb) {
+    const int64_t row = min(tb + nb * 8 + g, last_row);
+    const int8_t* p = k + row * D + 16 * t;
+#pragma unroll
+    for (int l = 0; l < Tile<D>::kKVecs; ++l) tile.k[nb][l] = __ldg(reinterpret_cast<const uint4*>(p + 64 * l));
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int64_t row = min(tb + slot_token(r, t), last_row);
+    load_words<Tile<D>::kVWords>(tile.v[r], v + row * D + (D / 8) * g);
+    if constexpr (kPerToken) {
+      tile.ks[r] = __ldg(ks + row);
+      tile.vs[r] = __ldg(vs + row);
+    }
+  }
+}
+
+// The online-softmax state of a warp: for head g (lanes of quad g), the running max m of the
+// scores, the sum l of exp2(s - m) (each lane its share), and mu, the running max of
+// log2(p * vs) that keeps P' in fp16 range (per token only; per channel the reference is m). o holds
+// O^T[d, h] * exp2(m - mu)-scaled sums for heads 2t, 2t + 1: d rows (D / 8) g + 2i and + 1.
+template <int D>
+struct DecodeState {
+  float o[D / 16][4];
+  float m;
+  float l;
+  float mu;
+};
+
+// The online-softmax step of one tile, the same for every format. s: the tile's scores in log2
+// units (-inf where masked), for tokens 2t, 2t + 1, 2t + 8, 2t + 9 of head g. Updates the running
+// max and sum; with per-token V scales (kTokenV), P'[tok] = p[tok] * vs[tok], kept in fp16 range by
+// the second running max mu. Rescales the output columns whose reference moved, and returns P'^T's
+// B fragment (b0: tokens 2t, 2t + 1; b1: 2t + 8, 2t + 9).
+template <int D, bool kTokenV>
+__device__ __forceinline__ void softmax_step(const float (&s)[4], const float (&vs)[4], DecodeState<D>& st, int t,
+                                             uint32_t& b0, uint32_t& b1) {
+  float mx = -INFINITY;
+#pragma unroll
+  for (int r = 0; r < 4; ++r) mx = fmaxf(mx, s[r]);
+  mx = quad_max(mx);
+  const float m_new = fmaxf(st.m, mx);
+  const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no token yet: keep exp2 finite
+  float p[4];
+  float psum = 0.f;
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    p[r] = exp2f(s[r] - m_use);
+    psum += p[r];
+  }
+  const float alpha_l = exp2f(st.m - m_use);  // 1 when the max did not move
+  st.l = st.l * alpha_l + psum;
+  st.m = m_new;
+
+  float alpha_o = alpha_l;  // per channel P' = p: the output's reference is the score max itself
+  if constexpr (kTokenV) {
+    float u[4];
+    float mxu = -INFINITY;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      u[r] = s[r] == -INFINITY ? -INFINITY : s[r] + __log2f(vs[r]);
+      mxu = fmaxf(mxu, u[r]);
+    }
+    mxu = quad_max(mxu);
+    const float mu_new = fmaxf(st.mu, mxu);
+    const float mu_use = mu_new == -INFINITY ? 0.f : mu_new;
+    alpha_o = exp2f(st.mu - mu_use);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) p[r] = exp2f(u[r] - mu_use);
+    st.mu = mu_new;
+  }
+
+  // Rescale the output columns (heads 2t and 2t + 1) when their reference moved.
+  const float a0 = __shfl_sync(kFullMask, alpha_o, 8 * t);
+  const float a1 = __shfl_sync(kFullMask, alpha_o, 8 * t + 4);
+  if (a0 != 1.f || a1 != 1.f) {
+#pragma unroll
+    for (int i = 0; i < D / 16; ++i) {
+      st.o[i][0] *= a0;
+      st.o[i][1] *= a1;
+      st.o[i][2] *= a0;
+      st.o[i][3] *= a1;
+    }
+  }
+
+  b0 = pack_f16x2(p[0], p[1]);
+  b1 = pack_f16x2(p[2], p[3]);
+}
+
+template <int D, bool kPerToken>
+__device__ __forceinline__ void attend_tile(const Tile<D>& tile, const uint32_t (&qa)[D / 16][2],
+                                            DecodeState<D>& st, float q_unscale, int64_t tb, int64_t t1,
+                                            int t) {
+  // S^T = Q' K^T, two n-blocks of 8 tokens (K rows g and g + 8 of the tile).
+  float s[4];
+#pragma unroll
+  for (int nb = 0; nb < 2; ++nb) {
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int l = 0; l < Tile<D>::kKVecs; ++l) {
+      const uint32_t w[4] = {tile.k[nb][l].x, tile.k[nb][l].y, tile.k[nb][l].z, tile.k[nb][l].w};
+#pragma unroll
+      for (int c4 = 0; c4 < 4; ++c4) {
+        const uint32_t biased = w[c4] ^ 0x80808080u;
+        const int kc = 4 * l + c4;
+        mma_f16(c, qa[kc][0], 0u, qa[kc][1], 0u, biased_to_f16x2(biased, 0x4140), biased_to_f16x2(biased, 0x4342));
+      }
+    }
+    s[2 * nb] = c[0];
+    s[2 * nb + 1] = c[1];
+  }
+
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    float x = s[r] * q_unscale;
+    if constexpr (kPerToken) x *= tile.ks[r];
+    s[r] = (tb + slot_token(r, t) < t1) ? x : -INFINITY;
+  }
+  // O^T += V^T P'^T: the S^T fragment is P'^T's B fragment.
+  uint32_t b0;
+  uint32_t b1;
+  softmax_step<D, kPerToken>(s, tile.vs, st, t, b0, b1);
+#pragma unroll
+  for (int w = 0; w < Tile<D>::kVWords; ++w) {
+    const uint32_t va = tile.v[0][w] ^ 0x80808080u;  // token 2t
+    const uint32_t vb = tile.v[1][w] ^ 0x80808080u;  // token 2t + 1
+    const uint32_t vc = tile.v[2][w] ^ 0x80808080u;  // token 2t + 8
+    const uint32_t vd = tile.v[3][w] ^ 0x80808080u;  // token 2t + 9
+    const uint32_t ab01 = __byte_perm(va, vb, 0x5140);  // d 4w: (2t, 2t+1); d 4w + 1: (2t, 2t+1)
+    const uint32_t ab23 = __byte_perm(va, vb, 0x7362);  // d 4w + 2, 4w + 3
+    const uint32_t cd01 = __byte_perm(vc, vd, 0x5140);
+    const uint32_t cd23 = __byte_perm(vc, vd, 0x7362);
+    mma_f16(st.o[2 * w], biased_to_f16x2(ab01, 0x4140), biased_to_f16x2(ab01, 0x4342),
+            biased_to_f16x2(cd01, 0x4140), biased_to_f16x2(cd01, 0x4342), b0, b1);
+    mma_f16(st.o[2 * w + 1], biased_to_f16x2(ab23, 0x4140), biased_to_f16x2(ab23, 0x4342),
+            biased_to_f16x2(cd23, 0x4140), biased_to_f16x2(cd23, 0x4342), b0, b1);
+  }
+}
+
+// ---- INT4: packed nibbles, a scale per group of G channels of a token --------------------------
+//
+// The layout (kvpack/int4.py): bytes [.., T_max, D / 2] (element 2i in the low nibble of byte i,
+// stored as q + 8), scales fp32 [.., T_max, D / G] (keys per channel: [.., D], folded into Q').
+// Nibble -> fp16 without a conversion instruction: one LOP3 puts the nibbles of bytes 0 and 2 of a
+// word under the fp16 exponent of 1024 ((x & 0x000f000f) | 0x64006400 reads 1024 + n, twice), one
+// fp16x2 subtraction of 1032 leaves q = n - 8 exactly. A group's scale cannot fold into Q' (it varies
+// per token) nor into P' (it varies per channel), so it multiplies the converted values: one HMUL2
+// by s_group / s_max of the token, a ratio in [0, 1] that fp16 holds to 2^-11 relative whatever the
+// data's magnitude; the token's s_max then multiplies its score (K) or joins P' (V, like the INT8
+// per-token scale).
+//   K (the B operand of S^T): thread (g, t) loads D / 32 words of K rows g and g + 8: the 16 bytes at
+//     64l + 16t (D >= 128; D = 64: the 8 bytes at 8t), so its 32 (16) channels lie in one group. Word
+//     j (channels e0 .. e0 + 7) feeds chunks 2j (k-slots 2t, 2t + 1: channels e0, e0 + 4; 2t + 8,
+//     2t + 9: e0 + 1, e0 + 5) and 2j + 1 (e0 + 2, e0 + 6; e0 + 3, e0 + 7); Q' is laid out the same way.
+//   V (the A operand of O^T): thread (g, t) loads D / 16 bytes of tokens 2t, 2t + 1, 2t + 8, 2t + 9
+//     at (D / 16) g (channels (D / 8) g ..., one group); a PRMT puts two tokens' bytes side by side,
+//     so each LOP3 gives one channel of two tokens: the fragment the mma wants. The output rows are
+//     the INT8 kernel's, so the merge is shared.
+constexpr uint32_t kNibbleMask = 0x000f000fu;
+constexpr uint32_t kF16Of1024 = 0x64006400u;
+constexpr uint32_t kF16Of1032 = 0x64086408u;  // 1024 + 8: the nibble's bias
+
+// Nibbles at bits s and 16 + s of x as fp16x2 of q = n - 8.
+__device__ __forceinline__ uint32_t nibbles_to_f16x2(uint32_t x) {
+  uint32_t h;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(h) : "r"(x), "r"(kNibbleMask), "r"(kF16Of1024));  // (x & m) | c
+  uint32_t r;
+  asm("sub.f16x2 %0, %1, %2;" : "=r"(r) : "r"(h), "r"(kF16Of1032));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) {
+  uint32_t r;
+  asm("mul.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+
+// N consecutive 32-bit words (N = 1, 2, 4) or floats from a suitably aligned address.
+template <int N>
+__device__ __forceinline__ void load_u32s(uint32_t* w, const uint8_t* p) {
+  if constexpr (N == 1) {
+    w[0] = __ldg(reinterpret_cast<const uint32_t*>(p));
+  } else if constexpr (N == 2) {
+    const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
+    w[0] = u.x;
+    w[1] = u.y;
+  } else {
+    static_assert(N % 4 == 0, "whole 16-byte vectors");
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+      const uint4 u = __ldg(reinterpret_cast<const uint4*>(p) + i);
+      w[4 * i] = u.x;
+      w[4 * i + 1] = u.y;
+      w[4 * i + 2] = u.z;
+      w[4 * i + 3] = u.w;
+    }
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void load_floats(float (&f)[N], const float* p) {
+  uint32_t w[N];
+  load_u32s<N>(w, reinterpret_cast<const uint8_t*>(p));
+#pragma unroll
+  for (int i = 0; i < N; ++i) f[i] = __uint_as_float(w[i]);
+}
+
+// The largest of a token's group scales, and the one of group `grp` over it (0 where all are 0),
+// without indexing registers at run time.
+template <int N>
+__device__ __forceinline__ float group_ratio(const float (&sc)[N], int grp, float& smax) {
+  float m = sc[0];
+  float sel = sc[0];
+#pragma unroll
+  for (int i = 1; i < N; ++i) {
+    m = fmaxf(m, sc[i]);
+    sel = i == grp ? sc[i] : sel;
+  }
+  smax = m;
+  return m > 0.f ? sel / m : 0.f;
+}
+
+// Channel e0 of K word j of thread t (8 consecutive channels a word).
+template <int D>
+__device__ __forceinline__ int k4_channel0(int j, int t) {
+  return D == 64 ? 16 * t + 8 * j : 128 * (j / 4) + 32 * t + 8 * (j % 4);
+}
+
+template <int D, int G>
+struct Tile4 {
+  static constexpr int kGroups = D / G;    // scales per token row
+  static constexpr int kKWords = D / 32;   // K words per row and thread
+  static constexpr int kVWords = D / 64;   // V words per token and thread
+  uint32_t k[2][kKWords];
+  uint32_t v[4][kVWords];
+  float ks[2][kGroups];  // K scales of rows g, g + 8 (per-token groups only)
+  float vs[4][kGroups];  // V scales of tokens 2t, 2t + 1, 2t + 8, 2t + 9
+};
+
+template <int D, int G, bool kKeyGroups>
+__device__ __forceinline__ void load_tile4(Tile4<D, G>& tile, const uint8_t* __restrict__ k,
+                                           const uint8_t* __restrict__ v, const float* __restrict__ ks,
+                                           const float* __restrict__ vs, int64_t tb, int64_t last_row, int g,
+                                           int t) {
+  using TL = Tile4<D, G>;
+#pragma unroll
+  for (int nb = 0; nb < 2; ++nb) {
+    const int64_t row = min(tb + nb * 8 + g, last_row);
+    const uint8_t* p = k + row * (D / 2);
+    if constexpr (D == 64) {
+      load_u32s<2>(tile.k[nb], p + 8 * t);
+    } else {
+#pragma unroll
+      for (int l = 0; l < D / 128; ++l) load_u32s<4>(tile.k[nb] + 4 * l, p + 64 * l + 16 * t);
+    }
+    if constexpr (kKeyGroups) load_floats<TL::kGroups>(tile.ks[nb], ks + row * TL::kGroups);
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int64_t row = min(tb + slot_token(r, t), last_row);
+    load_u32s<TL::kVWords>(tile.v[r], v + row * (D / 2) + (D / 16) * g);
+    load_floats<TL::kGroups>(tile.vs[r], vs + row * TL::kGroups);
+  }
+}
+
+template <int D, int G, bool kKeyGroups>
+__device__ __forceinline__ void attend_tile4(const Tile4<D, G>& tile, const uint32_t (&qa)[D / 16][2],
+                                             DecodeState<D>& st, float q_unscale, int64_t tb, int64_t t1, int g,
+                                             int t) {
+  using TL = Tile4<D, G>;
+  // S^T = Q' K^T, two n-blocks of 8 tokens (K rows g and g + 8 of the tile).
+  float s[4];
+  float kmax[2] = {1.f, 1.f};
+#pragma unroll
+  for (int nb = 0; nb < 2; ++nb) {
+    uint32_t ratio[D >= 256 ? 2 : 1];  // per 128 channels: the thread's words there share a group
+    if constexpr (kKeyGroups) {
+#pragma unroll
+      for (int l = 0; l < (D >= 256 ? 2 : 1); ++l) {
+        const float r = group_ratio<TL::kGroups>(tile.ks[nb], k4_channel0<D>(4 * l, t) / G, kmax[nb]);
+        ratio[l] = pack_f16x2(r, r);
+      }
+    }
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < TL::kKWords; ++j) {
+      const uint32_t x = tile.k[nb][j];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t b0 = nibbles_to_f16x2(x >> (8 * h));
+        uint32_t b1 = nibbles_to_f16x2(x >> (8 * h + 4));
+        if constexpr (kKeyGroups) {
+          b0 = hmul2(b0, ratio[j / 4]);
+          b1 = hmul2(b1, ratio[j / 4]);
+        }
+        mma_f16(c, qa[2 * j + h][0], 0u, qa[2 * j + h][1], 0u, b0, b1);
+      }
+    }
+    s[2 * nb] = c[0];
+    s[2 * nb + 1] = c[1];
+  }
+  // Token 2t + (r & 1) + 8 (r >> 1) is row 2t + (r & 1) of n-block r >> 1: its s_max is that row's
+  // thread's kmax.
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    float x = s[r] * q_unscale;
+    if constexpr (kKeyGroups) x *= __shfl_sync(kFullMask, kmax[r >> 1], 4 * (2 * t + (r & 1)));
+    s[r] = (tb + slot_token(r, t) < t1) ? x : -INFINITY;
+  }
+
+  // V: each token's s_max joins P' (softmax_step); its group's ratio scales the converted values.
+  float vmax[4];
+  float vr[4];
+  const int vgroup = ((D / 8) * g) / G;
+#pragma unroll
+  for (int r = 0; r < 4; ++r) vr[r] = group_ratio<TL::kGroups>(tile.vs[r], vgroup, vmax[r]);
+  const uint32_t rab = pack_f16x2(vr[0], vr[1]);
+  const uint32_t rcd = pack_f16x2(vr[2], vr[3]);
+  uint32_t b0;
+  uint32_t b1;
+  softmax_step<D, true>(s, vmax, st, t, b0, b1);
+
+  // O^T += V^T P'^T. Word w of a token holds channels (D / 8) g + 8w .. + 7; its bytes 0, 1 (2, 3)
+  // with the other token's side by side give channels + 0..3 (+ 4..7), nibble e: channel + e.
+#pragma unroll
+  for (int w = 0; w < TL::kVWords; ++w) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const uint32_t sel = hh ? 0x7632u : 0x5410u;
+      const uint32_t xab = __byte_perm(tile.v[0][w], tile.v[1][w], sel);  // tokens 2t, 2t + 1
+      const uint32_t xcd = __byte_perm(tile.v[2][w], tile.v[3][w], sel);  // tokens 2t + 8, 2t + 9
+#pragma unroll
+      for (int e = 0; e < 4; e += 2) {
+        mma_f16(st.o[4 * w + 2 * hh + e / 2], hmul2(nibbles_to_f16x2(xab >> (4 * e)), rab),
+                hmul2(nibbles_to_f16x2(xab >> (4 * e + 4)), rab), hmul2(nibbles_to_f16x2(xcd >> (4 * e)), rcd),
+                hmul2(nibbles_to_f16x2(xcd >> (4 * e + 4)), rcd), b0, b1);
+      }
+    }
+  }
+}
+
+struct SplitParams {
+  const void* q;
+  const int8_t* k;
+  const int8_t* v;
+  const float* k_scales;
+  const float* v_scales;
+  const int32_t* lengths;
+  float* partial_out;
+  float* partial_stats;
+  int64_t batch, q_heads, kv_heads, max_tokens;
+  int splits, head_groups;
+  float score_scale;  // sm_scale * log2(e)
+  int32_t* clamped;   // or nullptr: set to 1 where a length (or a page id, or a sequence id) was clamped
+  // Paged caches (kPaged): token t of slot s lives in page block_tables[s][t / page_size], row
+  // t % page_size; the pages are [num_pages, Hkv, page_size, D], token scales [num_pages, Hkv,
+  // page_size], channel scales [num_slots, Hkv, D]. Query row b reads slot seq_ids[b] (or b).
+  const int32_t* block_tables;
+  const int32_t* seq_ids;
+  int64_t num_pages, max_pages, num_slots;
+  int page_size;
+};
+
+// The slot (row of lengths, block_tables and channel scales) that query row b reads: seq_ids[b]
+// clamped to [0, num_slots), or b. Flags a clamped id.
+__device__ __forceinline__ int64_t slot_of(const int32_t* seq_ids, int64_t b, int64_t num_slots, int32_t* clamped,
+                                           bool report) {
+  if (seq_ids == nullptr) return b;
+  const int64_t s = seq_ids[b];
+  if (s < 0 || s >= num_slots) {
+    if (report && clamped) *clamped = 1;
+    return min(max(s, int64_t{0}), num_slots - 1);
+  }
+  return s;
+}
+
+// Row 0 of the page that holds token x of a slot's block-table row bt (clamped to a valid page).
+__device__ __forceinline__ int64_t page_row0(const int32_t* bt, int64_t x, int page_size, int64_t max_pages,
+                                             int64_t num_pages, int64_t kv_heads, int64_t kvh, int32_t* clamped) {
+  int64_t page = bt[min(x / page_size, max_pages - 1)];
+  if (page < 0 || page >= num_pages) {
+    if (clamped) *clamped = 1;
+    page = min(max(page, int64_t{0}), num_pages - 1);
+  }
+  return (page * kv_heads + kvh) * page_size;
+}
+
+// One block per part of one (sequence, KV head, group of up to 8 query heads): its 4 warps take
+// the part's tiles in turn (warp w: tiles w, w + 4, ...), so they stream neighbouring memory, and
+// merge their states in shared memory at the end: one partial result per block.
+// G: 0 for the INT8 cache, else the INT4 group size (kPerToken: keys in groups too, else per
+// channel; INT4 values are always in per-token groups). INT4 is contiguous only (kPaged false).
+template <int D, typename QT, bool kPerToken, bool kPaged, int G = 0>
+__global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D>)
+    decode_split_kernel(const SplitParams p) {
+  constexpr bool kInt4 = G > 0;
+  constexpr bool kTokenV = kPerToken || kInt4;  // V scales per token (INT8) or per token group (INT4)
+  static_assert(!(kInt4 && kPaged), "the paged cache is INT8 only");
+  __shared__ float s_m[kDecodeWarps][kHeadsPerWarp];
+  __shared__ float s_l[kDecodeWarps][kHeadsPerWarp];
+  __shared__ float s_mu[kDecodeWarps][kHeadsPerWarp];
+  __shared__ float s_o[kDecodeWarps][kHeadsPerWarp][D];
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  int64_t item = blockIdx.x;
+  const int hg = static_cast<int>(item % p.head_groups);
+  item /= p.head_groups;
+  const int split = static_cast<int>(item % p.splits);
+  item /= p.splits;
+  const int64_t kvh = item % p.kv_heads;
+  const int64_t b = item / p.kv_heads;
+  const int64_t group = p.q_heads / p.kv_heads;
+  const int64_t h0 = kvh * group + hg * kHeadsPerWarp;
+  const int nh = static_cast<int>(min(static_cast<int64_t>(kHeadsPerWarp), group - hg * kHeadsPerWarp));
+
+  // This part's tokens [t0, t1) of the sequence's len: parts are whole tiles, cut from the actual
+  // length (read on the device), so a short sequence in a long cache is still spread over every part.
+  // A length outside [1, T_max] is clamped to [0, T_max] (never read outside the cache) and, where
+  // the caller passed a flag, reported there by the first block of the sequence: no host sync.
+  const bool reporter = split == 0 && hg == 0 && kvh == 0 && threadIdx.x == 0;
+  const int64_t slot = kPaged ? slot_of(p.seq_ids, b, p.num_slots, p.clamped, reporter) : b;
+  const int64_t raw_len = p.lengths ? static_cast<int64_t>(p.lengths[slot]) : p.max_tokens;
+  const int64_t len = min(max(raw_len, int64_t{0}), p.max_tokens);
+  if (reporter && p.clamped && (raw_len < 1 || raw_len > p.max_tokens)) *p.clamped = 1;
+  const int64_t chunk = (len + p.splits - 1) / p.splits;
+  const int64_t chunk16 = (chunk + kTileTokens - 1) / kTileTokens * kTileTokens;
+  const int64_t t0 = split * chunk16;
+  const int64_t t1 = min(t0 + chunk16, len);
+  float* stats = p.partial_stats + ((b * p.q_heads + h0) * p.splits + split) * 2;
+  const int64_t stats_head_stride = static_cast<int64_t>(p.splits) * 2;
+  if (t0 >= t1) {  // an empty part (the whole block agrees): the merge skips it
+    if (threadIdx.x < nh) stats[threadIdx.x * stats_head_stride] = -INFINITY;
+    return;
+  }
+
+  const int64_t kv_row0 = (b * p.kv_heads + kvh);  // contiguous: the (sequence, KV head) block of the cache
+  const int64_t scale_row = (slot * p.kv_heads + kvh);  // channel scales' row (paged: the slot's)
+  constexpr int kRowBytes = kInt4 ? D / 2 : D;
+  constexpr int kRowScales = kInt4 ? D / (kInt4 ? G : 1) : 1;  // token scales per row
+  const int8_t* kb = p.k + kv_row0 * p.max_tokens * kRowBytes;
+  const int8_t* vb = p.v + kv_row0 * p.max_tokens * kRowBytes;
+  const float* ksb = kPerToken ? p.k_scales + kv_row0 * p.max_tokens * kRowScales : nullptr;
+  const float* vsb = kTokenV ? p.v_scales + kv_row0 * p.max_tokens * kRowScales : nullptr;
+  const int64_t last = p.max_tokens - 1;
+  const int32_t* bt = kPaged ? p.block_tables + slot * p.max_pages : nullptr;
+  constexpr int64_t kStride = static_cast<int64_t>(kDecodeWarps) * kTileTokens;
+  const int64_t first = t0 + static_cast<int64_t>(warp) * kTileTokens;
+  // Tile x of this (sequence, KV head): contiguous, rows x.. of its block; paged, rows x % page_size..
+  // of the page holding x (a tile never crosses a page: page_size is a multiple of 16, x of 16).
+  // Paged, the page id of the next tile to load is read one load ahead (lookup), so that the tile's
+  // loads never wait for the block table; an id is checked (clamped, flagged) only when used.
+  auto lookup = [&](int64_t x) -> int32_t {
+    if constexpr (kPaged) {
+      const uint32_t xi = static_cast<uint32_t>(x);  // < 2^31 + a few tiles
+      return __ldg(bt + min(xi / static_cast<uint32_t>(p.page_size), static_cast<uint32_t>(p.max_pages - 1)));
+    } else {
+      return 0;
+    }
+  };
+  using TileT = std::conditional_t<kInt4, Tile4<D, (kInt4 ? G : 32)>, Tile<D>>;
+  auto load = [&](TileT& tile, int64_t x, int32_t page) {
+    if constexpr (kInt4) {
+      load_tile4<D, G, kPerToken>(tile, reinterpret_cast<const uint8_t*>(kb), reinterpret_cast<const uint8_t*>(vb),
+                                  ksb, vsb, x, last, g, t);
+    } else if constexpr (kPaged) {
+      if (page < 0 || page >= p.num_pages) {
+        if (p.clamped) *p.clamped = 1;
+        page = min(max(page, 0), static_cast<int32_t>(p.num_pages - 1));
+      }
+      const int64_t r0 = (static_cast<int64_t>(page) * p.kv_heads + kvh) * p.page_size;
+      const int row = static_cast<int>(static_cast<uint32_t>(x) % static_cast<uint32_t>(p.page_size));
+      load_tile<D, kPerToken>(tile, p.k + r0 * D, p.v + r0 * D, kPerToken ? p.k_scales + r0 : nullptr,
+                              kPerToken ? p.v_scales + r0 : nullptr, row, p.page_size - 1, g, t);
+    } else {
+      load_tile<D, kPerToken>(tile, kb, vb, ksb, vsb, x, last, g, t);
+    }
+  };
+
+  // The first tile's loads go out before the query is prepared: their latency overlaps it.
+  // Up to D = 128 a warp holds two tiles (the next one's loads in flight while one is computed);
+  // at D = 256 one (two would not fit its registers).
+  constexpr bool kPrefetch = D <= 128;
+  TileT buf[kPrefetch ? 2 : 1];
+  int32_t next_page = lookup(first);
+  if (first < t1) load(buf[0], first, next_page);
+  next_page = lookup(first + kStride);
+
+  // Q' fragments for head g (rows 8..15 of the A operand are zero). INT8: elements d0 .. d0 + 3 of
+  // chunk kc = 4l + c, d0 = 64l + 16t + 4c. INT4: qf[8j + e] is channel e0 + e of K word j
+  // (k4_channel0), and chunk 2j + h takes channels e0 + 2h, e0 + 4 + 2h (slots 2t, 2t + 1) and
+  // e0 + 2h + 1, e0 + 2h + 5 (slots 2t + 8, 2t + 9).
+  uint32_t qa[D / 16][2];
+  float q_unscale;
+  {
+    float qf[D / 4];
+    float amax = 0.f;
+    const bool valid = g < nh;
+    const QT* qp = static_cast<const QT*>(p.q) + (b * p.q_heads + h0 + (valid ? g : 0)) * D;
+#pragma unroll
+    for (int l = 0; l < D / 64; ++l) {
+#pragma unroll
+      for (int e = 0; e < 16; ++e) {
+        const int d = kInt4 ? k4_channel0<D>(2 * l + e / 8, t) + e % 8 : 64 * l + 16 * t + e;
+        float f = valid ? to_float(qp[d]) * p.score_scale : 0.f;
+        if constexpr (!kPerToken) f *= __ldg(p.k_scales + scale_row * D + d);
+        qf[16 * l + e] = f;
+        amax = fmaxf(amax, fabsf(f));
+      }
+    }
+    amax = quad_max(amax);
+    int e2 = 0;
+    frexpf(amax, &e2);  // amax = f 2^e2, f in [0.5, 1)
+    const int shift = (amax > 0.f && amax < INFINITY) ? max(-100, min(100, 15 - e2)) : 0;
+    q_unscale = ldexpf(1.f, -shift);
+#pragma unroll
+    for (int kc = 0; kc < D / 16; ++kc) {
+      if constexpr (kInt4) {
+        const int j = kc / 2;
+        const int h = kc % 2;
+        qa[kc][0] = pack_f16x2(ldexpf(qf[8 * j + 2 * h], shift), ldexpf(qf[8 * j + 4 + 2 * h], shift));
+        qa[kc][1] = pack_f16x2(ldexpf(qf[8 * j + 2 * h + 1], shift), ldexpf(qf[8 * j + 5 + 2 * h], shift));
+      } else {
+        qa[kc][0] = pack_f16x2(ldexpf(qf[4 * kc], shift), ldexpf(qf[4 * kc + 1], shift));
+        qa[kc][1] = pack_f16x2(ldexpf(qf[4 * kc + 2], shift), ldexpf(qf[4 * kc + 3], shift));
+      }
+    }
+  }
+
+  DecodeState<D> st;
+#pragma unroll
+  for (int i = 0; i < D / 16; ++i) st.o[i][0] = st.o[i][1] = st.o[i][2] = st.o[i][3] = 0.f;
+  st.m = -INFINITY;
+  st.l = 0.f;
+  st.mu = -INFINITY;
+  auto attend = [&](const TileT& tile, int64_t x) {
+    if constexpr (kInt4) {
+      attend_tile4<D, G, kPerToken>(tile, qa, st, q_unscale, x, t1, g, t);
+    } else {
+      attend_tile<D, kPerToken>(tile, qa, st, q_unscale, x, t1, t);
+    }
+  };
+
+  // Tile j of each round of P: computed, then its registers take the tile P rounds ahead, so P - 1
+  // tiles are always loading while one is computed (indices static: the buffers stay in registers).
+  if constexpr (kPrefetch) {
+    // The next tile's loads are issued just before this one is computed. (Measured on the H200: a
+    // ring that reloads each buffer right after computing it, the same prefetch distance, ran
+    // 10-15% slower at every shape; so did a third buffer at D = 64.)
+    for (int64_t x = first; x < t1; x += 2 * kStride) {
+      if (x + kStride < t1) {
+        load(buf[1], x + kStride, next_page);
+        next_page = lookup(x + 2 * kStride);
+      }
+      attend(buf[0], x);
+      if (x + kStride >= t1) break;
+      if (x + 2 * kStride < t1) {
+        load(buf[0], x + 2 * kStride, next_page);
+        next_page = lookup(x + 3 * kStride);
+      }
+      attend(buf[1], x + kStride);
+    }
+  } else {
+    for (int64_t x = first; x < t1; x += kStride) {
+      if (x != first) {
+        load(buf[0], x, next_page);
+        next_page = lookup(x + kStride);
+      }
+      attend(buf[0], x);
+    }
+  }
+
+  // Merge the warps' states: per head the block's max M = max_w m_w, the sum l = sum_w l_w 2^(m_w - M),
+  // and the output sum_w O_w 2^(mu_w - M) (O_w is relative to mu_w; mu_w - M <= log2 of the largest
+  // V scale, so the factor is finite).
+  const float l_total = quad_sum(st.l);
+  if (t == 0) {
+    s_m[warp][g] = st.m;
+    s_l[warp][g] = l_total;
+    s_mu[warp][g] = kTokenV ? st.mu : st.m;
+  }
+  __syncthreads();
+  float fa = 0.f;
+  float fb = 0.f;
+  {
+    float ma = -INFINITY;
+    float mb = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) {
+      ma = fmaxf(ma, s_m[w][2 * t]);
+      mb = fmaxf(mb, s_m[w][2 * t + 1]);
+    }
+    if (s_m[warp][2 * t] != -INFINITY) fa = exp2f(s_mu[warp][2 * t] - ma);
+    if (s_m[warp][2 * t + 1] != -INFINITY) fb = exp2f(s_mu[warp][2 * t + 1] - mb);
+  }
+#pragma unroll
+  for (int i = 0; i < D / 16; ++i) {
+    const int d = (D / 8) * g + 2 * i;
+    *reinterpret_cast<float2*>(&s_o[warp][2 * t][d]) = make_float2(st.o[i][0] * fa, st.o[i][2] * fa);
+    *reinterpret_cast<float2*>(&s_o[warp][2 * t + 1][d]) = make_float2(st.o[i][1] * fb, st.o[i][3] * fb);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < nh * D; e += blockDim.x) {
+    const int h = e / D;
+    const int d = e % D;
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) sum += s_o[w][h][d];
+    p.partial_out[((b * p.q_heads + h0 + h) * p.splits + split) * D + d] = sum;
+  }
+  if (threadIdx.x < nh) {
+    const int h = threadIdx.x;
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) m = fmaxf(m, s_m[w][h]);
+    float l = 0.f;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) {
+      if (s_m[w][h] != -INFINITY) l += s_l[w][h] * exp2f(s_m[w][h] - m);
+    }
+    stats[h * stats_head_stride] = m;
+    stats[h * stats_head_stride + 1] = l;
+  }
+  // Every write of this block is done: the merge kernel, launched early (programmatic dependent
+  // launch, sm_90), may pass its wait once every block has got here or exited.
+  __syncthreads();
+  allow_dependent_launch();
+}
+
+struct CombineParams {
+  const float* partial_out;
+  const float* partial_stats;
+  const float* v_scales;  // per channel: [B (paged: slots), Hkv, D], applied here; per token: unused
+  void* out;
+  int64_t q_heads, kv_heads;
+  int splits;
+  int head_dim;
+  const int32_t* seq_ids;  // paged: the slot of each query row (channel scales), or nullptr
+  int64_t num_slots;
+};
+
+constexpr int kCombineThreads = 512;
+
+// The merge's shared weights, padded to whole float4s so that the sums after them are aligned.
+__host__ __device__ constexpr int combine_weights_floats(int splits) { return (splits + 3) / 4 * 4; }
+
+template <bool kMax>
+__device__ __forceinline__ float block_reduce(float x, float* scratch) {
+  for (int o = 16; o > 0; o /= 2) {
+    const float y = __shfl_xor_sync(kFullMask, x, o);
+    x = kMax ? fmaxf(x, y) : x + y;
+  }
+  const int warp = threadIdx.x >> 5;
+  __syncthreads();  // scratch may still be read by a previous reduction
+  if ((threadIdx.x & 31) == 0) scratch[warp] = x;
+  __syncthreads();
+  x = scratch[0];
+  for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w) x = kMax ? fmaxf(x, scratch[w]) : x + scratch[w];
+  return x;
+}
+
+// One block per (sequence, query head): the parts' weights exp2(m_s - m) in shared memory, then
+// groups of D / 4 threads (a float4 each) sum the weighted partial outputs over the parts in
+// parallel, every load independent of the others: a few round trips, not one per part.
+template <typename QT, bool kPerToken>
+__global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const CombineParams p) {
+  extern __shared__ float smem[];
+  float* weights = smem;                   // [splits]
+  float* sums = smem + combine_weights_floats(p.splits);  // [groups][D] = 4 kCombineThreads floats, 16-byte aligned
+  __shared__ float scratch[kCombineThreads / 32];
+  wait_for_primary();  // the split kernel's partial results
+  const int64_t bh = blockIdx.x;
+  const int D = p.head_dim;
+  const int S = p.splits;
+  const float* stats = p.partial_stats + bh * S * 2;
+  float m = -INFINITY;
+  for (int s = threadIdx.x; s < S; s += blockDim.x) m = fmaxf(m, stats[2 * s]);
+  m = block_reduce<true>(m, scratch);
+  float l = 0.f;
+  for (int s = threadIdx.x; s < S; s += blockDim.x) {
+    const float ms = stats[2 * s];
+    // An empty part (m = -inf) has weight 0 and was never written: its sum is not read.
+    const float w = (ms == -INFINITY || m == -INFINITY) ? 0.f : exp2f(ms - m);
+    weights[s] = w;
+    if (w > 0.f) l += w * stats[2 * s + 1];
+  }
+  l = block_reduce<false>(l, scratch);  // its barriers also publish `weights`
+  const int row_threads = D / 4;
+  const int groups = blockDim.x / row_threads;
+  const int d4 = threadIdx.x % row_threads;
+  const int grp = threadIdx.x / row_threads;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  const float* po = p.partial_out + bh * S * D + 4 * d4;
+#pragma unroll 4
+  for (int s = grp; s < S; s += groups) {
+    const float w = weights[s];
+    if (w > 0.f) {
+      const float4 v = *reinterpret_cast<const float4*>(po + static_cast<int64_t>(s) * D);
+      acc.x += w * v.x;
+      acc.y += w * v.y;
+      acc.z += w * v.z;
+      acc.w += w * v.w;
+    }
+  }
+  *reinterpret_cast<float4*>(sums + grp * D + 4 * d4) = acc;
+  __syncthreads();
+  if (grp == 0) {
+    for (int g2 = 1; g2 < groups; ++g2) {
+      const float4 v = *reinterpret_cast<const float4*>(sums + g2 * D + 4 * d4);
+      acc.x += v.x;
+      acc.y += v.y;
+      acc.z += v.z;
+      acc.w += v.w;
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float r[4] = {acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv};
+    if constexpr (!kPerToken) {
+      const int64_t b = slot_of(p.seq_ids, bh / p.q_heads, p.num_slots, nullptr, false);
+      const int64_t kvh = (bh % p.q_heads) / (p.q_heads / p.kv_heads);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) r[j] *= p.v_scales[(b * p.kv_heads + kvh) * D + 4 * d4 + j];
+    }
+    QT* out = static_cast<QT*>(p.out) + bh * D + 4 * d4;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out[j] = from_float<QT>(r[j]);
+  }
+}
+
+template <int D, typename QT, bool kPerToken, bool kPaged, int G = 0>
+constexpr auto split_kernel() {
+  return &decode_split_kernel<D, QT, kPerToken, kPaged, G>;
+}
+
+template <typename F>
+void dispatch_decode(int head_dim, c10::ScalarType dtype, bool per_token, F&& f) {
+  auto with_d = [&](auto d) {
+    dispatch_bool(per_token, [&](auto pt) {
+      if (dtype == c10::ScalarType::Half) {
+        f(d, TypeTag<__half>{}, pt);
+      } else if (dtype == c10::ScalarType::BFloat16) {
+        f(d, TypeTag<__nv_bfloat16>{}, pt);
+      } else {
+        TORCH_CHECK_TYPE(false, "kvpack: decode attention takes fp16 or bf16 queries, got ", dtype);
+      }
+    });
+  };
+  switch (head_dim) {
+    case 64: with_d(std::integral_constant<int, 64>{}); break;
+    case 128: with_d(std::integral_constant<int, 128>{}); break;
+    case 256: with_d(std::integral_constant<int, 256>{}); break;
+    default: TORCH_CHECK_VALUE(false, "kvpack: decode attention supports head dimensions 64, 128 and 256, got ", head_dim);
+  }
+}
+
+// ---- write path --------------------------------------------------------------------------------
+
+constexpr int kAppendWarps = 8;
+
+struct AppendParams {
+  const void* k;
+  const void* v;
+  const int32_t* counts;
+  int8_t* k_cache;
+  int8_t* v_cache;
+  float* k_scales;
+  float* v_scales;
+  int32_t* lengths;
+  int32_t* arrivals;
+  unsigned long long* saturated;
+  int64_t kv_heads, new_tokens, max_tokens;
+  // Paged (kPaged): as SplitParams; row b of k and v goes to slot seq_ids[b] (or b).
+  const int32_t* block_tables;
+  const int32_t* seq_ids;
+  int32_t* clamped;
+  int64_t num_pages, max_pages, num_slots;
+  int page_size;
+};
+
+// The end of every write kernel: the warps' saturation counts (with calibrated scales) go to the
+// counter; the last block of sequence `slot` to finish advances its length (every block has read
+// it by then) and resets the arrival counter for the next append.
+template <bool kCountSaturated>
+__device__ __forceinline__ void finish_append(const AppendParams& p, unsigned long long saturated, int64_t slot,
+                                              int64_t start, int64_t n_b) {
+  if constexpr (kCountSaturated) {
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) saturated += __shfl_xor_sync(kFullMask, saturated, o);
+    if ((threadIdx.x & 31) == 0 && saturated) atomicAdd(p.saturated, saturated);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(p.arrivals + slot, 1) == static_cast<int>(gridDim.x) - 1) {
+      p.lengths[slot] = static_cast<int32_t>(min(start + n_b, p.max_tokens));
+      p.arrivals[slot] = 0;
+    }
+  }
+}
+
+template <typename T, int D, bool kPerToken, bool kPaged>
+__global__ void __launch_bounds__(kAppendWarps * 32) kv_append_kernel(const AppendParams p) {
+  constexpr int E = D / 32;  // elements per lane
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t b = blockIdx.y;
+  const int64_t slot = kPaged ? slot_of(p.seq_ids, b, p.num_slots, p.clamped, blockIdx.x == 0 && threadIdx.x == 0) : b;
+  const int64_t per_kv = p.kv_heads * p.new_tokens;
+  const int64_t n_b = p.counts ? min(max(static_cast<int64_t>(p.counts[b]), int64_t{0}), p.new_tokens) : p.new_tokens;
+  const int64_t start = min(max(static_cast<int64_t>(p.lengths[slot]), int64_t{0}), p.max_tokens);
+  unsigned long long saturated = 0;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kAppendWarps + warp; r < 2 * per_kv;
+       r += static_cast<int64_t>(gridDim.x) * kAppendWarps) {
+    const bool is_v = r >= per_kv;
+    const int64_t rem = is_v ? r - per_kv : r;
+    const int64_t h = rem / p.new_tokens;
+    const int64_t j = rem % p.new_tokens;
+    const int64_t pos = start + j;
+    if (j >= n_b || pos >= p.max_tokens) continue;
+    const int64_t head = b * p.kv_heads + h;
+    const T* src = static_cast<const T*>(is_v ? p.v : p.k) + (head * p.new_tokens + j) * D + lane * E;
+    const VecN<T, E> x = load_vec<T, E>(src);
+    VecN<int8_t, E> q;
+    float* scales = is_v ? p.v_scales : p.k_scales;
+    // The row's place: contiguous, row pos of the (sequence, head) block; paged, in its page.
+    const int64_t row = kPaged ? page_row0(p.block_tables + slot * p.max_pages, pos, p.page_size, p.max_pages,
+                                           p.num_pages, p.kv_heads, h, p.clamped) + pos % p.page_size
+                               : head * p.max_tokens + pos;
+    if constexpr (kPerToken) {
+      float amax = 0.f;
+#pragma unroll
+      for (int e = 0; e < E; ++e) amax = absmax_combine(amax, to_float(x.val[e]));
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) amax = absmax_combine(amax, __shfl_xor_sync(kFullMask, amax, o));
+      const float s = scale_from_absmax(amax);
+      if (lane == 0) scales[row] = s;
+#pragma unroll
+      for (int e = 0; e < E; ++e) q.val[e] = quantize_value(to_float(x.val[e]), s);
+    } else {
+      const float* sc = scales + (slot * p.kv_heads + h) * D + lane * E;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const float xe = to_float(x.val[e]);
+        const float s = sc[e];
+        q.val[e] = quantize_value(xe, s);
+        saturated += saturates(xe, s) ? 1u : 0u;
+      }
+    }
+    store_vec<int8_t, E>((is_v ? p.v_cache : p.k_cache) + row * D + lane * E, q);
+  }
+  finish_append<!kPerToken>(p, saturated, slot, start, n_b);
+}
+
+// Compute capability major of the current device, read once per device.
+int compute_major() {
+  static std::mutex mu;
+  static std::vector<int> cache;
+  const int dev = current_device();
+  std::lock_guard<std::mutex> lock(mu);
+  if (dev >= static_cast<int>(cache.size())) cache.resize(dev + 1, -1);
+  if (cache[dev] < 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&cache[dev], cudaDevAttrComputeCapabilityMajor, dev));
+  return cache[dev];
+}
+
+
+// ---- host: the split plan and the launch, for any format --------------------------------------
+
+// Whole waves of blocks: the fewest parts whose blocks fill the resident slots to 95% in their last
+// wave. Measured on the H200: a second, nearly empty wave costs as long as the first (1088 warps for
+// 1056 resident slots ran at 57% of the byte bound, 1024 at 90%), and 256 blocks in 396 slots left
+// a third of the device idle.
+template <typename Kernel>
+int plan_splits(Kernel kernel, int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t max_tokens) {
+  const int64_t resident_blocks =
+      static_cast<int64_t>(sm_count()) * blocks_per_sm(reinterpret_cast<const void*>(kernel), kDecodeWarps * 32);
+  const int64_t head_groups = ceil_div(q_heads / kv_heads, kHeadsPerWarp);
+  const int64_t items = batch * kv_heads * head_groups;
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(kMaxSplits, ceil_div(max_tokens, kMinSplitTokens)));
+  const int64_t search = std::min<int64_t>(most, 4 * ceil_div(resident_blocks, items));
+  int64_t want = 1;
+  double best = 0.0;
+  for (int64_t s = 1; s <= search; ++s) {
+    const int64_t blocks = items * s;
+    const double fill = static_cast<double>(blocks) / static_cast<double>(ceil_div(blocks, resident_blocks) * resident_blocks);
+    if (fill > best + 1e-9) {
+      best = fill;
+      want = s;
+    }
+    if (fill >= 0.95) break;
+  }
+  return static_cast<int>(std::max<int64_t>(1, std::min(want, most)));
+}
+
+// The split kernel, then the merge as its programmatic dependent where the device has it (sm_90):
+// the merge's launch overlaps the split kernel's last blocks instead of following the grid's drain.
+template <int D, typename QT, bool kPerToken, bool kPaged, int G>
+void launch_decode(const DecodeArgs& a) {
+  constexpr bool kTokenV = kPerToken || G > 0;
+  SplitParams sp{a.q, a.k, a.v, a.k_scales, a.v_scales, a.lengths, a.partial_out, a.partial_stats,
+                 a.batch, a.q_heads, a.kv_heads, a.max_tokens, a.splits,
+                 static_cast<int>(ceil_div(a.q_heads / a.kv_heads, kHeadsPerWarp)), a.sm_scale * kLog2e,
+                 a.clamped, a.block_tables, a.seq_ids, a.num_pages, a.max_pages, a.num_slots, a.page_size};
+  const int64_t blocks = a.batch * a.kv_heads * a.splits * sp.head_groups;
+  const auto kernel = split_kernel<D, QT, kPerToken, kPaged, G>();
+  kernel<<<static_cast<unsigned>(blocks), kDecodeWarps * 32, 0, a.stream>>>(sp);
+  KVPACK_LAUNCH_CHECK();
+  CombineParams cp{a.partial_out, a.partial_stats, a.v_scales, a.out, a.q_heads, a.kv_heads, a.splits, D,
+                   kPaged ? a.seq_ids : nullptr, a.num_slots};
+  const size_t smem = sizeof(float) * (static_cast<size_t>(combine_weights_floats(a.splits)) + 4 * kCombineThreads);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(a.batch * a.q_heads));
+  cfg.blockDim = dim3(kCombineThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = a.stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = compute_major() >= 9 ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode_combine_kernel<QT, kTokenV>, cp));
+}
+
+// Blocks of the write kernel per sequence: enough for every row, never more than fill the device about twice.
+inline dim3 append_grid(int64_t batch, int64_t kv_heads, int64_t new_tokens) {
+  const int64_t rows = 2 * kv_heads * new_tokens;
+  const int64_t fill = ceil_div(2 * static_cast<int64_t>(sm_count()) * 8, batch);
+  const unsigned bx = static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(rows, kAppendWarps), fill)));
+  return dim3(bx, static_cast<unsigned>(batch));
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace kvpack

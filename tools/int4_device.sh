@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Issue 17's GPU half in one device call, on a machine with a CUDA device:
+#   1. build the extension                                                   -> $OUT/logs: build.log
+#   2. GPU tests: the INT4 cache (kernel against float64, append bit-exact with the
+#      CPU, CUDA graph, no sync, clamping, opcheck), the INT8 decode and paged
+#      tests (the kernels share their header), kvpack.hf with bits=4         -> pytest_gpu.log
+#   3. tools/bench_decode.py: INT4 beside INT8 and every SDPA backend at the
+#      issue's points, the copy bandwidth of the same job                    -> $OUT/decode_int4.json
+#   4. compute-sanitizer memcheck and racecheck over the KV cache kernels,
+#      INT4 included (tools/sanitize_kernels.py --decode)                    -> sanitizer.log, racecheck.log
+# then the logs in one archive ($OUT/logs.tar.gz). Every step runs even when an earlier one failed.
+#
+#   OUT=/some/dir KVPACK_GIT_COMMIT=$(git rev-parse HEAD) bash tools/int4_device.sh
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-build/int4-device}"
+L="$OUT/logs"
+mkdir -p "$L"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$L/pip.log" 2>&1 && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -1)
+{
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  echo "compute-sanitizer: ${SAN:-none}"
+} 2>&1 | tee "$L/env.txt"
+
+t0=$SECONDS; python3 -m kvpack.build --verbose --out "$L/build-info.json" > "$L/build.log" 2>&1
+echo "build: exit $? after $((SECONDS - t0)) s"
+t0=$SECONDS
+timeout "${TEST_BUDGET:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_int4.py \
+  tests/test_decode_attention.py tests/test_paged.py tests/test_hf.py > "$L/pytest_gpu.log" 2>&1
+echo "pytest -m gpu (int4, decode, paged, hf): exit $? after $((SECONDS - t0)) s: $(tail -1 "$L/pytest_gpu.log")"
+grep -E "^(FAILED|ERROR)" "$L/pytest_gpu.log" | head -20
+t0=$SECONDS
+timeout "${BENCH_BUDGET:-200}" python3 tools/bench_decode.py --no-append --json "$OUT/decode_int4.json" \
+  --points ${POINTS:-4096x1x32x8x128 32768x1x32x8x128 32768x8x32x8x128 32768x8x32x32x128 32768x32x32x8x128 \
+  32768x32x32x32x128 131072x1x32x32x128 4096x8x32x8x128} 2>&1 | grep -v -E "Warning|^  warnings" \
+  | tee "$L/bench_decode_int4.log"
+echo "bench_decode: after $((SECONDS - t0)) s"
+if [ -n "$SAN" ] && [ "${SANITIZE:-1}" = 1 ]; then
+  t0=$SECONDS
+  timeout 200 "$SAN" --tool memcheck --error-exitcode 1 python3 tools/sanitize_kernels.py --decode > "$L/sanitizer.log" 2>&1
+  echo "memcheck: exit $? after $((SECONDS - t0)) s: $(grep -E 'ERROR SUMMARY' "$L/sanitizer.log" | tail -1)"
+  t0=$SECONDS
+  timeout 150 "$SAN" --tool racecheck --error-exitcode 1 python3 tools/sanitize_kernels.py --decode > "$L/racecheck.log" 2>&1
+  echo "racecheck: exit $? after $((SECONDS - t0)) s: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$L/racecheck.log" | tail -1)"
+fi
+echo "done after $SECONDS s"
+(cd "$OUT" && tar czf logs.tar.gz logs && rm -rf logs)
