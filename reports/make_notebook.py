@@ -145,7 +145,7 @@ CELLS = [
              '    show(t.decode_append, ["source", "device_slug", "batch", "kv_heads", "head_dim", "granularity", '
              '"append_median_us", "append_p10_ms", "append_p90_ms"], digits=3)\n'
              'labels = kc.source_labels(claims)\n'
-             'for cid in ("decode_overhead", "decode_speed_target"):\n'
+             'for cid in ("decode_overhead", "decode_speed_target", "int4_decode"):\n'
              '    for _, r in claims[claims["claim_id"] == cid].iterrows():\n'
              '        label = labels[(str(r["source"]), "" if pd.isna(r["device_slug"]) else str(r["device_slug"]))]\n'
              '        display(Markdown(f"**{cid} on {label}: {r[\'verdict\']}.** "\n'

@@ -73,7 +73,7 @@ def _row(T, B, hq, hkv, D, sdpa_ms, fused_ms, copy_gbps=4000.0):
     return row
 
 
-def write_synthetic(ref, speedup=1.8, append_us=10.0):
+def write_synthetic(ref, speedup=1.8, append_us=10.0, int4_speedup=None):
     """One v2 record per point of a small grid, and the append record, in a reference-dir layout."""
     for p in decode_step.grid_points({"T": [4096, 32768], "batch": [1, 8], "heads": [[32, 32], [32, 8]],
                                       "extra_head_dims": {"head_dims": [64], "T": 32768, "batch": 8, "heads": [32, 8]}}):
@@ -81,6 +81,11 @@ def write_synthetic(ref, speedup=1.8, append_us=10.0):
         sdpa = 1.1 * fp16_bytes / 4000e6  # fp16 SDPA at 91 % of the fp16 byte bound
         fused = sdpa / (speedup if p["T"] >= 32768 else 0.7 * speedup)  # short caches gain less
         row = _row(p["T"], p["batch"], p["q_heads"], p["kv_heads"], p["head_dim"], sdpa, fused)
+        if int4_speedup is not None:  # INT4 rows: at int4_speedup x SDPA (short caches gain less)
+            int4 = sdpa / (int4_speedup if p["T"] >= 32768 else 0.7 * int4_speedup)
+            bound = row["cache_int4_bytes"] / (4000.0 * 1e6)
+            row.update(int4_group=32, int4_median_ms=int4, int4_speedup_vs_sdpa=sdpa / int4, int4_vs_fused=fused / int4,
+                       int4_byte_bound_ms=bound, int4_fraction_of_int4_bound=bound / int4)
         rec = {"kind": "decode", "workload": {"name": "decode step", **p}, "provenance": PROV,
                "copy": {"copy_gbps": 4000.0}, "rows": [row]}
         records.write_record(rec, ref / "decode" / f"{decode_step.point_name(p)}.json")
@@ -181,3 +186,27 @@ def test_decode_headline(tmp_path):
     md = headline.to_markdown(h)
     assert "| T | B | Hq x Hkv | D | best_sdpa |" in md and "1.80x" in md and "%" in md
     assert headline.decode_headline(REF).empty  # the H100 records predate the fused kernel
+
+
+@pytest.mark.parametrize("int4_speedup, verdict, missed", [
+    (3.0, claims.REPRODUCED, None),
+    (2.5, claims.NOT_REPRODUCED, ">= 2.8x fp16 SDPA"),
+    (1.5, claims.NOT_REPRODUCED, "never slower than INT8"),
+])
+def test_int4_decode_claim(tmp_path, int4_speedup, verdict, missed):
+    """The INT4 goals judged from synthetic rows (INT8 at 1.8x): 2.8x fp16 SDPA and 80 % of the int4
+    byte bound at T >= 32768, D = 128, batch 8 and 32; never slower than INT8 at T >= 4096."""
+    t = assemble.build_tables(reference_dirs=[write_synthetic(tmp_path / "ref", 1.8, int4_speedup=int4_speedup)])
+    r = t.claims.set_index("claim_id").loc["int4_decode"]
+    assert r["verdict"] == verdict, r.to_dict()
+    assert "test-gpu" in r["our_source"] and f"{int4_speedup:.2f}x" in r["our_value"]
+    if missed:
+        assert f"{missed}" in r["note"] and "MISSED" in r["note"]
+    d = t.decode[t.decode["status"] == "ok"]
+    assert (d["int4_speedup_vs_sdpa"] > 0).all() and d["int4_fraction_of_int4_bound"].notna().all()
+
+
+def test_int4_decode_claim_without_int4_rows(tmp_path):
+    c = assemble.build_tables(reference_dirs=[write_synthetic(tmp_path / "ref")]).claims.set_index("claim_id")
+    assert c.loc["int4_decode", "verdict"] == claims.NOT_MEASURABLE
+    assert assemble.build_tables().claims.set_index("claim_id").loc["int4_decode", "verdict"] == claims.NEEDS_GPU

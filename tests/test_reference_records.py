@@ -69,12 +69,17 @@ def test_every_claim_gets_a_gpu_verdict_from_the_records():
 
 
 def _without_missing_e2e(c, ref):
-    """The e2e claim is judged only where end-to-end records are committed: without them it must say
-    'not measurable here' (a GPU source without that study), and it is left out of the check."""
-    if any((ref / "e2e").glob("*.json")):
-        return c
-    assert c.loc["e2e_decode", "verdict"] == claims.NOT_MEASURABLE, c.loc["e2e_decode"]
-    return c.drop(index="e2e_decode")
+    """The e2e and INT4 claims are judged only where their records are committed: without them each
+    must say 'not measurable here' (a GPU source without that study), and it is left out of the check."""
+    if not any((ref / "e2e").glob("*.json")):
+        assert c.loc["e2e_decode", "verdict"] == claims.NOT_MEASURABLE, c.loc["e2e_decode"]
+        c = c.drop(index="e2e_decode")
+    has_int4 = any("int4_median_ms" in row for path in (ref / "decode").glob("*.json")
+                   for row in records.read_record(path)["rows"])
+    if not has_int4:
+        assert c.loc["int4_decode", "verdict"] == claims.NOT_MEASURABLE, c.loc["int4_decode"]
+        c = c.drop(index="int4_decode")
+    return c
 
 
 def test_every_claim_gets_a_verdict_on_the_h200():

@@ -112,13 +112,16 @@ def one_machine(records: list[dict]) -> list[dict]:
 
 
 SDPA_BACKENDS = ("flash", "cudnn", "efficient")  # kvpack.study.decode_step.SDPA_BACKENDS
-DECODE_METHODS = (*(f"sdpa_{b}" for b in SDPA_BACKENDS), "sdpa_best", "dequant_sdpa", "fused")
+DECODE_METHODS = (*(f"sdpa_{b}" for b in SDPA_BACKENDS), "sdpa_best", "dequant_sdpa", "fused", "int4")
 DECODE_COLUMNS = ["source", "device_slug", "device_name", "record_format", "T", "batch", "q_heads", "kv_heads",
                   "head_dim", "granularity", "status", "skip_reason",
                   *(f"{m}_{s}_ms" for m in DECODE_METHODS for s in ("median", "p10", "p90")),
                   "sdpa_best", "fused_speedup_vs_sdpa", "dequant_sdpa_speedup_vs_sdpa", "fused_fraction_of_int8_bound",
                   "int8_byte_bound_ms", "fp16_byte_bound_ms", "copy_gbps", "fused_splits", "fused_vs_sdpa_max_abs",
                   "cache_fp16_bytes", "cache_int8_bytes", "path",
+                  # the INT4 kernel over an INT4 cache of the same K and V (issue 17), if timed
+                  "int4_group", "int4_speedup_vs_sdpa", "int4_vs_fused", "int4_byte_bound_ms",
+                  "int4_fraction_of_int4_bound", "int4_vs_sdpa_max_abs", "cache_int4_bytes",
                   # the paged kernel over a shuffled paged copy of the same cache (decode.page_sizes), if timed
                   *(f"paged_p{n}_{c}" for n in (16, 32, 64, 128, 256)
                     for c in ("median_ms", "p10_ms", "p90_ms", "vs_fused", "equals_fused"))]
@@ -187,7 +190,8 @@ def decode_view(decode: pd.DataFrame) -> pd.DataFrame:
     cols = ["source", "device_slug", "T", "batch", "q_heads", "kv_heads", "head_dim", "status",
             "sdpa_flash_median_ms", "sdpa_cudnn_median_ms", "sdpa_efficient_median_ms", "sdpa_best",
             "dequant_sdpa_median_ms", "fused_median_ms", "fused_speedup_vs_sdpa", "dequant_sdpa_speedup_vs_sdpa",
-            "int8_byte_bound_ms", "fused_fraction_of_int8_bound", "copy_gbps",
+            "int8_byte_bound_ms", "fused_fraction_of_int8_bound", "int4_group", "int4_median_ms",
+            "int4_speedup_vs_sdpa", "int4_vs_fused", "int4_byte_bound_ms", "int4_fraction_of_int4_bound", "copy_gbps",
             *(f"paged_p{n}_{c}" for n in DECODE_PAGE_SIZES for c in ("median_ms", "vs_fused")), "skip_reason"]
     d = d[[c for c in cols if c in d.columns]]
     empty = [c for c in d.columns if c.startswith("paged_") and d[c].isna().all()]
