@@ -161,8 +161,9 @@ def test_job_settings_and_workloads():
     assert a["query_seed"] == 1 and a["cpu_serial_max_elements"] == 2**25
     # a decode point's job reads no grid key: a point added to the grid reruns no other
     d = kvconfig.job_settings(cfg, "decode")
-    assert set(d) == {"granularity", "warmup", "repeats", "seed", "copy_bytes", "page_sizes"}
+    assert set(d) == {"granularity", "warmup", "repeats", "seed", "copy_bytes", "page_sizes", "int4_group"}
     assert d["page_sizes"] == [16, 64] and "page_sizes" not in kvconfig.job_settings(cfg, "decode_append")
+    assert d["int4_group"] == 32 and "int4_group" not in kvconfig.job_settings(cfg, "decode_append")
     assert kvconfig.job_settings(cfg, "decode_append")["append_shape"] == {"batch": 32, "kv_heads": 8, "head_dim": 128}
     assert kvconfig.job_settings(cfg, "decode_accuracy")["distributions"] == ["uniform", "outlier_keys", "real_model"]
     points = kvconfig.decode_points(cfg)
@@ -231,6 +232,7 @@ BAD = [
     ("decode-unknown-key", {"decode": {"points": []}}, ["decode: unknown key 'points'"]),
     ("decode-page-size-24", {"decode": {"page_sizes": [16, 24]}}, ["decode.page_sizes[1]", "multiple of 16"]),
     ("decode-page-size-512", {"decode": {"page_sizes": [512]}}, ["decode.page_sizes[0]", "maximum of 256"]),
+    ("decode-int4-group-16", {"decode": {"int4_group": 16}}, ["decode.int4_group", "16"]),
 ]
 
 

@@ -323,7 +323,7 @@ def find_workload(config: dict, T, D, dtype: str) -> dict:
     return {"name": f"{T}x{D}", "T": T, "D": D, "dtype": dtype, "seed": config["seed"]}
 
 
-DECODE_JOB_KEYS = ("granularity", "warmup", "repeats", "seed", "copy_bytes", "page_sizes")
+DECODE_JOB_KEYS = ("granularity", "warmup", "repeats", "seed", "copy_bytes", "page_sizes", "int4_group")
 
 
 def job_settings(config: dict, stage: str) -> dict:
@@ -338,7 +338,7 @@ def job_settings(config: dict, stage: str) -> dict:
     if stage == "decode":  # what one decode point's job reads: not the grid, so a new point reruns no other
         return {k: config["decode"][k] for k in DECODE_JOB_KEYS}
     if stage == "decode_append":
-        return {**{k: config["decode"][k] for k in DECODE_JOB_KEYS if k != "page_sizes"},
+        return {**{k: config["decode"][k] for k in DECODE_JOB_KEYS if k not in ("page_sizes", "int4_group")},
                 "append_shape": dict(config["decode"]["append_shape"])}
     if stage == "decode_accuracy":
         return {**config["decode"]["accuracy"], "granularity": config["decode"]["granularity"]}
