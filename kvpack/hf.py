@@ -353,7 +353,7 @@ class KVPackCache(Cache):
     scale per channel, calibrated on the prefill; later values beyond it saturate, see ``saturated``).
     ``device``, ``dtype``: the model's (fp16 or bf16 on CUDA; fp32 too on the CPU).
     ``bits``: 8, or 4 (packed nibbles, a scale per ``group_size`` channels of a token; keys per
-    channel with granularity "channel"; CPU only until its CUDA kernels exist: docs/int4.md).
+    channel with granularity "channel"; on CUDA the INT4 kernels of kernels/decode_int4.cu: docs/int4.md).
     """
 
     def __init__(self, config, batch_size: int, max_cache_len: int, *, granularity: str = "token",
