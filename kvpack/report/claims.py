@@ -783,8 +783,8 @@ def _int4_checks(f: pd.DataFrame) -> list[tuple[str, bool | None, str]]:
         lo = main.loc[main["int4_speedup_vs_sdpa"].idxmin()]
         out.append((f">= {INT4_SPEEDUP}x fp16 SDPA at T >= {DECODE_LONG_T}, D = 128, batch 8 and 32",
                     bool(main["int4_speedup_vs_sdpa"].min() >= INT4_SPEEDUP),
-                    f"{main['int4_speedup_vs_sdpa'].min():.2f}x to {main['int4_speedup_vs_sdpa'].max():.2f}x over "
-                    f"{len(main)} points, min at {_point(lo)}"))
+                    (f"{main['int4_speedup_vs_sdpa'].min():.2f}x to {main['int4_speedup_vs_sdpa'].max():.2f}x over "
+                     f"{len(main)} points, min at {_point(lo)}")))
         frac = main["int4_fraction_of_int4_bound"].dropna() if "int4_fraction_of_int4_bound" in main else main[[]]
         if len(frac):
             lo = main.loc[frac.idxmin()]
@@ -799,8 +799,8 @@ def _int4_checks(f: pd.DataFrame) -> list[tuple[str, bool | None, str]]:
     if len(every):
         lo = every.loc[every["int4_vs_fused"].idxmin()]
         out.append((f"never slower than INT8 at T >= {TARGET_MIN_T}", bool(every["int4_vs_fused"].min() >= 1.0),
-                    f"{every['int4_vs_fused'].min():.2f}x to {every['int4_vs_fused'].max():.2f}x the INT8 kernel's "
-                    f"speed, min at {_point(lo)}"))
+                    (f"{every['int4_vs_fused'].min():.2f}x to {every['int4_vs_fused'].max():.2f}x the INT8 kernel's "
+                     f"speed, min at {_point(lo)}")))
     else:
         out.append((f"never slower than INT8 at T >= {TARGET_MIN_T}", None, "no points with both kernels"))
     return out

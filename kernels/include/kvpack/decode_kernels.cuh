@@ -67,8 +67,10 @@ constexpr int kMaxSplits = 4096;       // the merge keeps one weight per part in
 // Resident blocks per multiprocessor the split kernel is compiled for (a register budget): at
 // D = 128, 3 blocks (12 warps, 168 registers, 8 bytes spilled) rather than the 2 that 183 registers
 // allow, for more bytes in flight; D = 64 fits 4, D = 256 takes what 255 registers leave (2).
-template <int D>
-constexpr int kDecodeMinBlocks = D == 128 ? 3 : (D == 64 ? 4 : 1);
+// INT4 (G > 0) holds half the tile in registers: D = 128 fits 4 blocks (128 registers), more warps
+// to keep its bytes in flight.
+template <int D, int G = 0>
+constexpr int kDecodeMinBlocks = D == 128 ? (G > 0 ? 4 : 3) : (D == 64 ? 4 : 1);
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -309,13 +311,13 @@ __device__ __forceinline__ void attend_tile(const Tile<D>& tile, const uint32_t 
 //
 // The layout (kvpack/int4.py): bytes [.., T_max, D / 2] (element 2i in the low nibble of byte i,
 // stored as q + 8), scales fp32 [.., T_max, D / G] (keys per channel: [.., D], folded into Q').
-// Nibble -> fp16 without a conversion instruction: one LOP3 puts the nibbles of bytes 0 and 2 of a
-// word under the fp16 exponent of 1024 ((x & 0x000f000f) | 0x64006400 reads 1024 + n, twice), one
-// fp16x2 subtraction of 1032 leaves q = n - 8 exactly. A group's scale cannot fold into Q' (it varies
-// per token) nor into P' (it varies per channel), so it multiplies the converted values: one HMUL2
-// by s_group / s_max of the token, a ratio in [0, 1] that fp16 holds to 2^-11 relative whatever the
-// data's magnitude; the token's s_max then multiplies its score (K) or joins P' (V, like the INT8
-// per-token scale).
+// Nibble -> fp16 without a conversion instruction (nibbles_to_f16x2): a LOP3 puts two nibbles under
+// the fp16 exponent of 1024 (low nibbles read 1024 + n, high ones 1024 + 16 n); an HSUB2 of 1032,
+// or an HFMA2 by 1/16 minus 72, leaves q = n - 8 exactly. A group's scale cannot fold into Q' (it
+// varies per token) nor into P' (it varies per channel), so it multiplies the converted values: one
+// HMUL2 by s_group / s_max of the token, a ratio in [0, 1] that fp16 holds to 2^-11 relative
+// whatever the data's magnitude; the token's s_max then multiplies its score (K) or joins P' (V,
+// like the INT8 per-token scale).
 //   K (the B operand of S^T): thread (g, t) loads D / 32 words of K rows g and g + 8: the 16 bytes at
 //     64l + 16t (D >= 128; D = 64: the 8 bytes at 8t), so its 32 (16) channels lie in one group. Word
 //     j (channels e0 .. e0 + 7) feeds chunks 2j (k-slots 2t, 2t + 1: channels e0, e0 + 4; 2t + 8,
@@ -324,16 +326,26 @@ __device__ __forceinline__ void attend_tile(const Tile<D>& tile, const uint32_t 
 //     at (D / 16) g (channels (D / 8) g ..., one group); a PRMT puts two tokens' bytes side by side,
 //     so each LOP3 gives one channel of two tokens: the fragment the mma wants. The output rows are
 //     the INT8 kernel's, so the merge is shared.
-constexpr uint32_t kNibbleMask = 0x000f000fu;
 constexpr uint32_t kF16Of1024 = 0x64006400u;
-constexpr uint32_t kF16Of1032 = 0x64086408u;  // 1024 + 8: the nibble's bias
+constexpr uint32_t kF16Of1032 = 0x64086408u;    // 1024 + 8: a low nibble's bias
+constexpr uint32_t kF16OneSixteenth = 0x2C002C00u;
+constexpr uint32_t kF16Minus72 = 0xD480D480u;   // (1024 + 16 n) / 16 - 72 = n - 8: a high nibble's
 
-// Nibbles at bits s and 16 + s of x as fp16x2 of q = n - 8.
-__device__ __forceinline__ uint32_t nibbles_to_f16x2(uint32_t x) {
+__device__ __forceinline__ uint32_t lop_and_or(uint32_t x, uint32_t mask, uint32_t bits) {
   uint32_t h;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(h) : "r"(x), "r"(kNibbleMask), "r"(kF16Of1024));  // (x & m) | c
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(h) : "r"(x), "r"(mask), "r"(bits));  // (x & mask) | bits
+  return h;
+}
+
+__device__ __forceinline__ uint32_t hsub2(uint32_t a, uint32_t b) {
   uint32_t r;
-  asm("sub.f16x2 %0, %1, %2;" : "=r"(r) : "r"(h), "r"(kF16Of1032));
+  asm("sub.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t hfma2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
   return r;
 }
 
@@ -343,7 +355,19 @@ __device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) {
   return r;
 }
 
-// N consecutive 32-bit words (N = 1, 2, 4) or floats from a suitably aligned address.
+// The 8 nibbles of x as four fp16x2 of q = n - 8 (exact): f[j] holds nibble j of the low half-word
+// and nibble j of the high one. Low nibbles: (x & 0x000f000f) | 0x6400.. reads 1024 + n, minus 1032;
+// high nibbles in place: 1024 + 16 n, times 1/16 minus 72 in one HFMA2. One shift, four LOP3, two
+// HSUB2 and two HFMA2 for 8 values.
+__device__ __forceinline__ void nibbles_to_f16x2(uint32_t x, uint32_t (&f)[4]) {
+  const uint32_t y = x >> 8;
+  f[0] = hsub2(lop_and_or(x, 0x000f000fu, kF16Of1024), kF16Of1032);
+  f[1] = hfma2(lop_and_or(x, 0x00f000f0u, kF16Of1024), kF16OneSixteenth, kF16Minus72);
+  f[2] = hsub2(lop_and_or(y, 0x000f000fu, kF16Of1024), kF16Of1032);
+  f[3] = hfma2(lop_and_or(y, 0x00f000f0u, kF16Of1024), kF16OneSixteenth, kF16Minus72);
+}
+
+// N consecutive 32-bit words (N = 1, 2, 4, 8) from a suitably aligned address.
 template <int N>
 __device__ __forceinline__ void load_u32s(uint32_t* w, const uint8_t* p) {
   if constexpr (N == 1) {
@@ -365,44 +389,27 @@ __device__ __forceinline__ void load_u32s(uint32_t* w, const uint8_t* p) {
   }
 }
 
-template <int N>
-__device__ __forceinline__ void load_floats(float (&f)[N], const float* p) {
-  uint32_t w[N];
-  load_u32s<N>(w, reinterpret_cast<const uint8_t*>(p));
-#pragma unroll
-  for (int i = 0; i < N; ++i) f[i] = __uint_as_float(w[i]);
-}
-
-// The largest of a token's group scales, and the one of group `grp` over it (0 where all are 0),
-// without indexing registers at run time.
-template <int N>
-__device__ __forceinline__ float group_ratio(const float (&sc)[N], int grp, float& smax) {
-  float m = sc[0];
-  float sel = sc[0];
-#pragma unroll
-  for (int i = 1; i < N; ++i) {
-    m = fmaxf(m, sc[i]);
-    sel = i == grp ? sc[i] : sel;
-  }
-  smax = m;
-  return m > 0.f ? sel / m : 0.f;
-}
-
 // Channel e0 of K word j of thread t (8 consecutive channels a word).
 template <int D>
 __device__ __forceinline__ int k4_channel0(int j, int t) {
   return D == 64 ? 16 * t + 8 * j : 128 * (j / 4) + 32 * t + 8 * (j % 4);
 }
 
+// What thread (g, t) holds of one INT4 tile: packed K rows g and g + 8 (D / 32 words each), packed V
+// of tokens 2t, 2t + 1, 2t + 8, 2t + 9 (D / 64 words each), and only the scales of its own groups:
+// per K row one per 128 channels (its words there share a group), per V token one. The four threads
+// of a quad together hold every group of a K row, the eight of a column every group of a V row, so
+// a token's largest scale is a reduction over them (shuffles), not a load of the whole scale row.
 template <int D, int G>
 struct Tile4 {
-  static constexpr int kGroups = D / G;    // scales per token row
-  static constexpr int kKWords = D / 32;   // K words per row and thread
-  static constexpr int kVWords = D / 64;   // V words per token and thread
+  static constexpr int kGroups = D / G;        // scales per token row
+  static constexpr int kKWords = D / 32;       // K words per row and thread
+  static constexpr int kVWords = D / 64;       // V words per token and thread
+  static constexpr int kKPieces = D >= 256 ? 2 : 1;  // K scales per row and thread
   uint32_t k[2][kKWords];
   uint32_t v[4][kVWords];
-  float ks[2][kGroups];  // K scales of rows g, g + 8 (per-token groups only)
-  float vs[4][kGroups];  // V scales of tokens 2t, 2t + 1, 2t + 8, 2t + 9
+  float ks[2][kKPieces];
+  float vs[4];
 };
 
 template <int D, int G, bool kKeyGroups>
@@ -421,15 +428,23 @@ __device__ __forceinline__ void load_tile4(Tile4<D, G>& tile, const uint8_t* __r
 #pragma unroll
       for (int l = 0; l < D / 128; ++l) load_u32s<4>(tile.k[nb] + 4 * l, p + 64 * l + 16 * t);
     }
-    if constexpr (kKeyGroups) load_floats<TL::kGroups>(tile.ks[nb], ks + row * TL::kGroups);
+    if constexpr (kKeyGroups) {
+#pragma unroll
+      for (int l = 0; l < TL::kKPieces; ++l) tile.ks[nb][l] = __ldg(ks + row * TL::kGroups + k4_channel0<D>(4 * l, t) / G);
+    }
   }
+  const int vgroup = ((D / 8) * g) / G;
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int64_t row = min(tb + slot_token(r, t), last_row);
     load_u32s<TL::kVWords>(tile.v[r], v + row * (D / 2) + (D / 16) * g);
-    load_floats<TL::kGroups>(tile.vs[r], vs + row * TL::kGroups);
+    tile.vs[r] = __ldg(vs + row * TL::kGroups + vgroup);
   }
 }
+
+// x / m for the group ratios (0 where m = 0): MUFU.RCP and a multiply; its 2 ulps vanish in the
+// ratio's rounding to fp16.
+__device__ __forceinline__ float ratio_of(float x, float m) { return m > 0.f ? __fdividef(x, m) : 0.f; }
 
 template <int D, int G, bool kKeyGroups>
 __device__ __forceinline__ void attend_tile4(const Tile4<D, G>& tile, const uint32_t (&qa)[D / 16][2],
@@ -441,34 +456,36 @@ __device__ __forceinline__ void attend_tile4(const Tile4<D, G>& tile, const uint
   float kmax[2] = {1.f, 1.f};
 #pragma unroll
   for (int nb = 0; nb < 2; ++nb) {
-    uint32_t ratio[D >= 256 ? 2 : 1];  // per 128 channels: the thread's words there share a group
+    uint32_t ratio[TL::kKPieces];
     if constexpr (kKeyGroups) {
+      float m = tile.ks[nb][0];
 #pragma unroll
-      for (int l = 0; l < (D >= 256 ? 2 : 1); ++l) {
-        const float r = group_ratio<TL::kGroups>(tile.ks[nb], k4_channel0<D>(4 * l, t) / G, kmax[nb]);
+      for (int l = 1; l < TL::kKPieces; ++l) m = fmaxf(m, tile.ks[nb][l]);
+      m = quad_max(m);  // the row's largest scale: the quad holds all its groups
+      kmax[nb] = m;
+#pragma unroll
+      for (int l = 0; l < TL::kKPieces; ++l) {
+        const float r = ratio_of(tile.ks[nb][l], m);
         ratio[l] = pack_f16x2(r, r);
       }
     }
     float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int j = 0; j < TL::kKWords; ++j) {
-      const uint32_t x = tile.k[nb][j];
+      uint32_t f[4];
+      nibbles_to_f16x2(tile.k[nb][j], f);
+      if constexpr (kKeyGroups) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        uint32_t b0 = nibbles_to_f16x2(x >> (8 * h));
-        uint32_t b1 = nibbles_to_f16x2(x >> (8 * h + 4));
-        if constexpr (kKeyGroups) {
-          b0 = hmul2(b0, ratio[j / 4]);
-          b1 = hmul2(b1, ratio[j / 4]);
-        }
-        mma_f16(c, qa[2 * j + h][0], 0u, qa[2 * j + h][1], 0u, b0, b1);
+        for (int i = 0; i < 4; ++i) f[i] = hmul2(f[i], ratio[j / 4]);
       }
+      mma_f16(c, qa[2 * j][0], 0u, qa[2 * j][1], 0u, f[0], f[1]);
+      mma_f16(c, qa[2 * j + 1][0], 0u, qa[2 * j + 1][1], 0u, f[2], f[3]);
     }
     s[2 * nb] = c[0];
     s[2 * nb + 1] = c[1];
   }
   // Token 2t + (r & 1) + 8 (r >> 1) is row 2t + (r & 1) of n-block r >> 1: its s_max is that row's
-  // thread's kmax.
+  // quad's kmax.
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     float x = s[r] * q_unscale;
@@ -476,12 +493,18 @@ __device__ __forceinline__ void attend_tile4(const Tile4<D, G>& tile, const uint
     s[r] = (tb + slot_token(r, t) < t1) ? x : -INFINITY;
   }
 
-  // V: each token's s_max joins P' (softmax_step); its group's ratio scales the converted values.
+  // V: each token's s_max (over the eight threads g of this t) joins P' (softmax_step); its group's
+  // ratio scales the converted values.
   float vmax[4];
   float vr[4];
-  const int vgroup = ((D / 8) * g) / G;
 #pragma unroll
-  for (int r = 0; r < 4; ++r) vr[r] = group_ratio<TL::kGroups>(tile.vs[r], vgroup, vmax[r]);
+  for (int r = 0; r < 4; ++r) {
+    float m = tile.vs[r];
+#pragma unroll
+    for (int o = 4; o < 32; o *= 2) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, o));
+    vmax[r] = m;
+    vr[r] = ratio_of(tile.vs[r], m);
+  }
   const uint32_t rab = pack_f16x2(vr[0], vr[1]);
   const uint32_t rcd = pack_f16x2(vr[2], vr[3]);
   uint32_t b0;
@@ -489,19 +512,20 @@ __device__ __forceinline__ void attend_tile4(const Tile4<D, G>& tile, const uint
   softmax_step<D, true>(s, vmax, st, t, b0, b1);
 
   // O^T += V^T P'^T. Word w of a token holds channels (D / 8) g + 8w .. + 7; its bytes 0, 1 (2, 3)
-  // with the other token's side by side give channels + 0..3 (+ 4..7), nibble e: channel + e.
+  // beside the other token's (one PRMT) give channels + 0..3 (+ 4..7): f[e] is channel + e of both.
 #pragma unroll
   for (int w = 0; w < TL::kVWords; ++w) {
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const uint32_t sel = hh ? 0x7632u : 0x5410u;
-      const uint32_t xab = __byte_perm(tile.v[0][w], tile.v[1][w], sel);  // tokens 2t, 2t + 1
-      const uint32_t xcd = __byte_perm(tile.v[2][w], tile.v[3][w], sel);  // tokens 2t + 8, 2t + 9
+      uint32_t fab[4];
+      uint32_t fcd[4];
+      nibbles_to_f16x2(__byte_perm(tile.v[0][w], tile.v[1][w], sel), fab);  // tokens 2t, 2t + 1
+      nibbles_to_f16x2(__byte_perm(tile.v[2][w], tile.v[3][w], sel), fcd);  // tokens 2t + 8, 2t + 9
 #pragma unroll
       for (int e = 0; e < 4; e += 2) {
-        mma_f16(st.o[4 * w + 2 * hh + e / 2], hmul2(nibbles_to_f16x2(xab >> (4 * e)), rab),
-                hmul2(nibbles_to_f16x2(xab >> (4 * e + 4)), rab), hmul2(nibbles_to_f16x2(xcd >> (4 * e)), rcd),
-                hmul2(nibbles_to_f16x2(xcd >> (4 * e + 4)), rcd), b0, b1);
+        mma_f16(st.o[4 * w + 2 * hh + e / 2], hmul2(fab[e], rab), hmul2(fab[e + 1], rab), hmul2(fcd[e], rcd),
+                hmul2(fcd[e + 1], rcd), b0, b1);
       }
     }
   }
@@ -559,7 +583,7 @@ __device__ __forceinline__ int64_t page_row0(const int32_t* bt, int64_t x, int p
 // G: 0 for the INT8 cache, else the INT4 group size (kPerToken: keys in groups too, else per
 // channel; INT4 values are always in per-token groups). INT4 is contiguous only (kPaged false).
 template <int D, typename QT, bool kPerToken, bool kPaged, int G = 0>
-__global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D>)
+__global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     decode_split_kernel(const SplitParams p) {
   constexpr bool kInt4 = G > 0;
   constexpr bool kTokenV = kPerToken || kInt4;  // V scales per token (INT8) or per token group (INT4)
