@@ -67,10 +67,10 @@ constexpr int kMaxSplits = 4096;       // the merge keeps one weight per part in
 // Resident blocks per multiprocessor the split kernel is compiled for (a register budget): at
 // D = 128, 3 blocks (12 warps, 168 registers, 8 bytes spilled) rather than the 2 that 183 registers
 // allow, for more bytes in flight; D = 64 fits 4, D = 256 takes what 255 registers leave (2).
-// INT4 (G > 0) holds half the tile in registers: D = 128 fits 4 blocks (128 registers), more warps
-// to keep its bytes in flight.
+// INT4 (G) takes the same budgets: at D = 128, 4 blocks (128 registers, 56 bytes spilled) ran 8-10%
+// slower than 3 on an H100 (reports/reference/h100/int4/).
 template <int D, int G = 0>
-constexpr int kDecodeMinBlocks = D == 128 ? (G > 0 ? 4 : 3) : (D == 64 ? 4 : 1);
+constexpr int kDecodeMinBlocks = D == 128 ? 3 : (D == 64 ? 4 : 1);
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kLog2e = 1.4426950408889634f;
 
