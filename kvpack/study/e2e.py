@@ -19,7 +19,9 @@ Methods (``METHODS``):
   step as kvpack's, over a ``StaticCache``, attention by the fastest SDPA backend (flash, cuDNN,
   efficient, each captured and timed) over exactly the T + 1 cached tokens, GQA without copies;
 * ``kvpack_{token,channel}_{eager,graph}``: ``kvpack.hf.KVPackCache`` with the "kvpack" backend,
-  eager, and as a captured CUDA graph.
+  eager, and as a captured CUDA graph;
+* ``kvpack_int4_graph``: the same with ``bits=4`` (packed nibbles, a scale per 32 channels of a
+  token; issue 17), captured.
 
 Graph methods replay one captured step at context T (each replay is rewound to T outside the
 timed window); eager and compiled methods grow the cache by one token per step (T to T + steps).
@@ -42,8 +44,9 @@ from . import bench
 from .decode_step import SDPA_BACKENDS, _is_oom, _sdpa_backend, decode_bytes, measure_copy
 
 MODELS = Path(__file__).resolve().parents[2] / "data" / "models"
-GRAPH_METHODS = ("kvpack_token_graph", "kvpack_channel_graph", "fp16_graph")
-METHODS = ("kvpack_token_graph", "kvpack_channel_graph", "fp16_graph", "kvpack_token_eager", "kvpack_channel_eager",
+GRAPH_METHODS = ("kvpack_token_graph", "kvpack_channel_graph", "fp16_graph", "kvpack_int4_graph")
+METHODS = ("kvpack_token_graph", "kvpack_channel_graph", "fp16_graph", "kvpack_int4_graph", "kvpack_token_eager",
+           "kvpack_channel_eager",
            "dynamic_sdpa", "quantized_fp8", "quantized_hqq_int8", "quantized_quanto_int4", "static_sdpa_compiled")
 DEFAULTS = {"model": "llama-3.1-8b", "dtype": "bfloat16", "T": [4096, 32768], "batch": [1, 8, 32],
             "methods": [m for m in METHODS if m != "quantized_quanto_int4"],
@@ -101,7 +104,7 @@ def cache_bytes(method: str, shape: dict, batch: int, tokens: int) -> int:
     layers, hkv, d = shape["layers"], shape["kv_heads"], shape["head_dim"]
     b = decode_bytes(batch, hkv, tokens, d, "channel" if "channel" in method else "token")
     if method.startswith("kvpack"):
-        return layers * b["cache_int8_bytes"]
+        return layers * b["cache_int4_bytes" if "int4" in method else "cache_int8_bytes"]
     elems = 2 * layers * batch * hkv * tokens * d
     if method in ("quantized_hqq_int8", "quantized_fp8"):
         return elems  # one byte a value (their scales and zero points not counted)
@@ -121,7 +124,8 @@ def make_cache(method: str, model, batch: int, max_len: int):
     dev = next(model.parameters()).device
     if method.startswith("kvpack"):
         gran = "channel" if "channel" in method else "token"
-        return kh.KVPackCache(model.config, batch, max_len, granularity=gran, device=dev, dtype=dtype)
+        return kh.KVPackCache(model.config, batch, max_len, granularity=gran, device=dev, dtype=dtype,
+                              bits=4 if "int4" in method else 8)
     if method in ("fp16_graph", "static_sdpa_compiled"):
         cache = transformers.StaticCache(config=model.config, max_cache_len=max_len)
         shape = kh.model_shape(model.config)
