@@ -247,3 +247,25 @@ def test_paged_record_of_record():
     table = headline.paged_headline(REF)
     results = (ROOT / "docs" / "results.md").read_text()
     assert headline.to_markdown(table) in results and headline.paged_source_line(REF) in results
+
+
+def test_int4_record_and_its_headline():
+    """The INT4 decode record of the H100 (tools/bench_decode.py, int4/decode_int4.json): every ratio
+    is its medians' quotient, every bound the bytes at the job's copy rate; docs/int4.md shows the
+    table `headline --int4` prints."""
+    rec = records.read_record(REF / "int4" / "decode_int4.json")
+    assert rec["kind"] == "decode_bench" and "H100" in rec["provenance"]["gpu_name"]
+    copy = rec["copy"]["copy_gbps"]
+    for r in rec["rows"]:
+        assert r["status"] == "ok" and r["int4_group"] == 32
+        elems = r["batch"] * r["kv_heads"] * r["T"] * r["head_dim"]
+        assert r["cache_int4_bytes"] == elems + 4 * 2 * elems // 32  # nibbles + a K and a V scale per 32 values
+        assert abs(r["int4_byte_bound_ms"] - r["cache_int4_bytes"] / (copy * 1e6)) < 1e-9
+        assert abs(r["int4_speedup_vs_sdpa"] - r["sdpa_best_median_ms"] / r["int4_median_ms"]) < 1e-12
+        assert abs(r["int4_vs_fused"] - r["fused_median_ms"] / r["int4_median_ms"]) < 1e-12
+        assert r["int4_p10_ms"] <= r["int4_median_ms"] <= r["int4_p90_ms"]
+        assert r["int4_vs_sdpa_max_abs"] < 0.01  # INT4's error against fp16 SDPA on uniform [-1, 1) data
+    table = headline.int4_headline(REF)
+    assert len(table) == len(rec["rows"])
+    doc = (ROOT / "docs" / "int4.md").read_text()
+    assert headline.to_markdown(table) in doc and headline.record_source_line(REF, "int4/decode_int4.json") in doc

@@ -9,6 +9,7 @@ decode step: the fused INT8 kernel against the fastest fp16 SDPA backend and the
     python -m kvpack.report.headline --e2e            # a real model's decode step, every method
     python -m kvpack.report.headline --e2e --brief reports/reference/h100      # the README's table
     python -m kvpack.report.headline --paged reports/reference/h100   # the paged kernel vs the contiguous one
+    python -m kvpack.report.headline --int4 reports/reference/h100    # the INT4 kernel beside INT8 and fp16
 
 Each table is preceded by a line naming the GPU, the commits and the dates of the records it comes from.
 """
@@ -217,6 +218,32 @@ def paged_headline(reference_dir) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def int4_headline(reference_dir) -> pd.DataFrame:
+    """The INT4 decode kernel beside INT8 and fp16 (``int4/decode_int4.json``, written by
+    tools/bench_decode.py): per point, the fastest fp16 SDPA, the fused INT8 and INT4 kernels, INT4's
+    speed over each, and the fraction of the int4 byte bound (packed values and scales at the copy
+    rate of the same job) it reaches."""
+    import json
+
+    rec = json.loads((Path(reference_dir) / "int4" / "decode_int4.json").read_text())
+    return pd.DataFrame([{"T": int(r["T"]), "B": int(r["batch"]), "Hq x Hkv": f"{int(r['q_heads'])}x{int(r['kv_heads'])}",
+                          "D": int(r["head_dim"]), "best_sdpa_ms": float(r["sdpa_best_median_ms"]),
+                          "int8_ms": float(r["fused_median_ms"]), "int4_ms": float(r["int4_median_ms"]),
+                          "int4_vs_sdpa_speedup": float(r["int4_speedup_vs_sdpa"]),
+                          "int4_vs_int8_speedup": float(r["int4_vs_fused"]),
+                          "fraction_of_int4_bound": float(r["int4_fraction_of_int4_bound"])}
+                         for r in rec["rows"] if r.get("status") == "ok" and r.get("int4_median_ms")])
+
+
+def record_source_line(reference_dir, rel: str) -> str:
+    """The line naming a single record's GPU, commit and date (``rel``: its path in the folder)."""
+    import json
+
+    p = json.loads((Path(reference_dir) / rel).read_text())["provenance"]
+    return (f"Source: {p.get('gpu_name')}; {rel} of commit {str(p.get('git_commit'))[:8]}, "
+            f"{str(p.get('date'))[:10]} ({_shown(reference_dir)})")
+
+
 PERPLEXITY_RECORD = REFERENCE_ROOT.parents[1] / "data" / "models" / "stdlib-llama" / "perplexity.json"
 
 
@@ -236,12 +263,7 @@ def perplexity_table(path=PERPLEXITY_RECORD) -> pd.DataFrame:
 
 def paged_source_line(reference_dir) -> str:
     """The line naming the paged record's GPU, commit and date."""
-    import json
-
-    rec = json.loads((Path(reference_dir) / "paged" / "decode_paged.json").read_text())
-    p = rec["provenance"]
-    return (f"Source: {p.get('gpu_name')}; paged/decode_paged.json of commit {str(p.get('git_commit'))[:8]}, "
-            f"{str(p.get('date'))[:10]} ({_shown(reference_dir)})")
+    return record_source_line(reference_dir, "paged/decode_paged.json")
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -270,6 +292,7 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e", action="store_true", help="the end-to-end table (records of kind 'e2e')")
     ap.add_argument("--perplexity", action="store_true", help="the trained stdlib model's perplexity per cache")
     ap.add_argument("--paged", action="store_true", help="the paged decode kernel beside the contiguous one")
+    ap.add_argument("--int4", action="store_true", help="the INT4 decode kernel beside INT8 and fp16 SDPA")
     ap.add_argument("--brief", action="store_true", help="with --decode or --e2e: the README's short table")
     args = ap.parse_args(argv)
     stage = "decode" if args.decode else "e2e" if args.e2e else "benchmark"
@@ -280,6 +303,11 @@ def main(argv=None) -> int:
         ref = Path(args.reference_dir or "reports/reference/h100")
         print(paged_source_line(ref) + "\n")
         print(to_markdown(paged_headline(ref)))
+        return 0
+    if args.int4:
+        ref = Path(args.reference_dir or "reports/reference/h100")
+        print(record_source_line(ref, "int4/decode_int4.json") + "\n")
+        print(to_markdown(int4_headline(ref)))
         return 0
     ref = args.reference_dir or newest_reference_dir(stage=stage)
     print(source_line(ref, stage) + "\n")
