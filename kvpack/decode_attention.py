@@ -1,9 +1,9 @@
 """Fused decode attention over an INT8 KV cache: the Python face of ``torch.ops.kvpack.decode_attention``.
 
 One query token per sequence attends over its int8 cache. On CUDA the kernel
-(``kernels/decode_attention.cu``) reads int8 K and V and their scales once, straight into
-registers, and never writes a dequantized copy; the CPU implementation is torch ops over the
-dequantized cache (correct, not fast).
+(``kernels/include/kvpack/decode_kernels.cuh``, launched from ``kernels/decode_attention.cu``)
+reads int8 K and V and their scales once, straight into registers, and never writes a dequantized
+copy; the CPU implementation is torch ops over the dequantized cache (correct, not fast).
 
 The cache layout (``kvpack.KVCache`` builds it):
 
