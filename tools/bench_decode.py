@@ -92,7 +92,11 @@ def main(argv=None) -> int:
                   flush=True)
         if r.get("skipped"):
             print("        skipped:", json.dumps(r["skipped"])[:300], flush=True)
-    record = {"kind": "decode_bench", "copy": copy, "rows": rows, "provenance": environment.provenance("cuda")}
+    workload = {"name": "decode bench", "granularity": args.granularity, "methods": list(args.methods),
+                "int4_group": args.int4_group, "page_sizes": list(args.page_sizes), "splits": list(args.splits),
+                "warmup": args.warmup, "repeats": args.repeats}
+    record = {"kind": "decode_bench", "workload": workload, "copy": copy, "rows": rows,
+              "provenance": environment.provenance("cuda")}
     if not args.no_append:
         for g in ("token", "channel"):
             a = decode_step.append_time(granularity=g)

@@ -20,6 +20,7 @@ from .tables import (
     collect_records,
     decode_accuracy_table,
     decode_append_table,
+    decode_int4_table,
     decode_table,
     e2e_table,
     memory_table,
@@ -55,6 +56,7 @@ def build_tables(benchmark_paths=(), accuracy_paths=(), reference_dirs=(), paper
         decode_append=decode_append_table(records),
         decode_accuracy=decode_accuracy_table(records),
         e2e=e2e_table(records),
+        decode_int4=decode_int4_table(records),
     )
     t.claims = claims.claims_table(t, claims_path or Path(paper_dir) / "claims.yaml")
     return t

@@ -112,7 +112,7 @@ def _paper_value(spec: dict) -> str:
 
 # the tables whose rows carry (source, device_slug): a claim is judged on one machine's rows of each
 PER_SOURCE_TABLES = ("performance", "accuracy", "speedups", "provenance", "decode", "decode_append", "decode_accuracy",
-                     "e2e")
+                     "e2e", "decode_int4")
 
 
 def judged_sources(t: Tables) -> list[tuple[str, str]]:
@@ -806,6 +806,12 @@ def _int4_checks(f: pd.DataFrame) -> list[tuple[str, bool | None, str]]:
     return out
 
 
+def _int4_rows(d: pd.DataFrame | None) -> pd.DataFrame:
+    if d is None or not len(d) or "int4_median_ms" not in d:
+        return pd.DataFrame()
+    return d[(d["status"] == "ok") & d["int4_median_ms"].notna() & d["sdpa_best_median_ms"].notna()]
+
+
 @register_claim("int4_decode",
                 text=f"(ours, issue 17) Fused INT4 decode (packed nibbles, a scale per group of channels) against the "
                      f"fastest fp16 SDPA backend of the same job: >= {INT4_SPEEDUP}x faster and >= "
@@ -813,13 +819,13 @@ def _int4_checks(f: pd.DataFrame) -> list[tuple[str, bool | None, str]]:
                      f"32 (MHA and GQA); never slower than the INT8 kernel at T >= {TARGET_MIN_T}.",
                 paper_value="(our target)")
 def _int4_decode(t: Tables, spec: dict) -> Result:
-    d = t.decode
-    if d is None or not len(d) or "int4_median_ms" not in d:
+    # The decode grid's rows where they time the INT4 kernel; else the INT4 bench records (int4/).
+    f, origin = _int4_rows(t.decode), "the decode grid"
+    if not len(f):
+        f, origin = _int4_rows(t.decode_int4), "the INT4 bench record"
+    if not len(f):
         return _missing(t, "INT4 decode rows", "no decode-step rows with the INT4 kernel (rule decode runs on a CUDA "
                                                "device; records made before issue 17 have none)")
-    f = d[(d["status"] == "ok") & d["int4_median_ms"].notna() & d["sdpa_best_median_ms"].notna()]
-    if not len(f):
-        return Result(NOT_MEASURABLE, note="no decode row timed the INT4 kernel")
     counts = f.groupby(["source", "device_slug"]).size().reset_index(name="n")
     best = counts.sort_values(["n", "source", "device_slug"]).iloc[-1]
     f = f[(f["source"] == best["source"]) & (f["device_slug"] == best["device_slug"])]
@@ -834,7 +840,9 @@ def _int4_decode(t: Tables, spec: dict) -> Result:
         our_value=f"{len(met)} of {len(checks)} goals met; INT4 {f['int4_speedup_vs_sdpa'].min():.2f}x to "
                   f"{f['int4_speedup_vs_sdpa'].max():.2f}x fp16 SDPA over {len(f)} points"
                   + (f" (group {'/'.join(str(g) for g in group)})" if len(group) else ""),
-        our_source=f"{source_device_label(best['source'], best['device_slug'])}, {len(f)} INT4 rows",
+        our_source=f"{source_device_label(best['source'], best['device_slug'])}, {len(f)} INT4 rows of {origin}"
+                   + (f" (commit {str(f['git_commit'].iloc[0])[:8]})" if "git_commit" in f and f["git_commit"].notna().any()
+                      else ""),
         note="; ".join(f"{c[0]}: {'met' if c[1] else 'MISSED' if c[1] is False else 'not measured'} ({c[2]})"
                        for c in checks) + ".",
         our_number=float(f["int4_speedup_vs_sdpa"].min()),

@@ -44,7 +44,7 @@ PEERS = ("torch_eager", "torch_compile", "torch_quantize_per_channel")
 QUANT_DEQUANT = "quant+dequant"  # the paper's timed pair: quantize then dequantize, scales excluded
 
 TABLE_NAMES = ("performance", "accuracy", "memory", "workloads", "paper", "speedups", "claims",
-               "provenance", "paper_l2", "decode", "decode_append", "decode_accuracy", "e2e")
+               "provenance", "paper_l2", "decode", "decode_append", "decode_accuracy", "e2e", "decode_int4")
 
 PROVENANCE_KEYS = ("device", "device_name", "gpu_name", "cpu_model", "cpu_threads", "driver", "cuda", "torch",
                    "python", "git_commit", "config_hash", "date")
@@ -67,7 +67,9 @@ def load_records(paths, source: str = THIS_RUN) -> list[dict]:
     for p in sorted({str(Path(p)) for p in paths}):
         with open(p) as f:
             record = json.load(f)
-        for key in ("kind", "workload", "provenance", "rows"):
+        # tools/bench_decode.py's records (kind 'decode_bench') before it wrote a workload have none
+        required = ("kind", "provenance", "rows") + (() if record.get("kind") == "decode_bench" else ("workload",))
+        for key in required:
             if key not in record:
                 raise ValueError(f"{p}: not a kvpack record (missing {key!r}); see docs/records.md")
         record["_source"] = source
@@ -87,7 +89,7 @@ def collect_records(benchmark_paths=(), accuracy_paths=(), reference_dirs=(), de
     records = load_records(list(benchmark_paths) + list(accuracy_paths) + list(decode_paths) + list(e2e_paths),
                            THIS_RUN)
     for d in reference_dirs or ():
-        records += one_machine(load_records(reference_record_paths(d, ("benchmark", "accuracy", "decode", "e2e")),
+        records += one_machine(load_records(reference_record_paths(d, ("benchmark", "accuracy", "decode", "e2e", "int4")),
                                             source_label(d)))
     return records
 
@@ -180,6 +182,29 @@ def decode_table(records) -> pd.DataFrame:
     df["skip_reason"] = df["skip_reason"].fillna("")
     return df.sort_values(["source", "device_slug", "record_format", "head_dim", "q_heads", "kv_heads", "batch", "T"],
                           kind="stable", ascending=[True, True, True, True, True, False, True, True]).reset_index(drop=True)
+
+
+DECODE_INT4_COLUMNS = [*DECODE_COLUMNS, "git_commit"]
+
+
+def decode_int4_table(records) -> pd.DataFrame:
+    """The INT4 kernel's rows of the bench records (kind 'decode_bench', written by tools/bench_decode.py;
+    a reference folder's ``int4/``): the decode table's columns and the commit that made them. Where a
+    source's decode grid has no INT4 rows (records before issue 17), claim int4_decode reads these."""
+    rows = []
+    for r in records:
+        if r.get("kind") != "decode_bench":
+            continue
+        p = r["provenance"]
+        where = {"source": r.get("_source", THIS_RUN), "device_slug": p.get("device_slug") or "unknown",
+                 "device_name": p.get("gpu_name") or p.get("device_name") or "unknown", "path": r.get("_path", ""),
+                 "git_commit": str(p.get("git_commit") or "")}
+        rows += [{**where, "skip_reason": "", **_decode_v2_row(row)} for row in r["rows"] if "int4_median_ms" in row]
+    if not rows:
+        return pd.DataFrame(columns=DECODE_INT4_COLUMNS)
+    df = pd.DataFrame(rows).reindex(columns=DECODE_INT4_COLUMNS)
+    df["skip_reason"] = df["skip_reason"].fillna("")
+    return df
 
 
 def decode_view(decode: pd.DataFrame) -> pd.DataFrame:
@@ -716,6 +741,7 @@ class Tables:
     decode: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=DECODE_COLUMNS))
     decode_append: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=DECODE_APPEND_COLUMNS))
     decode_accuracy: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=DECODE_ACCURACY_COLUMNS))
+    decode_int4: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=DECODE_INT4_COLUMNS))
     e2e: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=E2E_COLUMNS))
 
     def as_dict(self) -> dict[str, pd.DataFrame]:
