@@ -151,7 +151,7 @@ CELLS = [
              '"head_dim", "sdpa_best_median_ms", "fused_median_ms", "int4_median_ms", "int4_speedup_vs_sdpa", '
              '"int4_vs_fused", "int4_fraction_of_int4_bound"], digits=4)\n'
              'labels = kc.source_labels(claims)\n'
-             'for cid in ("decode_overhead", "decode_speed_target", "int4_decode"):\n'
+             'for cid in ("decode_overhead", "decode_speed_target", "int4_decode", "int4_perplexity"):\n'
              '    for _, r in claims[claims["claim_id"] == cid].iterrows():\n'
              '        label = labels[(str(r["source"]), "" if pd.isna(r["device_slug"]) else str(r["device_slug"]))]\n'
              '        display(Markdown(f"**{cid} on {label}: {r[\'verdict\']}.** "\n'

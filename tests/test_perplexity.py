@@ -77,3 +77,26 @@ def test_the_committed_model_and_its_records():
     from kvpack.report import headline
 
     assert headline.to_markdown(headline.perplexity_table()) in (ROOT / "docs" / "int4.md").read_text()
+
+
+def test_int4_perplexity_claim_from_the_record(tmp_path, monkeypatch):
+    """Claim int4_perplexity: the committed record's INT4 g32 perplexity over the unquantized one, against
+    2%; a record past the bound is not reproduced."""
+    import json
+
+    from kvpack.report import assemble, claims
+
+    rec = json.loads(claims.INT4_PERPLEXITY_RECORD.read_text())
+    by = {r["method"]: r for r in rec["rows"]}
+    want = by["int4_token_g32"]["perplexity"] / by["exact"]["perplexity"]
+    c = assemble.build_tables().claims.set_index("claim_id").loc["int4_perplexity"]
+    assert c["verdict"] == (claims.REPRODUCED if want <= 1.02 else claims.NOT_REPRODUCED)
+    assert abs(c["our_number"] - want) < 1e-12 and f"{want:.3f}x" in c["our_value"]
+    for r in rec["rows"]:
+        if r["method"] == "int4_token_g32":
+            r["perplexity"] = by["exact"]["perplexity"] * 1.05
+    bad = tmp_path / "perplexity.json"
+    bad.write_text(json.dumps(rec))
+    monkeypatch.setattr(claims, "INT4_PERPLEXITY_RECORD", bad)
+    c = assemble.build_tables().claims.set_index("claim_id").loc["int4_perplexity"]
+    assert c["verdict"] == claims.NOT_REPRODUCED and "1.050x" in c["our_value"]
