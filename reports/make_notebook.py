@@ -151,7 +151,7 @@ CELLS = [
              '"head_dim", "sdpa_best_median_ms", "fused_median_ms", "int4_median_ms", "int4_speedup_vs_sdpa", '
              '"int4_vs_fused", "int4_fraction_of_int4_bound"], digits=4)\n'
              'labels = kc.source_labels(claims)\n'
-             'for cid in ("decode_overhead", "decode_speed_target", "int4_decode", "int4_perplexity"):\n'
+             'for cid in ("decode_overhead", "decode_speed_target", "int4_decode", "int4_quality"):\n'
              '    for _, r in claims[claims["claim_id"] == cid].iterrows():\n'
              '        label = labels[(str(r["source"]), "" if pd.isna(r["device_slug"]) else str(r["device_slug"]))]\n'
              '        display(Markdown(f"**{cid} on {label}: {r[\'verdict\']}.** "\n'
@@ -164,7 +164,7 @@ CELLS = [
            "most-attended token is unchanged (the INT8 side's weights computed in float64 from the dequantized "
            "cache: the fused kernel returns no weights)."),
     code('if len(t.decode_accuracy):\n'
-             '    show(t.decode_accuracy, ["source", "device_slug", "path", "distribution", "granularity", "status", '
+             '    show(t.decode_accuracy, ["source", "device_slug", "path", "distribution", "bits", "granularity", "status", '
              '"T", "head_dim", "queries", "max_abs_error", "rel_l2_error", "fp16_sdpa_max_abs_error", '
              '"fp16_sdpa_rel_l2_error", "top1_agreement", "skip_reason"], digits=3)\n'
              'else:\n'

@@ -51,18 +51,26 @@ def test_study_rows_and_record(monkeypatch):
          "head_dim": 64}
     rec = da.run_decode_accuracy_job(s, "cpu", environment.provenance("cpu"))
     assert rec["kind"] == "decode_accuracy" and rec["workload"]["path"] == da.path_name("cpu")
-    rows = {(r["distribution"], r["granularity"]): r for r in rec["rows"]}
-    assert set(rows) == {(d, g) for d in ("uniform", "outlier_keys", "real_model") for g in ("token", "channel")}
-    assert rows[("real_model", "token")]["status"] == "skipped"
-    assert rows[("real_model", "token")]["skip_reason"] == "no model here (test)"
+    rows = {(r["distribution"], r["granularity"], r["bits"]): r for r in rec["rows"]}
+    assert set(rows) == {(d, g, b) for d in ("uniform", "outlier_keys", "real_model") for g in ("token", "channel")
+                         for b in (8, 4)}
+    assert rows[("real_model", "token", 8)]["status"] == "skipped"
+    assert rows[("real_model", "token", 4)]["skip_reason"] == "no model here (test)"
     for d in ("uniform", "outlier_keys"):
         for g in ("token", "channel"):
-            r = rows[(d, g)]
-            assert r["status"] == "ok" and 0 <= r["top1_agreement"] <= 1 and r["queries"] == 8
-            assert np.isfinite(r["rel_l2_error"]) and r["fp16_sdpa_rel_l2_error"] < r["rel_l2_error"] + 1e-3
+            for b in (8, 4):
+                r = rows[(d, g, b)]
+                assert r["status"] == "ok" and 0 <= r["top1_agreement"] <= 1 and r["queries"] == 8
+                assert np.isfinite(r["rel_l2_error"]) and r["fp16_sdpa_rel_l2_error"] < r["rel_l2_error"] + 1e-3
+                assert r["int4_group"] == (32 if b == 4 else None)
+            # 4 bits: steps 18x coarser (absmax / 7 against / 127): more error than INT8 everywhere
+            assert rows[(d, g, 4)]["rel_l2_error"] > rows[(d, g, 8)]["rel_l2_error"]
+            # the kernel's own rounding stays far below the quantization's at either width
+            for b in (8, 4):
+                assert rows[(d, g, b)]["kernel_vs_int8_reference_max_abs"] < 0.1 * rows[(d, g, b)]["int8_reference_max_abs_error"] + 1e-3
     # a few large channels hurt one scale per token more than one per channel
-    assert rows[("outlier_keys", "token")]["rel_l2_error"] > rows[("outlier_keys", "channel")]["rel_l2_error"]
-    assert rows[("uniform", "token")]["rel_l2_error"] < 0.02
+    assert rows[("outlier_keys", "token", 8)]["rel_l2_error"] > rows[("outlier_keys", "channel", 8)]["rel_l2_error"]
+    assert rows[("uniform", "token", 8)]["rel_l2_error"] < 0.02
 
 
 def test_table_from_the_record(tmp_path, monkeypatch):
@@ -74,7 +82,7 @@ def test_table_from_the_record(tmp_path, monkeypatch):
     records.write_record(rec, tmp_path / "ref" / "decode" / "accuracy.json")
     t = assemble.build_tables(reference_dirs=[tmp_path / "ref"])
     a = t.decode_accuracy
-    assert len(a) == 4 and set(a["status"]) == {"ok", "skipped"}
+    assert len(a) == 8 and set(a["status"]) == {"ok", "skipped"} and set(a["bits"]) == {8, 4}
     assert (a["path"] == da.path_name("cpu")).all()
     assert len(t.decode) == 0  # an accuracy record is no decode timing
 

@@ -248,7 +248,8 @@ def decode_append_table(records) -> pd.DataFrame:
     return pd.DataFrame(rows).reindex(columns=DECODE_APPEND_COLUMNS) if rows else pd.DataFrame(columns=DECODE_APPEND_COLUMNS)
 
 
-DECODE_ACCURACY_COLUMNS = ["source", "device_slug", "device_name", "path", "distribution", "granularity", "status",
+DECODE_ACCURACY_COLUMNS = ["source", "device_slug", "device_name", "path", "distribution", "bits", "int4_group",
+                           "granularity", "status",
                            "skip_reason", "batch", "q_heads", "kv_heads", "head_dim", "T", "queries",
                            "max_abs_error", "rel_l2_error", "top1_agreement", "fp16_sdpa_max_abs_error",
                            "fp16_sdpa_rel_l2_error", "int8_reference_max_abs_error",
@@ -263,6 +264,7 @@ def decode_accuracy_table(records) -> pd.DataFrame:
         return pd.DataFrame(columns=DECODE_ACCURACY_COLUMNS)
     df = pd.DataFrame(rows).reindex(columns=DECODE_ACCURACY_COLUMNS)
     df["skip_reason"] = df["skip_reason"].fillna("")
+    df["bits"] = df["bits"].fillna(8).astype(int)  # records before issue 17 measured INT8 only
     return df
 
 

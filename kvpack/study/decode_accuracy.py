@@ -27,6 +27,11 @@ The unquantized cache is the fp16 K/V (the cache a model would keep). Per row:
   (the values the kernel reads, kvpack.reference.dequantize_cache).
 
 ``path`` says what computed the int8 output: the CUDA kernel on a GPU, the extension's CPU op on a CPU.
+
+Each source is measured at ``bits`` 8 and 4 (issue 17): the INT4 cache with the default grouping (a
+scale per 32 channels of a token; keys per channel with granularity "channel"), the same metrics, the
+INT4 side's scores from its dequantized cache (kvpack.int4.dequantize). The ``int8_reference_*`` and
+``kernel_vs_*`` columns then compare with the dequantized INT4 cache.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import reference
+from .. import int4, reference
 from ..cache import KVCache
 from ..decode_attention import decode_attention
 from . import workloads
@@ -45,7 +50,8 @@ from . import workloads
 DISTRIBUTIONS = ("uniform", "outlier_keys", "real_model")
 GRANULARITIES = ("token", "channel")
 DEFAULTS = {"distributions": list(DISTRIBUTIONS), "granularities": list(GRANULARITIES), "T": 1024, "batch": 4,
-            "heads": [8, 2], "head_dim": 128, "real_model_sentences": 32, "seed": 0}
+            "heads": [8, 2], "head_dim": 128, "real_model_sentences": 32, "seed": 0, "bits": [8, 4]}
+INT4_GROUP = 32  # the INT4 cache's default grouping (docs/int4.md)
 REAL_MODEL_PAD = 64  # the smallest head dimension the fused kernel takes
 
 
@@ -70,20 +76,32 @@ def _scores(q64: np.ndarray, k64: np.ndarray, sm_scale: float) -> np.ndarray:
     return np.einsum("bhd,bhtd->bht", q64, k_rep) * sm_scale
 
 
+def _dequantized(cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
+    """float64 K and V of a quantized cache: the values its kernels read."""
+    if cache.bits == 8:
+        return (reference.dequantize_cache(cache.k_cache, cache.k_scales, cache.granularity),
+                reference.dequantize_cache(cache.v_cache, cache.v_scales, cache.granularity))
+    per_channel = cache.granularity == "channel"
+    k = int4.dequantize(cache.k_cache.cpu(), cache.k_scales.cpu(), per_channel)
+    v = int4.dequantize(cache.v_cache.cpu(), cache.v_scales.cpu(), False)
+    return k.double().numpy(), v.double().numpy()
+
+
 def measure(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, granularity: str, device: str = "cpu",
-            sm_scale: float | None = None) -> dict:
-    """The errors of fused INT8 decoding of one batch (q [B, Hq, D], K/V [B, Hkv, T, D], fp16), with their
-    sums kept so that several batches combine (:func:`combine`)."""
+            sm_scale: float | None = None, bits: int = 8) -> dict:
+    """The errors of fused INT8 (or INT4: ``bits=4``) decoding of one batch (q [B, Hq, D], K/V [B, Hkv, T,
+    D], fp16), with their sums kept so that several batches combine (:func:`combine`)."""
     B, Hkv, T, D = K.shape
     dev = torch.device(device)
     scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
-    cache = KVCache(B, Hkv, D, T, granularity=granularity, device=dev, dtype=torch.float16)
+    cache = KVCache(B, Hkv, D, T, granularity=granularity, device=dev, dtype=torch.float16, bits=bits,
+                    group_size=INT4_GROUP)
     cache.append(K.to(dev), V.to(dev))  # one append: channel scales calibrate on the whole cache
     out = decode_attention(q.to(dev), cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales,
-                           cache.device_lengths, granularity=granularity, sm_scale=scale).double().cpu().numpy()
+                           cache.device_lengths, granularity=granularity, sm_scale=scale, bits=bits,
+                           group_size=INT4_GROUP).double().cpu().numpy()
     exact = reference.attention_decode(q, K, V, sm_scale=scale)
-    k_hat = reference.dequantize_cache(cache.k_cache, cache.k_scales, granularity)
-    v_hat = reference.dequantize_cache(cache.v_cache, cache.v_scales, granularity)
+    k_hat, v_hat = _dequantized(cache)
     int8_ref = reference.attention_decode(q, k_hat, v_hat, sm_scale=scale)
     gqa = {"enable_gqa": True} if q.shape[1] != Hkv else {}
     qd, Kd, Vd = q.to(dev).unsqueeze(2), K.to(dev), V.to(dev)
@@ -141,6 +159,10 @@ def real_model_batches(n_sentences: int):
     return out
 
 
+def _bits_cols(bits: int) -> dict:
+    return {"bits": int(bits), "int4_group": INT4_GROUP if int(bits) == 4 else None}
+
+
 def decode_accuracy(settings: dict | None = None, device: str = "cpu") -> list[dict]:
     """One row per K/V source x granularity (see the module's docstring)."""
     s = {**DEFAULTS, **(settings or {})}
@@ -153,15 +175,16 @@ def decode_accuracy(settings: dict | None = None, device: str = "cpu") -> list[d
 
             ok, why = realmodel.model_status()
             if not ok:
-                rows += [{**base, "granularity": g, "status": "skipped", "skip_reason": why} for g in s["granularities"]]
+                rows += [{**base, **_bits_cols(b), "granularity": g, "status": "skipped", "skip_reason": why}
+                         for b in s["bits"] for g in s["granularities"]]
                 continue
             batches = real_model_batches(int(s["real_model_sentences"]))
             head_dim = batches[0][4]
-            for g in s["granularities"]:
+            for bits, g in ((b, g) for b in s["bits"] for g in s["granularities"]):
                 # sm_scale of the model's own heads (1/sqrt(32)), not of the zero-padded width
-                parts = [measure(q, K, V, g, device, sm_scale=1.0 / math.sqrt(d)) for _, q, K, V, d in batches]
+                parts = [measure(q, K, V, g, device, sm_scale=1.0 / math.sqrt(d), bits=bits) for _, q, K, V, d in batches]
                 lengths = sorted({int(b[2].shape[2]) for b in batches})
-                rows.append({**base, "granularity": g, "status": "ok", "skip_reason": "",
+                rows.append({**base, **_bits_cols(bits), "granularity": g, "status": "ok", "skip_reason": "",
                              "batch": sum(int(b[1].shape[0]) for b in batches if b[0] == batches[0][0]),
                              "q_heads": int(batches[0][1].shape[1]),
                              "kv_heads": int(batches[0][2].shape[1]), "head_dim": head_dim,
@@ -169,10 +192,10 @@ def decode_accuracy(settings: dict | None = None, device: str = "cpu") -> list[d
                              "sentences": int(s["real_model_sentences"]), **combine(parts)})
             continue
         q, K, V = synthetic_kv(dist, int(s["batch"]), hq, hkv, int(s["T"]), int(s["head_dim"]), int(s["seed"]))
-        for g in s["granularities"]:
-            rows.append({**base, "granularity": g, "status": "ok", "skip_reason": "", "batch": int(s["batch"]),
-                         "q_heads": hq, "kv_heads": hkv, "head_dim": int(s["head_dim"]), "T": str(int(s["T"])),
-                         **combine([measure(q, K, V, g, device)])})
+        for bits, g in ((b, g) for b in s["bits"] for g in s["granularities"]):
+            rows.append({**base, **_bits_cols(bits), "granularity": g, "status": "ok", "skip_reason": "",
+                         "batch": int(s["batch"]), "q_heads": hq, "kv_heads": hkv, "head_dim": int(s["head_dim"]),
+                         "T": str(int(s["T"])), **combine([measure(q, K, V, g, device, bits=bits)])})
     return rows
 
 
