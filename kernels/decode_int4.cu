@@ -20,20 +20,8 @@ __global__ void __launch_bounds__(kAppendWarps * 32) kv_append_int4_kernel(const
   constexpr int kLanes = G / E;    // lanes per group
   constexpr int kGroups = D / G;   // scales per row
   const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
   const int64_t b = blockIdx.y;
-  const int64_t per_kv = p.kv_heads * p.new_tokens;
-  const int64_t n_b = p.counts ? min(max(static_cast<int64_t>(p.counts[b]), int64_t{0}), p.new_tokens) : p.new_tokens;
-  const int64_t start = min(max(static_cast<int64_t>(p.lengths[b]), int64_t{0}), p.max_tokens);
-  unsigned long long saturated = 0;
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kAppendWarps + warp; r < 2 * per_kv;
-       r += static_cast<int64_t>(gridDim.x) * kAppendWarps) {
-    const bool is_v = r >= per_kv;  // the same for the whole warp
-    const int64_t rem = is_v ? r - per_kv : r;
-    const int64_t h = rem / p.new_tokens;
-    const int64_t j = rem % p.new_tokens;
-    const int64_t pos = start + j;
-    if (j >= n_b || pos >= p.max_tokens) continue;
+  append_rows<!kKeyGroups>(p, b, b, [&](bool is_v, int64_t h, int64_t j, int64_t pos, unsigned long long& saturated) {
     const int64_t head = b * p.kv_heads + h;
     const T* src = static_cast<const T*>(is_v ? p.v : p.k) + (head * p.new_tokens + j) * D + lane * E;
     const VecN<T, E> x = load_vec<T, E>(src);
@@ -69,8 +57,7 @@ __global__ void __launch_bounds__(kAppendWarps * 32) kv_append_int4_kernel(const
     } else {
       *reinterpret_cast<uint32_t*>(dst) = packed;
     }
-  }
-  finish_append<!kKeyGroups>(p, saturated, b, start, n_b);
+  });
 }
 
 // f(D, G) for the supported (head dimension, group size) pairs.

@@ -16,19 +16,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-build/int4-device}"
 L="$OUT/logs"
 mkdir -p "$L"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    > "$L/pip.log" 2>&1 && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -1)
-{
-  python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  echo "compute-sanitizer: ${SAN:-none}"
-} 2>&1 | tee "$L/env.txt"
-
-t0=$SECONDS; python3 -m kvpack.build --verbose --out "$L/build-info.json" > "$L/build.log" 2>&1
-echo "build: exit $? after $((SECONDS - t0)) s"
+. tools/device_setup.sh  # wheels, $SAN, env.txt, the build
 t0=$SECONDS
 timeout "${TEST_BUDGET:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_int4.py \
   tests/test_decode_attention.py tests/test_paged.py tests/test_hf.py > "$L/pytest_gpu.log" 2>&1

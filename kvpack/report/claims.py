@@ -620,7 +620,11 @@ def _fused_rows(d: pd.DataFrame) -> pd.DataFrame:
     last by name), so that a claim is judged on one GPU's rows (claims_table passes one source's rows)."""
     if d is None or not len(d) or "fused_median_ms" not in d:
         return pd.DataFrame(columns=getattr(d, "columns", []))
-    f = d[(d["status"] == "ok") & d["fused_median_ms"].notna() & d["sdpa_best_median_ms"].notna()]
+    return _busiest_device(d[(d["status"] == "ok") & d["fused_median_ms"].notna() & d["sdpa_best_median_ms"].notna()])
+
+
+def _busiest_device(f: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the (source, device) with the most of them (ties: the last by name)."""
     if not len(f):
         return f
     counts = f.groupby(["source", "device_slug"]).size().reset_index(name="n")
@@ -827,9 +831,8 @@ def _int4_decode(t: Tables, spec: dict) -> Result:
     if not len(f):
         return _missing(t, "INT4 decode rows", "no decode-step rows with the INT4 kernel (rule decode runs on a CUDA "
                                                "device; records made before issue 17 have none)")
-    counts = f.groupby(["source", "device_slug"]).size().reset_index(name="n")
-    best = counts.sort_values(["n", "source", "device_slug"]).iloc[-1]
-    f = f[(f["source"] == best["source"]) & (f["device_slug"] == best["device_slug"])]
+    f = _busiest_device(f)
+    best = f.iloc[0]
     checks = _int4_checks(f)
     missed = [c for c in checks if c[1] is False]
     unknown = [c for c in checks if c[1] is None]

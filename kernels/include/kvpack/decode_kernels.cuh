@@ -123,17 +123,21 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(kFullMask, x, 2);
 }
 
-template <int kWords>
-__device__ __forceinline__ void load_words(uint32_t (&w)[kWords], const int8_t* p) {
-  static_assert(kWords == 2 || kWords % 4 == 0, "V pieces are 8 bytes or whole 16-byte vectors");
-  if constexpr (kWords == 2) {
-    const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
+// N consecutive 32-bit words (N = 1, 2, or whole 16-byte vectors) from a suitably aligned address:
+// the pieces of K and V a thread loads, INT8 and INT4 alike.
+template <int N>
+__device__ __forceinline__ void load_words(uint32_t* w, const void* p) {
+  static_assert(N == 1 || N == 2 || N % 4 == 0, "pieces of 4 or 8 bytes or whole 16-byte vectors");
+  if constexpr (N == 1) {
+    w[0] = __ldg(static_cast<const uint32_t*>(p));
+  } else if constexpr (N == 2) {
+    const uint2 u = __ldg(static_cast<const uint2*>(p));
     w[0] = u.x;
     w[1] = u.y;
   } else {
 #pragma unroll
-    for (int i = 0; i < kWords / 4; ++i) {
-      const uint4 u = __ldg(reinterpret_cast<const uint4*>(p) + i);
+    for (int i = 0; i < N / 4; ++i) {
+      const uint4 u = __ldg(static_cast<const uint4*>(p) + i);
       w[4 * i] = u.x;
       w[4 * i + 1] = u.y;
       w[4 * i + 2] = u.z;
@@ -367,28 +371,6 @@ __device__ __forceinline__ void nibbles_to_f16x2(uint32_t x, uint32_t (&f)[4]) {
   f[3] = hfma2(lop_and_or(y, 0x00f000f0u, kF16Of1024), kF16OneSixteenth, kF16Minus72);
 }
 
-// N consecutive 32-bit words (N = 1, 2, 4, 8) from a suitably aligned address.
-template <int N>
-__device__ __forceinline__ void load_u32s(uint32_t* w, const uint8_t* p) {
-  if constexpr (N == 1) {
-    w[0] = __ldg(reinterpret_cast<const uint32_t*>(p));
-  } else if constexpr (N == 2) {
-    const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
-    w[0] = u.x;
-    w[1] = u.y;
-  } else {
-    static_assert(N % 4 == 0, "whole 16-byte vectors");
-#pragma unroll
-    for (int i = 0; i < N / 4; ++i) {
-      const uint4 u = __ldg(reinterpret_cast<const uint4*>(p) + i);
-      w[4 * i] = u.x;
-      w[4 * i + 1] = u.y;
-      w[4 * i + 2] = u.z;
-      w[4 * i + 3] = u.w;
-    }
-  }
-}
-
 // Channel e0 of K word j of thread t (8 consecutive channels a word).
 template <int D>
 __device__ __forceinline__ int k4_channel0(int j, int t) {
@@ -423,10 +405,10 @@ __device__ __forceinline__ void load_tile4(Tile4<D, G>& tile, const uint8_t* __r
     const int64_t row = min(tb + nb * 8 + g, last_row);
     const uint8_t* p = k + row * (D / 2);
     if constexpr (D == 64) {
-      load_u32s<2>(tile.k[nb], p + 8 * t);
+      load_words<2>(tile.k[nb], p + 8 * t);
     } else {
 #pragma unroll
-      for (int l = 0; l < D / 128; ++l) load_u32s<4>(tile.k[nb] + 4 * l, p + 64 * l + 16 * t);
+      for (int l = 0; l < D / 128; ++l) load_words<4>(tile.k[nb] + 4 * l, p + 64 * l + 16 * t);
     }
     if constexpr (kKeyGroups) {
 #pragma unroll
@@ -437,7 +419,7 @@ __device__ __forceinline__ void load_tile4(Tile4<D, G>& tile, const uint8_t* __r
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int64_t row = min(tb + slot_token(r, t), last_row);
-    load_u32s<TL::kVWords>(tile.v[r], v + row * (D / 2) + (D / 16) * g);
+    load_words<TL::kVWords>(tile.v[r], v + row * (D / 2) + (D / 16) * g);
     tile.vs[r] = __ldg(vs + row * TL::kGroups + vgroup);
   }
 }
@@ -969,12 +951,28 @@ struct AppendParams {
   int page_size;
 };
 
-// The end of every write kernel: the warps' saturation counts (with calibrated scales) go to the
-// counter; the last block of sequence `slot` to finish advances its length (every block has read
-// it by then) and resets the arrival counter for the next append.
-template <bool kCountSaturated>
-__device__ __forceinline__ void finish_append(const AppendParams& p, unsigned long long saturated, int64_t slot,
-                                              int64_t start, int64_t n_b) {
+// The skeleton of every write kernel (INT8 and INT4). Block (x, b) takes rows x * kAppendWarps + warp,
+// strided by the grid, of sequence b's 2 Hkv t_new new rows (K first, then V); the first counts[b] of
+// each head's rows that fit before T_max are handed, one per warp, to row(is_v, h, j, pos, saturated),
+// pos = lengths[slot] + j. Then the warps' saturation counts (with calibrated scales) go to the
+// counter, and the last block of the slot to finish advances its length (every block has read it by
+// then) and resets the arrival counter for the next append.
+template <bool kCountSaturated, typename Row>
+__device__ __forceinline__ void append_rows(const AppendParams& p, int64_t b, int64_t slot, Row&& row) {
+  const int warp = threadIdx.x >> 5;
+  const int64_t per_kv = p.kv_heads * p.new_tokens;
+  const int64_t n_b = p.counts ? min(max(static_cast<int64_t>(p.counts[b]), int64_t{0}), p.new_tokens) : p.new_tokens;
+  const int64_t start = min(max(static_cast<int64_t>(p.lengths[slot]), int64_t{0}), p.max_tokens);
+  unsigned long long saturated = 0;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kAppendWarps + warp; r < 2 * per_kv;
+       r += static_cast<int64_t>(gridDim.x) * kAppendWarps) {
+    const bool is_v = r >= per_kv;  // the same for the whole warp
+    const int64_t rem = is_v ? r - per_kv : r;
+    const int64_t j = rem % p.new_tokens;
+    const int64_t pos = start + j;
+    if (j >= n_b || pos >= p.max_tokens) continue;
+    row(is_v, rem / p.new_tokens, j, pos, saturated);
+  }
   if constexpr (kCountSaturated) {
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) saturated += __shfl_xor_sync(kFullMask, saturated, o);
@@ -994,21 +992,9 @@ template <typename T, int D, bool kPerToken, bool kPaged>
 __global__ void __launch_bounds__(kAppendWarps * 32) kv_append_kernel(const AppendParams p) {
   constexpr int E = D / 32;  // elements per lane
   const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
   const int64_t b = blockIdx.y;
   const int64_t slot = kPaged ? slot_of(p.seq_ids, b, p.num_slots, p.clamped, blockIdx.x == 0 && threadIdx.x == 0) : b;
-  const int64_t per_kv = p.kv_heads * p.new_tokens;
-  const int64_t n_b = p.counts ? min(max(static_cast<int64_t>(p.counts[b]), int64_t{0}), p.new_tokens) : p.new_tokens;
-  const int64_t start = min(max(static_cast<int64_t>(p.lengths[slot]), int64_t{0}), p.max_tokens);
-  unsigned long long saturated = 0;
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kAppendWarps + warp; r < 2 * per_kv;
-       r += static_cast<int64_t>(gridDim.x) * kAppendWarps) {
-    const bool is_v = r >= per_kv;
-    const int64_t rem = is_v ? r - per_kv : r;
-    const int64_t h = rem / p.new_tokens;
-    const int64_t j = rem % p.new_tokens;
-    const int64_t pos = start + j;
-    if (j >= n_b || pos >= p.max_tokens) continue;
+  append_rows<!kPerToken>(p, b, slot, [&](bool is_v, int64_t h, int64_t j, int64_t pos, unsigned long long& saturated) {
     const int64_t head = b * p.kv_heads + h;
     const T* src = static_cast<const T*>(is_v ? p.v : p.k) + (head * p.new_tokens + j) * D + lane * E;
     const VecN<T, E> x = load_vec<T, E>(src);
@@ -1039,8 +1025,7 @@ __global__ void __launch_bounds__(kAppendWarps * 32) kv_append_kernel(const Appe
       }
     }
     store_vec<int8_t, E>((is_v ? p.v_cache : p.k_cache) + row * D + lane * E, q);
-  }
-  finish_append<!kPerToken>(p, saturated, slot, start, n_b);
+  });
 }
 
 // Compute capability major of the current device, read once per device.
