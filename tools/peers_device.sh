@@ -15,7 +15,11 @@ BUDGET="${BUDGET:-570}"
 L="$OUT/logs"
 mkdir -p "$L"
 left() { echo $((BUDGET - SECONDS)); }
-[ -n "${SKIP_SETUP:-}" ] || . tools/device_setup.sh
+if [ -n "${SKIP_SETUP:-}" ]; then  # after tools/records_device.sh in the same call: its wheels and build are there
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  . tools/device_setup.sh
+fi
 if ls .peers/apache_tvm_ffi-*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .peers/apache_tvm_ffi-*.whl > "$L/peers_pip.log" 2>&1
   tar -xJf .peers/flashinfer.tar.xz -C /tmp/site

@@ -10,6 +10,7 @@
 #      e2e goal points, while time is left                                   -> $OUT/e2e/*_int4.json
 # then the logs in one archive ($OUT/logs.tar.gz). Every step runs even when an earlier one failed.
 # BUDGET: seconds the whole script may take (default 570). STEPS: which of 2-5 to run (default all).
+# SKIP_TAR=1 leaves the logs unpacked (tools/peers_device.sh with SKIP_SETUP=1 may follow in the same call).
 #
 #   OUT=/some/dir KVPACK_GIT_COMMIT=$(git rev-parse HEAD) bash tools/records_device.sh
 set -u -o pipefail
@@ -52,4 +53,4 @@ if [[ $STEPS == *5* ]] && [ "$(left)" -gt 50 ]; then
   echo "bench_e2e int4: after $((SECONDS - t0)) s"
 fi
 echo "done after $SECONDS s"
-(cd "$OUT" && tar czf logs.tar.gz logs && rm -rf logs)
+[ -n "${SKIP_TAR:-}" ] || (cd "$OUT" && tar czf logs.tar.gz logs && rm -rf logs)
