@@ -71,6 +71,15 @@ constexpr int kMaxSplits = 4096;       // the merge keeps one weight per part in
 // slower than 3 on an H100 (reports/reference/h100/int4/).
 template <int D, int G = 0>
 constexpr int kDecodeMinBlocks = D == 128 ? 3 : (D == 64 ? 4 : 1);
+// Tiles a warp holds (kBuffers - 1 loading while one is computed). INT8: two up to D = 128, one at
+// D = 256 (two would not fit its registers). INT4 tiles carry half the bytes of INT8's, so a warp
+// needs more of them in flight to cover the memory latency: KVPACK_INT4_BUFFERS (default 3) up to
+// D = 128, a compile-time knob for the lab (2 is the kernel of c32875e).
+#ifndef KVPACK_INT4_BUFFERS
+#define KVPACK_INT4_BUFFERS 3
+#endif
+template <int D, int G = 0>
+constexpr int kDecodeBuffers = D > 128 ? 1 : (G > 0 ? KVPACK_INT4_BUFFERS : 2);
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -652,14 +661,16 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     }
   };
 
-  // The first tile's loads go out before the query is prepared: their latency overlaps it.
-  // Up to D = 128 a warp holds two tiles (the next one's loads in flight while one is computed);
-  // at D = 256 one (two would not fit its registers).
-  constexpr bool kPrefetch = D <= 128;
-  TileT buf[kPrefetch ? 2 : 1];
+  // The first tiles' loads go out before the query is prepared: their latency overlaps it.
+  // A warp holds kBuffers tiles: kBuffers - 1 loading while one is computed (kDecodeBuffers).
+  constexpr int kBuffers = kDecodeBuffers<D, G>;
+  TileT buf[kBuffers];
   int32_t next_page = lookup(first);
-  if (first < t1) load(buf[0], first, next_page);
-  next_page = lookup(first + kStride);
+#pragma unroll
+  for (int j = 0; j < (kBuffers > 1 ? kBuffers - 1 : 1); ++j) {
+    if (first + j * kStride < t1) load(buf[j], first + j * kStride, next_page);
+    next_page = lookup(first + (j + 1) * kStride);
+  }
 
   // Q' fragments for head g (rows 8..15 of the A operand are zero). INT8: elements d0 .. d0 + 3 of
   // chunk kc = 4l + c, d0 = 64l + 16t + 4c. INT4: qf[8j + e] is channel e0 + e of K word j
@@ -716,32 +727,28 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     }
   };
 
-  // Tile j of each round of P: computed, then its registers take the tile P rounds ahead, so P - 1
-  // tiles are always loading while one is computed (indices static: the buffers stay in registers).
-  if constexpr (kPrefetch) {
-    // The next tile's loads are issued just before this one is computed. (Measured on the H200: a
-    // ring that reloads each buffer right after computing it, the same prefetch distance, ran
-    // 10-15% slower at every shape; so did a third buffer at D = 64.)
-    for (int64_t x = first; x < t1; x += 2 * kStride) {
-      if (x + kStride < t1) {
-        load(buf[1], x + kStride, next_page);
-        next_page = lookup(x + 2 * kStride);
+  // Round r computes tiles x + j kStride, j < kBuffers, from buf[j]; before computing tile j its
+  // buffer's predecessor takes the tile kBuffers - 1 ahead, so kBuffers - 1 tiles are always loading
+  // while one is computed (indices static after unrolling: the buffers stay in registers). Loads go
+  // out in token order, so a paged cache's next page id is read one load ahead.
+  // (Measured on the H200, INT8: a ring that reloads each buffer right after computing it, the same
+  // prefetch distance, ran 10-15% slower at every shape; so did a third buffer at D = 64.)
+  for (int64_t x = first; x < t1; x += kBuffers * kStride) {
+#pragma unroll
+    for (int j = 0; j < kBuffers; ++j) {
+      const int64_t xj = x + j * kStride;
+      if (xj >= t1) break;
+      if constexpr (kBuffers > 1) {
+        const int64_t ahead = xj + (kBuffers - 1) * kStride;
+        if (ahead < t1) {
+          load(buf[(j + kBuffers - 1) % kBuffers], ahead, next_page);
+          next_page = lookup(ahead + kStride);
+        }
+      } else if (xj != first) {
+        load(buf[0], xj, next_page);
+        next_page = lookup(xj + kStride);
       }
-      attend(buf[0], x);
-      if (x + kStride >= t1) break;
-      if (x + 2 * kStride < t1) {
-        load(buf[0], x + 2 * kStride, next_page);
-        next_page = lookup(x + 3 * kStride);
-      }
-      attend(buf[1], x + kStride);
-    }
-  } else {
-    for (int64_t x = first; x < t1; x += kStride) {
-      if (x != first) {
-        load(buf[0], x, next_page);
-        next_page = lookup(x + kStride);
-      }
-      attend(buf[0], x);
+      attend(buf[j], xj);
     }
   }
 
