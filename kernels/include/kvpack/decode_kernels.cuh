@@ -72,14 +72,16 @@ constexpr int kMaxSplits = 4096;       // the merge keeps one weight per part in
 template <int D, int G = 0>
 constexpr int kDecodeMinBlocks = D == 128 ? 3 : (D == 64 ? 4 : 1);
 // Tiles a warp holds (kBuffers - 1 loading while one is computed). INT8: two up to D = 128, one at
-// D = 256 (two would not fit its registers). INT4 tiles carry half the bytes of INT8's, so a warp
-// needs more of them in flight to cover the memory latency: KVPACK_INT4_BUFFERS (default 3) up to
-// D = 128, a compile-time knob for the lab (2 is the kernel of c32875e).
+// D = 256 (two would not fit its registers). INT4 at D = 128: KVPACK_INT4_BUFFERS (default 3, a
+// compile-time knob for the lab). Measured on an H100 in one job (92c6e34, tools/ab_device.sh,
+// reports/reference/h100/logs/int4_buffers_ab_92c6e34/): three tiles against two were 2% faster at
+// the large MHA points (B32 T32768, T131072) and equal elsewhere, and 2.5% slower at D = 64, which
+// keeps two. INT4 is not short of bytes in flight: the gap to its byte bound is elsewhere.
 #ifndef KVPACK_INT4_BUFFERS
 #define KVPACK_INT4_BUFFERS 3
 #endif
 template <int D, int G = 0>
-constexpr int kDecodeBuffers = D > 128 ? 1 : (G > 0 ? KVPACK_INT4_BUFFERS : 2);
+constexpr int kDecodeBuffers = D > 128 ? 1 : (G > 0 && D == 128 ? KVPACK_INT4_BUFFERS : 2);
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kLog2e = 1.4426950408889634f;
 
