@@ -2,6 +2,8 @@
 # One GPU's decode records with today's kernels in one device call (issues 17 and 18):
 #   1. build the extension                                                   -> $OUT/logs: build.log
 #   2. GPU tests: INT4, INT8 decode, paged, kvpack.hf                        -> pytest_gpu.log
+#   6. (STEPS with 6) compute-sanitizer memcheck and racecheck over the KV cache kernels
+#      (tools/sanitize_kernels.py --decode)                                  -> sanitizer.log, racecheck.log
 #   3. tools/lab/short_steps.py: where a short step's time goes (per kernel,
 #      per split count) at B = 1 GQA, T = 4096 and 32768                     -> $OUT/short_steps.json
 #   4. tools/decode_grid.py: the pipeline's decode grid (fp16 SDPA, INT8, INT4, paged rows,
@@ -9,7 +11,8 @@
 #   5. tools/bench_e2e.py: kvpack_int4_graph beside INT8 and fp16 graphs at the
 #      e2e goal points, while time is left                                   -> $OUT/e2e/*_int4.json
 # then the logs in one archive ($OUT/logs.tar.gz). Every step runs even when an earlier one failed.
-# BUDGET: seconds the whole script may take (default 570). STEPS: which of 2-5 to run (default all).
+# BUDGET: seconds the whole script may take (default 570). STEPS: which of 2-6 to run, in the order 2 6 3 4 5
+# (default 2345).
 # SKIP_TAR=1 leaves the logs unpacked (tools/peers_device.sh with SKIP_SETUP=1 may follow in the same call).
 #
 #   OUT=/some/dir KVPACK_GIT_COMMIT=$(git rev-parse HEAD) bash tools/records_device.sh
@@ -30,6 +33,14 @@ if [[ $STEPS == *2* ]]; then
     tests/test_paged.py tests/test_hf.py > "$L/pytest_gpu.log" 2>&1
   echo "pytest -m gpu (int4, decode, paged, hf): exit $? after $((SECONDS - t0)) s: $(tail -1 "$L/pytest_gpu.log")"
   grep -E "^(FAILED|ERROR)" "$L/pytest_gpu.log" | head -20
+fi
+if [[ $STEPS == *6* ]] && [ -n "$SAN" ]; then
+  t0=$SECONDS
+  timeout 120 "$SAN" --tool memcheck --error-exitcode 1 python3 tools/sanitize_kernels.py --decode > "$L/sanitizer.log" 2>&1
+  echo "memcheck: exit $? after $((SECONDS - t0)) s: $(grep -E 'ERROR SUMMARY' "$L/sanitizer.log" | tail -1)"
+  t0=$SECONDS
+  timeout 150 "$SAN" --tool racecheck --error-exitcode 1 python3 tools/sanitize_kernels.py --decode > "$L/racecheck.log" 2>&1
+  echo "racecheck: exit $? after $((SECONDS - t0)) s: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$L/racecheck.log" | tail -1)"
 fi
 if [[ $STEPS == *3* ]]; then
   t0=$SECONDS
