@@ -280,3 +280,26 @@ def test_int4_record_and_its_headline():
     assert "0 of 3 goals met" in c["our_value"]
     doc = (ROOT / "docs" / "int4.md").read_text()
     assert headline.to_markdown(table) in doc and headline.record_source_line(REF, "int4/decode_int4.json") in doc
+
+
+def test_peers_record_and_its_headline():
+    """FlashInfer beside kvpack on the H100 (tools/bench_paged_peers.py, peers/paged_peers_p16.json):
+    every speed-up is the quotient of its medians, every median inside its p10-p90, the errors are
+    those of each format (fp16 paths ~1e-4 of SDPA, INT8 ~4e-3, fp8 ~3e-2), and docs/results.md shows
+    the table `headline --peers` prints."""
+    rec = records.read_record(REF / "peers" / "paged_peers_p16.json")
+    assert rec["kind"] == "paged_peers" and "H100" in rec["provenance"]["gpu_name"]
+    assert rec["workload"]["page_size"] == 16 and not rec["workload"]["not_started"]
+    for r in rec["rows"]:
+        best = r[f"{r['sdpa_best']}_median_ms"]
+        assert best == min(r[f"sdpa_{b}_median_ms"] for b in ("flash", "cudnn", "efficient") if f"sdpa_{b}_median_ms" in r)
+        for m in headline.PEER_METHODS:
+            assert r[f"{m}_p10_ms"] <= r[f"{m}_median_ms"] <= r[f"{m}_p90_ms"]
+            assert abs(r[f"{m}_speedup_vs_sdpa"] - best / r[f"{m}_median_ms"]) < 1e-12
+        assert r["kvpack_int8_rel_err_vs_sdpa"] == r["kvpack_int8_paged_rel_err_vs_sdpa"] < 0.01
+        assert all(r[f"fi_{k}_fp16_rel_err_vs_sdpa"] < 1e-3 for k in ("fa2", "fa2tc", "xqa"))
+        assert all(0.01 < r[f"fi_{k}_fp8_rel_err_vs_sdpa"] < 0.1 for k in ("fa2", "fa2tc", "xqa"))
+    table = headline.peers_headline(REF)
+    assert len(table) == len(rec["rows"])
+    doc = (ROOT / "docs" / "results.md").read_text()
+    assert headline.to_markdown(table) in doc and headline.record_source_line(REF, "peers/paged_peers_p16.json") in doc

@@ -235,6 +235,31 @@ def int4_headline(reference_dir) -> pd.DataFrame:
                          for r in rec["rows"] if r.get("status") == "ok" and r.get("int4_median_ms")])
 
 
+PEER_METHODS = ("kvpack_int8", "kvpack_int8_paged", "fi_fa2_fp16", "fi_fa2tc_fp16", "fi_xqa_fp16", "fi_fa2_fp8",
+                "fi_fa2tc_fp8", "fi_xqa_fp8")
+
+
+def peers_headline(reference_dir, page_size: int = 16) -> pd.DataFrame:
+    """kvpack's paged INT8 decode beside FlashInfer's paged decode (``peers/paged_peers_p{P}.json``,
+    written by tools/bench_paged_peers.py): per point, the fastest fp16 SDPA and each method's speed
+    over it in the same job; ``paged_vs_contiguous`` is kvpack's paged kernel against its contiguous
+    one (1: as fast)."""
+    import json
+
+    rec = json.loads((Path(reference_dir) / "peers" / f"paged_peers_p{page_size}.json").read_text())
+    rows = []
+    for r in rec["rows"]:
+        if "sdpa_best" not in r:
+            continue
+        row = {"B": int(r["batch"]), "Hq x Hkv": f"{int(r['q_heads'])}x{int(r['kv_heads'])}", "T": int(r["T"]),
+               "best_sdpa_ms": float(r[f"{r['sdpa_best']}_median_ms"])}
+        for m in PEER_METHODS:
+            row[f"{m}_speedup"] = float(r.get(f"{m}_speedup_vs_sdpa", math.nan))
+        row["paged_vs_contiguous_speedup"] = float(r["kvpack_int8_median_ms"] / r["kvpack_int8_paged_median_ms"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def record_source_line(reference_dir, rel: str) -> str:
     """The line naming a single record's GPU, commit and date (``rel``: its path in the folder)."""
     import json
@@ -293,6 +318,7 @@ def main(argv=None) -> int:
     ap.add_argument("--perplexity", action="store_true", help="the trained stdlib model's perplexity per cache")
     ap.add_argument("--paged", action="store_true", help="the paged decode kernel beside the contiguous one")
     ap.add_argument("--int4", action="store_true", help="the INT4 decode kernel beside INT8 and fp16 SDPA")
+    ap.add_argument("--peers", action="store_true", help="kvpack's paged decode beside FlashInfer's (page size 16)")
     ap.add_argument("--brief", action="store_true", help="with --decode or --e2e: the README's short table")
     args = ap.parse_args(argv)
     stage = "decode" if args.decode else "e2e" if args.e2e else "benchmark"
@@ -308,6 +334,11 @@ def main(argv=None) -> int:
         ref = Path(args.reference_dir or "reports/reference/h100")
         print(record_source_line(ref, "int4/decode_int4.json") + "\n")
         print(to_markdown(int4_headline(ref)))
+        return 0
+    if args.peers:
+        ref = Path(args.reference_dir or "reports/reference/h100")
+        print(record_source_line(ref, "peers/paged_peers_p16.json") + "\n")
+        print(to_markdown(peers_headline(ref)))
         return 0
     ref = args.reference_dir or newest_reference_dir(stage=stage)
     print(source_line(ref, stage) + "\n")
