@@ -132,7 +132,7 @@ def run_point(spec: str, page_size: int, warmup: int, repeats: int, copy: dict, 
         pages = torch.empty_like(xs)
         pages[perm] = xs
         fp16_pages.append(pages)
-    del k, v, cache
+    k = v = cache = None  # the fp16 cache and the int8 one: room for the peers' pages
     try:
         methods, version = flashinfer_methods(q3, fp16_pages[0], fp16_pages[1], p["block_tables"], p["lengths"], T,
                                               page_size, sm_scale)

@@ -64,58 +64,59 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     flush = bench._L2Flusher(dev)
-    out = []
-    for spec in args.points:
-        T, B, Hq, Hkv, D = (int(x) for x in spec.split("x"))
-        gen = torch.Generator(device=dev).manual_seed(0)
-        q = torch.rand((B, Hq, 1, D), generator=gen, device=dev, dtype=torch.float16) * 2 - 1
-        k = torch.rand((B, Hkv, T, D), generator=gen, device=dev, dtype=torch.float16) * 2 - 1
-        v = torch.rand((B, Hkv, T, D), generator=gen, device=dev, dtype=torch.float16) * 2 - 1
-        q3 = q.view(B, Hq, D)
-        rec = {"point": spec}
-        caches = {}
-        for bits in (8, 4):
-            c = KVCache(B, Hkv, D, T, device=dev, dtype=torch.float16, bits=bits)
-            c.append(k, v)
-            caches[bits] = c
-        fns = {}
-        for bits, c in caches.items():
-            fns[f"int{bits}"] = (lambda c=c, bits=bits, **kw: decode_attention(
-                q3, c.k_cache, c.v_cache, c.k_scales, c.v_scales, c.device_lengths, bits=bits, **kw))
-        for backend in ("cudnn", "flash"):
-            def sd(backend=backend):
-                with _sdpa_backend(backend):
-                    return F.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != Hkv)
-            fns[f"sdpa_{backend}"] = sd
-        rec["planned_splits"] = decode_splits(q3, caches[8].k_cache, "token")
-        for name, fn in fns.items():
-            try:
-                rec[name] = profiled(fn, flush)
-                rec[name]["event_median_ms"] = bench.time_cuda(fn, 5, 50, flush).summary()["median_ms"]
-            except RuntimeError as e:
-                rec[name] = {"skipped": str(e).splitlines()[0][:160]}
-        rec["int8_by_splits_ms"] = {}
-        for s in args.splits:
-            if s * 128 > T * 2:
-                continue
-            fn = lambda s=s: fns["int8"](splits=s)
-            rec["int8_by_splits_ms"][s] = bench.time_cuda(fn, 5, 50, flush).summary()["median_ms"]
-        out.append(rec)
-        print(f"== T={T} B={B} H={Hq}x{Hkv} D={D}: planned splits {rec['planned_splits']}")
-        for name in fns:
-            r = rec[name]
-            if "skipped" in r:
-                print(f"  {name:12s} skipped: {r['skipped']}")
-                continue
-            ks = "  ".join(f"{k[:48]}={v:.1f}us" for k, v in r["kernels"].items())
-            print(f"  {name:12s} event {r['event_median_ms'] * 1e3:7.1f} us  span {r['span_us']:.1f} us  "
-                  f"{r['kernels_per_call']} kernels: {ks}")
-        print("  int8 by splits (us): " + "  ".join(f"{s}:{ms * 1e3:.1f}" for s, ms in rec["int8_by_splits_ms"].items()))
-        del caches, k, v
-        torch.cuda.empty_cache()
+    out = [run_point(spec, args.splits, flush, dev) for spec in args.points]
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "points": out}, indent=1))
     return 0
+
+
+def run_point(spec: str, splits, flush, dev) -> dict:
+    T, B, Hq, Hkv, D = (int(x) for x in spec.split("x"))
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = torch.rand((B, Hq, 1, D), generator=gen, device=dev, dtype=torch.float16) * 2 - 1
+    k = torch.rand((B, Hkv, T, D), generator=gen, device=dev, dtype=torch.float16) * 2 - 1
+    v = torch.rand((B, Hkv, T, D), generator=gen, device=dev, dtype=torch.float16) * 2 - 1
+    q3 = q.view(B, Hq, D)
+    rec = {"point": spec}
+    caches = {}
+    for bits in (8, 4):
+        c = KVCache(B, Hkv, D, T, device=dev, dtype=torch.float16, bits=bits)
+        c.append(k, v)
+        caches[bits] = c
+    fns = {}
+    for bits, c in caches.items():
+        fns[f"int{bits}"] = (lambda c=c, bits=bits, **kw: decode_attention(
+            q3, c.k_cache, c.v_cache, c.k_scales, c.v_scales, c.device_lengths, bits=bits, **kw))
+    for backend in ("cudnn", "flash"):
+        def sd(backend=backend):
+            with _sdpa_backend(backend):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != Hkv)
+        fns[f"sdpa_{backend}"] = sd
+    rec["planned_splits"] = decode_splits(q3, caches[8].k_cache, "token")
+    for name, fn in fns.items():
+        try:
+            rec[name] = profiled(fn, flush)
+            rec[name]["event_median_ms"] = bench.time_cuda(fn, 5, 50, flush).summary()["median_ms"]
+        except RuntimeError as e:
+            rec[name] = {"skipped": str(e).splitlines()[0][:160]}
+    rec["int8_by_splits_ms"] = {}
+    for s in splits:
+        if s * 128 > T * 2:
+            continue
+        fn = lambda s=s: fns["int8"](splits=s)
+        rec["int8_by_splits_ms"][s] = bench.time_cuda(fn, 5, 50, flush).summary()["median_ms"]
+    print(f"== T={T} B={B} H={Hq}x{Hkv} D={D}: planned splits {rec['planned_splits']}")
+    for name in fns:
+        r = rec[name]
+        if "skipped" in r:
+            print(f"  {name:12s} skipped: {r['skipped']}")
+            continue
+        ks = "  ".join(f"{k[:48]}={v:.1f}us" for k, v in r["kernels"].items())
+        print(f"  {name:12s} event {r['event_median_ms'] * 1e3:7.1f} us  span {r['span_us']:.1f} us  "
+              f"{r['kernels_per_call']} kernels: {ks}")
+    print("  int8 by splits (us): " + "  ".join(f"{s}:{ms * 1e3:.1f}" for s, ms in rec["int8_by_splits_ms"].items()))
+    torch.cuda.empty_cache()
+    return rec
 
 
 if __name__ == "__main__":
