@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# What one GPU's folder of records of record lacks at today's kernels, in one device call:
+#   H200: the decode grid (tools/records_device.sh steps 3 and 4: where a short step's time goes, then
+#         the pipeline's decode grid with INT8, INT4 and paged rows), then FlashInfer beside kvpack's
+#         paged decode (tools/peers_device.sh; carry .peers/)          -> $OUT/decode.tar.gz, paged_peers_p16.json
+#   H100: the kernel benchmarks at 2^25 elements as kernels/ was made (tools/bench_kernels.py, fp32 and
+#         16-bit, vectorized and fast beside the torch peers)          -> $OUT/kernels_fp32.json, kernels_16bit.json
+# then the logs in one archive ($OUT/logs.tar.gz).
+#
+#   OUT=/some/dir KVPACK_GIT_COMMIT=$(git rev-parse HEAD) bash tools/refresh_records.sh
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-build/refresh-records}"
+L="$OUT/logs"
+mkdir -p "$L"
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+case "$GPU" in
+  *H200*)
+    STEPS=34 SKIP_TAR=1 BUDGET=200 E2E_RESERVE=0 bash tools/records_device.sh
+    SKIP_SETUP=1 SKIP_TAR=1 BUDGET=$((540 - SECONDS)) bash tools/peers_device.sh ;;
+  *)
+    . tools/device_setup.sh
+    timeout 260 python3 tools/bench_kernels.py --shapes 131072x8192 131072x4096 131072x2048 131072x1024 131072x512 \
+      131072x256 262144x128 --dtypes float32 --variants vectorized fast --json "$OUT/kernels_fp32.json" 2>&1 \
+      | grep -v -E "Warning|warn" > "$L/bench_kernels_fp32.log"
+    echo "bench_kernels fp32: exit $? after $SECONDS s"; tail -n 4 "$L/bench_kernels_fp32.log"
+    timeout $((540 - SECONDS)) python3 tools/bench_kernels.py --shapes 131072x8192 131072x1024 131072x256 262144x128 \
+      --dtypes float16 bfloat16 --variants vectorized fast --json "$OUT/kernels_16bit.json" 2>&1 \
+      | grep -v -E "Warning|warn" > "$L/bench_kernels_16bit.log"
+    echo "bench_kernels 16-bit: exit $? after $SECONDS s"; tail -n 4 "$L/bench_kernels_16bit.log" ;;
+esac
+echo "done after $SECONDS s"
+(cd "$OUT" && tar czf logs.tar.gz logs && rm -rf logs)
