@@ -130,8 +130,10 @@ def test_readme_and_results_quote_the_records_as_printed():
     profile = (REF / "logs" / "e2e_profile_e2e.log").read_text().splitlines()
     lines = [line for line in profile if line.startswith(("kvpack_", "fp16_"))]
     assert len(lines) == 4 and all(line in results for line in lines)
-    h200 = ROOT / "reports" / "reference" / "h200"
-    assert headline.to_markdown(headline.decode_headline(h200)) in results
+    for gpu in ("h200", "h100"):  # each GPU's decode grid, as `headline --decode` prints it
+        ref = ROOT / "reports" / "reference" / gpu
+        assert headline.to_markdown(headline.decode_headline(ref)) in results
+    assert headline.source_line(REF, "decode") in results
 
 
 def test_e2e_records_of_record():
@@ -306,3 +308,23 @@ def test_peers_record_and_its_headline():
     assert len(table) == len(rec["rows"])
     doc = (ROOT / "docs" / "results.md").read_text()
     assert headline.to_markdown(table) in doc and headline.record_source_line(REF, "peers/paged_peers_p16.json") in doc
+
+
+def test_e2e_int4_record_and_its_table():
+    """The INT4 cache end to end (tools/bench_e2e.py, e2e_int4/: its own job, not mixed into e2e/):
+    the derived columns follow from the measured ones, and docs/int4.md's table quotes its medians
+    and the ratios between them."""
+    rec = records.read_record(REF / "e2e_int4" / "llama-3.1-8b_int4.json")
+    assert rec["kind"] == "e2e" and "H100" in rec["provenance"]["gpu_name"]
+    rows = {(r["method"], r["T"], r["batch"]): r for r in rec["rows"] if r["status"] == "ok"}
+    doc = (ROOT / "docs" / "int4.md").read_text()
+    for T, B in ((32768, 8), (4096, 1)):
+        fp16, int8, int4 = (rows[(m, T, B)] for m in ("fp16_graph", "kvpack_token_graph", "kvpack_int4_graph"))
+        for r in (fp16, int8, int4):
+            assert r["step_p10_ms"] <= r["step_median_ms"] <= r["step_p90_ms"]
+            assert abs(r["byte_bound_ms"] - r["bytes_read"] / (rec["copy"]["copy_gbps"] * 1e6)) < 1e-9
+        assert int4["cache_bytes"] < int8["cache_bytes"] < fp16["cache_bytes"]
+        line = (f"| {T}, {B} | {fp16['step_median_ms']:.3f} ms | {int8['step_median_ms']:.3f} ms | "
+                f"{int4['step_median_ms']:.3f} ms | {fp16['step_median_ms'] / int4['step_median_ms']:.2f}x | "
+                f"{int8['step_median_ms'] / int4['step_median_ms']:.2f}x |")
+        assert line in doc, line
