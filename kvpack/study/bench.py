@@ -151,19 +151,38 @@ def time_cpu(fn: Callable, warmup: int, repeats: int, budget_s: float = math.inf
     return Timing(samples)
 
 
-def copy_bandwidth(device: str, nbytes: int = 1 << 30, warmup: int = 3, repeats: int = 20) -> dict:
-    """Device-to-device copy of ``nbytes`` (read + write counted): the ceiling for a streaming op."""
+def copy_bandwidth(device: str, nbytes: int = 1 << 30, warmup: int = 3, repeats: int = 20,
+                   trials: int | None = None) -> dict:
+    """Device-to-device copy of ``nbytes`` (read + write counted): the ceiling for a streaming op.
+
+    On CUDA the ceiling is the best of ``trials`` (default 3) copies, each between fresh buffers
+    allocated after the caching allocator's free blocks were released. With one copy, the decode
+    grid measured 14% less at the same four points on an H100 and an H200 (2,586 against 3,008 GB/s,
+    3,810 against 4,228: reports/reference/*/decode/), each the job right after one of the grid's
+    largest in the same process, with a tight spread: a property of where the buffers landed, not
+    noise. It read as more than 100% of the byte bound. Every trial's rate is kept
+    (``copy_trials_gbps``)."""
     dev = torch.device(device)
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_(-1, 1)
-    dst = torch.empty_like(src)
-    if dev.type == "cuda":
-        t = time_cuda(partial(dst.copy_, src), warmup, repeats)
-    else:
-        t = time_cpu(partial(dst.copy_, src), warmup, min(repeats, 5))
-    s = t.summary()
-    del src, dst
-    return {"device": dev.type, "copy_bytes": 2 * nbytes, "copy_gbps": gbps(2 * nbytes, s["median_ms"]),
-            "copy_median_ms": s["median_ms"], "copy_p10_ms": s["p10_ms"], "copy_p90_ms": s["p90_ms"]}
+    on_gpu = dev.type == "cuda"
+    trials = (3 if on_gpu else 1) if trials is None else max(1, int(trials))
+    best, rates = None, []
+    for _ in range(trials):
+        if on_gpu:
+            torch.cuda.empty_cache()  # fresh segments, not the remains of the job before
+        src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_(-1, 1)
+        dst = torch.empty_like(src)
+        if on_gpu:
+            t = time_cuda(partial(dst.copy_, src), warmup, repeats)
+        else:
+            t = time_cpu(partial(dst.copy_, src), warmup, min(repeats, 5))
+        s = t.summary()
+        rates.append(gbps(2 * nbytes, s["median_ms"]))
+        if best is None or s["median_ms"] < best["median_ms"]:
+            best = s
+        del src, dst
+    return {"device": dev.type, "copy_bytes": 2 * nbytes, "copy_gbps": gbps(2 * nbytes, best["median_ms"]),
+            "copy_median_ms": best["median_ms"], "copy_p10_ms": best["p10_ms"], "copy_p90_ms": best["p90_ms"],
+            "copy_trials_gbps": rates}
 
 
 # --- the job ----------------------------------------------------------------------------------
