@@ -28,13 +28,6 @@ timeout "${BENCH_BUDGET:-200}" python3 tools/bench_decode.py --no-append --json 
   32768x32x32x32x128 131072x1x32x32x128 4096x8x32x8x128} 2>&1 | grep -v -E "Warning|^  warnings" \
   | tee "$L/bench_decode_int4.log"
 echo "bench_decode: after $((SECONDS - t0)) s"
-if [ -n "$SAN" ] && [ "${SANITIZE:-1}" = 1 ]; then
-  t0=$SECONDS
-  timeout 200 "$SAN" --tool memcheck --error-exitcode 1 python3 tools/sanitize_kernels.py --decode > "$L/sanitizer.log" 2>&1
-  echo "memcheck: exit $? after $((SECONDS - t0)) s: $(grep -E 'ERROR SUMMARY' "$L/sanitizer.log" | tail -1)"
-  t0=$SECONDS
-  timeout 150 "$SAN" --tool racecheck --error-exitcode 1 python3 tools/sanitize_kernels.py --decode > "$L/racecheck.log" 2>&1
-  echo "racecheck: exit $? after $((SECONDS - t0)) s: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$L/racecheck.log" | tail -1)"
-fi
+[ "${SANITIZE:-1}" = 1 ] && sanitize_decode 200 150
 echo "done after $SECONDS s"
 (cd "$OUT" && tar czf logs.tar.gz logs && rm -rf logs)

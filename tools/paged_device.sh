@@ -21,14 +21,7 @@ timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_decode_at
   tests/test_hf.py > "$L/pytest_gpu.log" 2>&1
 echo "pytest -m gpu (decode, paged, hf): exit $? after $((SECONDS - t0)) s: $(tail -1 "$L/pytest_gpu.log")"
 grep -E "^(FAILED|ERROR)" "$L/pytest_gpu.log" | head -20
-if [ -n "$SAN" ]; then
-  t0=$SECONDS
-  timeout 150 "$SAN" --tool memcheck --error-exitcode 1 python3 tools/sanitize_kernels.py --decode > "$L/sanitizer.log" 2>&1
-  echo "memcheck: exit $? after $((SECONDS - t0)) s: $(grep -E 'ERROR SUMMARY' "$L/sanitizer.log" | tail -1)"
-  t0=$SECONDS
-  timeout 120 "$SAN" --tool racecheck --error-exitcode 1 python3 tools/sanitize_kernels.py --decode > "$L/racecheck.log" 2>&1
-  echo "racecheck: exit $? after $((SECONDS - t0)) s: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$L/racecheck.log" | tail -1)"
-fi
+sanitize_decode 150 120
 t0=$SECONDS
 timeout 200 python3 tools/bench_decode.py --no-append --page-sizes 16 64 256 --json "$OUT/decode_paged.json" \
   --points 4096x1x32x8x128 32768x1x32x8x128 32768x8x32x8x128 32768x8x32x32x128 32768x32x32x8x128 \

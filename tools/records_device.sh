@@ -34,14 +34,7 @@ if [[ $STEPS == *2* ]]; then
   echo "pytest -m gpu (int4, decode, paged, hf): exit $? after $((SECONDS - t0)) s: $(tail -1 "$L/pytest_gpu.log")"
   grep -E "^(FAILED|ERROR)" "$L/pytest_gpu.log" | head -20
 fi
-if [[ $STEPS == *6* ]] && [ -n "$SAN" ]; then
-  t0=$SECONDS
-  timeout 120 "$SAN" --tool memcheck --error-exitcode 1 python3 tools/sanitize_kernels.py --decode > "$L/sanitizer.log" 2>&1
-  echo "memcheck: exit $? after $((SECONDS - t0)) s: $(grep -E 'ERROR SUMMARY' "$L/sanitizer.log" | tail -1)"
-  t0=$SECONDS
-  timeout 150 "$SAN" --tool racecheck --error-exitcode 1 python3 tools/sanitize_kernels.py --decode > "$L/racecheck.log" 2>&1
-  echo "racecheck: exit $? after $((SECONDS - t0)) s: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$L/racecheck.log" | tail -1)"
-fi
+if [[ $STEPS == *6* ]]; then sanitize_decode 120 150; fi
 if [[ $STEPS == *3* ]]; then
   t0=$SECONDS
   timeout 120 python3 tools/lab/short_steps.py --json "$OUT/short_steps.json" 2>&1 | grep -v -E "Warning|warn" \

@@ -160,6 +160,13 @@ def _decode_v2_row(row: dict) -> dict:
     return out
 
 
+def _measured_by(record: dict) -> dict:
+    """Where a record's rows come from: its source (this run or a reference folder) and its device."""
+    p = record["provenance"]
+    return {"source": record.get("_source", THIS_RUN), "device_slug": p.get("device_slug") or "unknown",
+            "device_name": p.get("gpu_name") or p.get("device_name") or "unknown"}
+
+
 def decode_table(records) -> pd.DataFrame:
     """One row per decode grid point (kvpack.study.decode_step, kind 'decode'): each SDPA backend's
     median/p10/p90 ms, the fastest of them (``sdpa_best``, the baseline of every ratio),
@@ -170,9 +177,7 @@ def decode_table(records) -> pd.DataFrame:
     for r in records:
         if r.get("kind") != "decode":
             continue
-        p = r["provenance"]
-        where = {"source": r.get("_source", THIS_RUN), "device_slug": p.get("device_slug") or "unknown",
-                 "device_name": p.get("gpu_name") or p.get("device_name") or "unknown", "path": r.get("_path", "")}
+        where = {**_measured_by(r), "path": r.get("_path", "")}
         for row in r["rows"]:
             body = _decode_v1_row(row) if "attention_fp16_median_ms" in row or "heads" in row else _decode_v2_row(row)
             rows.append({**where, "skip_reason": "", **body})
@@ -195,10 +200,7 @@ def decode_int4_table(records) -> pd.DataFrame:
     for r in records:
         if r.get("kind") != "decode_bench":
             continue
-        p = r["provenance"]
-        where = {"source": r.get("_source", THIS_RUN), "device_slug": p.get("device_slug") or "unknown",
-                 "device_name": p.get("gpu_name") or p.get("device_name") or "unknown", "path": r.get("_path", ""),
-                 "git_commit": str(p.get("git_commit") or "")}
+        where = {**_measured_by(r), "path": r.get("_path", ""), "git_commit": str(r["provenance"].get("git_commit") or "")}
         rows += [{**where, "skip_reason": "", **_decode_v2_row(row)} for row in r["rows"] if "int4_median_ms" in row]
     if not rows:
         return pd.DataFrame(columns=DECODE_INT4_COLUMNS)
@@ -234,11 +236,8 @@ def _device_rows(records, kind: str) -> list[dict]:
     for r in records:
         if r.get("kind") != kind:
             continue
-        p = r["provenance"]
         for row in r["rows"]:
-            rows.append({"source": r.get("_source", THIS_RUN), "device_slug": p.get("device_slug") or "unknown",
-                         "device_name": p.get("gpu_name") or p.get("device_name") or "unknown",
-                         "skip_reason": "", **row})
+            rows.append({**_measured_by(r), "skip_reason": "", **row})
     return rows
 
 
@@ -287,9 +286,7 @@ def e2e_table(records) -> pd.DataFrame:
             continue
         p = r["provenance"]
         for row in r["rows"]:
-            rows.append({"source": r.get("_source", THIS_RUN), "device_slug": p.get("device_slug") or "unknown",
-                         "device_name": p.get("gpu_name") or p.get("device_name") or "unknown",
-                         "git_commit": (p.get("git_commit") or "")[:8], "model": r["workload"].get("model"),
+            rows.append({**_measured_by(r), "git_commit": (p.get("git_commit") or "")[:8], "model": r["workload"].get("model"),
                          "path": r.get("_path", ""), "capacity": bool(row.get("capacity", False)),
                          "skip_reason": "", **{k: v for k, v in row.items() if k != "capacity"}})
     if not rows:
