@@ -3,8 +3,66 @@
 // formats are instantiated in kernels/decode_int4.cu (group != 0 goes there).
 #include "kvpack/decode_kernels.cuh"
 
+#include <atomic>
+#include <unordered_map>
+#include <utility>
+
 namespace kvpack {
 namespace cuda {
+
+namespace {
+constexpr int64_t kArenaCounters = int64_t{1} << 20;  // 4 MiB a device: 2^20 groups' counters
+
+struct CounterArena {
+  int32_t* base = nullptr;
+  int64_t used = 0;
+  bool failed = false;
+  std::unordered_map<cudaStream_t, std::pair<int64_t, int64_t>> eager;  // stream -> (offset, size)
+};
+}  // namespace
+
+std::atomic<bool> g_fused_merge{true};
+
+bool set_fused_merge(bool enabled) { return g_fused_merge.exchange(enabled); }
+
+int32_t* merge_counters(int64_t count, cudaStream_t stream) {
+  if (!g_fused_merge.load(std::memory_order_relaxed)) return nullptr;
+  static std::mutex mu;
+  static std::vector<CounterArena> arenas;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return nullptr;
+  }
+  const bool capturing = status != cudaStreamCaptureStatusNone;
+  const int dev = current_device();
+  std::lock_guard<std::mutex> lock(mu);
+  if (dev >= static_cast<int>(arenas.size())) arenas.resize(dev + 1);
+  CounterArena& a = arenas[dev];
+  if (a.base == nullptr) {
+    if (capturing || a.failed) return nullptr;
+    void* p = nullptr;
+    const size_t bytes = sizeof(int32_t) * kArenaCounters;
+    if (cudaMalloc(&p, bytes) != cudaSuccess) {  // never freed: the process's lifetime
+      (void)cudaGetLastError();
+      a.failed = true;
+      return nullptr;
+    }
+    C10_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream));
+    C10_CUDA_CHECK(cudaStreamSynchronize(stream));  // once a device: zeros before any stream uses them
+    a.base = static_cast<int32_t*>(p);
+  }
+  const int64_t n = (count + 31) / 32 * 32;
+  if (!capturing) {
+    const auto it = a.eager.find(stream);
+    if (it != a.eager.end() && it->second.second >= n) return a.base + it->second.first;
+  }
+  if (a.used + n > kArenaCounters) return nullptr;
+  int32_t* r = a.base + a.used;
+  if (!capturing) a.eager[stream] = {a.used, n};  // a smaller earlier set of this stream is left unused
+  a.used += n;
+  return r;
+}
 
 int decode_splits(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t max_tokens, int head_dim,
                   c10::ScalarType dtype, bool per_token, bool paged, int group) {

@@ -5,6 +5,8 @@
 // No host synchronisation and no allocation whose size depends on data: the split count and the
 // workspace depend on the shapes alone, so a decode step (append, attention) can be captured in a
 // CUDA graph and replayed.
+#include <cstdint>
+
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -18,6 +20,12 @@ namespace {
 
 void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.is_cuda(), "kvpack: ", name, " is on ", t.device(), "; this implementation needs CUDA tensors");
+}
+
+// The split kernel reads the query 16 bytes at a time: a query that starts off a 16-byte boundary
+// (a contiguous view at an odd offset; never a fresh tensor) is copied to one that does not.
+at::Tensor aligned_query(const at::Tensor& q) {
+  return reinterpret_cast<uintptr_t>(q.const_data_ptr()) % 16 == 0 ? q : q.clone();
 }
 
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -38,7 +46,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   const auto f32 = q.options().dtype(at::kFloat);
   auto partial_out = at::empty({s.batch, s.q_heads, splits, s.head_dim}, f32);
   auto partial_stats = at::empty({s.batch, s.q_heads, splits, 2}, f32);
-  cuda::DecodeArgs args{q.const_data_ptr(),
+  const at::Tensor qa = aligned_query(q);
+  cuda::DecodeArgs args{qa.const_data_ptr(),
                         static_cast<const int8_t*>(k.const_data_ptr()),  // INT4: packed bytes
                         static_cast<const int8_t*>(v.const_data_ptr()),
                         ks.const_data_ptr<float>(),
@@ -103,8 +112,9 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& kp
   const auto f32 = q.options().dtype(at::kFloat);
   auto partial_out = at::empty({s.batch, s.q_heads, splits, s.head_dim}, f32);
   auto partial_stats = at::empty({s.batch, s.q_heads, splits, 2}, f32);
+  const at::Tensor qa = aligned_query(q);
   cuda::DecodeArgs args{};
-  args.q = q.const_data_ptr();
+  args.q = qa.const_data_ptr();
   args.k = kp.const_data_ptr<int8_t>();
   args.v = vp.const_data_ptr<int8_t>();
   args.k_scales = ks.const_data_ptr<float>();
@@ -250,6 +260,13 @@ TORCH_LIBRARY_IMPL(kvpack, CUDA, m) {
   m.impl("paged_decode_attention", &paged_decode_attention_plain_cuda);
   m.impl("paged_decode_attention_flagged", &paged_decode_attention_flagged_cuda);
   m.impl("paged_kv_append", &paged_kv_append_cuda);
+}
+
+// Tests only (no tensor, so no dispatch key): turn the split kernel's last-block merge off (false) or
+// on again; returns the previous setting. Built with the CUDA half only.
+TORCH_LIBRARY_FRAGMENT(kvpack, m) {
+  m.def("_set_fused_merge(bool enabled) -> bool",
+        [](bool enabled) -> bool { return cuda::set_fused_merge(enabled); });
 }
 
 }  // namespace kvpack

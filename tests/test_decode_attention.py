@@ -398,6 +398,90 @@ def test_fused_int8_decoding_against_fp16_sdpa_on_the_unquantized_cache(hkv, gro
     assert (err <= bound).all(), float((err - bound).max())
 
 
+def _merge_cases():
+    """(name, attend, q, splits) over every merge path: INT8 token and channel, INT4 in groups and with
+    channel keys, MHA/GQA/MQA, ragged lengths that leave parts empty, 1 to 128 parts (merged by the
+    last block) and 129 (the merge kernel)."""
+    cases = []
+    for name, b, hkv, group, d, t, lengths, gran, bits in [
+        ("int8-token-gqa", 3, 2, 4, 128, 2000, (2000, 3, 700), "token", 8),
+        ("int8-channel-mqa", 2, 1, 32, 64, 1500, (1500, 20), "channel", 8),
+        ("int8-token-mha-d256", 2, 4, 1, 256, 900, (17, 900), "token", 8),
+        ("int4-token-gqa", 2, 2, 4, 128, 1600, (1600, 40), "token", 4),
+        ("int4-channel-mha", 2, 2, 1, 64, 1200, (1200, 333), "channel", 4),
+    ]:
+        cache = kvpack.KVCache(b, hkv, d, t, granularity=gran, device="cuda", dtype=torch.float16, bits=bits)
+        k, v = make_kv(b, hkv, t, d, torch.float16, seed=t + d, device="cuda", outliers=gran == "channel")
+        cache.append(k, v, counts=list(lengths))
+        q = make_q(b, hkv * group, d, torch.float16, seed=d + b, device="cuda")
+        for splits in (0, 1, 7, 64, 128, 129):
+            cases.append((f"{name}-s{splits}", cache.attend, q, splits))
+    # Paged, channel scales: the merge reads the V scales of each row's slot (rows in reverse order).
+    from kvpack.paged import PagedKVCache
+    paged = PagedKVCache(64, 32, 2, 128, granularity="channel", device="cuda", dtype=torch.float16)
+    ids = [paged.add_sequence() for _ in range(2)]
+    for i, n in zip(ids, (700, 45)):
+        k, v = make_kv(1, 2, n, 128, torch.float16, seed=n, device="cuda", outliers=True)
+        paged.append([i], k, v)
+    q = make_q(2, 8, 128, torch.float16, seed=3, device="cuda")
+    for splits in (0, 5, 128, 129):
+        cases.append((f"paged-channel-s{splits}", lambda q, splits, f=paged.attend: f(ids[::-1], q, splits=splits),
+                      q, splits))
+    return cases
+
+
+@pytest.mark.gpu
+def test_last_block_merge_is_the_merge_kernel_bit_for_bit():
+    """The split kernel's last-block merge (arrival counters) and the merge kernel that runs without
+    them give the same bits, for every format, head grouping and part count; repeated calls reuse the
+    counters (each launch resets its own), so they agree with the first."""
+    torch.ops.kvpack._set_fused_merge(True)
+    got = {}
+    for name, attend, q, splits in _merge_cases():
+        got[name] = [attend(q, splits=splits) for _ in range(3)]
+    prev = torch.ops.kvpack._set_fused_merge(False)
+    try:
+        for name, attend, q, splits in _merge_cases():
+            want = attend(q, splits=splits)
+            assert all(torch.equal(x, want) for x in got[name]), name
+    finally:
+        torch.ops.kvpack._set_fused_merge(prev)
+
+
+@pytest.mark.gpu
+def test_decode_on_two_streams_at_once_keeps_each_streams_counters():
+    """Two streams decoding at the same time, back to back with no wait between them: each keeps its
+    own arrival counters, so each output equals that of calls made one at a time."""
+    caches = []
+    for seed in (1, 2):
+        cache, _, _ = filled_cache(1, 8, 128, 4096, (4096,), "token", torch.float16, seed=seed, device="cuda")
+        caches.append((cache, make_q(1, 32, 128, torch.float16, seed=seed, device="cuda")))
+    want = [c.attend(q) for c, q in caches]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    outs = [[], []]
+    for _ in range(50):
+        for i, ((c, q), s) in enumerate(zip(caches, streams)):
+            with torch.cuda.stream(s):
+                outs[i].append(c.attend(q))
+    torch.cuda.synchronize()
+    for i in range(2):
+        assert all(torch.equal(o, want[i]) for o in outs[i]), i
+
+
+def test_query_off_a_16_byte_boundary_decodes_as_an_aligned_one():
+    """The CUDA kernel reads the query 16 bytes at a time: a contiguous view at an odd offset is
+    copied first; on any device the result equals the aligned query's."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cache, _, _ = filled_cache(2, 2, 64, 64, (64, 9), "token", torch.float16, seed=12, device=device)
+    q = make_q(2, 8, 64, torch.float16, seed=12, device=device)
+    odd = torch.empty(q.numel() + 1, dtype=q.dtype, device=device)[1:].view_as(q)
+    odd.copy_(q)
+    assert odd.is_contiguous() and odd.data_ptr() % 16 != 0
+    assert torch.equal(cache.attend(odd), cache.attend(q))
+
+
 @pytest.mark.gpu
 def test_decode_step_in_a_cuda_graph():
     """Append one token and attend, captured once, replayed: same results as eager calls."""

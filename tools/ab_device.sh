@@ -1,42 +1,52 @@
 #!/usr/bin/env bash
-# A kernel variant against the default in one device call: the same benchmark, the same points, the
+# Kernel variants against the default in one device call: the same benchmark, the same points, the
 # same GPU, each build in its own process (kvpack.build's KVPACK_BUILD_DIR; nvcc reads
-# NVCC_APPEND_FLAGS), run default, variant, default again so that drift shows.
-#   AB_FLAGS   the variant's nvcc flags, e.g. "-DKVPACK_INT4_BUFFERS=2"
-#   AB_POINTS  tools/bench_decode.py points (TxBxHqxHkvxD)
-#   AB_METHODS tools/bench_decode.py --methods (default: fused int4)
-# Logs under $OUT/logs (build_default.log, build_variant.log, bench_*.log, json per run).
+# NVCC_APPEND_FLAGS), run default, each variant, then default again so that drift shows.
+#   AB_VARIANTS  "name=flags;name=flags", e.g. "old=-DKVPACK_FUSED_MERGE=0;two=-DKVPACK_INT4_BUFFERS=2"
+#                (or AB_FLAGS: one variant, named variant); the variants build in parallel
+#   AB_POINTS    tools/bench_decode.py points (TxBxHqxHkvxD)
+#   AB_METHODS   tools/bench_decode.py --methods (default: sdpa fused int4)
+# Logs under $OUT/logs (build_<name>.log, bench_<name>.log), one json per run under $OUT/ab.
 # Expects tools/device_setup.sh to have run in this call (wheels, the default build).
 #
-#   OUT=/some/dir AB_FLAGS=-DKVPACK_INT4_BUFFERS=2 bash tools/ab_device.sh
+#   OUT=/some/dir AB_VARIANTS="two=-DKVPACK_INT4_BUFFERS=2" AB_POINTS="32768x8x32x8x128" bash tools/ab_device.sh
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-build/ab-device}"
 L="$OUT/logs"
 mkdir -p "$L" "$OUT/ab"
 export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+VARIANTS="${AB_VARIANTS:-variant=${AB_FLAGS:-}}"
+IFS=';' read -r -a SPECS <<< "$VARIANTS"
+NAMES=()
 t0=$SECONDS
-KVPACK_BUILD_DIR=/tmp/kvpack-ab NVCC_APPEND_FLAGS="${AB_FLAGS}" python3 -m kvpack.build --verbose \
-  --out "$L/build-info_variant.json" > "$L/build_variant.log" 2>&1
-echo "variant build ($AB_FLAGS): exit $? after $((SECONDS - t0)) s"
+for spec in "${SPECS[@]}"; do
+  name="${spec%%=*}"
+  flags="${spec#*=}"
+  NAMES+=("$name")
+  (KVPACK_BUILD_DIR="/tmp/kvpack-ab-$name" NVCC_APPEND_FLAGS="$flags" python3 -m kvpack.build --verbose \
+    --out "$L/build-info_$name.json" > "$L/build_$name.log" 2>&1
+   echo "build $name ($flags): exit $? after $((SECONDS - t0)) s") &
+done
+wait
 bench() {  # $1: label, $2: build dir (or empty: the default)
-  t0=$SECONDS
+  local t1=$SECONDS
   ${2:+env KVPACK_BUILD_DIR=$2} python3 tools/bench_decode.py --no-append --methods ${AB_METHODS:-sdpa fused int4} \
     --json "$OUT/ab/$1.json" --points $AB_POINTS 2>&1 | grep -v -E "Warning|^  warnings" > "$L/bench_$1.log"
-  echo "bench $1: after $((SECONDS - t0)) s"
+  echo "bench $1: after $((SECONDS - t1)) s"
 }
 bench default ""
-bench variant /tmp/kvpack-ab
+for name in "${NAMES[@]}"; do bench "$name" "/tmp/kvpack-ab-$name"; done
 bench default2 ""
-python3 - "$OUT/ab" <<'PY'
+python3 - "$OUT/ab" default "${NAMES[@]}" default2 <<'PY'
 import json, sys
 from pathlib import Path
 d = Path(sys.argv[1])
-runs = {n: json.loads((d / f"{n}.json").read_text()) for n in ("default", "variant", "default2") if (d / f"{n}.json").exists()}
-keys = [k for k in ("fused_median_ms", "int4_median_ms") if any(k in r for run in runs.values() for r in run["rows"])]
-print("point".ljust(24) + "".join(f"{n + ':' + k.split('_')[0]:>18}" for k in keys for n in runs))
+runs = {n: json.loads((d / f"{n}.json").read_text()) for n in sys.argv[2:] if (d / f"{n}.json").exists()}
+keys = [k for k in ("sdpa_best_median_ms", "fused_median_ms", "int4_median_ms") if any(k in r for run in runs.values() for r in run["rows"])]
+print("point".ljust(24) + "".join(f"{n[:8] + ':' + k.split('_')[0 if k[0] != 's' else 1]:>18}" for k in keys for n in runs))
 for i, r in enumerate(next(iter(runs.values()))["rows"]):
     name = f"T{r['T']} B{r['batch']} {r['q_heads']}/{r['kv_heads']} D{r['head_dim']}"
     print(name.ljust(24) + "".join(f"{1e3 * runs[n]['rows'][i].get(k, float('nan')):18.1f}" for k in keys for n in runs))
-print("(us, median of each run; default2 repeats default after the variant)")
+print("(us, median of each run; default2 repeats default after the variants)")
 PY

@@ -94,9 +94,14 @@ def run_decode() -> int:
                         cache.append(k, v, counts=first)              # ragged prefill (calibrates per channel)
                         cache.append(k[:, :, :1] * 2, v[:, :, :1] * 2, counts=[c - f for c, f in zip(counts, first)])
                         q = torch.empty(b, hkv * group, d, dtype=q_dtype, device="cuda").uniform_(-1, 1, generator=g)
-                        for splits in (0, 1, 2, 7, t_max):
+                        for splits in (0, 1, 2, 7, t_max):  # t_max 150: past kFusedMergeMaxSplits
+                            cache.attend(q, splits=min(splits, t_max))
+                            calls += 1 if splits <= 128 else 2
+                        torch.ops.kvpack._set_fused_merge(False)  # the merge kernel of up to 128 parts
+                        for splits in (0, 7):
                             cache.attend(q, splits=min(splits, t_max))
                             calls += 2
+                        torch.ops.kvpack._set_fused_merge(True)
                         calls += 2
                 torch.cuda.synchronize()
                 print(f"  decode D={d} bits={bits} group={group_size} {gran}: ok", flush=True)

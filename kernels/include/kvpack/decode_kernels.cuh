@@ -64,6 +64,24 @@ constexpr int kTileTokens = 16;        // tokens per tile (the mma's k for P'V)
 constexpr int kHeadsPerWarp = 8;       // query heads per warp (the mma's n for S^T rows in use)
 constexpr int kMinSplitTokens = 128;   // never cut a sequence into parts shorter than this (2 tiles a warp)
 constexpr int kMaxSplits = 4096;       // the merge keeps one weight per part in shared memory
+// Up to this many parts, the last block of a (sequence, KV head, head group) to finish merges the
+// parts itself (no second launch); beyond it, decode_combine_kernel does, a block per query head.
+constexpr int kFusedMergeMaxSplits = 128;
+// Compile-time knobs for the lab (tools/ab_device.sh builds variants with them flipped):
+// KVPACK_FUSED_MERGE, the last-block merge (0: every merge in decode_combine_kernel, as before it);
+// KVPACK_EARLY_LOADS, the query's loads (16 bytes each) issued first, before the sequence's length
+// is known (0: scalar loads when the query is prepared, after the first tiles' loads);
+// KVPACK_PRELOAD_ALL, every buffer's first tile loading before the query is prepared (0: kBuffers - 1
+// of them, the next after the query; 1 costs 16-32 more bytes of spill at D = 128).
+#ifndef KVPACK_FUSED_MERGE
+#define KVPACK_FUSED_MERGE 1
+#endif
+#ifndef KVPACK_EARLY_LOADS
+#define KVPACK_EARLY_LOADS 1
+#endif
+#ifndef KVPACK_PRELOAD_ALL
+#define KVPACK_PRELOAD_ALL 0
+#endif
 // Resident blocks per multiprocessor the split kernel is compiled for (a register budget): at
 // D = 128, 3 blocks (12 warps, 168 registers, 8 bytes spilled) rather than the 2 that 183 registers
 // allow, for more bytes in flight; D = 64 fits 4, D = 256 takes what 255 registers leave (2).
@@ -544,6 +562,11 @@ struct SplitParams {
   const int32_t* seq_ids;
   int64_t num_pages, max_pages, num_slots;
   int page_size;
+  // The last-block merge: one arrival counter per (sequence, KV head, head group), zero between
+  // launches (merge_counters()); the last part's block to arrive merges every part of its heads into
+  // out and resets its counter. nullptr: the parts are merged by a second kernel.
+  int32_t* counters;
+  void* out;
 };
 
 // The slot (row of lengths, block_tables and channel scales) that query row b reads: seq_ids[b]
@@ -570,6 +593,91 @@ __device__ __forceinline__ int64_t page_row0(const int32_t* bt, int64_t x, int p
   return (page * kv_heads + kvh) * page_size;
 }
 
+// The merge of the parts of one (sequence, KV head, head group): for each of its nh query heads
+// M = max_s m_s, w_s = 2^(m_s - M) (0 for an empty part, never written), l = sum_s w_s l_s and
+// out = sum_s w_s O_s / l (times the channel's V scale where V is scaled per channel). A warp per
+// head takes the weights (lanes over the parts, a fixed shuffle tree), then a thread per (head,
+// 4 channels) sums the parts in order: the same arithmetic, bit for bit, in whichever kernel runs it
+// (the split kernel's last block, or decode_merge_kernel). po and stats point at the group's first
+// head ([nh][S][D] and [nh][S][2]), out at its first output row; the parts are read through L2
+// (other blocks wrote them). s_w: kHeadsPerWarp * kFusedMergeMaxSplits floats, s_inv: kHeadsPerWarp.
+template <int D, typename QT, bool kTokenV>
+__device__ __forceinline__ void merge_group(const float* po, const float* stats, const float* v_scales_row, QT* out,
+                                            int nh, int S, float* s_w, float* s_inv) {
+  constexpr int kPer = kFusedMergeMaxSplits / 32;
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  for (int h = warp; h < nh; h += static_cast<int>(blockDim.x >> 5)) {
+    float2 ml[kPer];
+    float m = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int s = lane + 32 * j;
+      ml[j] = s < S ? __ldcg(reinterpret_cast<const float2*>(stats) + h * S + s) : make_float2(-INFINITY, 0.f);
+      m = fmaxf(m, ml[j].x);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, o));
+    float l = 0.f;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int s = lane + 32 * j;
+      const float w = ml[j].x == -INFINITY ? 0.f : exp2f(ml[j].x - m);
+      if (s < S) s_w[h * kFusedMergeMaxSplits + s] = w;
+      if (w > 0.f) l = fmaf(w, ml[j].y, l);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) l += __shfl_xor_sync(kFullMask, l, o);
+    if (lane == 0) s_inv[h] = l > 0.f ? 1.f / l : 0.f;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < nh * (D / 4); e += blockDim.x) {
+    const int h = e / (D / 4);
+    const int d = 4 * (e % (D / 4));
+    const float* ph = po + static_cast<int64_t>(h) * S * D + d;
+    const float* wh = s_w + h * kFusedMergeMaxSplits;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int s = 0; s < S; ++s) {
+      const float w = wh[s];
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(ph + static_cast<int64_t>(s) * D));
+      if (w > 0.f) {  // an empty part's sum is garbage: selected away, never multiplied
+        acc.x = fmaf(w, v.x, acc.x);
+        acc.y = fmaf(w, v.y, acc.y);
+        acc.z = fmaf(w, v.z, acc.z);
+        acc.w = fmaf(w, v.w, acc.w);
+      }
+    }
+    const float inv = s_inv[h];
+    float r[4] = {acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv};
+    if constexpr (!kTokenV) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) r[j] *= v_scales_row[d + j];
+    }
+    QT* o = out + h * D + d;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) o[j] = from_float<QT>(r[j]);
+  }
+}
+
+// The block's arrival at its group's counter, after its partial result is written: true in the
+// last block of the group to arrive, which then resets the counter (every part has arrived) and
+// sees every other part's writes. A release (each thread's fence, then the atomic) and an acquire
+// (the fence after it), as the write path's arrival counter does.
+__device__ __forceinline__ bool arrive_last(int32_t* counter, int parts, int* s_flag) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const bool last = atomicAdd(counter, 1) == parts - 1;
+    if (last) atomicExch(counter, 0);
+    *s_flag = last;
+  }
+  __syncthreads();
+  const bool last = *s_flag != 0;
+  if (last) __threadfence();
+  return last;
+}
+
 // One block per part of one (sequence, KV head, group of up to 8 query heads): its 4 warps take
 // the part's tiles in turn (warp w: tiles w, w + 4, ...), so they stream neighbouring memory, and
 // merge their states in shared memory at the end: one partial result per block.
@@ -585,6 +693,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   __shared__ float s_l[kDecodeWarps][kHeadsPerWarp];
   __shared__ float s_mu[kDecodeWarps][kHeadsPerWarp];
   __shared__ float s_o[kDecodeWarps][kHeadsPerWarp][D];
+  __shared__ int s_last;
+  static_assert(kDecodeWarps * D >= kFusedMergeMaxSplits, "the merge's weights (kHeadsPerWarp x kFusedMergeMaxSplits) reuse s_o");
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2;
@@ -599,6 +709,40 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   const int64_t group = p.q_heads / p.kv_heads;
   const int64_t h0 = kvh * group + hg * kHeadsPerWarp;
   const int nh = static_cast<int>(min(static_cast<int64_t>(kHeadsPerWarp), group - hg * kHeadsPerWarp));
+
+  // Query head g's elements that this thread uses (qf below), runs of 8 from channel q_channel(l, 8c):
+  // with KVPACK_EARLY_LOADS loaded first, 16 bytes at a time (q is 16-byte aligned: the op sees to
+  // it), so that their latency overlaps the length's and the first tiles'.
+  const bool valid = g < nh;
+  const QT* qp = static_cast<const QT*>(p.q) + (b * p.q_heads + h0 + (valid ? g : 0)) * D;
+  auto q_channel = [&](int l, int e) {
+    return kInt4 ? k4_channel0<D>(2 * l + e / 8, t) + e % 8 : 64 * l + 16 * t + e;
+  };
+  uint4 qraw[D / 64][2];
+  if constexpr (KVPACK_EARLY_LOADS) {
+#pragma unroll
+    for (int l = 0; l < D / 64; ++l) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) qraw[l][c] = __ldg(reinterpret_cast<const uint4*>(qp + q_channel(l, 8 * c)));
+    }
+  }
+
+  // The group's arrival and, in its last block, the merge of its parts (with p.counters); else the
+  // merge kernel may start (programmatic dependent launch) once every block got here or exited.
+  // Every thread of the block calls it (each part's bounds are the whole block's).
+  auto finish = [&](int64_t slot) {
+    if (p.counters == nullptr) {
+      __syncthreads();
+      allow_dependent_launch();
+      return;
+    }
+    const int64_t grp = (b * p.kv_heads + kvh) * p.head_groups + hg;
+    if (!arrive_last(p.counters + grp, p.splits, &s_last)) return;
+    const int64_t bh0 = b * p.q_heads + h0;
+    merge_group<D, QT, kTokenV>(p.partial_out + bh0 * p.splits * D, p.partial_stats + bh0 * p.splits * 2,
+                                kTokenV ? nullptr : p.v_scales + (slot * p.kv_heads + kvh) * D,
+                                static_cast<QT*>(p.out) + bh0 * D, nh, p.splits, &s_o[0][0][0], &s_l[0][0]);
+  };
 
   // This part's tokens [t0, t1) of the sequence's len: parts are whole tiles, cut from the actual
   // length (read on the device), so a short sequence in a long cache is still spread over every part.
@@ -617,6 +761,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   const int64_t stats_head_stride = static_cast<int64_t>(p.splits) * 2;
   if (t0 >= t1) {  // an empty part (the whole block agrees): the merge skips it
     if (threadIdx.x < nh) stats[threadIdx.x * stats_head_stride] = -INFINITY;
+    finish(slot);
     return;
   }
 
@@ -664,12 +809,14 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   };
 
   // The first tiles' loads go out before the query is prepared: their latency overlaps it.
-  // A warp holds kBuffers tiles: kBuffers - 1 loading while one is computed (kDecodeBuffers).
+  // A warp holds kBuffers tiles: kBuffers - 1 loading while one is computed (kDecodeBuffers); at the
+  // start, with KVPACK_PRELOAD_ALL, all kBuffers (nothing is being computed yet).
   constexpr int kBuffers = kDecodeBuffers<D, G>;
+  constexpr int kPreload = (KVPACK_PRELOAD_ALL || kBuffers == 1) ? kBuffers : kBuffers - 1;
   TileT buf[kBuffers];
   int32_t next_page = lookup(first);
 #pragma unroll
-  for (int j = 0; j < (kBuffers > 1 ? kBuffers - 1 : 1); ++j) {
+  for (int j = 0; j < kPreload; ++j) {
     if (first + j * kStride < t1) load(buf[j], first + j * kStride, next_page);
     next_page = lookup(first + (j + 1) * kStride);
   }
@@ -683,14 +830,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   {
     float qf[D / 4];
     float amax = 0.f;
-    const bool valid = g < nh;
-    const QT* qp = static_cast<const QT*>(p.q) + (b * p.q_heads + h0 + (valid ? g : 0)) * D;
 #pragma unroll
     for (int l = 0; l < D / 64; ++l) {
 #pragma unroll
       for (int e = 0; e < 16; ++e) {
-        const int d = kInt4 ? k4_channel0<D>(2 * l + e / 8, t) + e % 8 : 64 * l + 16 * t + e;
-        float f = valid ? to_float(qp[d]) * p.score_scale : 0.f;
+        const int d = q_channel(l, e);
+        const QT qe = KVPACK_EARLY_LOADS ? reinterpret_cast<const QT*>(&qraw[l][e / 8])[e % 8] : qp[d];
+        float f = valid ? to_float(qe) * p.score_scale : 0.f;
         if constexpr (!kPerToken) f *= __ldg(p.k_scales + scale_row * D + d);
         qf[16 * l + e] = f;
         amax = fmaxf(amax, fabsf(f));
@@ -742,7 +888,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
       if (xj >= t1) break;
       if constexpr (kBuffers > 1) {
         const int64_t ahead = xj + (kBuffers - 1) * kStride;
-        if (ahead < t1) {
+        if (ahead < t1 && ahead >= first + kPreload * kStride) {  // (the first tiles were preloaded)
           load(buf[(j + kBuffers - 1) % kBuffers], ahead, next_page);
           next_page = lookup(ahead + kStride);
         }
@@ -805,10 +951,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     stats[h * stats_head_stride] = m;
     stats[h * stats_head_stride + 1] = l;
   }
-  // Every write of this block is done: the merge kernel, launched early (programmatic dependent
-  // launch, sm_90), may pass its wait once every block has got here or exited.
-  __syncthreads();
-  allow_dependent_launch();
+  finish(slot);
 }
 
 struct CombineParams {
@@ -821,6 +964,7 @@ struct CombineParams {
   int head_dim;
   const int32_t* seq_ids;  // paged: the slot of each query row (channel scales), or nullptr
   int64_t num_slots;
+  int head_groups;         // decode_merge_kernel: query-head groups per KV head
 };
 
 constexpr int kCombineThreads = 512;
@@ -908,6 +1052,29 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const C
 #pragma unroll
     for (int j = 0; j < 4; ++j) out[j] = from_float<QT>(r[j]);
   }
+}
+
+// The merge of up to kFusedMergeMaxSplits parts where the split kernel had no arrival counters
+// (merge_counters() gave none): a block per (sequence, KV head, head group), the split kernel's
+// last-block merge (merge_group) run by a second kernel, so its results are the same bits.
+template <int D, typename QT, bool kTokenV>
+__global__ void __launch_bounds__(kDecodeWarps * 32) decode_merge_kernel(const CombineParams p) {
+  __shared__ float s_w[kHeadsPerWarp * kFusedMergeMaxSplits];
+  __shared__ float s_inv[kHeadsPerWarp];
+  wait_for_primary();  // the split kernel's partial results
+  int64_t item = blockIdx.x;
+  const int hg = static_cast<int>(item % p.head_groups);
+  item /= p.head_groups;
+  const int64_t kvh = item % p.kv_heads;
+  const int64_t b = item / p.kv_heads;
+  const int64_t group = p.q_heads / p.kv_heads;
+  const int64_t h0 = kvh * group + hg * kHeadsPerWarp;
+  const int nh = static_cast<int>(min(static_cast<int64_t>(kHeadsPerWarp), group - hg * kHeadsPerWarp));
+  const int64_t slot = slot_of(p.seq_ids, b, p.num_slots, nullptr, false);
+  const int64_t bh0 = b * p.q_heads + h0;
+  merge_group<D, QT, kTokenV>(p.partial_out + bh0 * p.splits * D, p.partial_stats + bh0 * p.splits * 2,
+                              kTokenV ? nullptr : p.v_scales + (slot * p.kv_heads + kvh) * D,
+                              static_cast<QT*>(p.out) + bh0 * D, nh, p.splits, s_w, s_inv);
 }
 
 template <int D, typename QT, bool kPerToken, bool kPaged, int G = 0>
@@ -1077,32 +1244,44 @@ int plan_splits(Kernel kernel, int64_t batch, int64_t q_heads, int64_t kv_heads,
   return static_cast<int>(std::max<int64_t>(1, std::min(want, most)));
 }
 
-// The split kernel, then the merge as its programmatic dependent where the device has it (sm_90):
-// the merge's launch overlaps the split kernel's last blocks instead of following the grid's drain.
+// The split kernel, merging its parts in the last block of each group where it has arrival
+// counters (up to kFusedMergeMaxSplits parts: one launch); else the merge kernel as its programmatic
+// dependent where the device has it (sm_90), whose launch overlaps the split kernel's last blocks.
 template <int D, typename QT, bool kPerToken, bool kPaged, int G>
 void launch_decode(const DecodeArgs& a) {
   constexpr bool kTokenV = kPerToken || G > 0;
+  const int head_groups = static_cast<int>(ceil_div(a.q_heads / a.kv_heads, kHeadsPerWarp));
+  const int64_t groups = a.batch * a.kv_heads * head_groups;
+  const bool small = KVPACK_FUSED_MERGE && a.splits <= kFusedMergeMaxSplits;
+  int32_t* counters = small ? merge_counters(groups, a.stream) : nullptr;
   SplitParams sp{a.q, a.k, a.v, a.k_scales, a.v_scales, a.lengths, a.partial_out, a.partial_stats,
-                 a.batch, a.q_heads, a.kv_heads, a.max_tokens, a.splits,
-                 static_cast<int>(ceil_div(a.q_heads / a.kv_heads, kHeadsPerWarp)), a.sm_scale * kLog2e,
-                 a.clamped, a.block_tables, a.seq_ids, a.num_pages, a.max_pages, a.num_slots, a.page_size};
-  const int64_t blocks = a.batch * a.kv_heads * a.splits * sp.head_groups;
+                 a.batch, a.q_heads, a.kv_heads, a.max_tokens, a.splits, head_groups, a.sm_scale * kLog2e,
+                 a.clamped, a.block_tables, a.seq_ids, a.num_pages, a.max_pages, a.num_slots, a.page_size,
+                 counters, a.out};
+  const int64_t blocks = groups * a.splits;
   const auto kernel = split_kernel<D, QT, kPerToken, kPaged, G>();
   kernel<<<static_cast<unsigned>(blocks), kDecodeWarps * 32, 0, a.stream>>>(sp);
   KVPACK_LAUNCH_CHECK();
+  if (counters != nullptr) return;
   CombineParams cp{a.partial_out, a.partial_stats, a.v_scales, a.out, a.q_heads, a.kv_heads, a.splits, D,
-                   kPaged ? a.seq_ids : nullptr, a.num_slots};
-  const size_t smem = sizeof(float) * (static_cast<size_t>(combine_weights_floats(a.splits)) + 4 * kCombineThreads);
+                   kPaged ? a.seq_ids : nullptr, a.num_slots, head_groups};
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(a.batch * a.q_heads));
-  cfg.blockDim = dim3(kCombineThreads);
-  cfg.dynamicSmemBytes = smem;
   cfg.stream = a.stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = compute_major() >= 9 ? 1 : 0;
+  if (small) {
+    cfg.gridDim = dim3(static_cast<unsigned>(groups));
+    cfg.blockDim = dim3(kDecodeWarps * 32);
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode_merge_kernel<D, QT, kTokenV>, cp));
+    return;
+  }
+  cfg.gridDim = dim3(static_cast<unsigned>(a.batch * a.q_heads));
+  cfg.blockDim = dim3(kCombineThreads);
+  cfg.dynamicSmemBytes =
+      sizeof(float) * (static_cast<size_t>(combine_weights_floats(a.splits)) + 4 * kCombineThreads);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode_combine_kernel<QT, kTokenV>, cp));
 }
 

@@ -67,6 +67,19 @@ int decode_splits(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t max_
 
 void decode_attention(const DecodeArgs& args);
 
+// Arrival counters for the split kernel's last-block merge: `count` int32 zeros on the current
+// device that no launch running at the same time uses (each launch's last blocks reset theirs).
+// Outside a CUDA-graph capture, one set per stream (a stream's launches run one after the other);
+// inside one, a new set for each captured launch, kept for good (the graph may replay on any
+// stream). Carved from one arena a device, made (and zeroed, one host wait) by the first call
+// outside a capture. nullptr when there are none to give (a capture before any eager call on the
+// device, or the arena used up): the caller then merges with a second kernel, the same bits.
+int32_t* merge_counters(int64_t count, cudaStream_t stream);
+
+// Tests: false makes merge_counters() give none (every merge then runs in a second kernel); returns
+// the previous setting.
+bool set_fused_merge(bool enabled);
+
 struct AppendArgs {
   const void* k;             // new keys   [B, Hkv, t_new, D], dtype
   const void* v;             // new values [B, Hkv, t_new, D], dtype
