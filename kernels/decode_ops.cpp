@@ -22,6 +22,22 @@ void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.is_cuda(), "kvpack: ", name, " is on ", t.device(), "; this implementation needs CUDA tensors");
 }
 
+// The split kernel's workspace, one allocation: partial outputs [B, Hq, splits, D], then the parts'
+// (max, sum) [B, Hq, splits, 2] (D floats a row keep them 16-byte aligned).
+struct Workspace {
+  at::Tensor storage;
+  float* partial_out;
+  float* partial_stats;
+};
+
+Workspace decode_workspace(const at::Tensor& q, int64_t rows, int64_t head_dim) {
+  Workspace w;
+  w.storage = at::empty({rows * (head_dim + 2)}, q.options().dtype(at::kFloat));
+  w.partial_out = w.storage.mutable_data_ptr<float>();
+  w.partial_stats = w.partial_out + rows * head_dim;
+  return w;
+}
+
 // The split kernel reads the query 16 bytes at a time: a query that starts off a 16-byte boundary
 // (a contiguous view at an odd offset; never a fresh tensor) is copied to one that does not.
 at::Tensor aligned_query(const at::Tensor& q) {
@@ -43,9 +59,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK_VALUE(splits <= s.max_tokens && splits <= 4096, "kvpack: splits = ", splits,
                     " must be at most T_max = ", s.max_tokens, " and at most 4096");
   auto out = at::empty_like(q);
-  const auto f32 = q.options().dtype(at::kFloat);
-  auto partial_out = at::empty({s.batch, s.q_heads, splits, s.head_dim}, f32);
-  auto partial_stats = at::empty({s.batch, s.q_heads, splits, 2}, f32);
+  const auto ws = decode_workspace(q, s.batch * s.q_heads * splits, s.head_dim);
   const at::Tensor qa = aligned_query(q);
   cuda::DecodeArgs args{qa.const_data_ptr(),
                         static_cast<const int8_t*>(k.const_data_ptr()),  // INT4: packed bytes
@@ -54,8 +68,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
                         vs.const_data_ptr<float>(),
                         lengths.has_value() ? lengths->const_data_ptr<int32_t>() : nullptr,
                         out.mutable_data_ptr(),
-                        partial_out.mutable_data_ptr<float>(),
-                        partial_stats.mutable_data_ptr<float>(),
+                        ws.partial_out,
+                        ws.partial_stats,
                         s.batch,
                         s.q_heads,
                         s.kv_heads,
@@ -109,9 +123,7 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& kp
   TORCH_CHECK_VALUE(splits <= max_tokens && splits <= 4096, "kvpack: splits = ", splits,
                     " must be at most max_pages * page_size = ", max_tokens, " and at most 4096");
   auto out = at::empty_like(q);
-  const auto f32 = q.options().dtype(at::kFloat);
-  auto partial_out = at::empty({s.batch, s.q_heads, splits, s.head_dim}, f32);
-  auto partial_stats = at::empty({s.batch, s.q_heads, splits, 2}, f32);
+  const auto ws = decode_workspace(q, s.batch * s.q_heads * splits, s.head_dim);
   const at::Tensor qa = aligned_query(q);
   cuda::DecodeArgs args{};
   args.q = qa.const_data_ptr();
@@ -121,8 +133,8 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& kp
   args.v_scales = vs.const_data_ptr<float>();
   args.lengths = lengths.const_data_ptr<int32_t>();
   args.out = out.mutable_data_ptr();
-  args.partial_out = partial_out.mutable_data_ptr<float>();
-  args.partial_stats = partial_stats.mutable_data_ptr<float>();
+  args.partial_out = ws.partial_out;
+  args.partial_stats = ws.partial_stats;
   args.batch = s.batch;
   args.q_heads = s.q_heads;
   args.kv_heads = s.kv_heads;

@@ -35,11 +35,11 @@ _fakes_registered = False
 
 def _ensure_loaded() -> None:
     global _fakes_registered
+    if _fakes_registered:  # the extension is loaded too: once per process, not once per call
+        return
     from . import ops
 
     ops._ensure_loaded()
-    if _fakes_registered:
-        return
 
     @torch.library.register_fake("kvpack::decode_attention")
     def _(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits):
@@ -233,6 +233,17 @@ def decode_attention(
     scales per ``group_size`` channels of a token, keys per channel with ``granularity="channel"``).
     On CUDA the fused kernel reads the nibbles (group sizes 32, 64, 128); everything above holds for it.
     """
+    if not check_lengths and type(splits) is int and splits >= 0 and granularity in GRANULARITIES:
+        # The fast path: the op checks every tensor itself (in C++); only when it refuses do the
+        # checks below run, to name the argument and the fix.
+        try:
+            if (bits == 8 and k_cache.dtype == torch.int8) or (
+                    bits == 4 and k_cache.dtype == torch.uint8 and q.is_cuda and group_size * v_scales.shape[-1] == q.shape[2]):
+                return _decode_op(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity,
+                                  resolve_sm_scale(sm_scale, q.shape[2]), splits, clamped)
+        except Exception as e:  # noqa: BLE001 (diagnosed below, else raised as it is)
+            _diagnose(e, q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, clamped, bits,
+                      group_size, splits)
     if bits != 8:
         return _decode_attention_int4(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale,
                                       check_lengths, clamped, bits, group_size, splits)
@@ -243,18 +254,48 @@ def decode_attention(
     if not isinstance(splits, int) or splits < 0:
         raise ValueError(f"splits must be a non-negative int (0: planned), got {splits!r}")
     check_flag(clamped, q.device)
+    return _decode_op(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, float(sm_scale), splits, clamped)
+
+
+def _decode_op(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits, clamped):
+    """The op (INT8, or INT4 for a uint8 cache on CUDA), which checks its tensors itself."""
     _ensure_loaded()
     if clamped is not None:
         return torch.ops.kvpack.decode_attention_flagged.default(
-            q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, float(sm_scale), splits, clamped
-        )
+            q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits, clamped)
     return torch.ops.kvpack.decode_attention.default(
-        q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, float(sm_scale), splits
-    )
+        q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits)
+
+
+def _diagnose(error, q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, clamped, bits,
+              group_size, splits):
+    """After the op refused a call: the full checks, which raise naming the argument and the fix; if
+    they find nothing (an error of the device, say), the op's own error."""
+    if bits != 8:
+        _check_int4_call(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, False, clamped,
+                         bits, group_size, splits)
+    else:
+        d = check_decode_inputs(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity)[4]
+        resolve_sm_scale(sm_scale, d)
+        check_flag(clamped, q.device)
+    raise error
 
 
 def _decode_attention_int4(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, check_lengths,
                            clamped, bits, group_size, splits) -> torch.Tensor:
+    from . import int4
+
+    sm_scale = _check_int4_call(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale,
+                                check_lengths, clamped, bits, group_size, splits)
+    if q.device.type == "cpu":
+        return int4.decode_attention(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, clamped)
+    # the same ops as INT8: a uint8 cache is INT4, its group D / v_scales.shape[-1]
+    return _decode_op(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits, clamped)
+
+
+def _check_int4_call(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, check_lengths,
+                     clamped, bits, group_size, splits) -> float:
+    """The checks of an INT4 call (and the lengths' values with check_lengths); returns sm_scale."""
     from . import int4
 
     check_granularity(granularity)
@@ -281,17 +322,9 @@ def _decode_attention_int4(q, k_cache, v_cache, k_scales, v_scales, lengths, gra
         if check_lengths and not _capturing(q.device):
             check_length_values(lengths, k_cache.shape[2])
     check_flag(clamped, q.device)
-    sm_scale = resolve_sm_scale(sm_scale, d)
-    if q.device.type == "cpu":
-        return int4.decode_attention(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, clamped)
-    if not isinstance(splits, int) or splits < 0:
+    if q.device.type != "cpu" and (not isinstance(splits, int) or splits < 0):
         raise ValueError(f"splits must be a non-negative int (0: planned), got {splits!r}")
-    _ensure_loaded()  # the same ops as INT8: a uint8 cache is INT4, its group D / v_scales.shape[-1]
-    if clamped is not None:
-        return torch.ops.kvpack.decode_attention_flagged.default(
-            q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits, clamped)
-    return torch.ops.kvpack.decode_attention.default(
-        q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits)
+    return resolve_sm_scale(sm_scale, d)
 
 
 def decode_splits(q: torch.Tensor, k_cache: torch.Tensor, granularity: str = "token") -> int:

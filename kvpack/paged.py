@@ -42,6 +42,7 @@ import torch
 
 from .cache import FLOAT_DTYPES, _positive_int
 from .decode_attention import (
+    GRANULARITIES,
     HEAD_DIMS,
     _contiguous,
     _ensure_loaded,
@@ -178,6 +179,45 @@ def paged_decode_attention(
     and ``clamped`` (int32 ``[1]``, optional) gets 1 when any was (it is never reset to 0 here).
     ``splits`` (CUDA): parts per sequence, 0 planned, as in ``kvpack.decode_attention``.
     """
+    if type(splits) is int and splits >= 0 and granularity in GRANULARITIES:
+        # The fast path on CUDA: the op checks every tensor itself (in C++); only when it refuses do
+        # the checks below run, to name the argument and the fix.
+        try:
+            if q.is_cuda:
+                return _paged_op(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids,
+                                 granularity, _check_sm_scale(sm_scale, q.shape[2]), splits, clamped)
+        except Exception as e:  # noqa: BLE001 (diagnosed below, else raised as it is)
+            error = e
+        else:
+            error = None
+        if error is not None:
+            _check_paged_call(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity,
+                              sm_scale, clamped, splits)
+            raise error
+    q, sm_scale = _check_paged_call(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids,
+                                    granularity, sm_scale, clamped, splits)
+    if q.device.type != "cpu":
+        return _paged_op(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity,
+                         sm_scale, splits, clamped)
+    return _paged_decode_attention_cpu(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids,
+                                       granularity, sm_scale, clamped, splits)
+
+
+def _paged_op(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, sm_scale, splits,
+              clamped):
+    """The CUDA op, which checks its tensors itself."""
+    _ensure_loaded()
+    if clamped is not None:
+        return torch.ops.kvpack.paged_decode_attention_flagged.default(
+            q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, sm_scale,
+            splits, clamped)
+    return torch.ops.kvpack.paged_decode_attention.default(
+        q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, sm_scale, splits)
+
+
+def _check_paged_call(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, sm_scale,
+                      clamped, splits):
+    """Every check of a paged_decode_attention call, naming the argument and the fix; returns (q, sm_scale)."""
     check_granularity(granularity)
     q = _tensor(q, "q", 3, "[B, Hq, D] (one query token per row)")
     check_query_dtype(q.dtype, q.device, "q")
@@ -196,16 +236,7 @@ def paged_decode_attention(
     sm_scale = _check_sm_scale(sm_scale, d)
     if isinstance(splits, bool) or not isinstance(splits, int) or splits < 0:
         raise ValueError(f"splits must be a non-negative int (0: planned), got {splits!r}")
-    if dev.type != "cpu":
-        _ensure_loaded()
-        if clamped is not None:
-            return torch.ops.kvpack.paged_decode_attention_flagged.default(
-                q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, sm_scale,
-                splits, clamped)
-        return torch.ops.kvpack.paged_decode_attention.default(
-            q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, sm_scale, splits)
-    return _paged_decode_attention_cpu(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids,
-                                       granularity, sm_scale, clamped, splits)
+    return q, sm_scale
 
 
 def _paged_decode_attention_cpu(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids,

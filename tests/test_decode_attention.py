@@ -213,6 +213,26 @@ def test_decode_attention_bad_input(name, bad, exc, match):
         kvpack.decode_attention(*args.values(), lengths, check_lengths=True)
 
 
+@pytest.mark.parametrize("name,bad,exc,match", [b for b in BAD if "outside" not in b[3]],
+                         ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD) if "outside" not in b[3]])
+def test_default_call_names_the_bad_argument_too(name, bad, exc, match):
+    """The default call hands the tensors straight to the op (its checks are in C++); when the op
+    refuses them, the Python checks run and raise as the checking call does."""
+    args = _good()
+    args[name] = bad(args)
+    with pytest.raises(exc, match=match):
+        kvpack.decode_attention(*args.values())
+
+
+def test_default_call_never_reads_an_int4_cache_as_int8_or_back():
+    args = _good()
+    u8 = {**args, "k_cache": args["k_cache"].view(torch.uint8), "v_cache": args["v_cache"].view(torch.uint8)}
+    with pytest.raises(TypeError, match="k_cache must be int8"):
+        kvpack.decode_attention(*u8.values())  # bits=8, the default
+    with pytest.raises((TypeError, ValueError), match="uint8|INT4|bits=4"):
+        kvpack.decode_attention(*args.values(), bits=4)
+
+
 @pytest.mark.parametrize("lengths,clamped_to", [([9, 1], [8, 1]), ([3, 0], [3, 0]), ([-4, 8], [0, 8])])
 def test_decode_attention_clamps_bad_lengths_by_default_and_flags_them(lengths, clamped_to):
     """The default call reads no lengths on the host: an out-of-range length is clamped to [0, T_max]
