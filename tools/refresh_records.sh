@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # What one GPU's folder of records of record lacks at today's kernels, in one device call:
-#   H200: the decode grid (tools/records_device.sh steps 3 and 4: where a short step's time goes, then
-#         the pipeline's decode grid with INT8, INT4 and paged rows), then FlashInfer beside kvpack's
-#         paged decode (tools/peers_device.sh; carry .peers/)          -> $OUT/decode.tar.gz, paged_peers_p16.json
-#   H100: the kernel benchmarks at 2^25 elements as kernels/ was made (tools/bench_kernels.py, fp32 and
-#         16-bit, vectorized and fast beside the torch peers)          -> $OUT/kernels_fp32.json, kernels_16bit.json
+#   REFRESH=decode (default; after a change to the decode kernels): the GPU tests, where a short step's time goes,
+#         then the pipeline's decode grid with INT8, INT4 and paged rows (tools/records_device.sh
+#         steps 2, 3 and 4; REFRESH_STEPS), what the public call costs beyond its kernels (tools/bench_decode_api.py),
+#         then FlashInfer beside kvpack's paged decode (tools/peers_device.sh; carry .peers/)
+#                                       -> $OUT/short_steps.json, decode.tar.gz, api.json, paged_peers_p16.json
+#   REFRESH=kernels: the kernel benchmarks at 2^25 elements as kernels/ was made (tools/bench_kernels.py,
+#         fp32 and 16-bit, vectorized and fast beside the torch peers)
+#                                       -> $OUT/kernels_fp32.json, kernels_16bit.json
 # then the logs in one archive ($OUT/logs.tar.gz).
 #
 #   OUT=/some/dir KVPACK_GIT_COMMIT=$(git rev-parse HEAD) bash tools/refresh_records.sh
@@ -13,12 +16,15 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-build/refresh-records}"
 L="$OUT/logs"
 mkdir -p "$L"
-GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-case "$GPU" in
-  *H200*)
-    STEPS=34 SKIP_TAR=1 BUDGET=200 E2E_RESERVE=0 bash tools/records_device.sh
-    SKIP_SETUP=1 SKIP_TAR=1 BUDGET=$((540 - SECONDS)) bash tools/peers_device.sh ;;
-  *)
+case "${REFRESH:-decode}" in
+  decode)
+    STEPS=${REFRESH_STEPS:-234} SKIP_TAR=1 BUDGET=340 E2E_RESERVE=0 bash tools/records_device.sh
+    t0=$SECONDS
+    timeout 90 env PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" python3 tools/bench_decode_api.py \
+      --json "$OUT/api.json" 2>&1 | grep -v -E "Warning|warn" | tee "$L/bench_decode_api.log"
+    echo "bench_decode_api: after $((SECONDS - t0)) s"
+    SKIP_SETUP=1 SKIP_TAR=1 BUDGET=$((560 - SECONDS)) bash tools/peers_device.sh ;;
+  kernels)
     . tools/device_setup.sh
     timeout 260 python3 tools/bench_kernels.py --shapes 131072x8192 131072x4096 131072x2048 131072x1024 131072x512 \
       131072x256 262144x128 --dtypes float32 --variants vectorized fast --json "$OUT/kernels_fp32.json" 2>&1 \
