@@ -9,9 +9,10 @@
 // Decode attention (flash-decoding over int8): one query token per sequence attends over its
 // cache. Each sequence's tokens are cut into `splits` parts; a warp owns one part of one KV head
 // for up to 8 of the query heads that share it (grouped-query attention), keeps an online-softmax
-// state (running max, sum, partial output) in registers, and writes it once; a second kernel merges
-// the parts of each query head. K and V are read once, as int8, straight into registers; nothing
-// dequantized is ever written.
+// state (running max, sum, partial output) in registers, and writes it once; the last block of a
+// sequence's KV head to finish merges the parts of its query heads (arrival counters; up to 128
+// parts, else a second kernel merges them). K and V are read once, as int8, straight into
+// registers; nothing dequantized is ever written.
 //
 // The arithmetic of a warp, per tile of 16 tokens (g = lane / 4, t = lane % 4):
 //   scores   S^T[h, tok] = Q'[h, :] . K[tok, :] on the tensor cores (mma m16n8k16, fp16 in, fp32
