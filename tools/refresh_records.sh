@@ -8,7 +8,8 @@
 #   REFRESH=kernels: the kernel benchmarks at 2^25 elements as kernels/ was made (tools/bench_kernels.py,
 #         fp32 and 16-bit, vectorized and fast beside the torch peers)
 #                                       -> $OUT/kernels_fp32.json, kernels_16bit.json
-# then the logs in one archive ($OUT/logs.tar.gz).
+# then the logs in one archive ($OUT/logs.tar.gz). REFRESH_BUDGET (default 560 s): the peers run only
+# with more than 120 s of it left.
 #
 #   OUT=/some/dir KVPACK_GIT_COMMIT=$(git rev-parse HEAD) bash tools/refresh_records.sh
 set -u -o pipefail
@@ -23,7 +24,11 @@ case "${REFRESH:-decode}" in
     timeout 90 env PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" python3 tools/bench_decode_api.py \
       --json "$OUT/api.json" 2>&1 | grep -v -E "Warning|warn" | tee "$L/bench_decode_api.log"
     echo "bench_decode_api: after $((SECONDS - t0)) s"
-    SKIP_SETUP=1 SKIP_TAR=1 BUDGET=$((560 - SECONDS)) bash tools/peers_device.sh ;;
+    if [ $((${REFRESH_BUDGET:-560} - SECONDS)) -gt 120 ]; then
+      SKIP_SETUP=1 SKIP_TAR=1 BUDGET=$((${REFRESH_BUDGET:-560} - SECONDS)) bash tools/peers_device.sh
+    else
+      echo "peers: skipped ($((${REFRESH_BUDGET:-560} - SECONDS)) s of REFRESH_BUDGET left)"
+    fi ;;
   kernels)
     . tools/device_setup.sh
     timeout 260 python3 tools/bench_kernels.py --shapes 131072x8192 131072x4096 131072x2048 131072x1024 131072x512 \
