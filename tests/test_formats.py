@@ -222,6 +222,32 @@ def test_hadamard_spreads_outlier_channels():
     assert e_had < 0.5 * e_tok  # the rotation spreads the outlier channels over the row
 
 
+def test_int4_key_transforms_are_exact_inverses_and_help_outlier_channels():
+    """int4_token_g32_hadamard / _smooth: the transform is undone exactly (a row of codes on the
+    grid comes back), and on outlier-channel keys both leave less error than plain groups of 32."""
+    x = w.outlier_keys(512, 128, seed=3)
+    plain = float(torch.linalg.norm(F.get_format("int4_token_g32").roundtrip(x) - x))
+    for name in ("int4_token_g32_hadamard", "int4_token_g32_smooth"):
+        fmt = F.get_format(name)
+        assert float(torch.linalg.norm(fmt.roundtrip(x) - x)) < 0.75 * plain, name
+        # batched == per matrix; zeros stay zeros
+        xb = x[:120].reshape(2, 60, 128)
+        assert torch.equal(fmt.roundtrip(xb)[1], fmt.roundtrip(xb[1]))
+        assert torch.equal(fmt.roundtrip(torch.zeros(16, 128)), torch.zeros(16, 128))
+    # smoothing: codes on the INT4 grid, a 7 in every token group and in every channel, come back
+    # (every factor is sqrt(7 u), every group's scale u / sqrt(7 u))
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-7, 8, (64, 128), generator=g).float()
+    codes[:, ::32] = 7
+    codes[0] = 7
+    exact = codes * 0.25
+    assert torch.allclose(F.smoothing_factors(exact), torch.full((1, 128), 1.75**0.5))
+    assert torch.allclose(F.int4_token_groups_smooth(exact, 32), exact, rtol=1e-6, atol=0)
+    assert F.get_format("int4_token_g32_smooth").bytes_per_element(2048, 128) == 0.5 + 4 / 32 + 4 / 2048
+    with pytest.raises(ValueError, match="even"):
+        F.get_format("int4_token_g3_smooth")
+
+
 # --- every format: shapes, batches, zeros, bytes -------------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(F.FORMATS))

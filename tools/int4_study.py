@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kvpack.study import formats
 
-COMPARE = ("int8_token", "int8_channel", "fp8_e4m3") + formats.INT4_FORMATS
+COMPARE = ("int8_token", "int8_channel", "fp8_e4m3") + formats.INT4_FORMATS + (
+    "int4_token_g32_hadamard", "int4_token_g32_smooth")  # key transforms (formats' doc)
 
 
 def main(argv=None) -> int:

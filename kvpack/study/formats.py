@@ -34,6 +34,16 @@ INT4 formats (issue 17; half a byte per value, kvpack/torch_impl.py's arithmetic
   int4_channel          symmetric, one scale per channel over all T tokens (KIVI's keys). 0.5 + 4/T
   int4_channel_asym     asymmetric per channel.                                           0.5 + 8/T
 
+Two key transforms before the token groups, by name through get_format (not in FORMATS; the INT4
+study, tools/int4_study.py, compares them), each exact on q . k when the query gets its inverse:
+
+  int4_token_g{G}_hadamard  int4_token_g{G} of x H, then x_hat H^T (the rotation of
+                            int8_token_hadamard): outlier channels spread over the row.   0.5 + 4/G
+  int4_token_g{G}_smooth    int4_token_g{G} of x / s, then x_hat s, with one factor per channel
+                            s_d = sqrt(max_t |x[t, d]|) (SmoothQuant's migration, alpha = 1/2,
+                            arXiv 2211.10438; the query takes q s): a large channel is shrunk
+                            before it shares a group.                         0.5 + 4/G + 4/T
+
 ``identity`` (not in FORMATS) returns its input unchanged: the unquantized baseline, stored at
 the input's own element size.
 """
@@ -130,6 +140,28 @@ def int4_channel(x: torch.Tensor, symmetric: bool = True) -> torch.Tensor:
     return torch_impl.int4_dequantize_groups(nib, scale, lo, x.dtype).transpose(1, 2).reshape(x.shape)
 
 
+def int4_token_groups_hadamard(x: torch.Tensor, group: int) -> torch.Tensor:
+    """int4_token_groups of x H (H: :func:`hadamard_matrix`), then the inverse rotation."""
+    xb = _as_batch(x)
+    h = hadamard_matrix(xb.shape[-1], x.device)
+    y = int4_token_groups(xb.float() @ h, group) @ h.T
+    return y.to(x.dtype).reshape(x.shape)
+
+
+def smoothing_factors(x: torch.Tensor) -> torch.Tensor:
+    """Per channel of each [T, D] matrix, sqrt(max_t |x[t, d]|) ([..., 1, D]; 1 for an all-zero channel)."""
+    a = x.float().abs().amax(dim=-2, keepdim=True)
+    return torch.where(a > 0, a.sqrt(), torch.ones_like(a))
+
+
+def int4_token_groups_smooth(x: torch.Tensor, group: int) -> torch.Tensor:
+    """int4_token_groups of x / s (s: :func:`smoothing_factors`), times s."""
+    xb = _as_batch(x).float()
+    s = smoothing_factors(xb)
+    y = int4_token_groups(xb / s, group) * s
+    return y.to(x.dtype).reshape(x.shape)
+
+
 def hadamard_block_size(D: int) -> int:
     """The block of the rotation: the largest power of two dividing D (D itself when a power of two)."""
     return D & -D
@@ -211,6 +243,18 @@ def int4_format(name: str) -> Format | None:
         return Format(name, f"INT4 {kind}, one group per {G} channels of a token",
                       functools.partial(int4_token_groups, group=G, symmetric=sym),
                       lambda T, D, G=G: T * -(-D // min(G, D)), 0.5, f"token_g{G}", 1 if sym else 2)
+    m = re.fullmatch(r"int4_token_g(\d+)_(hadamard|smooth)", str(name))
+    if m:
+        G, how = int(m.group(1)), m.group(2)
+        if G < 2 or G % 2:
+            raise ValueError(f"INT4 group size must be a positive even integer, got {G}")
+        if how == "hadamard":
+            return Format(name, f"INT4 symmetric, groups of {G} channels, after a Walsh-Hadamard rotation",
+                          functools.partial(int4_token_groups_hadamard, group=G),
+                          lambda T, D, G=G: T * -(-D // min(G, D)), 0.5, f"token_g{G}")
+        return Format(name, f"INT4 symmetric, groups of {G} channels, channels smoothed by sqrt(absmax)",
+                      functools.partial(int4_token_groups_smooth, group=G),
+                      lambda T, D, G=G: T * -(-D // min(G, D)) + D, 0.5, f"token_g{G}")
     m = re.fullmatch(r"int4_channel(_asym)?", str(name))
     if m:
         sym = m.group(1) is None
@@ -254,7 +298,7 @@ def get_format(name) -> Format:
     if fmt is not None:
         return fmt
     raise ValueError(f"unknown format {name!r}; known: {sorted(FORMATS)} + 'identity' + 'int8_group<G>' + "
-                     "'int4_token_g<G>[_asym]'")
+                     "'int4_token_g<G>[_asym|_hadamard|_smooth]'")
 
 
 # --- the study: every format on the same data -----------------------------------------------------
