@@ -19,7 +19,7 @@ L="$OUT/logs"
 mkdir -p "$L"
 case "${REFRESH:-decode}" in
   decode)
-    STEPS=${REFRESH_STEPS:-234} SKIP_TAR=1 BUDGET=340 E2E_RESERVE=0 bash tools/records_device.sh
+    STEPS=${REFRESH_STEPS:-234} SKIP_TAR=1 BUDGET=$((${REFRESH_BUDGET:-560} - 110)) E2E_RESERVE=0 bash tools/records_device.sh
     t0=$SECONDS
     timeout 90 env PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" python3 tools/bench_decode_api.py \
       --json "$OUT/api.json" 2>&1 | grep -v -E "Warning|warn" | tee "$L/bench_decode_api.log"
