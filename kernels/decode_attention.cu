@@ -52,10 +52,13 @@ int32_t* merge_counters(int64_t count, cudaStream_t stream) {
     C10_CUDA_CHECK(cudaStreamSynchronize(stream));  // once a device: zeros before any stream uses them
     a.base = static_cast<int32_t*>(p);
   }
-  const int64_t n = (count + 31) / 32 * 32;
+  int64_t n = (count + 31) / 32 * 32;
   if (!capturing) {
     const auto it = a.eager.find(stream);
     if (it != a.eager.end() && it->second.second >= n) return a.base + it->second.first;
+    int64_t p2 = 32;  // a stream's set grows by doubling: a batch that grows step by step costs log2 sets
+    while (p2 < n) p2 *= 2;
+    n = p2;
   }
   if (a.used + n > kArenaCounters) return nullptr;
   int32_t* r = a.base + a.used;
