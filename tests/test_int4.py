@@ -216,12 +216,23 @@ def _dequantized(cache):
     return kh, vh
 
 
-def _int4_kernel_bound(q, kh, vh, lengths, t_max, dtype):
-    """What the fused INT4 kernel may differ from float64 attention over the same dequantized cache: q'
-    in fp16 (2^-11), each K and V value converted as q * fp16(s_group / s_max) (the ratio's rounding and
-    the fp16 product's: 2 * 2^-11 relative), P' in fp16 and its subnormal tail, the output's rounding."""
+def _int4_kernel_bound(q, cache, kh, vh, lengths, dtype):
+    """What the fused INT4 kernel may differ from float64 attention over the same dequantized cache.
+    Relative to each product: q' in fp16 (2^-11), the group ratio r = fp16(s_group / s_ref) (2^-11;
+    s_ref: the token's largest K scale, the tile's largest V scale), and one more 2^-11 of slack;
+    P' in fp16 and its subnormal tail; the output's rounding. Absolute, per element: the kernel
+    converts a stored nibble n (1..15) to fp16(n r) and restores the -8 of q = n - 8 exactly in fp32
+    (kernels/include/kvpack/decode_kernels.cuh, scaled_nibbles_to_f16x2), so the rounding of n r, up
+    to 15 r 2^-11 of s_ref, i.e. 15 * 2^-11 of the group's own scale (2^-25 of s_ref where n r is
+    subnormal), is an error of the value that does not shrink with it: k_err per token (keys in token
+    groups; keys per channel convert n - 8 exactly) and v_err, both 15 * 2^-11 of the largest scale."""
+    k_err = None
+    if cache.granularity == "token":
+        k_err = 15 * FP16_REL * cache.k_scales.double().amax(dim=-1).cpu().numpy()
+    v_err = 15 * FP16_REL * float(cache.v_scales.double().max())
     return ref.decode_error_bound(q, kh, vh, lengths, score_rel=3 * FP16_REL + 2.0**-16,
-                                  weight_rel=3 * FP16_REL + t_max * 2.0**-25, out_rel=OUT_REL[dtype])
+                                  weight_rel=3 * FP16_REL + cache.max_tokens * 2.0**-25, k_err=k_err, v_err=v_err,
+                                  out_rel=OUT_REL[dtype])
 
 
 GPU_CASES = [
@@ -249,12 +260,41 @@ def test_int4_fused_kernel_matches_float64_reference(b, hkv, group_q, d, group, 
     assert np.isfinite(got).all()
     kh, vh = _dequantized(cache)
     want = ref.attention_decode(q, kh, vh, list(lengths))
-    bound = _int4_kernel_bound(q, kh, vh, list(lengths), t_max, dtype)
+    bound = _int4_kernel_bound(q, cache, kh, vh, list(lengths), dtype)
     err = np.abs(got - want)
     assert (err <= bound).all(), f"max excess {float((err - bound).max())}, max err {float(err.max())}"
     one = kvpack.decode_attention(q, cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales, cache.device_lengths,
                                   granularity=granularity, splits=1, bits=4, group_size=group)
     assert (np.abs(one.double().cpu().numpy() - want) <= bound).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,group", [(64, 32), (128, 32), (256, 64)])
+def test_int4_fused_kernel_holds_its_bound_across_a_wide_range_of_scales(d, group):
+    """Tokens and groups whose scales span 2^-32 to 2^10 inside one tile: the ratios the kernel
+    converts with (a token's largest K scale, the tile's largest V scale) reach fp16's subnormals, and
+    the result must still be finite and within _int4_kernel_bound of float64 attention over the same
+    cache. That bound is about 1% of a head's largest |v| here: it catches a wrong offset, an overflow
+    or a NaN from a flushed scale, not a lost low bit."""
+    b, hkv, group_q, t = 2, 2, 4, 203
+    g = torch.Generator().manual_seed(d + group)
+    k = torch.randn(b, hkv, t, d, generator=g)
+    v = torch.randn(b, hkv, t, d, generator=g)
+    # keys up to 1 (scores stay moderate, so the bound stays tight), values up to 2^10
+    k_rows, v_rows = (2.0 ** torch.randint(lo, hi, (b, hkv, t, 1), generator=g).float() for lo, hi in ((-20, 1), (-20, 11)))
+    k_groups, v_groups = (2.0 ** torch.randint(-12, 1, (b, hkv, t, d // group), generator=g).float().repeat_interleave(group, -1)
+                          for _ in range(2))
+    k, v = (k * k_rows * k_groups).half(), (v * v_rows * v_groups).half()
+    cache = kvpack.KVCache(b, hkv, d, 256, device="cuda", dtype=torch.float16, bits=4, group_size=group)
+    cache.append(k.cuda(), v.cuda(), counts=[t, 150])
+    q = torch.randn(b, hkv * group_q, d, generator=g).half().cuda()
+    got = cache.attend(q).double().cpu().numpy()
+    kh, vh = _dequantized(cache)
+    want = ref.attention_decode(q, kh, vh, [t, 150])
+    bound = _int4_kernel_bound(q, cache, kh, vh, [t, 150], torch.float16)
+    err = np.abs(got - want)
+    assert np.isfinite(got).all()
+    assert (err <= bound).all(), f"max excess {float((err - bound).max())}, max err {float(err.max())}"
 
 
 @pytest.mark.gpu

@@ -83,6 +83,22 @@ constexpr int kFusedMergeMaxSplits = 128;
 #ifndef KVPACK_PRELOAD_ALL
 #define KVPACK_PRELOAD_ALL 0
 #endif
+// KVPACK_FAST_EXP, the softmax's exp2 and log2 and the INT4 ratios' reciprocal as single MUFU
+// instructions that flush subnormals to zero (0: exp2f, __log2f and __fdividef, each with a range
+// fix-up of three or four more instructions);
+// KVPACK_INT4_SCALED_NIBBLES, INT4 group ratios applied inside the nibble conversion (one HFMA2 per
+// two values) with the -8 offset restored by one more mma (0: convert, then one HMUL2 by the ratio).
+#ifndef KVPACK_FAST_EXP
+#define KVPACK_FAST_EXP 1
+#endif
+// KVPACK_FAST_LOADS, unclamped addresses for every tile inside the cache (TileRows; 0: every load's
+// row clamped to the cache's last, as before).
+#ifndef KVPACK_FAST_LOADS
+#define KVPACK_FAST_LOADS 1
+#endif
+#ifndef KVPACK_INT4_SCALED_NIBBLES
+#define KVPACK_INT4_SCALED_NIBBLES 1
+#endif
 // Resident blocks per multiprocessor the split kernel is compiled for (a register budget): at
 // D = 128, 3 blocks (12 warps, 168 registers, 8 bytes spilled) rather than the 2 that 183 registers
 // allow, for more bytes in flight; D = 64 fits 4, D = 256 takes what 255 registers leave (2).
@@ -143,6 +159,30 @@ __device__ __forceinline__ void wait_for_primary() {
 #endif
 }
 
+// The softmax's exp2 and log2 (KVPACK_FAST_EXP): ex2/lg2.approx.ftz, the MUFU instructions that
+// exp2f and __log2f wrap, without the fix-up for results below 2^-126. A weight that small is 0 here
+// (2^-126 of the running max's); a V scale below 2^-126 reads as 0 (its token's P' is 0). exp2(-inf)
+// is +0 and log2(0) is -inf, as the masking needs.
+__device__ __forceinline__ float softmax_exp2(float x) {
+#if KVPACK_FAST_EXP
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
+__device__ __forceinline__ float softmax_log2(float x) {
+#if KVPACK_FAST_EXP
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return __log2f(x);
+#endif
+}
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(kFullMask, x, 1));
   return fmaxf(x, __shfl_xor_sync(kFullMask, x, 2));
@@ -194,23 +234,55 @@ struct Tile {
 // Token of fragment slot r (0..3) of thread t: 2t, 2t + 1, 2t + 8, 2t + 9.
 __device__ __forceinline__ int slot_token(int r, int t) { return (r >> 1) * 8 + 2 * t + (r & 1); }
 
-template <int D, bool kPerToken>
+// Where the rows of the tile that starts at row tb lie. kClamp: row tb + rel clamped to last_row,
+// for a tile that runs past the cache's end (its rows there are masked out of the softmax and read
+// the last row: always a valid address). Else (KVPACK_FAST_LOADS: every tile inside the cache, and
+// every paged tile, which never crosses its page) each array's pointer moves to the tile's first
+// row once (rebase, one wide multiply-add) and a row is its small offset: a tile's loads are a few
+// bases and immediate offsets, not a 64-bit clamp and multiply each.
+template <bool kClamp>
+struct TileRows {
+  int64_t tb;
+  int64_t last_row;
+  template <typename T>
+  __device__ __forceinline__ const T* rebase(const T* p, int row_len) const {
+    if constexpr (kClamp) {
+      return p;
+    } else {
+      return p + static_cast<uint64_t>(static_cast<uint32_t>(tb)) * static_cast<uint32_t>(row_len);
+    }
+  }
+  __device__ __forceinline__ auto row(int rel) const {
+    if constexpr (kClamp) {
+      return min(tb + rel, last_row);
+    } else {
+      return rel;
+    }
+  }
+};
+
+template <int D, bool kPerToken, bool kClamp = true>
 __device__ __forceinline__ void load_tile(Tile<D>& tile, const int8_t* __restrict__ k,
                                           const int8_t* __restrict__ v, const float* __restrict__ ks,
                                           const float* __restrict__ vs, int64_t tb, int64_t last_row,
                                           int g, int t) {
-  // Rows past the cache's end (a partial last tile) are clamped to its last row: always a valid
-  // address, and masked out of the softmax.
+  const TileRows<kClamp> rows{tb, last_row};
+  k = rows.rebase(k, D);
+  v = rows.rebase(v, D);
+  if constexpr (kPerToken) {
+    ks = rows.rebase(ks, 1);
+    vs = rows.rebase(vs, 1);
+  }
 #pragma unroll
   for (int nb = 0; nb < 2; ++nb) {
-    const int64_t row = min(tb + nb * 8 + g, last_row);
+    const auto row = rows.row(nb * 8 + g);
     const int8_t* p = k + row * D + 16 * t;
 #pragma unroll
     for (int l = 0; l < Tile<D>::kKVecs; ++l) tile.k[nb][l] = __ldg(reinterpret_cast<const uint4*>(p + 64 * l));
   }
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
-    const int64_t row = min(tb + slot_token(r, t), last_row);
+    const auto row = rows.row(slot_token(r, t));
     load_words<Tile<D>::kVWords>(tile.v[r], v + row * D + (D / 8) * g);
     if constexpr (kPerToken) {
       tile.ks[r] = __ldg(ks + row);
@@ -229,6 +301,10 @@ struct DecodeState {
   float m;
   float l;
   float mu;
+  // INT4 with scaled nibbles: the -8 offset's share of every row of o (the rows of thread g share
+  // one V group), -8 sum_tok r_tok P'[tok, h] for heads 2t, 2t + 1 (vc[0], vc[1]; rows g + 8: vc[2],
+  // vc[3], zero), added to o at the end. Unused (and compiled away) elsewhere.
+  float vc[4];
 };
 
 // The online-softmax step of one tile, the same for every format. s: the tile's scores in log2
@@ -236,7 +312,7 @@ struct DecodeState {
 // max and sum; with per-token V scales (kTokenV), P'[tok] = p[tok] * vs[tok], kept in fp16 range by
 // the second running max mu. Rescales the output columns whose reference moved, and returns P'^T's
 // B fragment (b0: tokens 2t, 2t + 1; b1: 2t + 8, 2t + 9).
-template <int D, bool kTokenV>
+template <int D, bool kTokenV, bool kVCorr = false>
 __device__ __forceinline__ void softmax_step(const float (&s)[4], const float (&vs)[4], DecodeState<D>& st, int t,
                                              uint32_t& b0, uint32_t& b1) {
   float mx = -INFINITY;
@@ -249,10 +325,10 @@ __device__ __forceinline__ void softmax_step(const float (&s)[4], const float (&
   float psum = 0.f;
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
-    p[r] = exp2f(s[r] - m_use);
+    p[r] = softmax_exp2(s[r] - m_use);
     psum += p[r];
   }
-  const float alpha_l = exp2f(st.m - m_use);  // 1 when the max did not move
+  const float alpha_l = softmax_exp2(st.m - m_use);  // 1 when the max did not move
   st.l = st.l * alpha_l + psum;
   st.m = m_new;
 
@@ -262,15 +338,15 @@ __device__ __forceinline__ void softmax_step(const float (&s)[4], const float (&
     float mxu = -INFINITY;
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-      u[r] = s[r] == -INFINITY ? -INFINITY : s[r] + __log2f(vs[r]);
+      u[r] = s[r] == -INFINITY ? -INFINITY : s[r] + softmax_log2(vs[r]);
       mxu = fmaxf(mxu, u[r]);
     }
     mxu = quad_max(mxu);
     const float mu_new = fmaxf(st.mu, mxu);
     const float mu_use = mu_new == -INFINITY ? 0.f : mu_new;
-    alpha_o = exp2f(st.mu - mu_use);
+    alpha_o = softmax_exp2(st.mu - mu_use);
 #pragma unroll
-    for (int r = 0; r < 4; ++r) p[r] = exp2f(u[r] - mu_use);
+    for (int r = 0; r < 4; ++r) p[r] = softmax_exp2(u[r] - mu_use);
     st.mu = mu_new;
   }
 
@@ -284,6 +360,10 @@ __device__ __forceinline__ void softmax_step(const float (&s)[4], const float (&
       st.o[i][1] *= a1;
       st.o[i][2] *= a0;
       st.o[i][3] *= a1;
+    }
+    if constexpr (kVCorr) {
+      st.vc[0] *= a0;
+      st.vc[1] *= a1;
     }
   }
 
@@ -401,6 +481,28 @@ __device__ __forceinline__ void nibbles_to_f16x2(uint32_t x, uint32_t (&f)[4]) {
   f[3] = hfma2(lop_and_or(y, 0x00f000f0u, kF16Of1024), kF16OneSixteenth, kF16Minus72);
 }
 
+// With a group ratio r per lane (KVPACK_INT4_SCALED_NIBBLES): the 8 nibbles of x as n * r, n the
+// stored nibble (0..15), in the lanes and order of nibbles_to_f16x2, one HFMA2 each: low nibbles
+// (1024 + n) r - 1024 r, high ones (1024 + 16 n) (r / 16) - 64 r. rs holds r, r / 16, -1024 r and
+// -64 r (scaled_ratio): powers of two times r, exact in fp16 (r / 16 but below 2^-10, where it loses
+// bits worth less than 2^-24 of the token's largest scale), so each HFMA2 rounds n r once. The -8 of
+// q = n - 8 is restored by the caller, -8 r times a sum of Q' or of P', on the tensor cores.
+struct ScaledRatio {
+  uint32_t r, r16, m1024, m64;
+};
+
+__device__ __forceinline__ ScaledRatio scaled_ratio(uint32_t r) {
+  return {r, hmul2(r, kF16OneSixteenth), hmul2(r, 0xE400E400u /* -1024 */), hmul2(r, 0xD400D400u /* -64 */)};
+}
+
+__device__ __forceinline__ void scaled_nibbles_to_f16x2(uint32_t x, const ScaledRatio& rs, uint32_t (&f)[4]) {
+  const uint32_t y = x >> 8;
+  f[0] = hfma2(lop_and_or(x, 0x000f000fu, kF16Of1024), rs.r, rs.m1024);
+  f[1] = hfma2(lop_and_or(x, 0x00f000f0u, kF16Of1024), rs.r16, rs.m64);
+  f[2] = hfma2(lop_and_or(y, 0x000f000fu, kF16Of1024), rs.r, rs.m1024);
+  f[3] = hfma2(lop_and_or(y, 0x00f000f0u, kF16Of1024), rs.r16, rs.m64);
+}
+
 // Channel e0 of K word j of thread t (8 consecutive channels a word).
 template <int D>
 __device__ __forceinline__ int k4_channel0(int j, int t) {
@@ -424,15 +526,20 @@ struct Tile4 {
   float vs[4];
 };
 
-template <int D, int G, bool kKeyGroups>
+template <int D, int G, bool kKeyGroups, bool kClamp = true>
 __device__ __forceinline__ void load_tile4(Tile4<D, G>& tile, const uint8_t* __restrict__ k,
                                            const uint8_t* __restrict__ v, const float* __restrict__ ks,
                                            const float* __restrict__ vs, int64_t tb, int64_t last_row, int g,
                                            int t) {
   using TL = Tile4<D, G>;
+  const TileRows<kClamp> rows{tb, last_row};
+  k = rows.rebase(k, D / 2);
+  v = rows.rebase(v, D / 2);
+  if constexpr (kKeyGroups) ks = rows.rebase(ks, TL::kGroups);
+  vs = rows.rebase(vs, TL::kGroups);
 #pragma unroll
   for (int nb = 0; nb < 2; ++nb) {
-    const int64_t row = min(tb + nb * 8 + g, last_row);
+    const auto row = rows.row(nb * 8 + g);
     const uint8_t* p = k + row * (D / 2);
     if constexpr (D == 64) {
       load_words<2>(tile.k[nb], p + 8 * t);
@@ -448,27 +555,43 @@ __device__ __forceinline__ void load_tile4(Tile4<D, G>& tile, const uint8_t* __r
   const int vgroup = ((D / 8) * g) / G;
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
-    const int64_t row = min(tb + slot_token(r, t), last_row);
+    const auto row = rows.row(slot_token(r, t));
     load_words<TL::kVWords>(tile.v[r], v + row * (D / 2) + (D / 16) * g);
     tile.vs[r] = __ldg(vs + row * TL::kGroups + vgroup);
   }
 }
 
-// x / m for the group ratios (0 where m = 0): MUFU.RCP and a multiply; its 2 ulps vanish in the
-// ratio's rounding to fp16.
-__device__ __forceinline__ float ratio_of(float x, float m) { return m > 0.f ? __fdividef(x, m) : 0.f; }
+// x / m for the group ratios, 0 <= x <= m: one MUFU.RCP (rcp.approx.ftz) and a multiply, whose 2 ulps
+// vanish in the ratio's rounding to fp16; 0 where m is 0 or below FLT_MIN (a row whose every scale is
+// subnormal holds values below 2^-122: read as 0, as the fp32 reciprocal would flush it anyway).
+// KVPACK_FAST_EXP = 0: __fdividef, which rescales a subnormal m (four more instructions).
+__device__ __forceinline__ float ratio_of(float x, float m) {
+#if KVPACK_FAST_EXP
+  float inv;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(inv) : "f"(m));
+  return m >= FLT_MIN ? x * inv : 0.f;
+#else
+  return m > 0.f ? __fdividef(x, m) : 0.f;
+#endif
+}
 
+// qc (KVPACK_INT4_SCALED_NIBBLES, keys in groups): the A fragment that restores the keys' -8, for
+// head g and this thread's channels of piece l (slots 2t, 2t + 1 of qc[0]; 2t + 8, 2t + 9 of qc[1]):
+// -8 sum Q' 2^-8 as fp16 hi + lo (int4_key_offset_fragment); its B fragment is 256 r (the ratio of
+// the same piece, exactly 2^8 r), so the product is -8 r sum Q' in fp32.
 template <int D, int G, bool kKeyGroups>
 __device__ __forceinline__ void attend_tile4(const Tile4<D, G>& tile, const uint32_t (&qa)[D / 16][2],
-                                             DecodeState<D>& st, float q_unscale, int64_t tb, int64_t t1, int g,
-                                             int t) {
+                                             const uint32_t (&qc)[2], DecodeState<D>& st, float q_unscale,
+                                             int64_t tb, int64_t t1, int g, int t) {
   using TL = Tile4<D, G>;
+  constexpr bool kScaled = KVPACK_INT4_SCALED_NIBBLES;
   // S^T = Q' K^T, two n-blocks of 8 tokens (K rows g and g + 8 of the tile).
   float s[4];
   float kmax[2] = {1.f, 1.f};
 #pragma unroll
   for (int nb = 0; nb < 2; ++nb) {
     uint32_t ratio[TL::kKPieces];
+    uint32_t ratio256[2] = {0u, 0u};
     if constexpr (kKeyGroups) {
       float m = tile.ks[nb][0];
 #pragma unroll
@@ -479,19 +602,34 @@ __device__ __forceinline__ void attend_tile4(const Tile4<D, G>& tile, const uint
       for (int l = 0; l < TL::kKPieces; ++l) {
         const float r = ratio_of(tile.ks[nb][l], m);
         ratio[l] = pack_f16x2(r, r);
+        if constexpr (kScaled) ratio256[l] = hmul2(ratio[l], 0x5C005C00u /* 256 */);
       }
     }
     float c[4] = {0.f, 0.f, 0.f, 0.f};
+    if constexpr (kKeyGroups && kScaled) {
+      ScaledRatio rs[TL::kKPieces];
 #pragma unroll
-    for (int j = 0; j < TL::kKWords; ++j) {
-      uint32_t f[4];
-      nibbles_to_f16x2(tile.k[nb][j], f);
-      if constexpr (kKeyGroups) {
+      for (int l = 0; l < TL::kKPieces; ++l) rs[l] = scaled_ratio(ratio[l]);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) f[i] = hmul2(f[i], ratio[j / 4]);
+      for (int j = 0; j < TL::kKWords; ++j) {
+        uint32_t f[4];
+        scaled_nibbles_to_f16x2(tile.k[nb][j], rs[j / 4], f);
+        mma_f16(c, qa[2 * j][0], 0u, qa[2 * j][1], 0u, f[0], f[1]);
+        mma_f16(c, qa[2 * j + 1][0], 0u, qa[2 * j + 1][1], 0u, f[2], f[3]);
       }
-      mma_f16(c, qa[2 * j][0], 0u, qa[2 * j][1], 0u, f[0], f[1]);
-      mma_f16(c, qa[2 * j + 1][0], 0u, qa[2 * j + 1][1], 0u, f[2], f[3]);
+      mma_f16(c, qc[0], 0u, qc[1], 0u, ratio256[0], ratio256[1]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < TL::kKWords; ++j) {
+        uint32_t f[4];
+        nibbles_to_f16x2(tile.k[nb][j], f);
+        if constexpr (kKeyGroups) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) f[i] = hmul2(f[i], ratio[j / 4]);
+        }
+        mma_f16(c, qa[2 * j][0], 0u, qa[2 * j][1], 0u, f[0], f[1]);
+        mma_f16(c, qa[2 * j + 1][0], 0u, qa[2 * j + 1][1], 0u, f[2], f[3]);
+      }
     }
     s[2 * nb] = c[0];
     s[2 * nb + 1] = c[1];
@@ -506,38 +644,74 @@ __device__ __forceinline__ void attend_tile4(const Tile4<D, G>& tile, const uint
   }
 
   // V: each token's s_max (over the eight threads g of this t) joins P' (softmax_step); its group's
-  // ratio scales the converted values.
+  // ratio scales the converted values. With scaled nibbles the reference is the tile's largest V
+  // scale instead (one reduction over the warp, one reciprocal): a token far below it keeps its
+  // values to within 2^-24 of that scale (fp16's subnormal step), inside the 15 * 2^-11 of the
+  // largest V scale that the n r rounding already costs.
   float vmax[4];
   float vr[4];
+  if constexpr (kScaled) {
+    float m = fmaxf(fmaxf(tile.vs[0], tile.vs[1]), fmaxf(tile.vs[2], tile.vs[3]));
 #pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    float m = tile.vs[r];
+    for (int o = 1; o < 32; o *= 2) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, o));
 #pragma unroll
-    for (int o = 4; o < 32; o *= 2) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, o));
-    vmax[r] = m;
-    vr[r] = ratio_of(tile.vs[r], m);
+    for (int r = 0; r < 4; ++r) {
+      vmax[r] = m;
+      vr[r] = ratio_of(tile.vs[r], m);
+    }
+  } else {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      float m = tile.vs[r];
+#pragma unroll
+      for (int o = 4; o < 32; o *= 2) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, o));
+      vmax[r] = m;
+      vr[r] = ratio_of(tile.vs[r], m);
+    }
   }
   const uint32_t rab = pack_f16x2(vr[0], vr[1]);
   const uint32_t rcd = pack_f16x2(vr[2], vr[3]);
   uint32_t b0;
   uint32_t b1;
-  softmax_step<D, true>(s, vmax, st, t, b0, b1);
+  softmax_step<D, true, kScaled>(s, vmax, st, t, b0, b1);
 
   // O^T += V^T P'^T. Word w of a token holds channels (D / 8) g + 8w .. + 7; its bytes 0, 1 (2, 3)
   // beside the other token's (one PRMT) give channels + 0..3 (+ 4..7): f[e] is channel + e of both.
+  if constexpr (kScaled) {
+    // n r per value; every row of this thread's o lies in its one V group, so the -8 r offset of all
+    // of them is one sum over the tile's tokens, -8 r_tok P'[tok, h]: one more mma, into st.vc.
+    const ScaledRatio sab = scaled_ratio(rab);
+    const ScaledRatio scd = scaled_ratio(rcd);
 #pragma unroll
-  for (int w = 0; w < TL::kVWords; ++w) {
+    for (int w = 0; w < TL::kVWords; ++w) {
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const uint32_t sel = hh ? 0x7632u : 0x5410u;
-      uint32_t fab[4];
-      uint32_t fcd[4];
-      nibbles_to_f16x2(__byte_perm(tile.v[0][w], tile.v[1][w], sel), fab);  // tokens 2t, 2t + 1
-      nibbles_to_f16x2(__byte_perm(tile.v[2][w], tile.v[3][w], sel), fcd);  // tokens 2t + 8, 2t + 9
+      for (int hh = 0; hh < 2; ++hh) {
+        const uint32_t sel = hh ? 0x7632u : 0x5410u;
+        uint32_t fab[4];
+        uint32_t fcd[4];
+        scaled_nibbles_to_f16x2(__byte_perm(tile.v[0][w], tile.v[1][w], sel), sab, fab);  // tokens 2t, 2t + 1
+        scaled_nibbles_to_f16x2(__byte_perm(tile.v[2][w], tile.v[3][w], sel), scd, fcd);  // tokens 2t + 8, 2t + 9
 #pragma unroll
-      for (int e = 0; e < 4; e += 2) {
-        mma_f16(st.o[4 * w + 2 * hh + e / 2], hmul2(fab[e], rab), hmul2(fab[e + 1], rab), hmul2(fcd[e], rcd),
-                hmul2(fcd[e + 1], rcd), b0, b1);
+        for (int e = 0; e < 4; e += 2) mma_f16(st.o[4 * w + 2 * hh + e / 2], fab[e], fab[e + 1], fcd[e], fcd[e + 1], b0, b1);
+      }
+    }
+    const uint32_t m8 = 0xC800C800u;  // -8
+    mma_f16(st.vc, hmul2(rab, m8), 0u, hmul2(rcd, m8), 0u, b0, b1);
+  } else {
+#pragma unroll
+    for (int w = 0; w < TL::kVWords; ++w) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const uint32_t sel = hh ? 0x7632u : 0x5410u;
+        uint32_t fab[4];
+        uint32_t fcd[4];
+        nibbles_to_f16x2(__byte_perm(tile.v[0][w], tile.v[1][w], sel), fab);  // tokens 2t, 2t + 1
+        nibbles_to_f16x2(__byte_perm(tile.v[2][w], tile.v[3][w], sel), fcd);  // tokens 2t + 8, 2t + 9
+#pragma unroll
+        for (int e = 0; e < 4; e += 2) {
+          mma_f16(st.o[4 * w + 2 * hh + e / 2], hmul2(fab[e], rab), hmul2(fab[e + 1], rab), hmul2(fcd[e], rcd),
+                  hmul2(fcd[e + 1], rcd), b0, b1);
+        }
       }
     }
   }
@@ -569,6 +743,23 @@ struct SplitParams {
   int32_t* counters;
   void* out;
 };
+
+// The query heads of one (sequence b, KV head kvh) = seq_head (b * Hkv + kvh) and head group hg:
+// the first, h0, and how many, nh (up to kHeadsPerWarp). The split kernel and the merge kernel
+// decode their blocks with it.
+struct HeadGroup {
+  int64_t b;
+  int64_t kvh;
+  int64_t h0;
+  int nh;
+};
+
+__device__ __forceinline__ HeadGroup head_group(int64_t seq_head, int hg, int64_t q_heads, int64_t kv_heads) {
+  const int64_t kvh = seq_head % kv_heads;
+  const int64_t group = q_heads / kv_heads;
+  return {seq_head / kv_heads, kvh, kvh * group + hg * kHeadsPerWarp,
+          static_cast<int>(min(static_cast<int64_t>(kHeadsPerWarp), group - hg * kHeadsPerWarp))};
+}
 
 // The slot (row of lengths, block_tables and channel scales) that query row b reads: seq_ids[b]
 // clamped to [0, num_slots), or b. Flags a clamped id.
@@ -700,16 +891,15 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2;
   const int t = lane & 3;
-  int64_t item = blockIdx.x;
+  int64_t item = blockIdx.x;  // (b, kvh, split, hg), hg fastest
   const int hg = static_cast<int>(item % p.head_groups);
   item /= p.head_groups;
   const int split = static_cast<int>(item % p.splits);
-  item /= p.splits;
-  const int64_t kvh = item % p.kv_heads;
-  const int64_t b = item / p.kv_heads;
-  const int64_t group = p.q_heads / p.kv_heads;
-  const int64_t h0 = kvh * group + hg * kHeadsPerWarp;
-  const int nh = static_cast<int>(min(static_cast<int64_t>(kHeadsPerWarp), group - hg * kHeadsPerWarp));
+  const HeadGroup hgr = head_group(item / p.splits, hg, p.q_heads, p.kv_heads);
+  const int64_t b = hgr.b;
+  const int64_t kvh = hgr.kvh;
+  const int64_t h0 = hgr.h0;
+  const int nh = hgr.nh;
 
   // Query head g's elements that this thread uses (qf below), runs of 8 from channel q_channel(l, 8c):
   // with KVPACK_EARLY_LOADS loaded first, 16 bytes at a time (q is 16-byte aligned: the op sees to
@@ -791,10 +981,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     }
   };
   using TileT = std::conditional_t<kInt4, Tile4<D, (kInt4 ? G : 32)>, Tile<D>>;
+  // Contiguous: a tile whose 16 rows all lie in the cache (x <= fast_end, every tile but one near
+  // the cache's end) loads without clamps (TileRows).
+  const int64_t fast_end = (KVPACK_FAST_LOADS && p.max_tokens <= (int64_t{1} << 32)) ? last - (kTileTokens - 1) : -1;
   auto load = [&](TileT& tile, int64_t x, int32_t page) {
     if constexpr (kInt4) {
-      load_tile4<D, G, kPerToken>(tile, reinterpret_cast<const uint8_t*>(kb), reinterpret_cast<const uint8_t*>(vb),
-                                  ksb, vsb, x, last, g, t);
+      const auto* k4 = reinterpret_cast<const uint8_t*>(kb);
+      const auto* v4 = reinterpret_cast<const uint8_t*>(vb);
+      if (x <= fast_end) {
+        load_tile4<D, G, kPerToken, false>(tile, k4, v4, ksb, vsb, x, last, g, t);
+      } else {
+        load_tile4<D, G, kPerToken>(tile, k4, v4, ksb, vsb, x, last, g, t);
+      }
     } else if constexpr (kPaged) {
       if (page < 0 || page >= p.num_pages) {
         if (p.clamped) *p.clamped = 1;
@@ -802,8 +1000,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
       }
       const int64_t r0 = (static_cast<int64_t>(page) * p.kv_heads + kvh) * p.page_size;
       const int row = static_cast<int>(static_cast<uint32_t>(x) % static_cast<uint32_t>(p.page_size));
-      load_tile<D, kPerToken>(tile, p.k + r0 * D, p.v + r0 * D, kPerToken ? p.k_scales + r0 : nullptr,
-                              kPerToken ? p.v_scales + r0 : nullptr, row, p.page_size - 1, g, t);
+      load_tile<D, kPerToken, !KVPACK_FAST_LOADS>(tile, p.k + r0 * D, p.v + r0 * D, kPerToken ? p.k_scales + r0 : nullptr,
+                                                  kPerToken ? p.v_scales + r0 : nullptr, row, p.page_size - 1, g, t);
+    } else if (x <= fast_end) {
+      load_tile<D, kPerToken, false>(tile, kb, vb, ksb, vsb, x, last, g, t);
     } else {
       load_tile<D, kPerToken>(tile, kb, vb, ksb, vsb, x, last, g, t);
     }
@@ -827,6 +1027,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   // (k4_channel0), and chunk 2j + h takes channels e0 + 2h, e0 + 4 + 2h (slots 2t, 2t + 1) and
   // e0 + 2h + 1, e0 + 2h + 5 (slots 2t + 8, 2t + 9).
   uint32_t qa[D / 16][2];
+  uint32_t qc[2] = {0u, 0u};  // INT4 keys in groups, scaled nibbles: attend_tile4's offset fragment
   float q_unscale;
   {
     float qf[D / 4];
@@ -860,6 +1061,25 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
         qa[kc][1] = pack_f16x2(ldexpf(qf[4 * kc + 2], shift), ldexpf(qf[4 * kc + 3], shift));
       }
     }
+    if constexpr (kInt4 && kPerToken && KVPACK_INT4_SCALED_NIBBLES) {
+      // -8 2^-8 times the sum of the fp16 Q' that meets each piece's ratio (the words j of piece
+      // j / 4), summed in fp32 from the same roundings as qa, split into fp16 hi + lo (the product
+      // with 256 r restores -8 r sum Q' to within 2^-22 of the sum); 2^-8 keeps a piece of 32
+      // values below 2^15 in fp16.
+      constexpr int kWordsPerPiece = D >= 128 ? 4 : D / 32;
+#pragma unroll
+      for (int l = 0; l < (D >= 256 ? 2 : 1); ++l) {
+        float sum = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8 * kWordsPerPiece; ++e) {
+          sum += __half2float(__float2half_rn(ldexpf(qf[8 * kWordsPerPiece * l + e], shift)));
+        }
+        const float x = -0.03125f * sum;  // -8 * 2^-8
+        const __half hi = __float2half_rn(x);
+        const __half lo = __float2half_rn(x - __half2float(hi));
+        qc[l] = static_cast<uint32_t>(__half_as_ushort(hi)) | (static_cast<uint32_t>(__half_as_ushort(lo)) << 16);
+      }
+    }
   }
 
   DecodeState<D> st;
@@ -868,9 +1088,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   st.m = -INFINITY;
   st.l = 0.f;
   st.mu = -INFINITY;
+  st.vc[0] = st.vc[1] = st.vc[2] = st.vc[3] = 0.f;
   auto attend = [&](const TileT& tile, int64_t x) {
     if constexpr (kInt4) {
-      attend_tile4<D, G, kPerToken>(tile, qa, st, q_unscale, x, t1, g, t);
+      attend_tile4<D, G, kPerToken>(tile, qa, qc, st, q_unscale, x, t1, g, t);
     } else {
       attend_tile<D, kPerToken>(tile, qa, st, q_unscale, x, t1, t);
     }
@@ -923,6 +1144,15 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     }
     if (s_m[warp][2 * t] != -INFINITY) fa = exp2f(s_mu[warp][2 * t] - ma);
     if (s_m[warp][2 * t + 1] != -INFINITY) fb = exp2f(s_mu[warp][2 * t + 1] - mb);
+  }
+  if constexpr (kInt4 && KVPACK_INT4_SCALED_NIBBLES) {  // the V offset, the same for every row of thread g
+#pragma unroll
+    for (int i = 0; i < D / 16; ++i) {
+      st.o[i][0] += st.vc[0];
+      st.o[i][1] += st.vc[1];
+      st.o[i][2] += st.vc[0];
+      st.o[i][3] += st.vc[1];
+    }
   }
 #pragma unroll
   for (int i = 0; i < D / 16; ++i) {
@@ -1063,19 +1293,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_merge_kernel(const C
   __shared__ float s_w[kHeadsPerWarp * kFusedMergeMaxSplits];
   __shared__ float s_inv[kHeadsPerWarp];
   wait_for_primary();  // the split kernel's partial results
-  int64_t item = blockIdx.x;
-  const int hg = static_cast<int>(item % p.head_groups);
-  item /= p.head_groups;
-  const int64_t kvh = item % p.kv_heads;
-  const int64_t b = item / p.kv_heads;
-  const int64_t group = p.q_heads / p.kv_heads;
-  const int64_t h0 = kvh * group + hg * kHeadsPerWarp;
-  const int nh = static_cast<int>(min(static_cast<int64_t>(kHeadsPerWarp), group - hg * kHeadsPerWarp));
-  const int64_t slot = slot_of(p.seq_ids, b, p.num_slots, nullptr, false);
-  const int64_t bh0 = b * p.q_heads + h0;
+  const int64_t item = blockIdx.x;  // (b, kvh, hg), hg fastest: the split kernel's blocks without the part
+  const HeadGroup hgr = head_group(item / p.head_groups, static_cast<int>(item % p.head_groups), p.q_heads, p.kv_heads);
+  const int64_t slot = slot_of(p.seq_ids, hgr.b, p.num_slots, nullptr, false);
+  const int64_t bh0 = hgr.b * p.q_heads + hgr.h0;
   merge_group<D, QT, kTokenV>(p.partial_out + bh0 * p.splits * D, p.partial_stats + bh0 * p.splits * 2,
-                              kTokenV ? nullptr : p.v_scales + (slot * p.kv_heads + kvh) * D,
-                              static_cast<QT*>(p.out) + bh0 * D, nh, p.splits, s_w, s_inv);
+                              kTokenV ? nullptr : p.v_scales + (slot * p.kv_heads + hgr.kvh) * D,
+                              static_cast<QT*>(p.out) + bh0 * D, hgr.nh, p.splits, s_w, s_inv);
 }
 
 template <int D, typename QT, bool kPerToken, bool kPaged, int G = 0>
