@@ -983,7 +983,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   using TileT = std::conditional_t<kInt4, Tile4<D, (kInt4 ? G : 32)>, Tile<D>>;
   // Contiguous: a tile whose 16 rows all lie in the cache (x <= fast_end, every tile but one near
   // the cache's end) loads without clamps (TileRows).
+#ifdef KVPACK_LAB_UNCLAMPED  // tools/lab/sass_tile.py: the loop with only the unclamped loads, to count (never run)
+  const int64_t fast_end = INT64_MAX;
+#else
   const int64_t fast_end = (KVPACK_FAST_LOADS && p.max_tokens <= (int64_t{1} << 32)) ? last - (kTileTokens - 1) : -1;
+#endif
   auto load = [&](TileT& tile, int64_t x, int32_t page) {
     if constexpr (kInt4) {
       const auto* k4 = reinterpret_cast<const uint8_t*>(kb);
