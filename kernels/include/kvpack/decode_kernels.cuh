@@ -91,8 +91,9 @@ constexpr int kFusedMergeMaxSplits = 128;
 #ifndef KVPACK_FAST_EXP
 #define KVPACK_FAST_EXP 1
 #endif
-// KVPACK_FAST_LOADS, unclamped addresses for every tile inside the cache (TileRows; 0: every load's
-// row clamped to the cache's last, as before).
+// KVPACK_FAST_LOADS, unclamped addresses for every tile inside the cache (TileRows): 1 in every kernel
+// but INT4 at D = 128 (kFastLoads), 2 in every kernel, 0 in none (every load's row clamped to the
+// cache's last, as before).
 #ifndef KVPACK_FAST_LOADS
 #define KVPACK_FAST_LOADS 1
 #endif
@@ -117,6 +118,12 @@ constexpr int kDecodeMinBlocks = D == 128 ? 3 : (D == 64 ? 4 : 1);
 #endif
 template <int D, int G = 0>
 constexpr int kDecodeBuffers = D > 128 ? 1 : (G > 0 && D == 128 ? KVPACK_INT4_BUFFERS : 2);
+// Whether the split kernel takes the unclamped loads (KVPACK_FAST_LOADS). Measured on an H100 in one
+// job (reports/reference/h100/logs/fast_tile_ab_7db8267/, the variant noload): they made INT8 0-1.5%
+// faster and INT4 at D = 64 6% faster, but INT4 at D = 128 1-4% slower (its three buffers unrolled
+// over two load paths spilled 16 bytes), so INT4 at D = 128 keeps the clamped loads.
+template <int D, int G = 0>
+constexpr bool kFastLoads = KVPACK_FAST_LOADS == 2 || (KVPACK_FAST_LOADS == 1 && !(G > 0 && D == 128));
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -981,18 +988,25 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     }
   };
   using TileT = std::conditional_t<kInt4, Tile4<D, (kInt4 ? G : 32)>, Tile<D>>;
-  // Contiguous: a tile whose 16 rows all lie in the cache (x <= fast_end, every tile but one near
-  // the cache's end) loads without clamps (TileRows).
+  // Contiguous (kFastLoads): a tile whose 16 rows all lie in the cache (x <= fast_end, every tile
+  // but one near the cache's end) loads without clamps (TileRows).
 #ifdef KVPACK_LAB_UNCLAMPED  // tools/lab/sass_tile.py: the loop with only the unclamped loads, to count (never run)
   const int64_t fast_end = INT64_MAX;
 #else
-  const int64_t fast_end = (KVPACK_FAST_LOADS && p.max_tokens <= (int64_t{1} << 32)) ? last - (kTileTokens - 1) : -1;
+  const int64_t fast_end = p.max_tokens <= (int64_t{1} << 32) ? last - (kTileTokens - 1) : -1;
 #endif
+  auto unclamped = [&](int64_t x) {
+    if constexpr (kFastLoads<D, G>) {
+      return x <= fast_end;
+    } else {
+      return false;
+    }
+  };
   auto load = [&](TileT& tile, int64_t x, int32_t page) {
     if constexpr (kInt4) {
       const auto* k4 = reinterpret_cast<const uint8_t*>(kb);
       const auto* v4 = reinterpret_cast<const uint8_t*>(vb);
-      if (x <= fast_end) {
+      if (unclamped(x)) {
         load_tile4<D, G, kPerToken, false>(tile, k4, v4, ksb, vsb, x, last, g, t);
       } else {
         load_tile4<D, G, kPerToken>(tile, k4, v4, ksb, vsb, x, last, g, t);
@@ -1004,9 +1018,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
       }
       const int64_t r0 = (static_cast<int64_t>(page) * p.kv_heads + kvh) * p.page_size;
       const int row = static_cast<int>(static_cast<uint32_t>(x) % static_cast<uint32_t>(p.page_size));
-      load_tile<D, kPerToken, !KVPACK_FAST_LOADS>(tile, p.k + r0 * D, p.v + r0 * D, kPerToken ? p.k_scales + r0 : nullptr,
+      load_tile<D, kPerToken, !kFastLoads<D>>(tile, p.k + r0 * D, p.v + r0 * D, kPerToken ? p.k_scales + r0 : nullptr,
                                                   kPerToken ? p.v_scales + r0 : nullptr, row, p.page_size - 1, g, t);
-    } else if (x <= fast_end) {
+    } else if (unclamped(x)) {
       load_tile<D, kPerToken, false>(tile, kb, vb, ksb, vsb, x, last, g, t);
     } else {
       load_tile<D, kPerToken>(tile, kb, vb, ksb, vsb, x, last, g, t);
