@@ -91,7 +91,8 @@ constexpr int kFusedMergeMaxSplits = 128;
 #ifndef KVPACK_FAST_EXP
 #define KVPACK_FAST_EXP 1
 #endif
-// KVPACK_FAST_LOADS, unclamped addresses for every tile inside the cache (TileRows): 1 in every kernel
+// KVPACK_FAST_LOADS, unclamped addresses for every tile inside a contiguous cache (TileRows; a paged
+// tile never crosses its page and never needs a clamp): 1 in every kernel
 // but INT4 at D = 128 (kFastLoads), 2 in every kernel, 0 in none (every load's row clamped to the
 // cache's last, as before).
 #ifndef KVPACK_FAST_LOADS
@@ -979,14 +980,29 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   // of the page holding x (a tile never crosses a page: page_size is a multiple of 16, x of 16).
   // Paged, the page id of the next tile to load is read one load ahead (lookup), so that the tile's
   // loads never wait for the block table; an id is checked (clamped, flagged) only when used.
+  // The page index of tile x, x / page_size, counted in tiles: u / m for u = x / 16 and m =
+  // page_size / 16 (1 to 16), the high word of u * page_magic, page_magic = floor(2^32 / m) + 1: exact
+  // for u < 2^27 (x < 2^31, as int32 lengths are) since m < 32; m = 1 is u itself. One multiply a
+  // tile where a division by a runtime page size took about ten instructions.
+  const uint32_t page_m = kPaged ? static_cast<uint32_t>(p.page_size) >> 4 : 1u;
+  const uint32_t page_magic = page_m > 1 ? static_cast<uint32_t>((uint64_t{1} << 32) / page_m + 1) : 0u;
+  const uint32_t page_self = page_m == 1 ? ~0u : 0u;
+  auto page_index = [&](int64_t x) -> uint32_t {
+    const uint32_t u = static_cast<uint32_t>(x) >> 4;  // < 2^27 + a few tiles
+    return __umulhi(u, page_magic) + (u & page_self);
+  };
   auto lookup = [&](int64_t x) -> int32_t {
     if constexpr (kPaged) {
-      const uint32_t xi = static_cast<uint32_t>(x);  // < 2^31 + a few tiles
-      return __ldg(bt + min(xi / static_cast<uint32_t>(p.page_size), static_cast<uint32_t>(p.max_pages - 1)));
+      return __ldg(bt + min(page_index(x), static_cast<uint32_t>(p.max_pages - 1)));
     } else {
       return 0;
     }
   };
+  // Paged: a page id outside [0, num_pages) is clamped where it is used and flagged once, after the
+  // loop (paged_clamped); rows of page `page` for KV head kvh start at page * page_rows + kvh_rows.
+  bool paged_clamped = false;
+  const int64_t page_rows = kPaged ? p.kv_heads * p.page_size : 0;
+  const int64_t kvh_rows = kPaged ? kvh * p.page_size : 0;
   using TileT = std::conditional_t<kInt4, Tile4<D, (kInt4 ? G : 32)>, Tile<D>>;
   // Contiguous (kFastLoads): a tile whose 16 rows all lie in the cache (x <= fast_end, every tile
   // but one near the cache's end) loads without clamps (TileRows).
@@ -1012,14 +1028,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
         load_tile4<D, G, kPerToken>(tile, k4, v4, ksb, vsb, x, last, g, t);
       }
     } else if constexpr (kPaged) {
-      if (page < 0 || page >= p.num_pages) {
-        if (p.clamped) *p.clamped = 1;
-        page = min(max(page, 0), static_cast<int32_t>(p.num_pages - 1));
-      }
-      const int64_t r0 = (static_cast<int64_t>(page) * p.kv_heads + kvh) * p.page_size;
-      const int row = static_cast<int>(static_cast<uint32_t>(x) % static_cast<uint32_t>(p.page_size));
-      load_tile<D, kPerToken, !kFastLoads<D>>(tile, p.k + r0 * D, p.v + r0 * D, kPerToken ? p.k_scales + r0 : nullptr,
-                                                  kPerToken ? p.v_scales + r0 : nullptr, row, p.page_size - 1, g, t);
+      paged_clamped |= static_cast<uint32_t>(page) >= static_cast<uint32_t>(p.num_pages);
+      page = min(max(page, 0), static_cast<int32_t>(p.num_pages - 1));
+      // the tile's first row: its page's, plus x's row in the page (a tile never crosses a page)
+      const int64_t r = page * page_rows + kvh_rows +
+                        static_cast<int64_t>(static_cast<uint32_t>(x) - page_index(x) * static_cast<uint32_t>(p.page_size));
+      load_tile<D, kPerToken, false>(tile, p.k + r * D, p.v + r * D, kPerToken ? p.k_scales + r : nullptr,
+                                     kPerToken ? p.v_scales + r : nullptr, 0, 0, g, t);
     } else if (unclamped(x)) {
       load_tile<D, kPerToken, false>(tile, kb, vb, ksb, vsb, x, last, g, t);
     } else {
@@ -1139,6 +1154,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
       attend(buf[j], xj);
     }
   }
+  if (kPaged && paged_clamped && p.clamped) *p.clamped = 1;
 
   // Merge the warps' states: per head the block's max M = max_w m_w, the sum l = sum_w l_w 2^(m_w - M),
   // and the output sum_w O_w 2^(mu_w - M) (O_w is relative to mu_w; mu_w - M <= log2 of the largest
