@@ -167,29 +167,29 @@ __device__ __forceinline__ void wait_for_primary() {
 #endif
 }
 
-// The softmax's exp2 and log2 (KVPACK_FAST_EXP): ex2/lg2.approx.ftz, the MUFU instructions that
-// exp2f and __log2f wrap, without the fix-up for results below 2^-126. A weight that small is 0 here
-// (2^-126 of the running max's); a V scale below 2^-126 reads as 0 (its token's P' is 0). exp2(-inf)
-// is +0 and log2(0) is -inf, as the masking needs.
-__device__ __forceinline__ float softmax_exp2(float x) {
-#if KVPACK_FAST_EXP
+// One MUFU instruction that flushes subnormals to zero (ex2/lg2/rcp.approx.ftz): what exp2f,
+// __log2f and __fdividef wrap, without their fix-ups for subnormal inputs or results.
+enum class Mufu { kExp2, kLog2, kRcp };
+
+template <Mufu kOp>
+__device__ __forceinline__ float mufu_ftz(float x) {
   float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  if constexpr (kOp == Mufu::kExp2) {
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  } else if constexpr (kOp == Mufu::kLog2) {
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  } else {
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  }
   return y;
-#else
-  return exp2f(x);
-#endif
 }
 
-__device__ __forceinline__ float softmax_log2(float x) {
-#if KVPACK_FAST_EXP
-  float y;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-#else
-  return __log2f(x);
-#endif
-}
+// The softmax's exp2 and log2 (KVPACK_FAST_EXP): mufu_ftz, without the fix-up for results below
+// 2^-126. A weight that small is 0 here (2^-126 of the running max's); a V scale below 2^-126 reads
+// as 0 (its token's P' is 0). exp2(-inf) is +0 and log2(0) is -inf, as the masking needs.
+__device__ __forceinline__ float softmax_exp2(float x) { return KVPACK_FAST_EXP ? mufu_ftz<Mufu::kExp2>(x) : exp2f(x); }
+
+__device__ __forceinline__ float softmax_log2(float x) { return KVPACK_FAST_EXP ? mufu_ftz<Mufu::kLog2>(x) : __log2f(x); }
 
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(kFullMask, x, 1));
@@ -575,8 +575,7 @@ __device__ __forceinline__ void load_tile4(Tile4<D, G>& tile, const uint8_t* __r
 // KVPACK_FAST_EXP = 0: __fdividef, which rescales a subnormal m (four more instructions).
 __device__ __forceinline__ float ratio_of(float x, float m) {
 #if KVPACK_FAST_EXP
-  float inv;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(inv) : "f"(m));
+  const float inv = mufu_ftz<Mufu::kRcp>(m);
   return m >= FLT_MIN ? x * inv : 0.f;
 #else
   return m > 0.f ? __fdividef(x, m) : 0.f;
@@ -685,43 +684,43 @@ __device__ __forceinline__ void attend_tile4(const Tile4<D, G>& tile, const uint
 
   // O^T += V^T P'^T. Word w of a token holds channels (D / 8) g + 8w .. + 7; its bytes 0, 1 (2, 3)
   // beside the other token's (one PRMT) give channels + 0..3 (+ 4..7): f[e] is channel + e of both.
+  // Scaled nibbles: n r per value; every row of this thread's o lies in its one V group, so the -8 r
+  // offset of all of them is one sum over the tile's tokens, -8 r_tok P'[tok, h]: one more mma, into
+  // st.vc. Else q = n - 8, then one HMUL2 by r.
+  ScaledRatio sab{};
+  ScaledRatio scd{};
   if constexpr (kScaled) {
-    // n r per value; every row of this thread's o lies in its one V group, so the -8 r offset of all
-    // of them is one sum over the tile's tokens, -8 r_tok P'[tok, h]: one more mma, into st.vc.
-    const ScaledRatio sab = scaled_ratio(rab);
-    const ScaledRatio scd = scaled_ratio(rcd);
+    sab = scaled_ratio(rab);
+    scd = scaled_ratio(rcd);
+  }
 #pragma unroll
-    for (int w = 0; w < TL::kVWords; ++w) {
+  for (int w = 0; w < TL::kVWords; ++w) {
 #pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const uint32_t sel = hh ? 0x7632u : 0x5410u;
-        uint32_t fab[4];
-        uint32_t fcd[4];
-        scaled_nibbles_to_f16x2(__byte_perm(tile.v[0][w], tile.v[1][w], sel), sab, fab);  // tokens 2t, 2t + 1
-        scaled_nibbles_to_f16x2(__byte_perm(tile.v[2][w], tile.v[3][w], sel), scd, fcd);  // tokens 2t + 8, 2t + 9
+    for (int hh = 0; hh < 2; ++hh) {
+      const uint32_t sel = hh ? 0x7632u : 0x5410u;
+      const uint32_t xab = __byte_perm(tile.v[0][w], tile.v[1][w], sel);  // tokens 2t, 2t + 1
+      const uint32_t xcd = __byte_perm(tile.v[2][w], tile.v[3][w], sel);  // tokens 2t + 8, 2t + 9
+      uint32_t fab[4];
+      uint32_t fcd[4];
+      if constexpr (kScaled) {
+        scaled_nibbles_to_f16x2(xab, sab, fab);
+        scaled_nibbles_to_f16x2(xcd, scd, fcd);
+      } else {
+        nibbles_to_f16x2(xab, fab);
+        nibbles_to_f16x2(xcd, fcd);
 #pragma unroll
-        for (int e = 0; e < 4; e += 2) mma_f16(st.o[4 * w + 2 * hh + e / 2], fab[e], fab[e + 1], fcd[e], fcd[e + 1], b0, b1);
-      }
-    }
-    const uint32_t m8 = 0xC800C800u;  // -8
-    mma_f16(st.vc, hmul2(rab, m8), 0u, hmul2(rcd, m8), 0u, b0, b1);
-  } else {
-#pragma unroll
-    for (int w = 0; w < TL::kVWords; ++w) {
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const uint32_t sel = hh ? 0x7632u : 0x5410u;
-        uint32_t fab[4];
-        uint32_t fcd[4];
-        nibbles_to_f16x2(__byte_perm(tile.v[0][w], tile.v[1][w], sel), fab);  // tokens 2t, 2t + 1
-        nibbles_to_f16x2(__byte_perm(tile.v[2][w], tile.v[3][w], sel), fcd);  // tokens 2t + 8, 2t + 9
-#pragma unroll
-        for (int e = 0; e < 4; e += 2) {
-          mma_f16(st.o[4 * w + 2 * hh + e / 2], hmul2(fab[e], rab), hmul2(fab[e + 1], rab), hmul2(fcd[e], rcd),
-                  hmul2(fcd[e + 1], rcd), b0, b1);
+        for (int e = 0; e < 4; ++e) {
+          fab[e] = hmul2(fab[e], rab);
+          fcd[e] = hmul2(fcd[e], rcd);
         }
       }
+#pragma unroll
+      for (int e = 0; e < 4; e += 2) mma_f16(st.o[4 * w + 2 * hh + e / 2], fab[e], fab[e + 1], fcd[e], fcd[e + 1], b0, b1);
     }
+  }
+  if constexpr (kScaled) {
+    const uint32_t m8 = 0xC800C800u;  // -8
+    mma_f16(st.vc, hmul2(rab, m8), 0u, hmul2(rcd, m8), 0u, b0, b1);
   }
 }
 
