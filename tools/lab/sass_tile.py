@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
-import check_cuda_compile as ccc  # noqa: E402
+import check_cuda_compile as ccc
 
 # (label, source, mangled-name pattern, tiles per loop): fp16 queries, per-token scales, contiguous.
 KERNELS = [
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     for label, *_ in KERNELS:
         c = results["default"].get(label)
         if c:
-            per, ops, tiles = c
+            _, ops, tiles = c
             top = ", ".join(f"{k} {v / tiles:.0f}" for k, v in ops.most_common(args.top))
             print(f"  default {label}: {top}")
     return 0
