@@ -58,3 +58,31 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     for kernel in ("quantize_fast_kernel", "dequantize_fast_kernel", "elementwise_flat_kernel"):
         assert kernel in report, f"{kernel} missing from the register report of quantize_fast.cu"
     assert all(line.endswith(">") and "stack=0 spill=0/0" in line for line in report.splitlines() if line), report
+
+
+def test_sass_tile_finds_the_tile_loop():
+    """tools/lab/sass_tile.py: of a kernel's backward-branch loops that hold mma and non-coherent loads,
+    the one with the most mma (every unrolled tile), and of those the shortest."""
+    spec = importlib.util.spec_from_file_location("sass_tile", ROOT / "tools" / "lab" / "sass_tile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lines = [
+        (0x00, "S2R R0, SR_TID.X"),
+        (0x10, "LDG.E.CONSTANT R2, desc[UR4][R4.64]"),  # the loop's first instruction (0x10) ...
+        (0x20, "HMMA.16816.F32 R8, R12, R16, R8"),
+        (0x30, "@P0 FMUL R1, R1, 0.5"),
+        (0x40, "HMMA.16816.F32 R8, R12, R18, R8"),
+        (0x50, "@P1 BRA 0x10"),  # ... and its back edge: 5 instructions, 2 mma
+        (0x60, "HMMA.16816.F32 R8, R12, R16, R8"),
+        (0x70, "@P2 BRA 0x40"),  # a loop with one mma and no load: not a tile loop
+        (0x80, "LDG.E.128.STRONG.GPU R20, desc[UR4][R6.64]"),
+        (0x90, "BRA 0x0"),  # the outer loop: the most mma, but longer
+        (0xA0, "EXIT"),
+    ]
+    sass = "\n\tFunction : _Z6kernelv\n" + "\n".join(f"        /*{a:04x}*/ {i} ;" for a, i in lines) + "\n"
+    ((name, ins),) = list(module.functions(sass))
+    assert name == "_Z6kernelv" and len(ins) == len(lines)
+    loop = module.tile_loop(ins)
+    assert len(loop) == 10 and sum("HMMA" in i for i in loop) == 3  # the outer loop holds all three mma
+    inner = module.tile_loop([x for x in ins if x[0] <= 0x50])
+    assert [module.opcode(i) for i in inner] == ["LDG.E.CONSTANT", "HMMA.16816.F32", "FMUL", "HMMA.16816.F32", "BRA"]
