@@ -584,7 +584,7 @@ __device__ __forceinline__ float ratio_of(float x, float m) {
 
 // qc (KVPACK_INT4_SCALED_NIBBLES, keys in groups): the A fragment that restores the keys' -8, for
 // head g and this thread's channels of piece l (slots 2t, 2t + 1 of qc[0]; 2t + 8, 2t + 9 of qc[1]):
-// -8 sum Q' 2^-8 as fp16 hi + lo (int4_key_offset_fragment); its B fragment is 256 r (the ratio of
+// -8 sum Q' 2^-8 as fp16 hi + lo (made with qa, in the split kernel); its B fragment is 256 r (the ratio of
 // the same piece, exactly 2^8 r), so the product is -8 r sum Q' in fp32.
 template <int D, int G, bool kKeyGroups>
 __device__ __forceinline__ void attend_tile4(const Tile4<D, G>& tile, const uint32_t (&qa)[D / 16][2],
@@ -612,32 +612,31 @@ __device__ __forceinline__ void attend_tile4(const Tile4<D, G>& tile, const uint
         if constexpr (kScaled) ratio256[l] = hmul2(ratio[l], 0x5C005C00u /* 256 */);
       }
     }
-    float c[4] = {0.f, 0.f, 0.f, 0.f};
-    if constexpr (kKeyGroups && kScaled) {
-      ScaledRatio rs[TL::kKPieces];
+    // Keys in groups, scaled nibbles: n r per value, and the -8 r sum Q' of each piece by one more
+    // mma (qc); else q = n - 8, times r where keys are in groups (per channel, Q' holds the scale).
+    constexpr bool kScaledKeys = kKeyGroups && kScaled;
+    ScaledRatio rs[TL::kKPieces]{};
+    if constexpr (kScaledKeys) {
 #pragma unroll
       for (int l = 0; l < TL::kKPieces; ++l) rs[l] = scaled_ratio(ratio[l]);
+    }
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int j = 0; j < TL::kKWords; ++j) {
-        uint32_t f[4];
+    for (int j = 0; j < TL::kKWords; ++j) {
+      uint32_t f[4];
+      if constexpr (kScaledKeys) {
         scaled_nibbles_to_f16x2(tile.k[nb][j], rs[j / 4], f);
-        mma_f16(c, qa[2 * j][0], 0u, qa[2 * j][1], 0u, f[0], f[1]);
-        mma_f16(c, qa[2 * j + 1][0], 0u, qa[2 * j + 1][1], 0u, f[2], f[3]);
-      }
-      mma_f16(c, qc[0], 0u, qc[1], 0u, ratio256[0], ratio256[1]);
-    } else {
-#pragma unroll
-      for (int j = 0; j < TL::kKWords; ++j) {
-        uint32_t f[4];
+      } else {
         nibbles_to_f16x2(tile.k[nb][j], f);
         if constexpr (kKeyGroups) {
 #pragma unroll
           for (int i = 0; i < 4; ++i) f[i] = hmul2(f[i], ratio[j / 4]);
         }
-        mma_f16(c, qa[2 * j][0], 0u, qa[2 * j][1], 0u, f[0], f[1]);
-        mma_f16(c, qa[2 * j + 1][0], 0u, qa[2 * j + 1][1], 0u, f[2], f[3]);
       }
+      mma_f16(c, qa[2 * j][0], 0u, qa[2 * j][1], 0u, f[0], f[1]);
+      mma_f16(c, qa[2 * j + 1][0], 0u, qa[2 * j + 1][1], 0u, f[2], f[3]);
     }
+    if constexpr (kScaledKeys) mma_f16(c, qc[0], 0u, qc[1], 0u, ratio256[0], ratio256[1]);
     s[2 * nb] = c[0];
     s[2 * nb + 1] = c[1];
   }
