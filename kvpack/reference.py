@@ -139,8 +139,27 @@ def decode_attention(q, k_cache, v_cache, k_scales, v_scales, lengths=None, gran
     )
 
 
+def int8_query_error(q, k_scales, granularity: str = "token") -> np.ndarray:
+    """|q error| per element, [B, Hq, D], of the fused INT8 kernel's integer query (decode_kernels.cuh,
+    KVPACK_INT8_IMMA): it holds q' = q * sm_scale * log2(e) (times the channel's K scale, per
+    channel) as an integer of 14 bits, the largest element of each head in [2^13, 2^14], so each
+    element is off by at most 2^-14 of that largest one (half a step; 2^-8 more covers the fp32
+    rounding of q' before it). In q's units, against the dequantized cache: 2^-14 max_d |q_d| per
+    token; per channel 2^-14 max_d |q_d s_d| / s_d (0 where s_d = 0: that channel's keys are 0)."""
+    qa = _f64(q)
+    hq = qa.shape[1]
+    rel = 2.0**-14 * (1 + 2.0**-8)
+    if granularity == "token":
+        return np.broadcast_to(rel * np.abs(qa).max(axis=-1, keepdims=True), qa.shape).copy()
+    s = _f64(k_scales)  # [B, Hkv, D]
+    s = np.repeat(s, hq // s.shape[1], axis=1)
+    top = rel * np.abs(qa * s).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(s > 0, top / np.where(s > 0, s, 1.0), 0.0)
+
+
 def decode_error_bound(q, k, v, lengths=None, sm_scale=None, *, score_rel: float, weight_rel: float,
-                       k_err=None, v_err: float = 0.0, out_rel: float = 0.0) -> np.ndarray:
+                       k_err=None, v_err: float = 0.0, out_rel: float = 0.0, q_err=None) -> np.ndarray:
     """A closed-form bound on |out - attention_decode(q, k, v)| per output element, [B, Hq, D].
 
     Sources of error, each stated as what the computation may perturb:
@@ -149,6 +168,8 @@ def decode_error_bound(q, k, v, lengths=None, sm_scale=None, *, score_rel: float
                   delta_t = score_rel * sm_scale * sum_d |q_d k_td|;
       k_err       [B, Hkv, T] or None: |K error| per element of token t (a quantized cache: half its
                   scale), moving the score by sm_scale * k_err_t * sum_d |q_d| more;
+      q_err       [B, Hq, D] or None: |q error| per element (int8_query_error: the INT8 kernel's
+                  integer query), moving the score by sm_scale * sum_d q_err_d |k_td| more;
       weight_rel  each softmax weight's own rounding in the weighted sum (2^-11: P' in fp16);
       v_err       |V error| per element (a quantized cache: half the largest V scale);
       out_rel     the output's own rounding (2^-11 fp16, 2^-8 bf16, relative to |out|).
@@ -167,6 +188,8 @@ def decode_error_bound(q, k, v, lengths=None, sm_scale=None, *, score_rel: float
             delta = score_rel * scale * (np.abs(kh) @ np.abs(qa[i, h]))
             if k_err is not None:
                 delta = delta + scale * _f64(k_err)[i, h // group, :n] * np.abs(qa[i, h]).sum()
+            if q_err is not None:
+                delta = delta + scale * (np.abs(kh) @ _f64(q_err)[i, h])
             vmax = np.abs(vh).max(axis=0)
             bound[i, h] = np.expm1(2 * delta.max()) * vmax + weight_rel * vmax + v_err
     return bound + out_rel * np.abs(ref)

@@ -52,7 +52,8 @@ def kernel_bound(q, cache, dtype, extra_rel=0.0):
     t_max = cache.max_tokens
     return ref.decode_error_bound(
         q, kd, vd, cache.lengths,
-        score_rel=FP16_REL + 2.0**-16,           # q' in fp16; fp32 accumulation
+        score_rel=2.0**-16,                      # fp32 scaling and sums
+        q_err=ref.int8_query_error(q, cache.k_scales, cache.granularity),  # q' as a 14-bit integer
         weight_rel=FP16_REL + t_max * 2.0**-25 + extra_rel,  # P' in fp16, its subnormal tail
         out_rel=OUT_REL[dtype],
     )
@@ -413,7 +414,8 @@ def test_fused_int8_decoding_against_fp16_sdpa_on_the_unquantized_cache(hkv, gro
     ).squeeze(2).double().cpu().numpy()
     ks = cache.k_scales.double().cpu().numpy()
     bound = ref.decode_error_bound(q, k, v, None, score_rel=2 * FP16_REL, weight_rel=2 * FP16_REL + t * 2.0**-25,
-                                   k_err=ks / 2, v_err=float(cache.v_scales.max()) / 2, out_rel=2 * FP16_REL)
+                                   k_err=ks / 2, v_err=float(cache.v_scales.max()) / 2, out_rel=2 * FP16_REL,
+                                   q_err=ref.int8_query_error(q, cache.k_scales, "token"))
     err = np.abs(out - sdpa)
     assert (err <= bound).all(), float((err - bound).max())
 
@@ -570,3 +572,37 @@ def test_gpu_default_call_never_syncs_and_flags_clamped_lengths():
     want = kvpack.decode_attention(*args, good, clamped=flag)
     assert flag.item() == 0
     assert torch.equal(out[:2], want[:2]) and torch.equal(out[2], torch.zeros_like(out[2]))
+
+
+@pytest.mark.parametrize("granularity", ["token", "channel"])
+def test_int8_query_error_bounds_the_kernels_integer_query(granularity):
+    """The fused INT8 kernel's query as decode_kernels.cuh builds it (q' = q * sm_scale * log2(e) in
+    fp32, times the channel's K scale per channel; a power of two puts the head's largest |q'| in
+    [2^13, 2^14); rint; two int8 digits 256 hi + lo), simulated here in numpy: the digits fit int8 and
+    the query they stand for is within ref.int8_query_error of q, for queries from tiny to huge."""
+    rng = np.random.default_rng(5)
+    b, hkv, group, d = 2, 2, 3, 64
+    q = (rng.standard_normal((b, hkv * group, d)) * np.exp2(rng.integers(-20, 10, (b, hkv * group, 1)))).astype(np.float16)
+    q[0, 0, 5] = np.float16(60000.0)  # one huge element beside small ones
+    q[1, 1] = 0                        # an all-zero head
+    ks = (rng.random((b, hkv, d)) * np.exp2(rng.integers(-12, 4, (b, hkv, d)))).astype(np.float32)
+    ks[0, 0, 3] = 0.0                  # an all-zero channel
+    sm = np.float32(1 / math.sqrt(d) * 1.4426950408889634)
+    qf = q.astype(np.float32) * sm
+    if granularity == "channel":
+        qf = qf * np.repeat(ks, group, axis=1)
+    amax = np.abs(qf).max(axis=-1, keepdims=True)
+    _, e2 = np.frexp(amax)
+    shift = np.where((amax > 0) & np.isfinite(amax), np.clip(14 - e2, -100, 100), 0)
+    qi = np.clip(np.rint(np.ldexp(qf.astype(np.float64), shift)), -16384, 16384).astype(np.int64)
+    hi = (qi + 128) >> 8
+    lo = qi - 256 * hi
+    assert np.abs(hi).max() <= 64 and lo.min() >= -128 and lo.max() <= 127
+    back = np.ldexp((256 * hi + lo).astype(np.float64), -shift) / float(sm)
+    if granularity == "channel":
+        s = np.repeat(ks, group, axis=1).astype(np.float64)
+        back = np.where(s > 0, back / np.where(s > 0, s, 1.0), q.astype(np.float64))
+    err = np.abs(back - q.astype(np.float64))
+    bound = ref.int8_query_error(torch.from_numpy(q), torch.from_numpy(ks), granularity)
+    assert (err <= bound).all(), float((err - bound).max())
+    assert (bound[0, 0] > 0).all() or granularity == "channel"

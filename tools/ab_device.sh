@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Kernel variants against the default in one device call: the same benchmark, the same points, the
 # same GPU, each build in its own process (kvpack.build's KVPACK_BUILD_DIR; nvcc reads
-# NVCC_APPEND_FLAGS), run default, each variant, then default again so that drift shows.
+# NVCC_PREPEND_FLAGS), run default, each variant, then default again so that drift shows.
 #   AB_VARIANTS  "name=flags;name=flags", e.g. "old=-DKVPACK_FUSED_MERGE=0;two=-DKVPACK_INT4_BUFFERS=2"
-#                (or AB_FLAGS: one variant, named variant); the variants build in parallel
+#                (or AB_FLAGS: one variant, named variant; prepended, so "-I dir" puts a header first); the variants build in parallel
 #   AB_POINTS    tools/bench_decode.py points (TxBxHqxHkvxD)
 #   AB_METHODS   tools/bench_decode.py --methods (default: sdpa fused int4)
+#   AB_EXTRA     more tools/bench_decode.py arguments, e.g. "--page-sizes 16" (a paged column too)
 # Logs under $OUT/logs (build_<name>.log, bench_<name>.log), one json per run under $OUT/ab.
 # Expects tools/device_setup.sh to have run in this call (wheels, the default build).
 #
@@ -24,7 +25,7 @@ for spec in "${SPECS[@]}"; do
   name="${spec%%=*}"
   flags="${spec#*=}"
   NAMES+=("$name")
-  (KVPACK_BUILD_DIR="/tmp/kvpack-ab-$name" NVCC_APPEND_FLAGS="$flags" python3 -m kvpack.build --verbose \
+  (KVPACK_BUILD_DIR="/tmp/kvpack-ab-$name" NVCC_PREPEND_FLAGS="$flags" python3 -m kvpack.build --verbose \
     --out "$L/build-info_$name.json" > "$L/build_$name.log" 2>&1
    echo "build $name ($flags): exit $? after $((SECONDS - t0)) s") &
 done
@@ -32,7 +33,7 @@ wait
 bench() {  # $1: label, $2: build dir (or empty: the default)
   local t1=$SECONDS
   ${2:+env KVPACK_BUILD_DIR=$2} python3 tools/bench_decode.py --no-append --methods ${AB_METHODS:-sdpa fused int4} \
-    --json "$OUT/ab/$1.json" --points $AB_POINTS 2>&1 | grep -v -E "Warning|^  warnings" > "$L/bench_$1.log"
+    --json "$OUT/ab/$1.json" --points $AB_POINTS ${AB_EXTRA:-} 2>&1 | grep -v -E "Warning|^  warnings" > "$L/bench_$1.log"
   echo "bench $1: after $((SECONDS - t1)) s"
 }
 bench default ""
@@ -43,7 +44,9 @@ import json, sys
 from pathlib import Path
 d = Path(sys.argv[1])
 runs = {n: json.loads((d / f"{n}.json").read_text()) for n in sys.argv[2:] if (d / f"{n}.json").exists()}
-keys = [k for k in ("sdpa_best_median_ms", "fused_median_ms", "int4_median_ms") if any(k in r for run in runs.values() for r in run["rows"])]
+rows0 = [r for run in runs.values() for r in run["rows"]]
+paged = sorted({k for r in rows0 for k in r if k.startswith("paged_p") and k.endswith("_median_ms")})
+keys = [k for k in ("sdpa_best_median_ms", "fused_median_ms", "int4_median_ms", *paged) if any(k in r for r in rows0)]
 print("point".ljust(24) + "".join(f"{n[:8] + ':' + k.split('_')[0 if k[0] != 's' else 1]:>18}" for k in keys for n in runs))
 for i, r in enumerate(next(iter(runs.values()))["rows"]):
     name = f"T{r['T']} B{r['batch']} {r['q_heads']}/{r['kv_heads']} D{r['head_dim']}"

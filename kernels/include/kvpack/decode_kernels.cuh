@@ -15,13 +15,21 @@
 // registers; nothing dequantized is ever written.
 //
 // The arithmetic of a warp, per tile of 16 tokens (g = lane / 4, t = lane % 4):
-//   scores   S^T[h, tok] = Q'[h, :] . K[tok, :] on the tensor cores (mma m16n8k16, fp16 in, fp32
-//            accumulate): Q' is the A operand (rows = the warp's query heads, rows 8..15 zero),
-//            the int8 K tile the B operand. Thread (g, t) loads 16-byte pieces of K rows g and
-//            g + 8 and feeds them as they lie: the head dimension is permuted (k-slot 2t of chunk
-//            4l + c is d = 64l + 16t + 4c), and Q' is laid out with the same permutation, so the
-//            dot product is unchanged and no shuffle or shared memory is needed.
-//   int8 -> fp16 without a conversion instruction: b ^ 0x80 is b + 128 as an unsigned byte;
+//   scores   INT8: S^T[h, tok] = Q_i[h, :] . K[tok, :] on the integer tensor cores (mma m16n8k32,
+//            s8 x s8 -> s32, exact): Q' = q * sm_scale * log2(e) (* the channel's K scale) times a
+//            power of two per head, rounded to an integer q_i with its largest element in [2^13,
+//            2^14] and split into two int8 digits, q_i = 256 hi + lo; the A operand holds the
+//            warp's heads' high digits in rows 0..7 and their low digits in rows 8..15, the B
+//            operand is the int8 K tile as loaded (no conversion at all). Thread (g, t) loads
+//            16-byte pieces of K rows g and g + 8 and feeds word pairs as they lie: the head
+//            dimension is permuted (k-slot 4t of chunk 2l + h is d = 64l + 16t + 8h), and the
+//            digits are laid out with the same permutation, so the dot product is unchanged and no
+//            shuffle or shared memory is needed. The score is 256 c_hi + c_lo, one I2F.
+//            INT4: S[tok, h] = K[tok, :] . Q'[h, :] (mma m16n8k16, fp16 in, fp32 accumulate): the
+//            converted K tile is the A operand (rows g and g + 8, the tokens this thread loaded),
+//            Q'^T the B operand (the warp's 8 heads), one mma per 16 channels for the whole tile;
+//            P' then reaches the P'V mma's operand by one movmatrix transpose per 8 tokens.
+//   int8 -> fp16 (V) without a conversion instruction: b ^ 0x80 is b + 128 as an unsigned byte;
 //            placed under the fp16 exponent of 1024 (0x64XX, one PRMT for two values) it reads
 //            1024 + b + 128, and one fp16x2 subtraction of 1152 leaves b, exactly (|b| <= 128 is
 //            exact in fp16). Two values per PRMT and per HSUB2: no I2F, which Hopper runs at a
@@ -29,15 +37,15 @@
 //   softmax  scores are in log2 units (sm_scale * log2(e) is folded into Q'), exp2 on the running
 //            max, as flash attention does. Per-token K scales multiply the fp32 scores; per-channel
 //            K scales are folded into Q' once.
-//   output   O^T[d, h] += V^T[d, tok] P'^T[tok, h] on the tensor cores: the C fragment of S^T is
-//            already the B fragment of P'^T (tokens 2t, 2t+1, 2t+8, 2t+9 of head g), and the V tile
-//            is the A operand, its two token rows per register interleaved with one PRMT.
+//   output   O^T[d, h] += V^T[d, tok] P'^T[tok, h] on the tensor cores: for INT8 the C fragment of
+//            S^T is already the B fragment of P'^T (tokens 2t, 2t+1, 2t+8, 2t+9 of head g), and the
+//            V tile is the A operand, its two token rows per register interleaved with one PRMT.
 //            Per-token V scales fold into P' (P'[tok] = p[tok] * vs[tok], kept in fp16 range by
 //            a second running max, of log2(p * vs)); per-channel V scales multiply the output once.
-// Q' is fp16: q * sm_scale * log2(e) (* the channel's K scale), times a power of two per head that
-// puts its largest element in [2^14, 2^15) (exact, undone on the scores), so fp16 neither
-// overflows nor flushes. Its rounding (2^-11 relative) and P''s (2^-11 relative) are the kernel's
-// own error; kvpack/reference.py's decode_attention is the float64 function it is tested against.
+// The kernel's own error: INT8, each element of Q' off by at most 2^-14 of its head's largest
+// (kvpack/reference.py's int8_query_error); INT4, Q' in fp16 (2^-11 relative, its largest element
+// in [2^14, 2^15), so fp16 neither overflows nor flushes); P' in fp16 (2^-11 relative).
+// kvpack/reference.py's decode_attention is the float64 function it is tested against.
 //
 // Write path (kv_append): a warp per new row of K or V: per-token scale absmax / 127 computed on the
 // fly (quant_math.h, bit-exact with the reference) or the calibrated per-channel scale (values past
@@ -85,21 +93,16 @@ constexpr int kFusedMergeMaxSplits = 128;
 #endif
 // KVPACK_FAST_EXP, the softmax's exp2 and log2 and the INT4 ratios' reciprocal as single MUFU
 // instructions that flush subnormals to zero (0: exp2f, __log2f and __fdividef, each with a range
-// fix-up of three or four more instructions);
-// KVPACK_INT4_SCALED_NIBBLES, INT4 group ratios applied inside the nibble conversion (one HFMA2 per
-// two values) with the -8 offset restored by one more mma (0: convert, then one HMUL2 by the ratio).
+// fix-up of three or four more instructions).
 #ifndef KVPACK_FAST_EXP
 #define KVPACK_FAST_EXP 1
 #endif
-// KVPACK_FAST_LOADS, unclamped addresses for every tile inside a contiguous cache (TileRows; a paged
+// KVPACK_FAST_LOADS, unclamped addresses for every tile inside a contiguous cache (load_tile_at; a paged
 // tile never crosses its page and never needs a clamp): 1 in every kernel
 // but INT4 at D = 128 (kFastLoads), 2 in every kernel, 0 in none (every load's row clamped to the
 // cache's last, as before).
 #ifndef KVPACK_FAST_LOADS
 #define KVPACK_FAST_LOADS 1
-#endif
-#ifndef KVPACK_INT4_SCALED_NIBBLES
-#define KVPACK_INT4_SCALED_NIBBLES 1
 #endif
 // Resident blocks per multiprocessor the split kernel is compiled for (a register budget): at
 // D = 128, 3 blocks (12 warps, 168 registers, 8 bytes spilled) rather than the 2 that 183 registers
@@ -153,6 +156,15 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1,
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// C += A B, m16n8k32, int8 inputs, int32 accumulators (sm_80 and later): exact.
+__device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                       uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
 // Programmatic dependent launch (sm_90): the primary kernel lets its dependent start; the
 // dependent waits for the primary's writes before reading them. No-ops before sm_90.
 __device__ __forceinline__ void allow_dependent_launch() {
@@ -201,6 +213,27 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(kFullMask, x, 2);
 }
 
+// Over the eight lanes of a column (the lanes of one t: g = 0..7): the INT4 tile's per-head reductions.
+__device__ __forceinline__ float column_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(kFullMask, x, 4));
+  x = fmaxf(x, __shfl_xor_sync(kFullMask, x, 8));
+  return fmaxf(x, __shfl_xor_sync(kFullMask, x, 16));
+}
+
+__device__ __forceinline__ float column_sum(float x) {
+  x += __shfl_xor_sync(kFullMask, x, 4);
+  x += __shfl_xor_sync(kFullMask, x, 8);
+  return x + __shfl_xor_sync(kFullMask, x, 16);
+}
+
+// The transpose of an 8x8 matrix of 16-bit values that a warp holds as thread (g, t): row g,
+// columns 2t and 2t + 1 (one register); the result is held the same way (sm_75 and later).
+__device__ __forceinline__ uint32_t transpose_m8n8(uint32_t x) {
+  uint32_t y;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+  return y;
+}
+
 // N consecutive 32-bit words (N = 1, 2, or whole 16-byte vectors) from a suitably aligned address:
 // the pieces of K and V a thread loads, INT8 and INT4 alike.
 template <int N>
@@ -242,59 +275,60 @@ struct Tile {
 // Token of fragment slot r (0..3) of thread t: 2t, 2t + 1, 2t + 8, 2t + 9.
 __device__ __forceinline__ int slot_token(int r, int t) { return (r >> 1) * 8 + 2 * t + (r & 1); }
 
-// Where the rows of the tile that starts at row tb lie. kClamp: row tb + rel clamped to last_row,
-// for a tile that runs past the cache's end (its rows there are masked out of the softmax and read
-// the last row: always a valid address). Else (KVPACK_FAST_LOADS: every tile inside the cache, and
-// every paged tile, which never crosses its page) each array's pointer moves to the tile's first
-// row once (rebase, one wide multiply-add) and a row is its small offset: a tile's loads are a few
-// bases and immediate offsets, not a 64-bit clamp and multiply each.
-template <bool kClamp>
-struct TileRows {
-  int64_t tb;
-  int64_t last_row;
-  template <typename T>
-  __device__ __forceinline__ const T* rebase(const T* p, int row_len) const {
-    if constexpr (kClamp) {
-      return p;
-    } else {
-      return p + static_cast<uint64_t>(static_cast<uint32_t>(tb)) * static_cast<uint32_t>(row_len);
-    }
-  }
-  __device__ __forceinline__ auto row(int rel) const {
-    if constexpr (kClamp) {
-      return min(tb + rel, last_row);
-    } else {
-      return rel;
-    }
-  }
-};
-
-template <int D, bool kPerToken, bool kClamp = true>
+// The tile that starts at row tb, its rows clamped to last_row: for a tile that runs past the
+// cache's end (its rows there are masked out of the softmax and read the last row: always a valid
+// address). Every other tile loads through load_tile_at.
+template <int D, bool kPerToken>
 __device__ __forceinline__ void load_tile(Tile<D>& tile, const int8_t* __restrict__ k,
                                           const int8_t* __restrict__ v, const float* __restrict__ ks,
                                           const float* __restrict__ vs, int64_t tb, int64_t last_row,
                                           int g, int t) {
-  const TileRows<kClamp> rows{tb, last_row};
-  k = rows.rebase(k, D);
-  v = rows.rebase(v, D);
-  if constexpr (kPerToken) {
-    ks = rows.rebase(ks, 1);
-    vs = rows.rebase(vs, 1);
-  }
 #pragma unroll
   for (int nb = 0; nb < 2; ++nb) {
-    const auto row = rows.row(nb * 8 + g);
+    const int64_t row = min(tb + nb * 8 + g, last_row);
     const int8_t* p = k + row * D + 16 * t;
 #pragma unroll
     for (int l = 0; l < Tile<D>::kKVecs; ++l) tile.k[nb][l] = __ldg(reinterpret_cast<const uint4*>(p + 64 * l));
   }
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
-    const auto row = rows.row(slot_token(r, t));
+    const int64_t row = min(tb + slot_token(r, t), last_row);
     load_words<Tile<D>::kVWords>(tile.v[r], v + row * D + (D / 8) * g);
     if constexpr (kPerToken) {
       tile.ks[r] = __ldg(ks + row);
       tile.vs[r] = __ldg(vs + row);
+    }
+  }
+}
+
+// Thread (g, t)'s first element of each array in a tile, counted from the tile's row 0: K row g at
+// its piece, V row 2t at its channels, the token scales of its first row (INT8: row 2t; INT4: its
+// groups of rows g and 2t). load_tile_at and load_tile4_at read from there at
+// offsets known at compile time: a tile that lies wholly in the cache (KVPACK_FAST_LOADS; every paged
+// tile, which never crosses its page) costs one multiply-add per array, not a 64-bit sum per load.
+struct ThreadStart {
+  int k, v, ks, vs;
+};
+
+// Offset of fragment slot r's token (slot_token) from the thread's first V row, 2t.
+__device__ __forceinline__ constexpr int slot_offset(int r) { return (r >> 1) * 8 + (r & 1); }
+
+template <int D, bool kPerToken>
+__device__ __forceinline__ void load_tile_at(Tile<D>& tile, const int8_t* __restrict__ k, const int8_t* __restrict__ v,
+                                             const float* __restrict__ ks, const float* __restrict__ vs) {
+#pragma unroll
+  for (int nb = 0; nb < 2; ++nb) {
+#pragma unroll
+    for (int l = 0; l < Tile<D>::kKVecs; ++l) {
+      tile.k[nb][l] = __ldg(reinterpret_cast<const uint4*>(k + nb * 8 * D + 64 * l));
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    load_words<Tile<D>::kVWords>(tile.v[r], v + slot_offset(r) * D);
+    if constexpr (kPerToken) {
+      tile.ks[r] = __ldg(ks + slot_offset(r));
+      tile.vs[r] = __ldg(vs + slot_offset(r));
     }
   }
 }
@@ -306,9 +340,9 @@ __device__ __forceinline__ void load_tile(Tile<D>& tile, const int8_t* __restric
 template <int D>
 struct DecodeState {
   float o[D / 16][4];
-  float m;
-  float l;
-  float mu;
+  float m[2];  // INT4: heads 2t and 2t + 1 (l: the share of tokens g, g + 8); INT8: [0], head g
+  float l[2];
+  float mu[2];
   // INT4 with scaled nibbles: the -8 offset's share of every row of o (the rows of thread g share
   // one V group), -8 sum_tok r_tok P'[tok, h] for heads 2t, 2t + 1 (vc[0], vc[1]; rows g + 8: vc[2],
   // vc[3], zero), added to o at the end. Unused (and compiled away) elsewhere.
@@ -320,14 +354,14 @@ struct DecodeState {
 // max and sum; with per-token V scales (kTokenV), P'[tok] = p[tok] * vs[tok], kept in fp16 range by
 // the second running max mu. Rescales the output columns whose reference moved, and returns P'^T's
 // B fragment (b0: tokens 2t, 2t + 1; b1: 2t + 8, 2t + 9).
-template <int D, bool kTokenV, bool kVCorr = false>
+template <int D, bool kTokenV>
 __device__ __forceinline__ void softmax_step(const float (&s)[4], const float (&vs)[4], DecodeState<D>& st, int t,
                                              uint32_t& b0, uint32_t& b1) {
   float mx = -INFINITY;
 #pragma unroll
   for (int r = 0; r < 4; ++r) mx = fmaxf(mx, s[r]);
   mx = quad_max(mx);
-  const float m_new = fmaxf(st.m, mx);
+  const float m_new = fmaxf(st.m[0], mx);
   const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no token yet: keep exp2 finite
   float p[4];
   float psum = 0.f;
@@ -336,9 +370,9 @@ __device__ __forceinline__ void softmax_step(const float (&s)[4], const float (&
     p[r] = softmax_exp2(s[r] - m_use);
     psum += p[r];
   }
-  const float alpha_l = softmax_exp2(st.m - m_use);  // 1 when the max did not move
-  st.l = st.l * alpha_l + psum;
-  st.m = m_new;
+  const float alpha_l = softmax_exp2(st.m[0] - m_use);  // 1 when the max did not move
+  st.l[0] = st.l[0] * alpha_l + psum;
+  st.m[0] = m_new;
 
   float alpha_o = alpha_l;  // per channel P' = p: the output's reference is the score max itself
   if constexpr (kTokenV) {
@@ -350,12 +384,12 @@ __device__ __forceinline__ void softmax_step(const float (&s)[4], const float (&
       mxu = fmaxf(mxu, u[r]);
     }
     mxu = quad_max(mxu);
-    const float mu_new = fmaxf(st.mu, mxu);
+    const float mu_new = fmaxf(st.mu[0], mxu);
     const float mu_use = mu_new == -INFINITY ? 0.f : mu_new;
-    alpha_o = softmax_exp2(st.mu - mu_use);
+    alpha_o = softmax_exp2(st.mu[0] - mu_use);
 #pragma unroll
     for (int r = 0; r < 4; ++r) p[r] = softmax_exp2(u[r] - mu_use);
-    st.mu = mu_new;
+    st.mu[0] = mu_new;
   }
 
   // Rescale the output columns (heads 2t and 2t + 1) when their reference moved.
@@ -369,49 +403,65 @@ __device__ __forceinline__ void softmax_step(const float (&s)[4], const float (&
       st.o[i][2] *= a0;
       st.o[i][3] *= a1;
     }
-    if constexpr (kVCorr) {
-      st.vc[0] *= a0;
-      st.vc[1] *= a1;
-    }
   }
 
   b0 = pack_f16x2(p[0], p[1]);
   b1 = pack_f16x2(p[2], p[3]);
 }
 
-template <int D, bool kPerToken>
-__device__ __forceinline__ void attend_tile(const Tile<D>& tile, const uint32_t (&qa)[D / 16][2],
-                                            DecodeState<D>& st, float q_unscale, int64_t tb, int64_t t1,
-                                            int t) {
-  // S^T = Q' K^T, two n-blocks of 8 tokens (K rows g and g + 8 of the tile).
-  float s[4];
+// The online-softmax step of one INT4 tile (S = K Q'^T): s holds S[tok, h] for tokens g (s[0], s[1])
+// and g + 8 (s[2], s[3]) of heads 2t (s[0], s[2]) and 2t + 1 (s[1], s[3]), in log2 units (-inf where
+// masked); vmax the tile's V reference scale (tile_v_ratios), which joins P' as a per-token V scale
+// does in softmax_step. Per head the same arithmetic as softmax_step, its reductions over the eight
+// lanes of a column; the output columns are this thread's own heads (no shuffle for their factors).
+// P'[tok, h] packed as [tok g, heads 2t, 2t + 1] is row g of an 8x8 matrix; its transpose
+// (movmatrix) is P'^T's B fragment.
+template <int D>
+__device__ __forceinline__ void softmax_step_kq(const float (&s)[4], float vmax, DecodeState<D>& st, uint32_t& b0,
+                                                uint32_t& b1) {
+  float p[4];
+  float alpha_o[2];
 #pragma unroll
-  for (int nb = 0; nb < 2; ++nb) {
-    float c[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int i = 0; i < 2; ++i) {
+    const float m_new = fmaxf(st.m[i], column_max(fmaxf(s[i], s[i + 2])));
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no token yet: keep exp2 finite
+    p[i] = softmax_exp2(s[i] - m_use);
+    p[i + 2] = softmax_exp2(s[i + 2] - m_use);
+    alpha_o[i] = softmax_exp2(st.m[i] - m_use);  // 1 when the max did not move
+    st.l[i] = st.l[i] * alpha_o[i] + (p[i] + p[i + 2]);
+    st.m[i] = m_new;
+  }
+  const float lv = softmax_log2(vmax);
 #pragma unroll
-    for (int l = 0; l < Tile<D>::kKVecs; ++l) {
-      const uint32_t w[4] = {tile.k[nb][l].x, tile.k[nb][l].y, tile.k[nb][l].z, tile.k[nb][l].w};
+  for (int i = 0; i < 2; ++i) {
+    const float u0 = s[i] == -INFINITY ? -INFINITY : s[i] + lv;
+    const float u1 = s[i + 2] == -INFINITY ? -INFINITY : s[i + 2] + lv;
+    const float mu_new = fmaxf(st.mu[i], column_max(fmaxf(u0, u1)));
+    const float mu_use = mu_new == -INFINITY ? 0.f : mu_new;
+    alpha_o[i] = softmax_exp2(st.mu[i] - mu_use);
+    p[i] = softmax_exp2(u0 - mu_use);
+    p[i + 2] = softmax_exp2(u1 - mu_use);
+    st.mu[i] = mu_new;
+  }
+  if (alpha_o[0] != 1.f || alpha_o[1] != 1.f) {
 #pragma unroll
-      for (int c4 = 0; c4 < 4; ++c4) {
-        const uint32_t biased = w[c4] ^ 0x80808080u;
-        const int kc = 4 * l + c4;
-        mma_f16(c, qa[kc][0], 0u, qa[kc][1], 0u, biased_to_f16x2(biased, 0x4140), biased_to_f16x2(biased, 0x4342));
-      }
+    for (int i = 0; i < D / 16; ++i) {
+      st.o[i][0] *= alpha_o[0];
+      st.o[i][1] *= alpha_o[1];
+      st.o[i][2] *= alpha_o[0];
+      st.o[i][3] *= alpha_o[1];
     }
-    s[2 * nb] = c[0];
-    s[2 * nb + 1] = c[1];
+    st.vc[0] *= alpha_o[0];
+    st.vc[1] *= alpha_o[1];
   }
+  b0 = transpose_m8n8(pack_f16x2(p[0], p[1]));  // tokens 2t, 2t + 1 of head g
+  b1 = transpose_m8n8(pack_f16x2(p[2], p[3]));  // tokens 2t + 8, 2t + 9
+}
 
-#pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    float x = s[r] * q_unscale;
-    if constexpr (kPerToken) x *= tile.ks[r];
-    s[r] = (tb + slot_token(r, t) < t1) ? x : -INFINITY;
-  }
-  // O^T += V^T P'^T: the S^T fragment is P'^T's B fragment.
-  uint32_t b0;
-  uint32_t b1;
-  softmax_step<D, kPerToken>(s, tile.vs, st, t, b0, b1);
+// O^T += V^T P'^T for one INT8 tile: V rows 2t, 2t + 1, 2t + 8, 2t + 9 as the A operand (their two
+// token rows per register interleaved with one PRMT), P'^T (b0, b1) the B operand.
+template <int D>
+__device__ __forceinline__ void attend_values(const Tile<D>& tile, DecodeState<D>& st, uint32_t b0, uint32_t b1) {
 #pragma unroll
   for (int w = 0; w < Tile<D>::kVWords; ++w) {
     const uint32_t va = tile.v[0][w] ^ 0x80808080u;  // token 2t
@@ -429,6 +479,45 @@ __device__ __forceinline__ void attend_tile(const Tile<D>& tile, const uint32_t 
   }
 }
 
+// One INT8 tile. S^T = Q_i K^T on the integer tensor cores, two n-blocks of 8 tokens (K rows g and
+// g + 8 of the tile): the A operand holds head g's high digits (row g) and low digits (row g + 8) of
+// chunk c of 32 channels (qa[2c], qa[2c + 1]: registers j = 0, 1 for k-slots 4t.. and 16 + 4t..),
+// the B operand K words 2h, 2h + 1 of piece l (chunk 2l + h) as loaded; c[0], c[1] are the high
+// digits' sums for tokens 2t, 2t + 1, c[2], c[3] the low ones'. Exact in int32 (|256 c_hi + c_lo| <
+// 2^30 at D = 256), then one I2F a score.
+template <int D, bool kPerToken>
+__device__ __forceinline__ void attend_tile(const Tile<D>& tile, const uint32_t (&qa)[D / 16][2],
+                                            DecodeState<D>& st, float q_unscale, int64_t tb, int64_t t1,
+                                            int t) {
+  float s[4];
+#pragma unroll
+  for (int nb = 0; nb < 2; ++nb) {
+    int c[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int l = 0; l < Tile<D>::kKVecs; ++l) {
+      const uint32_t w[4] = {tile.k[nb][l].x, tile.k[nb][l].y, tile.k[nb][l].z, tile.k[nb][l].w};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int kc = 2 * l + h;
+        mma_s8(c, qa[2 * kc][0], qa[2 * kc + 1][0], qa[2 * kc][1], qa[2 * kc + 1][1], w[2 * h], w[2 * h + 1]);
+      }
+    }
+    s[2 * nb] = __int2float_rn(c[0] * 256 + c[2]);
+    s[2 * nb + 1] = __int2float_rn(c[1] * 256 + c[3]);
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    float x = s[r] * q_unscale;
+    if constexpr (kPerToken) x *= tile.ks[r];
+    s[r] = (tb + slot_token(r, t) < t1) ? x : -INFINITY;
+  }
+  // O^T += V^T P'^T: the S^T fragment is P'^T's B fragment.
+  uint32_t b0;
+  uint32_t b1;
+  softmax_step<D, kPerToken>(s, tile.vs, st, t, b0, b1);
+  attend_values(tile, st, b0, b1);
+}
+
 // ---- INT4: packed nibbles, a scale per group of G channels of a token --------------------------
 //
 // The layout (kvpack/int4.py): bytes [.., T_max, D / 2] (element 2i in the low nibble of byte i,
@@ -436,14 +525,16 @@ __device__ __forceinline__ void attend_tile(const Tile<D>& tile, const uint32_t 
 // Nibble -> fp16 without a conversion instruction (nibbles_to_f16x2): a LOP3 puts two nibbles under
 // the fp16 exponent of 1024 (low nibbles read 1024 + n, high ones 1024 + 16 n); an HSUB2 of 1032,
 // or an HFMA2 by 1/16 minus 72, leaves q = n - 8 exactly. A group's scale cannot fold into Q' (it
-// varies per token) nor into P' (it varies per channel), so it multiplies the converted values: one
-// HMUL2 by s_group / s_max of the token, a ratio in [0, 1] that fp16 holds to 2^-11 relative
-// whatever the data's magnitude; the token's s_max then multiplies its score (K) or joins P' (V,
-// like the INT8 per-token scale).
-//   K (the B operand of S^T): thread (g, t) loads D / 32 words of K rows g and g + 8: the 16 bytes at
-//     64l + 16t (D >= 128; D = 64: the 8 bytes at 8t), so its 32 (16) channels lie in one group. Word
-//     j (channels e0 .. e0 + 7) feeds chunks 2j (k-slots 2t, 2t + 1: channels e0, e0 + 4; 2t + 8,
-//     2t + 9: e0 + 1, e0 + 5) and 2j + 1 (e0 + 2, e0 + 6; e0 + 3, e0 + 7); Q' is laid out the same way.
+// varies per token) nor into P' (it varies per channel), so its ratio to a reference scale (the
+// token's largest for K, the tile's largest for V: in [0, 1], which fp16 holds to 2^-11 relative
+// whatever the data's magnitude) rides inside the conversion, n r in one HFMA2 a pair
+// (scaled_nibbles_to_f16x2), and the -8 r of q = n - 8 comes back on the tensor cores; the reference
+// scale then multiplies the score (K) or joins P' (V, like the INT8 per-token scale).
+//   K (the A operand of S = K Q'^T): thread (g, t) loads D / 32 words of K rows g and g + 8: the 16
+//     bytes at 64l + 16t (D >= 128; D = 64: the 8 bytes at 8t), so its 32 (16) channels lie in one
+//     group. Word j (channels e0 .. e0 + 7) feeds chunks 2j (k-slots 2t, 2t + 1: channels e0, e0 + 4;
+//     2t + 8, 2t + 9: e0 + 1, e0 + 5) and 2j + 1 (e0 + 2, e0 + 6; e0 + 3, e0 + 7); Q' is laid out
+//     the same way.
 //   V (the A operand of O^T): thread (g, t) loads D / 16 bytes of tokens 2t, 2t + 1, 2t + 8, 2t + 9
 //     at (D / 16) g (channels (D / 8) g ..., one group); a PRMT puts two tokens' bytes side by side,
 //     so each LOP3 gives one channel of two tokens: the fragment the mma wants. The output rows are
@@ -489,7 +580,7 @@ __device__ __forceinline__ void nibbles_to_f16x2(uint32_t x, uint32_t (&f)[4]) {
   f[3] = hfma2(lop_and_or(y, 0x00f000f0u, kF16Of1024), kF16OneSixteenth, kF16Minus72);
 }
 
-// With a group ratio r per lane (KVPACK_INT4_SCALED_NIBBLES): the 8 nibbles of x as n * r, n the
+// With a group ratio r per lane: the 8 nibbles of x as n * r, n the
 // stored nibble (0..15), in the lanes and order of nibbles_to_f16x2, one HFMA2 each: low nibbles
 // (1024 + n) r - 1024 r, high ones (1024 + 16 n) (r / 16) - 64 r. rs holds r, r / 16, -1024 r and
 // -64 r (scaled_ratio): powers of two times r, exact in fp16 (r / 16 but below 2^-10, where it loses
@@ -534,20 +625,15 @@ struct Tile4 {
   float vs[4];
 };
 
-template <int D, int G, bool kKeyGroups, bool kClamp = true>
+template <int D, int G, bool kKeyGroups>
 __device__ __forceinline__ void load_tile4(Tile4<D, G>& tile, const uint8_t* __restrict__ k,
                                            const uint8_t* __restrict__ v, const float* __restrict__ ks,
                                            const float* __restrict__ vs, int64_t tb, int64_t last_row, int g,
                                            int t) {
   using TL = Tile4<D, G>;
-  const TileRows<kClamp> rows{tb, last_row};
-  k = rows.rebase(k, D / 2);
-  v = rows.rebase(v, D / 2);
-  if constexpr (kKeyGroups) ks = rows.rebase(ks, TL::kGroups);
-  vs = rows.rebase(vs, TL::kGroups);
 #pragma unroll
   for (int nb = 0; nb < 2; ++nb) {
-    const auto row = rows.row(nb * 8 + g);
+    const int64_t row = min(tb + nb * 8 + g, last_row);
     const uint8_t* p = k + row * (D / 2);
     if constexpr (D == 64) {
       load_words<2>(tile.k[nb], p + 8 * t);
@@ -563,9 +649,48 @@ __device__ __forceinline__ void load_tile4(Tile4<D, G>& tile, const uint8_t* __r
   const int vgroup = ((D / 8) * g) / G;
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
-    const auto row = rows.row(slot_token(r, t));
+    const int64_t row = min(tb + slot_token(r, t), last_row);
     load_words<TL::kVWords>(tile.v[r], v + row * (D / 2) + (D / 16) * g);
     tile.vs[r] = __ldg(vs + row * TL::kGroups + vgroup);
+  }
+}
+
+// load_tile4 for a tile inside the cache, from the thread's first elements (ThreadStart): a K piece
+// l > 0 (D = 256) lies 128 / G groups after piece 0.
+template <int D, int G, bool kKeyGroups>
+__device__ __forceinline__ void load_tile4_at(Tile4<D, G>& tile, const uint8_t* __restrict__ k,
+                                              const uint8_t* __restrict__ v, const float* __restrict__ ks,
+                                              const float* __restrict__ vs) {
+  using TL = Tile4<D, G>;
+#pragma unroll
+  for (int nb = 0; nb < 2; ++nb) {
+    const uint8_t* p = k + nb * 8 * (D / 2);
+    if constexpr (D == 64) {
+      load_words<2>(tile.k[nb], p);
+    } else {
+#pragma unroll
+      for (int l = 0; l < D / 128; ++l) load_words<4>(tile.k[nb] + 4 * l, p + 64 * l);
+    }
+    if constexpr (kKeyGroups) {
+#pragma unroll
+      for (int l = 0; l < TL::kKPieces; ++l) tile.ks[nb][l] = __ldg(ks + nb * 8 * TL::kGroups + l * (128 / G));
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    load_words<TL::kVWords>(tile.v[r], v + slot_offset(r) * (D / 2));
+    tile.vs[r] = __ldg(vs + slot_offset(r) * TL::kGroups);
+  }
+}
+
+template <int D, int G>
+__device__ __forceinline__ ThreadStart thread_start(int g, int t) {
+  if constexpr (G == 0) {
+    return {g * D + 16 * t, 2 * t * D + (D / 8) * g, 2 * t, 2 * t};
+  } else {
+    constexpr int kGroups = D / G;
+    return {g * (D / 2) + (D == 64 ? 8 * t : 16 * t), 2 * t * (D / 2) + (D / 16) * g,
+            g * kGroups + k4_channel0<D>(0, t) / G, 2 * t * kGroups + ((D / 8) * g) / G};
   }
 }
 
@@ -582,24 +707,68 @@ __device__ __forceinline__ float ratio_of(float x, float m) {
 #endif
 }
 
-// qc (KVPACK_INT4_SCALED_NIBBLES, keys in groups): the A fragment that restores the keys' -8, for
-// head g and this thread's channels of piece l (slots 2t, 2t + 1 of qc[0]; 2t + 8, 2t + 9 of qc[1]):
-// -8 sum Q' 2^-8 as fp16 hi + lo (made with qa, in the split kernel); its B fragment is 256 r (the ratio of
-// the same piece, exactly 2^8 r), so the product is -8 r sum Q' in fp32.
-template <int D, int G, bool kKeyGroups>
-__device__ __forceinline__ void attend_tile4(const Tile4<D, G>& tile, const uint32_t (&qa)[D / 16][2],
-                                             const uint32_t (&qc)[2], DecodeState<D>& st, float q_unscale,
-                                             int64_t tb, int64_t t1, int g, int t) {
-  using TL = Tile4<D, G>;
-  constexpr bool kScaled = KVPACK_INT4_SCALED_NIBBLES;
-  // S^T = Q' K^T, two n-blocks of 8 tokens (K rows g and g + 8 of the tile).
-  float s[4];
-  float kmax[2] = {1.f, 1.f};
+// O^T += V^T P'^T for one INT4 tile. Word w of a token holds channels (D / 8) g + 8w .. + 7; its
+// bytes 0, 1 (2, 3) beside the other token's (one PRMT) give channels + 0..3 (+ 4..7): f[e] is
+// channel + e of both. rab, rcd: the group ratios of tokens 2t, 2t + 1 and 2t + 8, 2t + 9 (fp16x2),
+// n r per value; every row of this thread's o lies in its one V group, so the -8 r offset of all of
+// them is one sum over the tile's tokens, -8 r_tok P'[tok, h]: one more mma, into st.vc.
+template <int D, int G>
+__device__ __forceinline__ void attend_values4(const Tile4<D, G>& tile, DecodeState<D>& st, uint32_t rab,
+                                               uint32_t rcd, uint32_t b0, uint32_t b1) {
+  const ScaledRatio sab = scaled_ratio(rab);
+  const ScaledRatio scd = scaled_ratio(rcd);
 #pragma unroll
-  for (int nb = 0; nb < 2; ++nb) {
-    uint32_t ratio[TL::kKPieces];
-    uint32_t ratio256[2] = {0u, 0u};
-    if constexpr (kKeyGroups) {
+  for (int w = 0; w < Tile4<D, G>::kVWords; ++w) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const uint32_t sel = hh ? 0x7632u : 0x5410u;
+      const uint32_t xab = __byte_perm(tile.v[0][w], tile.v[1][w], sel);  // tokens 2t, 2t + 1
+      const uint32_t xcd = __byte_perm(tile.v[2][w], tile.v[3][w], sel);  // tokens 2t + 8, 2t + 9
+      uint32_t fab[4];
+      uint32_t fcd[4];
+      scaled_nibbles_to_f16x2(xab, sab, fab);
+      scaled_nibbles_to_f16x2(xcd, scd, fcd);
+#pragma unroll
+      for (int e = 0; e < 4; e += 2) mma_f16(st.o[4 * w + 2 * hh + e / 2], fab[e], fab[e + 1], fcd[e], fcd[e + 1], b0, b1);
+    }
+  }
+  const uint32_t m8 = 0xC800C800u;  // -8
+  mma_f16(st.vc, hmul2(rab, m8), 0u, hmul2(rcd, m8), 0u, b0, b1);
+}
+
+// The V ratios of one INT4 tile against the tile's largest V scale (one reduction over the warp,
+// one reciprocal), as fp16x2 for tokens 2t, 2t + 1 (rab) and 2t + 8, 2t + 9 (rcd); returns that
+// largest scale, which joins P' (the softmax's per-token V scale). A token far below it keeps its
+// values to within 2^-24 of that scale (fp16's subnormal step), inside the 15 * 2^-11 of the
+// largest V scale that the n r rounding already costs.
+template <int D, int G>
+__device__ __forceinline__ float tile_v_ratios(const Tile4<D, G>& tile, uint32_t& rab, uint32_t& rcd) {
+  float m = fmaxf(fmaxf(tile.vs[0], tile.vs[1]), fmaxf(tile.vs[2], tile.vs[3]));
+#pragma unroll
+  for (int o = 1; o < 32; o *= 2) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, o));
+  rab = pack_f16x2(ratio_of(tile.vs[0], m), ratio_of(tile.vs[1], m));
+  rcd = pack_f16x2(ratio_of(tile.vs[2], m), ratio_of(tile.vs[3], m));
+  return m;
+}
+
+// One INT4 tile: S = K Q'^T, one mma per 16 channels for the whole tile. The A operand is K rows g
+// and g + 8 as this thread loaded and converted them, the B operand Q'^T: qb[kc] = Q' of head g at
+// k-slots 2t, 2t + 1 and 2t + 8, 2t + 9 (no zero rows); q_unscale: heads 2t and 2t + 1. Keys in
+// groups: each thread's K rows g and g + 8 are the rows of its scores, so a row's largest scale (a
+// quad reduction) multiplies its own scores, and the -8 r offset of both rows is one mma: A = 256 r
+// (exactly 2^8 r) of rows g, g + 8 per piece, B = qc, head g's -8 2^-8 sum Q' per piece as fp16
+// hi + lo (made with qa, in the split kernel), so the product is -8 r sum Q' in fp32.
+template <int D, int G, bool kKeyGroups>
+__device__ __forceinline__ void attend_tile4(const Tile4<D, G>& tile, const uint32_t (&qb)[D / 16][2],
+                                                const uint32_t (&qc)[2], DecodeState<D>& st,
+                                                const float (&q_unscale)[2], int64_t tb, int64_t t1, int g) {
+  using TL = Tile4<D, G>;
+  float kmax[2] = {1.f, 1.f};
+  uint32_t r256[2][2] = {{0u, 0u}, {0u, 0u}};  // [row][piece]
+  ScaledRatio rs[2][TL::kKPieces]{};
+  if constexpr (kKeyGroups) {
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb) {
       float m = tile.ks[nb][0];
 #pragma unroll
       for (int l = 1; l < TL::kKPieces; ++l) m = fmaxf(m, tile.ks[nb][l]);
@@ -608,119 +777,41 @@ __device__ __forceinline__ void attend_tile4(const Tile4<D, G>& tile, const uint
 #pragma unroll
       for (int l = 0; l < TL::kKPieces; ++l) {
         const float r = ratio_of(tile.ks[nb][l], m);
-        ratio[l] = pack_f16x2(r, r);
-        if constexpr (kScaled) ratio256[l] = hmul2(ratio[l], 0x5C005C00u /* 256 */);
+        const uint32_t ratio = pack_f16x2(r, r);
+        r256[nb][l] = hmul2(ratio, 0x5C005C00u /* 256 */);
+        rs[nb][l] = scaled_ratio(ratio);
       }
     }
-    // Keys in groups, scaled nibbles: n r per value, and the -8 r sum Q' of each piece by one more
-    // mma (qc); else q = n - 8, times r where keys are in groups (per channel, Q' holds the scale).
-    constexpr bool kScaledKeys = kKeyGroups && kScaled;
-    ScaledRatio rs[TL::kKPieces]{};
-    if constexpr (kScaledKeys) {
-#pragma unroll
-      for (int l = 0; l < TL::kKPieces; ++l) rs[l] = scaled_ratio(ratio[l]);
-    }
-    float c[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int j = 0; j < TL::kKWords; ++j) {
-      uint32_t f[4];
-      if constexpr (kScaledKeys) {
-        scaled_nibbles_to_f16x2(tile.k[nb][j], rs[j / 4], f);
-      } else {
-        nibbles_to_f16x2(tile.k[nb][j], f);
-        if constexpr (kKeyGroups) {
-#pragma unroll
-          for (int i = 0; i < 4; ++i) f[i] = hmul2(f[i], ratio[j / 4]);
-        }
-      }
-      mma_f16(c, qa[2 * j][0], 0u, qa[2 * j][1], 0u, f[0], f[1]);
-      mma_f16(c, qa[2 * j + 1][0], 0u, qa[2 * j + 1][1], 0u, f[2], f[3]);
-    }
-    if constexpr (kScaledKeys) mma_f16(c, qc[0], 0u, qc[1], 0u, ratio256[0], ratio256[1]);
-    s[2 * nb] = c[0];
-    s[2 * nb + 1] = c[1];
   }
-  // Token 2t + (r & 1) + 8 (r >> 1) is row 2t + (r & 1) of n-block r >> 1: its s_max is that row's
-  // quad's kmax.
+  float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < TL::kKWords; ++j) {
+    uint32_t f0[4];  // token g
+    uint32_t f1[4];  // token g + 8
+    if constexpr (kKeyGroups) {
+      scaled_nibbles_to_f16x2(tile.k[0][j], rs[0][j / 4], f0);
+      scaled_nibbles_to_f16x2(tile.k[1][j], rs[1][j / 4], f1);
+    } else {
+      nibbles_to_f16x2(tile.k[0][j], f0);
+      nibbles_to_f16x2(tile.k[1][j], f1);
+    }
+    mma_f16(c, f0[0], f1[0], f0[1], f1[1], qb[2 * j][0], qb[2 * j][1]);
+    mma_f16(c, f0[2], f1[2], f0[3], f1[3], qb[2 * j + 1][0], qb[2 * j + 1][1]);
+  }
+  if constexpr (kKeyGroups) mma_f16(c, r256[0][0], r256[1][0], r256[0][1], r256[1][1], qc[0], qc[1]);
+  float s[4];
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
-    float x = s[r] * q_unscale;
-    if constexpr (kKeyGroups) x *= __shfl_sync(kFullMask, kmax[r >> 1], 4 * (2 * t + (r & 1)));
-    s[r] = (tb + slot_token(r, t) < t1) ? x : -INFINITY;
+    const float x = c[r] * q_unscale[r & 1] * kmax[r >> 1];
+    s[r] = (tb + g + 8 * (r >> 1) < t1) ? x : -INFINITY;
   }
-
-  // V: each token's s_max (over the eight threads g of this t) joins P' (softmax_step); its group's
-  // ratio scales the converted values. With scaled nibbles the reference is the tile's largest V
-  // scale instead (one reduction over the warp, one reciprocal): a token far below it keeps its
-  // values to within 2^-24 of that scale (fp16's subnormal step), inside the 15 * 2^-11 of the
-  // largest V scale that the n r rounding already costs.
-  float vmax[4];
-  float vr[4];
-  if constexpr (kScaled) {
-    float m = fmaxf(fmaxf(tile.vs[0], tile.vs[1]), fmaxf(tile.vs[2], tile.vs[3]));
-#pragma unroll
-    for (int o = 1; o < 32; o *= 2) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, o));
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      vmax[r] = m;
-      vr[r] = ratio_of(tile.vs[r], m);
-    }
-  } else {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      float m = tile.vs[r];
-#pragma unroll
-      for (int o = 4; o < 32; o *= 2) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, o));
-      vmax[r] = m;
-      vr[r] = ratio_of(tile.vs[r], m);
-    }
-  }
-  const uint32_t rab = pack_f16x2(vr[0], vr[1]);
-  const uint32_t rcd = pack_f16x2(vr[2], vr[3]);
+  uint32_t rab;
+  uint32_t rcd;
+  const float vm = tile_v_ratios(tile, rab, rcd);
   uint32_t b0;
   uint32_t b1;
-  softmax_step<D, true, kScaled>(s, vmax, st, t, b0, b1);
-
-  // O^T += V^T P'^T. Word w of a token holds channels (D / 8) g + 8w .. + 7; its bytes 0, 1 (2, 3)
-  // beside the other token's (one PRMT) give channels + 0..3 (+ 4..7): f[e] is channel + e of both.
-  // Scaled nibbles: n r per value; every row of this thread's o lies in its one V group, so the -8 r
-  // offset of all of them is one sum over the tile's tokens, -8 r_tok P'[tok, h]: one more mma, into
-  // st.vc. Else q = n - 8, then one HMUL2 by r.
-  ScaledRatio sab{};
-  ScaledRatio scd{};
-  if constexpr (kScaled) {
-    sab = scaled_ratio(rab);
-    scd = scaled_ratio(rcd);
-  }
-#pragma unroll
-  for (int w = 0; w < TL::kVWords; ++w) {
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const uint32_t sel = hh ? 0x7632u : 0x5410u;
-      const uint32_t xab = __byte_perm(tile.v[0][w], tile.v[1][w], sel);  // tokens 2t, 2t + 1
-      const uint32_t xcd = __byte_perm(tile.v[2][w], tile.v[3][w], sel);  // tokens 2t + 8, 2t + 9
-      uint32_t fab[4];
-      uint32_t fcd[4];
-      if constexpr (kScaled) {
-        scaled_nibbles_to_f16x2(xab, sab, fab);
-        scaled_nibbles_to_f16x2(xcd, scd, fcd);
-      } else {
-        nibbles_to_f16x2(xab, fab);
-        nibbles_to_f16x2(xcd, fcd);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          fab[e] = hmul2(fab[e], rab);
-          fcd[e] = hmul2(fcd[e], rcd);
-        }
-      }
-#pragma unroll
-      for (int e = 0; e < 4; e += 2) mma_f16(st.o[4 * w + 2 * hh + e / 2], fab[e], fab[e + 1], fcd[e], fcd[e + 1], b0, b1);
-    }
-  }
-  if constexpr (kScaled) {
-    const uint32_t m8 = 0xC800C800u;  // -8
-    mma_f16(st.vc, hmul2(rab, m8), 0u, hmul2(rcd, m8), 0u, b0, b1);
-  }
+  softmax_step_kq<D>(s, vm, st, b0, b1);
+  attend_values4(tile, st, rab, rcd, b0, b1);
 }
 
 struct SplitParams {
@@ -1003,7 +1094,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   const int64_t kvh_rows = kPaged ? kvh * p.page_size : 0;
   using TileT = std::conditional_t<kInt4, Tile4<D, (kInt4 ? G : 32)>, Tile<D>>;
   // Contiguous (kFastLoads): a tile whose 16 rows all lie in the cache (x <= fast_end, every tile
-  // but one near the cache's end) loads without clamps (TileRows).
+  // but one near the cache's end) loads without clamps (load_tile_at).
 #ifdef KVPACK_LAB_UNCLAMPED  // tools/lab/sass_tile.py: the loop with only the unclamped loads, to count (never run)
   const int64_t fast_end = INT64_MAX;
 #else
@@ -1016,14 +1107,22 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
       return false;
     }
   };
+  // This thread's first elements (ThreadStart) in the cache's row 0; a tile at row x adds x rows.
+  const ThreadStart ts = thread_start<D, G>(g, t);
+  const int8_t* kbt = kb + ts.k;
+  const int8_t* vbt = vb + ts.v;
+  const float* ksbt = kPerToken ? ksb + ts.ks : nullptr;
+  const float* vsbt = kTokenV ? vsb + ts.vs : nullptr;
   auto load = [&](TileT& tile, int64_t x, int32_t page) {
     if constexpr (kInt4) {
-      const auto* k4 = reinterpret_cast<const uint8_t*>(kb);
-      const auto* v4 = reinterpret_cast<const uint8_t*>(vb);
+      using U8 = const uint8_t*;
       if (unclamped(x)) {
-        load_tile4<D, G, kPerToken, false>(tile, k4, v4, ksb, vsb, x, last, g, t);
+        const uint64_t xr = static_cast<uint32_t>(x);  // < 2^32 (fast_end)
+        load_tile4_at<D, G, kPerToken>(tile, reinterpret_cast<U8>(kbt) + xr * kRowBytes,
+                                       reinterpret_cast<U8>(vbt) + xr * kRowBytes,
+                                       kPerToken ? ksbt + xr * kRowScales : nullptr, vsbt + xr * kRowScales);
       } else {
-        load_tile4<D, G, kPerToken>(tile, k4, v4, ksb, vsb, x, last, g, t);
+        load_tile4<D, G, kPerToken>(tile, reinterpret_cast<U8>(kb), reinterpret_cast<U8>(vb), ksb, vsb, x, last, g, t);
       }
     } else if constexpr (kPaged) {
       paged_clamped |= static_cast<uint32_t>(page) >= static_cast<uint32_t>(p.num_pages);
@@ -1031,10 +1130,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
       // the tile's first row: its page's, plus x's row in the page (a tile never crosses a page)
       const int64_t r = page * page_rows + kvh_rows +
                         static_cast<int64_t>(static_cast<uint32_t>(x) - page_index(x) * static_cast<uint32_t>(p.page_size));
-      load_tile<D, kPerToken, false>(tile, p.k + r * D, p.v + r * D, kPerToken ? p.k_scales + r : nullptr,
-                                     kPerToken ? p.v_scales + r : nullptr, 0, 0, g, t);
+      load_tile_at<D, kPerToken>(tile, p.k + r * D + ts.k, p.v + r * D + ts.v,
+                                 kPerToken ? p.k_scales + r + ts.ks : nullptr, kPerToken ? p.v_scales + r + ts.vs : nullptr);
     } else if (unclamped(x)) {
-      load_tile<D, kPerToken, false>(tile, kb, vb, ksb, vsb, x, last, g, t);
+      const uint64_t xr = static_cast<uint32_t>(x);  // < 2^32 (fast_end)
+      load_tile_at<D, kPerToken>(tile, kbt + xr * D, vbt + xr * D, kPerToken ? ksbt + xr : nullptr,
+                                 kPerToken ? vsbt + xr : nullptr);
     } else {
       load_tile<D, kPerToken>(tile, kb, vb, ksb, vsb, x, last, g, t);
     }
@@ -1053,12 +1154,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     next_page = lookup(first + (j + 1) * kStride);
   }
 
-  // Q' fragments for head g (rows 8..15 of the A operand are zero). INT8: elements d0 .. d0 + 3 of
-  // chunk kc = 4l + c, d0 = 64l + 16t + 4c. INT4: qf[8j + e] is channel e0 + e of K word j
-  // (k4_channel0), and chunk 2j + h takes channels e0 + 2h, e0 + 4 + 2h (slots 2t, 2t + 1) and
-  // e0 + 2h + 1, e0 + 2h + 5 (slots 2t + 8, 2t + 9).
+  // Q' fragments for head g. INT8: the integer digits of the A operand of S^T = Q_i K^T (attend_tile).
+  // INT4: the B operand of S = K Q'^T (column g, attend_tile4): qf[8j + e] is channel e0 + e of K
+  // word j (k4_channel0), and chunk 2j + h takes channels e0 + 2h, e0 + 4 + 2h (slots 2t, 2t + 1)
+  // and e0 + 2h + 1, e0 + 2h + 5 (slots 2t + 8, 2t + 9).
   uint32_t qa[D / 16][2];
-  uint32_t qc[2] = {0u, 0u};  // INT4 keys in groups, scaled nibbles: attend_tile4's offset fragment
+  uint32_t qc[2] = {0u, 0u};  // INT4 keys in groups: attend_tile4's offset fragment
   float q_unscale;
   {
     float qf[D / 4];
@@ -1078,21 +1179,38 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     amax = quad_max(amax);
     int e2 = 0;
     frexpf(amax, &e2);  // amax = f 2^e2, f in [0.5, 1)
-    const int shift = (amax > 0.f && amax < INFINITY) ? max(-100, min(100, 15 - e2)) : 0;
+    // INT4's fp16 Q': the largest element in [2^14, 2^15); INT8's integer Q': in [2^13, 2^14]
+    const int shift = (amax > 0.f && amax < INFINITY) ? max(-100, min(100, (kInt4 ? 15 : 14) - e2)) : 0;
     q_unscale = ldexpf(1.f, -shift);
 #pragma unroll
     for (int kc = 0; kc < D / 16; ++kc) {
-      if constexpr (kInt4) {
+      if constexpr (!kInt4) {
+        // qa[2c] (high digits) and qa[2c + 1] (low) of chunk c = kc / 2 of 32 channels, as
+        // attend_tile reads them: chunk c = 2l + h, register j takes the four channels
+        // 64l + 16t + 8h + 4j + (0..3) (K word 2h + j of this thread's piece l).
+        const int c = kc / 2;
+        const int part = kc % 2;  // 0: high digits, 1: low
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          uint32_t word = 0;
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float x = fminf(fmaxf(rintf(ldexpf(qf[16 * (c / 2) + 8 * (c % 2) + 4 * j + e], shift)), -16384.f), 16384.f);
+            const int qi = static_cast<int>(x);
+            const int hi = (qi + 128) >> 8;  // |hi| <= 64
+            const int digit = part == 0 ? hi : qi - 256 * hi;  // lo in [-128, 127]
+            word |= static_cast<uint32_t>(digit & 0xff) << (8 * e);
+          }
+          qa[kc][j] = word;
+        }
+      } else {
         const int j = kc / 2;
         const int h = kc % 2;
         qa[kc][0] = pack_f16x2(ldexpf(qf[8 * j + 2 * h], shift), ldexpf(qf[8 * j + 4 + 2 * h], shift));
         qa[kc][1] = pack_f16x2(ldexpf(qf[8 * j + 2 * h + 1], shift), ldexpf(qf[8 * j + 5 + 2 * h], shift));
-      } else {
-        qa[kc][0] = pack_f16x2(ldexpf(qf[4 * kc], shift), ldexpf(qf[4 * kc + 1], shift));
-        qa[kc][1] = pack_f16x2(ldexpf(qf[4 * kc + 2], shift), ldexpf(qf[4 * kc + 3], shift));
       }
     }
-    if constexpr (kInt4 && kPerToken && KVPACK_INT4_SCALED_NIBBLES) {
+    if constexpr (kInt4 && kPerToken) {
       // -8 2^-8 times the sum of the fp16 Q' that meets each piece's ratio (the words j of piece
       // j / 4), summed in fp32 from the same roundings as qa, split into fp16 hi + lo (the product
       // with 256 r restores -8 r sum Q' to within 2^-22 of the sum); 2^-8 keeps a piece of 32
@@ -1116,13 +1234,16 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   DecodeState<D> st;
 #pragma unroll
   for (int i = 0; i < D / 16; ++i) st.o[i][0] = st.o[i][1] = st.o[i][2] = st.o[i][3] = 0.f;
-  st.m = -INFINITY;
-  st.l = 0.f;
-  st.mu = -INFINITY;
+  st.m[0] = st.m[1] = -INFINITY;
+  st.l[0] = st.l[1] = 0.f;
+  st.mu[0] = st.mu[1] = -INFINITY;
   st.vc[0] = st.vc[1] = st.vc[2] = st.vc[3] = 0.f;
+  // INT4: this thread's scores are heads 2t and 2t + 1 (their unscale factors, from the quads that
+  // prepared them).
+  const float q_unscale2[2] = {__shfl_sync(kFullMask, q_unscale, 8 * t), __shfl_sync(kFullMask, q_unscale, 8 * t + 4)};
   auto attend = [&](const TileT& tile, int64_t x) {
     if constexpr (kInt4) {
-      attend_tile4<D, G, kPerToken>(tile, qa, qc, st, q_unscale, x, t1, g, t);
+      attend_tile4<D, G, kPerToken>(tile, qa, qc, st, q_unscale2, x, t1, g);
     } else {
       attend_tile<D, kPerToken>(tile, qa, st, q_unscale, x, t1, t);
     }
@@ -1157,11 +1278,23 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   // Merge the warps' states: per head the block's max M = max_w m_w, the sum l = sum_w l_w 2^(m_w - M),
   // and the output sum_w O_w 2^(mu_w - M) (O_w is relative to mu_w; mu_w - M <= log2 of the largest
   // V scale, so the factor is finite).
-  const float l_total = quad_sum(st.l);
-  if (t == 0) {
-    s_m[warp][g] = st.m;
-    s_l[warp][g] = l_total;
-    s_mu[warp][g] = kTokenV ? st.mu : st.m;
+  if constexpr (kInt4) {  // heads 2t, 2t + 1; the lanes of a column hold two tokens' share of l
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float l_total = column_sum(st.l[i]);
+      if (g == 0) {
+        s_m[warp][2 * t + i] = st.m[i];
+        s_l[warp][2 * t + i] = l_total;
+        s_mu[warp][2 * t + i] = kTokenV ? st.mu[i] : st.m[i];
+      }
+    }
+  } else {  // head g; each lane of the quad holds four tokens' share of l
+    const float l_total = quad_sum(st.l[0]);
+    if (t == 0) {
+      s_m[warp][g] = st.m[0];
+      s_l[warp][g] = l_total;
+      s_mu[warp][g] = kTokenV ? st.mu[0] : st.m[0];
+    }
   }
   __syncthreads();
   float fa = 0.f;
@@ -1177,7 +1310,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     if (s_m[warp][2 * t] != -INFINITY) fa = exp2f(s_mu[warp][2 * t] - ma);
     if (s_m[warp][2 * t + 1] != -INFINITY) fb = exp2f(s_mu[warp][2 * t + 1] - mb);
   }
-  if constexpr (kInt4 && KVPACK_INT4_SCALED_NIBBLES) {  // the V offset, the same for every row of thread g
+  if constexpr (kInt4) {  // the V offset, the same for every row of thread g
 #pragma unroll
     for (int i = 0; i < D / 16; ++i) {
       st.o[i][0] += st.vc[0];
