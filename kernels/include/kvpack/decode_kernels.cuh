@@ -97,10 +97,11 @@ constexpr int kFusedMergeMaxSplits = 128;
 #ifndef KVPACK_FAST_EXP
 #define KVPACK_FAST_EXP 1
 #endif
-// KVPACK_FAST_LOADS, unclamped addresses for every tile inside a contiguous cache (load_tile_at; a paged
-// tile never crosses its page and never needs a clamp): 1 in every kernel
-// but INT4 at D = 128 (kFastLoads), 2 in every kernel, 0 in none (every load's row clamped to the
-// cache's last, as before).
+// KVPACK_FAST_LOADS, every tile inside a contiguous cache loaded from the thread's own start at
+// offsets known at compile time (load_tile_at; a paged tile never crosses its page and never needs a
+// clamp); 0: every load's row clamped to the cache's last, as before. (INT4 at D = 128 kept the
+// clamped loads until its tile's registers shrank with S = K Q'^T; measured on an H100 in one job,
+// reports/reference/h100/logs/kq_imma_ab_afb578f/, variant fl2: the fast loads then made it 4-12% faster.)
 #ifndef KVPACK_FAST_LOADS
 #define KVPACK_FAST_LOADS 1
 #endif
@@ -124,10 +125,9 @@ template <int D, int G = 0>
 constexpr int kDecodeBuffers = D > 128 ? 1 : (G > 0 && D == 128 ? KVPACK_INT4_BUFFERS : 2);
 // Whether the split kernel takes the unclamped loads (KVPACK_FAST_LOADS). Measured on an H100 in one
 // job (reports/reference/h100/logs/fast_tile_ab_7db8267/, the variant noload): they made INT8 0-1.5%
-// faster and INT4 at D = 64 6% faster, but INT4 at D = 128 1-4% slower (its three buffers unrolled
-// over two load paths spilled 16 bytes), so INT4 at D = 128 keeps the clamped loads.
-template <int D, int G = 0>
-constexpr bool kFastLoads = KVPACK_FAST_LOADS == 2 || (KVPACK_FAST_LOADS == 1 && !(G > 0 && D == 128));
+// faster and INT4 at D = 64 6% faster; INT4 at D = 128 then spilled and ran 1-4% slower, which it no
+// longer does (above).
+constexpr bool kFastLoads = KVPACK_FAST_LOADS != 0;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -1101,7 +1101,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   const int64_t fast_end = p.max_tokens <= (int64_t{1} << 32) ? last - (kTileTokens - 1) : -1;
 #endif
   auto unclamped = [&](int64_t x) {
-    if constexpr (kFastLoads<D, G>) {
+    if constexpr (kFastLoads) {
       return x <= fast_end;
     } else {
       return false;
