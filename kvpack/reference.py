@@ -164,7 +164,7 @@ def decode_error_bound(q, k, v, lengths=None, sm_scale=None, *, score_rel: float
 
     Sources of error, each stated as what the computation may perturb:
       score_rel   each product q_d k_td may be off by this relative amount (the query's rounding:
-                  2^-11 for fp16, as the fused kernel stores q' in fp16), so a score moves by at most
+                  2^-11 for fp16, as the fused INT4 kernel stores q' in fp16), so a score moves by at most
                   delta_t = score_rel * sm_scale * sum_d |q_d k_td|;
       k_err       [B, Hkv, T] or None: |K error| per element of token t (a quantized cache: half its
                   scale), moving the score by sm_scale * k_err_t * sum_d |q_d| more;

@@ -12,7 +12,7 @@ PATH), finds each split kernel's innermost loop that holds both mma and global l
 kBuffers tiles unrolled) and prints its instructions per tile, with the kinds that weigh most.
 
     python tools/lab/sass_tile.py                                  # the default kernels
-    python tools/lab/sass_tile.py --variant "old=-DKVPACK_FAST_EXP=0 -DKVPACK_FAST_LOADS=0 -DKVPACK_INT4_SCALED_NIBBLES=0"
+    python tools/lab/sass_tile.py --variant "old=-DKVPACK_FAST_EXP=0 -DKVPACK_FAST_LOADS=0"
 
 Static counts: a branch taken rarely (the output's rescale when the running max moves) counts fully.
 """
