@@ -35,6 +35,7 @@ import check_cuda_compile as ccc
 KERNELS = [
     ("INT8 D=64", "decode_attention.cu", r"decode_split_kernelILi64E6__halfLb1ELb0ELi0E", 2),
     ("INT8 D=128", "decode_attention.cu", r"decode_split_kernelILi128E6__halfLb1ELb0ELi0E", 2),
+    ("INT8 paged D=64", "decode_attention.cu", r"decode_split_kernelILi64E6__halfLb1ELb1ELi0E", 2),
     ("INT8 paged D=128", "decode_attention.cu", r"decode_split_kernelILi128E6__halfLb1ELb1ELi0E", 2),
     ("INT8 D=256", "decode_attention.cu", r"decode_split_kernelILi256E6__halfLb1ELb0ELi0E", 1),
     ("INT4 g32 D=64", "decode_int4.cu", r"decode_split_kernelILi64E6__halfLb1ELb0ELi32E", 2),
