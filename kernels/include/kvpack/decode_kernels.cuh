@@ -70,7 +70,7 @@ namespace {
 
 constexpr int kDecodeWarps = 4;        // warps per block of the split kernel
 constexpr int kTileTokens = 16;        // tokens per tile (the mma's k for P'V)
-constexpr int kHeadsPerWarp = 8;       // query heads per warp (the mma's n for S^T rows in use)
+constexpr int kHeadsPerWarp = 8;       // query heads per warp (8 rows of the INT8 score mma, the INT4 one's n)
 constexpr int kMinSplitTokens = 128;   // never cut a sequence into parts shorter than this (2 tiles a warp)
 constexpr int kMaxSplits = 4096;       // the merge keeps one weight per part in shared memory
 // Up to this many parts, the last block of a (sequence, KV head, head group) to finish merges the
@@ -343,7 +343,7 @@ struct DecodeState {
   float m[2];  // INT4: heads 2t and 2t + 1 (l: the share of tokens g, g + 8); INT8: [0], head g
   float l[2];
   float mu[2];
-  // INT4 with scaled nibbles: the -8 offset's share of every row of o (the rows of thread g share
+  // INT4: the -8 offset's share of every row of o (the rows of thread g share
   // one V group), -8 sum_tok r_tok P'[tok, h] for heads 2t, 2t + 1 (vc[0], vc[1]; rows g + 8: vc[2],
   // vc[3], zero), added to o at the end. Unused (and compiled away) elsewhere.
   float vc[4];
