@@ -349,6 +349,23 @@ struct DecodeState {
   float vc[4];
 };
 
+// Rescale the output columns of a thread (heads 2t and 2t + 1: a0, a1) when their reference moved,
+// and the INT4 V offset's sums with them (st.vc; never read for INT8, compiled away there).
+template <int D>
+__device__ __forceinline__ void rescale_columns(DecodeState<D>& st, float a0, float a1) {
+  if (a0 != 1.f || a1 != 1.f) {
+#pragma unroll
+    for (int i = 0; i < D / 16; ++i) {
+      st.o[i][0] *= a0;
+      st.o[i][1] *= a1;
+      st.o[i][2] *= a0;
+      st.o[i][3] *= a1;
+    }
+    st.vc[0] *= a0;
+    st.vc[1] *= a1;
+  }
+}
+
 // The online-softmax step of one tile, the same for every format. s: the tile's scores in log2
 // units (-inf where masked), for tokens 2t, 2t + 1, 2t + 8, 2t + 9 of head g. Updates the running
 // max and sum; with per-token V scales (kTokenV), P'[tok] = p[tok] * vs[tok], kept in fp16 range by
@@ -392,18 +409,8 @@ __device__ __forceinline__ void softmax_step(const float (&s)[4], const float (&
     st.mu[0] = mu_new;
   }
 
-  // Rescale the output columns (heads 2t and 2t + 1) when their reference moved.
-  const float a0 = __shfl_sync(kFullMask, alpha_o, 8 * t);
-  const float a1 = __shfl_sync(kFullMask, alpha_o, 8 * t + 4);
-  if (a0 != 1.f || a1 != 1.f) {
-#pragma unroll
-    for (int i = 0; i < D / 16; ++i) {
-      st.o[i][0] *= a0;
-      st.o[i][1] *= a1;
-      st.o[i][2] *= a0;
-      st.o[i][3] *= a1;
-    }
-  }
+  // The output columns are heads 2t and 2t + 1: their factors come from quads 2t and 2t + 1.
+  rescale_columns(st, __shfl_sync(kFullMask, alpha_o, 8 * t), __shfl_sync(kFullMask, alpha_o, 8 * t + 4));
 
   b0 = pack_f16x2(p[0], p[1]);
   b1 = pack_f16x2(p[2], p[3]);
@@ -443,17 +450,7 @@ __device__ __forceinline__ void softmax_step_kq(const float (&s)[4], float vmax,
     p[i + 2] = softmax_exp2(u1 - mu_use);
     st.mu[i] = mu_new;
   }
-  if (alpha_o[0] != 1.f || alpha_o[1] != 1.f) {
-#pragma unroll
-    for (int i = 0; i < D / 16; ++i) {
-      st.o[i][0] *= alpha_o[0];
-      st.o[i][1] *= alpha_o[1];
-      st.o[i][2] *= alpha_o[0];
-      st.o[i][3] *= alpha_o[1];
-    }
-    st.vc[0] *= alpha_o[0];
-    st.vc[1] *= alpha_o[1];
-  }
+  rescale_columns(st, alpha_o[0], alpha_o[1]);
   b0 = transpose_m8n8(pack_f16x2(p[0], p[1]));  // tokens 2t, 2t + 1 of head g
   b1 = transpose_m8n8(pack_f16x2(p[2], p[3]));  // tokens 2t + 8, 2t + 9
 }
