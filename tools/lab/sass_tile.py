@@ -13,6 +13,7 @@ kBuffers tiles unrolled) and prints its instructions per tile, with the kinds th
 
     python tools/lab/sass_tile.py                                  # the default kernels
     python tools/lab/sass_tile.py --variant "old=-DKVPACK_FAST_EXP=0 -DKVPACK_FAST_LOADS=0"
+    python tools/lab/sass_tile.py --dump "INT8 paged D=64"                 # and its tile loop
 
 Static counts: a branch taken rarely (the output's rescale when the running max moves) counts fully.
 """
@@ -89,7 +90,7 @@ def count(variant: str, flags: str, tmp: Path, nvcc: str, cuobjdump: str) -> dic
             for name, ins in functions(sass):
                 if re.search(pat, name):
                     seg = tile_loop(ins)
-                    out[label] = (len(seg) / tiles, collections.Counter(opcode(i) for i in seg), tiles) if seg else None
+                    out[label] = (len(seg) / tiles, collections.Counter(opcode(i) for i in seg), tiles, seg) if seg else None
     return out
 
 
@@ -97,6 +98,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", action="append", default=[], help='"name=nvcc flags" (repeatable), beside the default')
     ap.add_argument("--top", type=int, default=8, help="instruction kinds shown per kernel (default 8)")
+    ap.add_argument("--dump", metavar="KERNEL", default=None, help='print the tile loop of one kernel (e.g. "INT8 paged D=64"), every variant')
     args = ap.parse_args(argv)
     nvcc = ccc.find_nvcc()
     cuobjdump = nvcc and ccc.find_tool(nvcc, "cuobjdump")
@@ -117,9 +119,14 @@ def main(argv=None) -> int:
     for label, *_ in KERNELS:
         c = results["default"].get(label)
         if c:
-            _, ops, tiles = c
+            _, ops, tiles, _ = c
             top = ", ".join(f"{k} {v / tiles:.0f}" for k, v in ops.most_common(args.top))
             print(f"  default {label}: {top}")
+    for name in names if args.dump else []:
+        c = results[name].get(args.dump)
+        print(f"\n== {args.dump}, {name}: {len(c[3]) if c else 0} instructions in the loop")
+        for i in c[3] if c else []:
+            print("   ", i)
     return 0
 
 
