@@ -118,7 +118,8 @@ constexpr int kMergeUnroll = KVPACK_MERGE_UNROLL;
 #define KVPACK_FAST_LOADS 1
 #endif
 // Resident blocks per multiprocessor the split kernel is compiled for (a register budget): at
-// D = 128, 3 blocks (12 warps, 168 registers, 8 bytes spilled) rather than the 2 that 183 registers
+// D = 128, 3 blocks (12 warps, 168 registers; the per-token INT8 kernels keep 16 bytes on the stack,
+// outside the tile loop, since 8347ac7) rather than the 2 that 183 registers
 // allow, for more bytes in flight; D = 64 fits 4, D = 256 takes what 255 registers leave (2).
 // INT4 (G) takes the same budgets: at D = 128, 4 blocks (128 registers, 56 bytes spilled) ran 8-10%
 // slower than 3 on an H100 (reports/reference/h100/int4/).
