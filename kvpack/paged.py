@@ -74,6 +74,20 @@ def check_page_size(page_size: int, name: str = "page_size") -> None:
         )
 
 
+# The CUDA kernels address a token row of the pool (page id * Hkv * page_size + row) in 32 bits.
+MAX_POOL_ROWS = 2**32
+
+
+def check_pool_rows(num_pages: int, kv_heads: int, page_size: int) -> None:
+    rows = num_pages * kv_heads * page_size
+    if rows > MAX_POOL_ROWS:
+        raise ValueError(
+            f"the page pool holds num_pages * Hkv * page_size = {rows} token rows; the paged kernels address "
+            f"at most 2^32: use fewer pages ({MAX_POOL_ROWS // (kv_heads * page_size)} at most for Hkv = "
+            f"{kv_heads}, page_size = {page_size})"
+        )
+
+
 def _int_tensor(x, name: str, dtype: torch.dtype, shape: tuple, what: str, device: torch.device, ref: str) -> None:
     _tensor(x, name, len(shape), what)
     if x.dtype != dtype:
@@ -105,6 +119,7 @@ def check_paged_cache(k_pages, v_pages, k_scales, v_scales, block_tables, length
         raise ValueError(f"k_pages {tuple(k_pages.shape)} holds no pages or no KV heads")
     check_page_size(page_size, "page_size (k_pages.shape[2])")
     check_head_dim(d, "D (k_pages.shape[3])")
+    check_pool_rows(num_pages, hkv, page_size)
     _tensor(block_tables, "block_tables", 2, "[S, max_pages_per_seq] int32")
     s, max_pages = block_tables.shape
     if s < 1 or max_pages < 1:
@@ -394,6 +409,7 @@ class PagedKVCache:
         check_granularity(granularity)
         if self.max_tokens >= 2**31:
             raise ValueError(f"max_pages_per_seq * page_size = {self.max_tokens} does not fit the int32 lengths")
+        check_pool_rows(self.num_pages, self.kv_heads, self.page_size)
         self.device = torch.device(device)
         check_query_dtype(dtype, self.device, "dtype (of the queries, outputs and new rows)")
         if self.device.type == "cuda" and self.device.index is None:

@@ -159,6 +159,18 @@ def test_other_page_sizes(page_size):
     assert torch.equal(paged.attend(ids[::-1], q.flip(0)), contiguous.attend(q).flip(0))
 
 
+def test_a_pool_of_more_than_2_to_the_32_rows_is_refused_before_anything_is_allocated():
+    """The CUDA kernels address a token row of the pool (page id * Hkv * page_size + row) in 32 bits."""
+    from kvpack.paged import MAX_POOL_ROWS, check_pool_rows
+    assert MAX_POOL_ROWS == 2**32
+    check_pool_rows(2**24, 1, 256)  # exactly 2^32 rows: allowed
+    check_pool_rows(2**20, 16, 256)
+    with pytest.raises(ValueError, match=r"num_pages \* Hkv \* page_size = 4294967552 token rows.*at most 2\^32"):
+        check_pool_rows(2**24 + 1, 1, 256)
+    with pytest.raises(ValueError, match=r"2097152 at most for Hkv = 8"):
+        PagedKVCache(2**21 + 1, 256, 8, 64, device="cpu")  # 256 GiB a pool: refused before any allocation
+
+
 # --- sequences joining and leaving -------------------------------------------------------------------
 
 def test_sequences_join_and_leave_and_freed_pages_are_reused():

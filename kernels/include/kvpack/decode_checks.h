@@ -150,6 +150,10 @@ inline PagedShape check_paged(int64_t rows, const at::Tensor& kp, const at::Tens
   TORCH_CHECK_VALUE(s.num_pages >= 1 && s.num_slots >= 1 && s.max_pages >= 1 &&
                         s.max_pages * s.page_size < (int64_t{1} << 31),
                     "kvpack: num_pages, num_slots and max_pages must be positive (and max_pages * page_size < 2^31)");
+  // kvpack.paged.check_pool_rows: the kernels address a token row of the pool in 32 bits
+  TORCH_CHECK_VALUE(s.num_pages * s.kv_heads * s.page_size <= (int64_t{1} << 32), "kvpack: the page pool holds ",
+                    "num_pages * Hkv * page_size = ", s.num_pages * s.kv_heads * s.page_size,
+                    " token rows; the paged kernels address at most 2^32: use fewer pages");
   check_cache_tensor(kp, "k_pages", at::kChar, {s.num_pages, s.kv_heads, s.page_size, s.head_dim}, like);
   check_cache_tensor(vp, "v_pages", at::kChar, {s.num_pages, s.kv_heads, s.page_size, s.head_dim}, like);
   if (per_token) {

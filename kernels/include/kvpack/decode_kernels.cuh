@@ -55,6 +55,7 @@
 #pragma once
 
 #include <cfloat>
+#include <climits>
 #include <cmath>
 #include <mutex>
 #include <type_traits>
@@ -71,7 +72,12 @@ namespace {
 constexpr int kDecodeWarps = 4;        // warps per block of the split kernel
 constexpr int kTileTokens = 16;        // tokens per tile (the mma's k for P'V)
 constexpr int kHeadsPerWarp = 8;       // query heads per warp (8 rows of the INT8 score mma, the INT4 one's n)
-constexpr int kMinSplitTokens = 128;   // never cut a sequence into parts shorter than this (2 tiles a warp)
+// Never cut a sequence into parts shorter than this (128: 2 tiles a warp); KVPACK_MIN_SPLIT_TOKENS,
+// a compile-time knob for the lab (it sets the planner's, host code in this header).
+#ifndef KVPACK_MIN_SPLIT_TOKENS
+#define KVPACK_MIN_SPLIT_TOKENS 128
+#endif
+constexpr int kMinSplitTokens = KVPACK_MIN_SPLIT_TOKENS;
 constexpr int kMaxSplits = 4096;       // the merge keeps one weight per part in shared memory
 // Up to this many parts, the last block of a (sequence, KV head, head group) to finish merges the
 // parts itself (no second launch); beyond it, decode_combine_kernel does, a block per query head.
@@ -91,6 +97,12 @@ constexpr int kFusedMergeMaxSplits = 128;
 #ifndef KVPACK_PRELOAD_ALL
 #define KVPACK_PRELOAD_ALL 0
 #endif
+// KVPACK_MERGE_UNROLL, the parts a thread of the last-block merge reads before it sums them (each
+// read is an L2 round trip; more in flight, fewer round trips, more registers).
+#ifndef KVPACK_MERGE_UNROLL
+#define KVPACK_MERGE_UNROLL 8
+#endif
+constexpr int kMergeUnroll = KVPACK_MERGE_UNROLL;
 // KVPACK_FAST_EXP, the softmax's exp2 and log2 and the INT4 ratios' reciprocal as single MUFU
 // instructions that flush subnormals to zero (0: exp2f, __log2f and __fdividef, each with a range
 // fix-up of three or four more instructions).
@@ -106,7 +118,8 @@ constexpr int kFusedMergeMaxSplits = 128;
 #define KVPACK_FAST_LOADS 1
 #endif
 // Resident blocks per multiprocessor the split kernel is compiled for (a register budget): at
-// D = 128, 3 blocks (12 warps, 168 registers, 8 bytes spilled) rather than the 2 that 183 registers
+// D = 128, 3 blocks (12 warps, 168 registers, no local memory: 8347ac7's 64-bit block indices spilled
+// 16 bytes there and cost INT8 up to 5%, see tools/lab/NOTES.md) rather than the 2 that 183 registers
 // allow, for more bytes in flight; D = 64 fits 4, D = 256 takes what 255 registers leave (2).
 // INT4 (G) takes the same budgets: at D = 128, 4 blocks (128 registers, 56 bytes spilled) ran 8-10%
 // slower than 3 on an H100 (reports/reference/h100/int4/).
@@ -484,8 +497,7 @@ __device__ __forceinline__ void attend_values(const Tile<D>& tile, DecodeState<D
 // 2^30 at D = 256), then one I2F a score.
 template <int D, bool kPerToken>
 __device__ __forceinline__ void attend_tile(const Tile<D>& tile, const uint32_t (&qa)[D / 16][2],
-                                            DecodeState<D>& st, float q_unscale, int64_t tb, int64_t t1,
-                                            int t) {
+                                            DecodeState<D>& st, float q_unscale, int rem, int t) {
   float s[4];
 #pragma unroll
   for (int nb = 0; nb < 2; ++nb) {
@@ -506,7 +518,7 @@ __device__ __forceinline__ void attend_tile(const Tile<D>& tile, const uint32_t 
   for (int r = 0; r < 4; ++r) {
     float x = s[r] * q_unscale;
     if constexpr (kPerToken) x *= tile.ks[r];
-    s[r] = (tb + slot_token(r, t) < t1) ? x : -INFINITY;
+    s[r] = slot_token(r, t) < rem ? x : -INFINITY;
   }
   // O^T += V^T P'^T: the S^T fragment is P'^T's B fragment.
   uint32_t b0;
@@ -758,7 +770,7 @@ __device__ __forceinline__ float tile_v_ratios(const Tile4<D, G>& tile, uint32_t
 template <int D, int G, bool kKeyGroups>
 __device__ __forceinline__ void attend_tile4(const Tile4<D, G>& tile, const uint32_t (&qb)[D / 16][2],
                                                 const uint32_t (&qc)[2], DecodeState<D>& st,
-                                                const float (&q_unscale)[2], int64_t tb, int64_t t1, int g) {
+                                                const float (&q_unscale)[2], int rem, int g) {
   using TL = Tile4<D, G>;
   float kmax[2] = {1.f, 1.f};
   uint32_t r256[2][2] = {{0u, 0u}, {0u, 0u}};  // [row][piece]
@@ -800,7 +812,7 @@ __device__ __forceinline__ void attend_tile4(const Tile4<D, G>& tile, const uint
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const float x = c[r] * q_unscale[r & 1] * kmax[r >> 1];
-    s[r] = (tb + g + 8 * (r >> 1) < t1) ? x : -INFINITY;
+    s[r] = g + 8 * (r >> 1) < rem ? x : -INFINITY;
   }
   uint32_t rab;
   uint32_t rcd;
@@ -848,10 +860,12 @@ struct HeadGroup {
   int nh;
 };
 
-__device__ __forceinline__ HeadGroup head_group(int64_t seq_head, int hg, int64_t q_heads, int64_t kv_heads) {
-  const int64_t kvh = seq_head % kv_heads;
-  const int64_t group = q_heads / kv_heads;
-  return {seq_head / kv_heads, kvh, kvh * group + hg * kHeadsPerWarp,
+__device__ __forceinline__ HeadGroup head_group(uint32_t seq_head, int hg, int64_t q_heads, int64_t kv_heads) {
+  // 32-bit divisions (a grid is < 2^31 blocks; head counts are small)
+  const uint32_t hkv = static_cast<uint32_t>(kv_heads);
+  const int64_t kvh = seq_head % hkv;
+  const int64_t group = static_cast<uint32_t>(q_heads) / hkv;
+  return {seq_head / hkv, kvh, kvh * group + hg * kHeadsPerWarp,
           static_cast<int>(min(static_cast<int64_t>(kHeadsPerWarp), group - hg * kHeadsPerWarp))};
 }
 
@@ -923,7 +937,7 @@ __device__ __forceinline__ void merge_group(const float* po, const float* stats,
     const float* ph = po + static_cast<int64_t>(h) * S * D + d;
     const float* wh = s_w + h * kFusedMergeMaxSplits;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
+#pragma unroll kMergeUnroll
     for (int s = 0; s < S; ++s) {
       const float w = wh[s];
       const float4 v = __ldcg(reinterpret_cast<const float4*>(ph + static_cast<int64_t>(s) * D));
@@ -985,11 +999,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2;
   const int t = lane & 3;
-  int64_t item = blockIdx.x;  // (b, kvh, split, hg), hg fastest
-  const int hg = static_cast<int>(item % p.head_groups);
-  item /= p.head_groups;
-  const int split = static_cast<int>(item % p.splits);
-  const HeadGroup hgr = head_group(item / p.splits, hg, p.q_heads, p.kv_heads);
+  uint32_t item = blockIdx.x;  // (b, kvh, split, hg), hg fastest (32-bit divisions: a grid is < 2^31 blocks)
+  const int hg = static_cast<int>(item % static_cast<uint32_t>(p.head_groups));
+  item /= static_cast<uint32_t>(p.head_groups);
+  const int split = static_cast<int>(item % static_cast<uint32_t>(p.splits));
+  const HeadGroup hgr = head_group(item / static_cast<uint32_t>(p.splits), hg, p.q_heads, p.kv_heads);
   const int64_t b = hgr.b;
   const int64_t kvh = hgr.kvh;
   const int64_t h0 = hgr.h0;
@@ -1038,10 +1052,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   const int64_t raw_len = p.lengths ? static_cast<int64_t>(p.lengths[slot]) : p.max_tokens;
   const int64_t len = min(max(raw_len, int64_t{0}), p.max_tokens);
   if (reporter && p.clamped && (raw_len < 1 || raw_len > p.max_tokens)) *p.clamped = 1;
-  const int64_t chunk = (len + p.splits - 1) / p.splits;
-  const int64_t chunk16 = (chunk + kTileTokens - 1) / kTileTokens * kTileTokens;
-  const int64_t t0 = split * chunk16;
-  const int64_t t1 = min(t0 + chunk16, len);
+  // Token positions from here on are 32-bit: T_max < 2^31 (the op checks it), so a position plus a
+  // few tiles stays below 2^32 (and a division by the split count is a 32-bit one).
+  const uint32_t chunk = (static_cast<uint32_t>(len) + p.splits - 1) / static_cast<uint32_t>(p.splits);
+  const uint32_t chunk16 = (chunk + kTileTokens - 1) / kTileTokens * kTileTokens;
+  const uint32_t t0 = split * chunk16;
+  const uint32_t t1 = min(t0 + chunk16, static_cast<uint32_t>(len));
   float* stats = p.partial_stats + ((b * p.q_heads + h0) * p.splits + split) * 2;
   const int64_t stats_head_stride = static_cast<int64_t>(p.splits) * 2;
   if (t0 >= t1) {  // an empty part (the whole block agrees): the merge skips it
@@ -1060,8 +1076,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   const float* vsb = kTokenV ? p.v_scales + kv_row0 * p.max_tokens * kRowScales : nullptr;
   const int64_t last = p.max_tokens - 1;
   const int32_t* bt = kPaged ? p.block_tables + slot * p.max_pages : nullptr;
-  constexpr int64_t kStride = static_cast<int64_t>(kDecodeWarps) * kTileTokens;
-  const int64_t first = t0 + static_cast<int64_t>(warp) * kTileTokens;
+  constexpr uint32_t kStride = kDecodeWarps * kTileTokens;
+  const uint32_t first = t0 + warp * kTileTokens;
   // Tile x of this (sequence, KV head): contiguous, rows x.. of its block; paged, rows x % page_size..
   // of the page holding x (a tile never crosses a page: page_size is a multiple of 16, x of 16).
   // Paged, the page id of the next tile to load is read one load ahead (lookup), so that the tile's
@@ -1073,33 +1089,36 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   const uint32_t page_m = kPaged ? static_cast<uint32_t>(p.page_size) >> 4 : 1u;
   const uint32_t page_magic = page_m > 1 ? static_cast<uint32_t>((uint64_t{1} << 32) / page_m + 1) : 0u;
   const uint32_t page_self = page_m == 1 ? ~0u : 0u;
-  auto page_index = [&](int64_t x) -> uint32_t {
-    const uint32_t u = static_cast<uint32_t>(x) >> 4;  // < 2^27 + a few tiles
+  auto page_index = [&](uint32_t x) -> uint32_t {
+    const uint32_t u = x >> 4;  // < 2^27 + a few tiles
     return __umulhi(u, page_magic) + (u & page_self);
   };
-  auto lookup = [&](int64_t x) -> int32_t {
+  // A tile's place in a paged cache: its page id as read from the block table (checked where used)
+  // and its first row in that page.
+  struct PageRef {
+    int32_t id;
+    uint32_t row;
+  };
+  auto lookup = [&](uint32_t x) -> PageRef {
     if constexpr (kPaged) {
-      return __ldg(bt + min(page_index(x), static_cast<uint32_t>(p.max_pages - 1)));
+      const uint32_t i = page_index(x);
+      return {__ldg(bt + min(i, static_cast<uint32_t>(p.max_pages - 1))),
+              x - i * static_cast<uint32_t>(p.page_size)};
     } else {
-      return 0;
+      return {0, 0u};
     }
   };
-  // Paged: a page id outside [0, num_pages) is clamped where it is used and flagged once, after the
-  // loop (paged_clamped); rows of page `page` for KV head kvh start at page * page_rows + kvh_rows.
-  bool paged_clamped = false;
-  const int64_t page_rows = kPaged ? p.kv_heads * p.page_size : 0;
-  const int64_t kvh_rows = kPaged ? kvh * p.page_size : 0;
   using TileT = std::conditional_t<kInt4, Tile4<D, (kInt4 ? G : 32)>, Tile<D>>;
   // Contiguous (kFastLoads): a tile whose 16 rows all lie in the cache (x <= fast_end, every tile
   // but one near the cache's end) loads without clamps (load_tile_at).
 #ifdef KVPACK_LAB_UNCLAMPED  // tools/lab/sass_tile.py: the loop with only the unclamped loads, to count (never run)
-  const int64_t fast_end = INT64_MAX;
+  const int fast_end = INT_MAX;
 #else
-  const int64_t fast_end = p.max_tokens <= (int64_t{1} << 32) ? last - (kTileTokens - 1) : -1;
+  const int fast_end = static_cast<int>(p.max_tokens) - kTileTokens;
 #endif
-  auto unclamped = [&](int64_t x) {
+  auto unclamped = [&](uint32_t x) {
     if constexpr (kFastLoads) {
-      return x <= fast_end;
+      return static_cast<int>(x) <= fast_end;
     } else {
       return false;
     }
@@ -1110,11 +1129,23 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   const int8_t* vbt = vb + ts.v;
   const float* ksbt = kPerToken ? ksb + ts.ks : nullptr;
   const float* vsbt = kTokenV ? vsb + ts.vs : nullptr;
-  auto load = [&](TileT& tile, int64_t x, int32_t page) {
+  // Paged: the same for KV head kvh in page 0 (pages [num_pages, Hkv, page_size, D]); a tile adds
+  // row = id * Hkv * page_size + its row in the page, in 32 bits (check_paged: the pool holds at
+  // most 2^32 rows), so each array's address is one wide multiply-add a tile. A page id outside
+  // [0, num_pages) is clamped where it is used and flagged once, after the loop, from the largest id
+  // seen as unsigned (a negative id is larger than any valid one).
+  uint32_t page_seen = 0;
+  const int64_t kvh_rows = kPaged ? kvh * p.page_size : 0;
+  const uint32_t page_rows = kPaged ? static_cast<uint32_t>(p.kv_heads * p.page_size) : 0u;
+  const int8_t* kp0 = kPaged ? p.k + kvh_rows * D + ts.k : nullptr;
+  const int8_t* vp0 = kPaged ? p.v + kvh_rows * D + ts.v : nullptr;
+  const float* ksp0 = kPaged && kPerToken ? p.k_scales + kvh_rows + ts.ks : nullptr;
+  const float* vsp0 = kPaged && kPerToken ? p.v_scales + kvh_rows + ts.vs : nullptr;
+  auto load = [&](TileT& tile, uint32_t x, PageRef page) {
     if constexpr (kInt4) {
       using U8 = const uint8_t*;
       if (unclamped(x)) {
-        const uint64_t xr = static_cast<uint32_t>(x);  // < 2^32 (fast_end)
+        const uint64_t xr = x;
         load_tile4_at<D, G, kPerToken>(tile, reinterpret_cast<U8>(kbt) + xr * kRowBytes,
                                        reinterpret_cast<U8>(vbt) + xr * kRowBytes,
                                        kPerToken ? ksbt + xr * kRowScales : nullptr, vsbt + xr * kRowScales);
@@ -1122,15 +1153,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
         load_tile4<D, G, kPerToken>(tile, reinterpret_cast<U8>(kb), reinterpret_cast<U8>(vb), ksb, vsb, x, last, g, t);
       }
     } else if constexpr (kPaged) {
-      paged_clamped |= static_cast<uint32_t>(page) >= static_cast<uint32_t>(p.num_pages);
-      page = min(max(page, 0), static_cast<int32_t>(p.num_pages - 1));
-      // the tile's first row: its page's, plus x's row in the page (a tile never crosses a page)
-      const int64_t r = page * page_rows + kvh_rows +
-                        static_cast<int64_t>(static_cast<uint32_t>(x) - page_index(x) * static_cast<uint32_t>(p.page_size));
-      load_tile_at<D, kPerToken>(tile, p.k + r * D + ts.k, p.v + r * D + ts.v,
-                                 kPerToken ? p.k_scales + r + ts.ks : nullptr, kPerToken ? p.v_scales + r + ts.vs : nullptr);
+      page_seen = max(page_seen, static_cast<uint32_t>(page.id));
+      const uint32_t id = static_cast<uint32_t>(min(max(page.id, 0), static_cast<int32_t>(p.num_pages - 1)));
+      const uint32_t row = id * page_rows + page.row;
+      load_tile_at<D, kPerToken>(tile, kp0 + static_cast<uint64_t>(row) * D, vp0 + static_cast<uint64_t>(row) * D,
+                                 kPerToken ? ksp0 + row : nullptr, kPerToken ? vsp0 + row : nullptr);
     } else if (unclamped(x)) {
-      const uint64_t xr = static_cast<uint32_t>(x);  // < 2^32 (fast_end)
+      const uint64_t xr = x;
       load_tile_at<D, kPerToken>(tile, kbt + xr * D, vbt + xr * D, kPerToken ? ksbt + xr : nullptr,
                                  kPerToken ? vsbt + xr : nullptr);
     } else {
@@ -1144,7 +1173,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   constexpr int kBuffers = kDecodeBuffers<D, G>;
   constexpr int kPreload = (KVPACK_PRELOAD_ALL || kBuffers == 1) ? kBuffers : kBuffers - 1;
   TileT buf[kBuffers];
-  int32_t next_page = lookup(first);
+  PageRef next_page = lookup(first);
 #pragma unroll
   for (int j = 0; j < kPreload; ++j) {
     if (first + j * kStride < t1) load(buf[j], first + j * kStride, next_page);
@@ -1238,11 +1267,14 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   // INT4: this thread's scores are heads 2t and 2t + 1 (their unscale factors, from the quads that
   // prepared them).
   const float q_unscale2[2] = {__shfl_sync(kFullMask, q_unscale, 8 * t), __shfl_sync(kFullMask, q_unscale, 8 * t + 4)};
-  auto attend = [&](const TileT& tile, int64_t x) {
+  // rem: the tokens from tile x to the part's end (>= 1; lengths are int32, so it fits 32 bits and
+  // the tile's bounds compare its own token slots with it: one subtract a tile, no 64-bit compares).
+  auto attend = [&](const TileT& tile, uint32_t x) {
+    const int rem = static_cast<int>(t1 - x);
     if constexpr (kInt4) {
-      attend_tile4<D, G, kPerToken>(tile, qa, qc, st, q_unscale2, x, t1, g);
+      attend_tile4<D, G, kPerToken>(tile, qa, qc, st, q_unscale2, rem, g);
     } else {
-      attend_tile<D, kPerToken>(tile, qa, st, q_unscale, x, t1, t);
+      attend_tile<D, kPerToken>(tile, qa, st, q_unscale, rem, t);
     }
   };
 
@@ -1252,13 +1284,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   // out in token order, so a paged cache's next page id is read one load ahead.
   // (Measured on the H200, INT8: a ring that reloads each buffer right after computing it, the same
   // prefetch distance, ran 10-15% slower at every shape; so did a third buffer at D = 64.)
-  for (int64_t x = first; x < t1; x += kBuffers * kStride) {
+  for (uint32_t x = first; x < t1; x += kBuffers * kStride) {
 #pragma unroll
     for (int j = 0; j < kBuffers; ++j) {
-      const int64_t xj = x + j * kStride;
+      const uint32_t xj = x + j * kStride;
       if (xj >= t1) break;
       if constexpr (kBuffers > 1) {
-        const int64_t ahead = xj + (kBuffers - 1) * kStride;
+        const uint32_t ahead = xj + (kBuffers - 1) * kStride;
         if (ahead < t1 && ahead >= first + kPreload * kStride) {  // (the first tiles were preloaded)
           load(buf[(j + kBuffers - 1) % kBuffers], ahead, next_page);
           next_page = lookup(ahead + kStride);
@@ -1270,7 +1302,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
       attend(buf[j], xj);
     }
   }
-  if (kPaged && paged_clamped && p.clamped) *p.clamped = 1;
+  if (kPaged && page_seen >= static_cast<uint32_t>(p.num_pages) && p.clamped) *p.clamped = 1;
 
   // Merge the warps' states: per head the block's max M = max_w m_w, the sum l = sum_w l_w 2^(m_w - M),
   // and the output sum_w O_w 2^(mu_w - M) (O_w is relative to mu_w; mu_w - M <= log2 of the largest
@@ -1455,8 +1487,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_merge_kernel(const C
   __shared__ float s_w[kHeadsPerWarp * kFusedMergeMaxSplits];
   __shared__ float s_inv[kHeadsPerWarp];
   wait_for_primary();  // the split kernel's partial results
-  const int64_t item = blockIdx.x;  // (b, kvh, hg), hg fastest: the split kernel's blocks without the part
-  const HeadGroup hgr = head_group(item / p.head_groups, static_cast<int>(item % p.head_groups), p.q_heads, p.kv_heads);
+  const uint32_t item = blockIdx.x;  // (b, kvh, hg), hg fastest: the split kernel's blocks without the part
+  const uint32_t groups = static_cast<uint32_t>(p.head_groups);
+  const HeadGroup hgr = head_group(item / groups, static_cast<int>(item % groups), p.q_heads, p.kv_heads);
   const int64_t slot = slot_of(p.seq_ids, hgr.b, p.num_slots, nullptr, false);
   const int64_t bh0 = hgr.b * p.q_heads + hgr.h0;
   merge_group<D, QT, kTokenV>(p.partial_out + bh0 * p.splits * D, p.partial_stats + bh0 * p.splits * 2,
