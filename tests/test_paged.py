@@ -20,7 +20,7 @@ import torch
 
 import kvpack
 from kvpack import reference as ref
-from kvpack.paged import PagedKVCache, paged_decode_attention, paged_kv_append
+from kvpack.paged import MAX_POOL_ROWS, PagedKVCache, check_pool_rows, paged_decode_attention, paged_kv_append
 
 HAS_CUDA = torch.cuda.is_available()
 OUT_REL = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
@@ -161,7 +161,6 @@ def test_other_page_sizes(page_size):
 
 def test_a_pool_of_more_than_2_to_the_32_rows_is_refused_before_anything_is_allocated():
     """The CUDA kernels address a token row of the pool (page id * Hkv * page_size + row) in 32 bits."""
-    from kvpack.paged import MAX_POOL_ROWS, check_pool_rows
     assert MAX_POOL_ROWS == 2**32
     check_pool_rows(2**24, 1, 256)  # exactly 2^32 rows: allowed
     check_pool_rows(2**20, 16, 256)
