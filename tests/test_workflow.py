@@ -215,3 +215,42 @@ def test_end_to_end_tables_figures_report(e2e):
     assert not claims.duplicated(["claim_id", "source", "device_slug"]).any()
     per_claim = claims.groupby("claim_id", sort=False).size()
     assert (per_claim == per_claim.iloc[0]).all() and "this run" in set(claims["source"])
+
+
+def test_runner_leaves_a_job_predicted_to_overrun_for_a_later_run(tmp_path, monkeypatch):
+    """The runner predicts a benchmark job's time from the largest one of its stage so far (seconds per
+    element) and leaves one that would end after --time-limit for the next call, which runs it."""
+    from kvpack.pipeline import runner
+
+    clock = [0.0]
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: clock[0])
+    ran = []
+
+    def fake_job(w, device, settings, prov):
+        ran.append((w["T"], w["D"]))
+        clock[0] += 1e-6 * w["T"] * w["D"]  # 1 s per million elements, nothing fixed
+        return {"T": w["T"]}
+
+    monkeypatch.setattr(runner.bench, "run_benchmark_job", fake_job)
+    monkeypatch.setattr(runner.records, "write_record", lambda rec, out: (out.parent.mkdir(parents=True, exist_ok=True),
+                                                                         out.write_text(json.dumps(rec))))
+    grid = tmp_path / "grid.yaml"  # 1, 2, 4 and 0.5 million elements, in that order
+    grid.write_text(yaml.safe_dump({"device": "cpu", "dtypes": ["float32"], "grid": [
+        {"name": "a", "T": 1000, "D": 1000}, {"name": "b", "T": 2000, "D": 1000},
+        {"name": "c", "T": 4000, "D": 1000}, {"name": "d", "T": 500, "D": 1000}]}))
+    argv = ["--configfile", str(CONFIG), "--configfile", str(grid), "--stages", "benchmark",
+            "--results", str(tmp_path / "res"), "--device-name", "box", "--time-limit", "5"]
+    # a (1 s) and b (2 s, predicted 2) fit in 5 s; c would end at 3 + 4 = 7 s; d (predicted 0.5) still fits
+    assert runner.main(argv) == 0
+    assert ran == [(1000, 1000), (2000, 1000), (500, 1000)]
+    # the next call has no pace yet: it runs what is missing, c alone
+    clock[0] = 0.0
+    assert runner.main(argv) == 0
+    assert ran[3:] == [(4000, 1000)]
+    assert sorted(p.name for p in (tmp_path / "res" / "box" / "benchmark").iterdir()) == [
+        "1000x1000_float32.json", "2000x1000_float32.json", "4000x1000_float32.json", "500x1000_float32.json"]
+    pace = runner.Pace()
+    assert pace.predict("benchmark", 10) == 0.0
+    pace.observe("benchmark", 4, 2.0)
+    pace.observe("benchmark", 2, 9.0)  # a smaller job never sets the pace
+    assert pace.predict("benchmark", 10) == pytest.approx(5.0)

@@ -26,8 +26,11 @@ if [ -z "$(find .device/paper -name '*.json' | head -1)" ]; then
 fi
 before=$(find .device/paper -name '*.json' | wc -l)
 t0=$SECONDS
-python3 -m kvpack.pipeline.runner --configfile config/config.yaml --configfile config/paper.yaml \
-  --stages benchmark accuracy --results .device/paper --device-name "$DN" --time-limit $((BUDGET - SECONDS - 20)) \
+# the runner starts no job predicted to end after its limit; the timeout is for a prediction that was
+# wrong: a killed job loses only its own record, and the archive below still comes back
+left=$((BUDGET - SECONDS))
+timeout $((left - 10)) python3 -m kvpack.pipeline.runner --configfile config/config.yaml --configfile config/paper.yaml \
+  --stages benchmark accuracy --results .device/paper --device-name "$DN" --time-limit $((left - 30)) \
   2>&1 | grep -v -E "Warning|warn" >> "$L/runner.log"
 echo "runner: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s; records $before -> $(find .device/paper -name '*.json' | wc -l)"
 tail -n 5 "$L/runner.log"

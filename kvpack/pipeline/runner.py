@@ -68,13 +68,33 @@ def e2e_jobs(config: dict, device: str, outdir: Path) -> list:
              partial(e2e.run_e2e_job, {**settings, "T": [T]}, device)) for T in cfgmod.e2e_contexts(config)]
 
 
+class Pace:
+    """What a stage's next job will take, from the largest job of that stage run so far in this process:
+    its seconds per element times the next job's elements (the serial CPU baseline makes a paper job's
+    time nearly proportional to its size; a small job's fixed costs make the estimate high, never low).
+    Nothing is predicted before a stage's first job."""
+
+    def __init__(self):
+        self._largest: dict[str, tuple[int, float]] = {}  # stage -> (elements, seconds) of its largest job
+
+    def observe(self, stage: str, elements: int, seconds: float) -> None:
+        if elements >= self._largest.get(stage, (0, 0.0))[0]:
+            self._largest[stage] = (elements, seconds)
+
+    def predict(self, stage: str, elements: int) -> float:
+        n, s = self._largest.get(stage, (0, 0.0))
+        return s * elements / n if n else 0.0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configfile", action="append", required=True)
     ap.add_argument("--stages", nargs="+", default=["benchmark", "accuracy"],
                     choices=["benchmark", "accuracy", "decode", "e2e"])
     ap.add_argument("--results", default="results")
-    ap.add_argument("--time-limit", type=float, default=None, help="stop before starting a job after this many seconds")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="start no job after this many seconds, nor a benchmark or accuracy job predicted (Pace) "
+                         "to end after them")
     ap.add_argument("--max-elements", type=int, default=None, help="only workloads with at most this many elements")
     ap.add_argument("--device-name", default=None,
                     help="name of <results>/<name>/ (config device_name; default: the device's slug)")
@@ -92,18 +112,25 @@ def main(argv=None) -> int:
     if args.max_elements:
         jobs = [(s, w) for s, w in jobs if w["T"] * w["D"] <= args.max_elements]
     done = skipped = 0
+    pace = Pace()
     for stage, w in jobs:
         out = record_path(results, slug, stage, w)
         if out.exists():
             continue
-        if args.time_limit and time.perf_counter() - t0 > args.time_limit:
+        elements = w["T"] * w["D"]
+        elapsed = time.perf_counter() - t0
+        if args.time_limit and elapsed + pace.predict(stage, elements) > args.time_limit:
+            log.info("%s %dx%d %s: left for a later run (%.0f s in, about %.0f s more predicted, limit %.0f s)",
+                     stage, w["T"], w["D"], w["dtype"], elapsed, pace.predict(stage, elements), args.time_limit)
             skipped += 1
             continue
         log.info("%s %s %dx%d %s", stage, w["name"], w["T"], w["D"], w["dtype"])
         settings = cfgmod.job_settings(config, stage)
         prov = job_provenance(device, slug, {"workload": w, "settings": settings, "device": device})
         run = bench.run_benchmark_job if stage == "benchmark" else accuracy.run_accuracy_job
+        started = time.perf_counter()
         records.write_record(run(w, device, settings, prov), out)
+        pace.observe(stage, elements, time.perf_counter() - started)
         done += 1
     staged = [("decode", decode_jobs), ("e2e", e2e_jobs)]  # jobs that build their own provenance payload
     for stage, jobs_of in staged:
