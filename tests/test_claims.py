@@ -201,8 +201,8 @@ def test_a_source_without_gpu_rows_keeps_its_own_verdict(tmp_path):
     assert mine["decode_overhead"] == kc.NEEDS_GPU            # a CPU run: no decode step
     assert ref["decode_overhead"] == kc.NOT_MEASURABLE        # a GPU without decode records
     lines = kc.summary_lines(t)
-    assert lines[0].startswith("13 claims judged on this run: test-cpu:") and "9 needs a CUDA GPU" in lines[0]  # five + two decode + int4 + e2e
-    assert lines[1].startswith(f"13 claims judged on {REF_GPU}:")
+    assert lines[0].startswith("14 claims judged on this run: test-cpu:") and "10 needs a CUDA GPU" in lines[0]  # five + three decode + int4 + e2e
+    assert lines[1].startswith(f"14 claims judged on {REF_GPU}:")
 
 
 def test_no_records_one_row_per_claim():

@@ -212,3 +212,64 @@ def test_int4_decode_claim_without_int4_rows(tmp_path):
     c = assemble.build_tables(reference_dirs=[write_synthetic(tmp_path / "ref")]).claims.set_index("claim_id")
     assert c.loc["int4_decode", "verdict"] == claims.NOT_MEASURABLE
     assert assemble.build_tables().claims.set_index("claim_id").loc["int4_decode", "verdict"] == claims.NEEDS_GPU
+
+
+def _add_serving(ref, paged=0.97, worst_paged=None, api_over_graph=1.01, fi_over_paged=1.2):
+    """Issue 18's records beside write_synthetic's grid: paged rows (page size 16, `paged` x the contiguous
+    kernel's speed; `worst_paged` at the one D = 64 point), the API record and the FlashInfer record."""
+    for path in sorted((ref / "decode").glob("T*_B*.json")):
+        rec = json.loads(path.read_text())
+        row = rec["rows"][0]
+        if row.get("status") != "ok":
+            continue
+        frac = worst_paged if (worst_paged is not None and row["head_dim"] == 64) else paged
+        row.update(paged_p16_median_ms=row["fused_median_ms"] / frac, paged_p16_vs_fused=frac, paged_p16_equals_fused=True)
+        records.write_record(rec, path)
+    if api_over_graph is not None:
+        rows = [{"T": T, "batch": 1, "q_heads": 32, "kv_heads": 8, "head_dim": 128, "calls": 100, "graph_us": 10.0,
+                 "raw_op_us": 10.0 * api_over_graph, "default_us": 10.0 * api_over_graph, "check_lengths_us": 60.0,
+                 "default_over_graph": api_over_graph, "raw_over_graph": api_over_graph} for T in (4096, 32768)]
+        (ref / "api").mkdir(exist_ok=True)
+        (ref / "api" / "decode_api.json").write_text(json.dumps({"kind": "decode_api_bench", "provenance": PROV,
+                                                                 "rows": rows}))
+    if fi_over_paged is not None:
+        rows = [{"T": 32768, "batch": B, "q_heads": 32, "kv_heads": 8, "head_dim": 128, "page_size": 16,
+                 "flashinfer_version": "0.0-synthetic", "sdpa_best": "sdpa_cudnn", "kvpack_int8_median_ms": 0.1,
+                 "kvpack_int8_paged_median_ms": 0.1, "fi_fa2_fp16_median_ms": 0.1 * fi_over_paged,
+                 "fi_fa2tc_fp16_median_ms": 0.1 * fi_over_paged * 1.1, "fi_xqa_fp16_median_ms": 0.1 * fi_over_paged * 1.3}
+                for B in (1, 8)]
+        (ref / "peers").mkdir(exist_ok=True)
+        (ref / "peers" / "paged_peers_p16.json").write_text(json.dumps(
+            {"kind": "paged_peers", "workload": {"name": "paged peers"}, "provenance": PROV, "rows": rows}))
+    return ref
+
+
+@pytest.mark.parametrize("serving, verdict, missed", [
+    ({}, claims.REPRODUCED, None),
+    ({"worst_paged": 0.94}, claims.NOT_REPRODUCED, "paged decode within 5%"),
+    ({"api_over_graph": 1.05}, claims.NOT_REPRODUCED, "the default call within 3%"),
+    ({"fi_over_paged": 0.9}, claims.NOT_REPRODUCED, "ahead of FlashInfer"),
+    ({"api_over_graph": None, "fi_over_paged": None}, claims.NOT_MEASURABLE, None),
+])
+def test_serving_decode_claim_judges_each_of_issue_18s_goals(tmp_path, serving, verdict, missed):
+    ref = _add_serving(write_synthetic(tmp_path / "ref", speedup=2.5), **serving)
+    t = assemble.build_tables(reference_dirs=[ref])
+    row = t.claims.set_index("claim_id").loc["serving_decode"]
+    assert row["verdict"] == verdict, row.to_dict()
+    if verdict == claims.REPRODUCED:
+        assert row["our_value"] == "6 of 6 goals met"
+        # B = 1 GQA at T = 4096 gains 0.7 x 2.5 in write_synthetic; every paged pair at 0.97
+        assert "(1.75x)" in row["note"] and "0.970x to 0.970x" in row["note"] and "9 of 9 pairs inside" in row["note"]
+    if missed:
+        assert missed in row["our_value"].split("missed:")[1], row["our_value"]
+    if verdict == claims.NOT_MEASURABLE:
+        assert "4 of 6 goals met" in row["our_value"] and "not measured (no API record" in row["note"]
+
+
+def test_serving_decode_short_steps_and_long_points(tmp_path):
+    """speedup 1.8: B = 1 GQA gains 1.26x at T = 4096 (0.7 x 1.8) and 1.8x at T = 32768."""
+    t = assemble.build_tables(reference_dirs=[_add_serving(write_synthetic(tmp_path / "ref", speedup=1.8))])
+    row = t.claims.set_index("claim_id").loc["serving_decode"]
+    assert row["verdict"] == claims.NOT_REPRODUCED
+    assert row["our_value"] == "5 of 6 goals met; missed: B = 1 GQA 32/8 >= 1.3x at T = 4096"
+    assert "B = 1 GQA 32/8 >= 1.6x at T = 32768: met (1.80x)" in row["note"]

@@ -19,8 +19,10 @@ from .tables import (
     accuracy_table,
     collect_records,
     decode_accuracy_table,
+    decode_api_table,
     decode_append_table,
     decode_int4_table,
+    decode_peers_table,
     decode_table,
     e2e_table,
     memory_table,
@@ -57,6 +59,8 @@ def build_tables(benchmark_paths=(), accuracy_paths=(), reference_dirs=(), paper
         decode_accuracy=decode_accuracy_table(records),
         e2e=e2e_table(records),
         decode_int4=decode_int4_table(records),
+        decode_api=decode_api_table(records),
+        decode_peers=decode_peers_table(records),
     )
     t.claims = claims.claims_table(t, claims_path or Path(paper_dir) / "claims.yaml")
     return t

@@ -44,7 +44,8 @@ PEERS = ("torch_eager", "torch_compile", "torch_quantize_per_channel")
 QUANT_DEQUANT = "quant+dequant"  # the paper's timed pair: quantize then dequantize, scales excluded
 
 TABLE_NAMES = ("performance", "accuracy", "memory", "workloads", "paper", "speedups", "claims",
-               "provenance", "paper_l2", "decode", "decode_append", "decode_accuracy", "e2e", "decode_int4")
+               "provenance", "paper_l2", "decode", "decode_append", "decode_accuracy", "e2e", "decode_int4",
+               "decode_api", "decode_peers")
 
 PROVENANCE_KEYS = ("device", "device_name", "gpu_name", "cpu_model", "cpu_threads", "driver", "cuda", "torch",
                    "python", "git_commit", "config_hash", "date")
@@ -67,8 +68,10 @@ def load_records(paths, source: str = THIS_RUN) -> list[dict]:
     for p in sorted({str(Path(p)) for p in paths}):
         with open(p) as f:
             record = json.load(f)
-        # tools/bench_decode.py's records (kind 'decode_bench') before it wrote a workload have none
-        required = ("kind", "provenance", "rows") + (() if record.get("kind") == "decode_bench" else ("workload",))
+        # tools/bench_decode.py's records (kind 'decode_bench') before it wrote a workload have none, nor
+        # tools/bench_decode_api.py's (kind 'decode_api_bench'), whose rows name their points
+        no_workload = record.get("kind") in ("decode_bench", "decode_api_bench")
+        required = ("kind", "provenance", "rows") + (() if no_workload else ("workload",))
         for key in required:
             if key not in record:
                 raise ValueError(f"{p}: not a kvpack record (missing {key!r}); see docs/records.md")
@@ -83,14 +86,20 @@ def reference_record_paths(reference_dir, kinds=("benchmark", "accuracy")) -> li
     return [p for kind in kinds for p in sorted(d.glob(f"{kind}/*.json"))]
 
 
+# The serving records of a reference folder (issue 18): what the public decode call costs beyond its
+# kernels (tools/bench_decode_api.py) and kvpack's paged decode beside FlashInfer's (tools/bench_paged_peers.py).
+SERVING_RECORDS = ("api/decode_api.json", "peers/paged_peers_p*.json")
+
+
 def collect_records(benchmark_paths=(), accuracy_paths=(), reference_dirs=(), decode_paths=(),
                     e2e_paths=()) -> list[dict]:
     """This run's records and those of every reference directory, each labelled with its source."""
     records = load_records(list(benchmark_paths) + list(accuracy_paths) + list(decode_paths) + list(e2e_paths),
                            THIS_RUN)
     for d in reference_dirs or ():
-        records += one_machine(load_records(reference_record_paths(d, ("benchmark", "accuracy", "decode", "e2e", "int4")),
-                                            source_label(d)))
+        serving = [p for pattern in SERVING_RECORDS for p in sorted(Path(d).glob(pattern))]
+        records += one_machine(load_records(reference_record_paths(d, ("benchmark", "accuracy", "decode", "e2e", "int4"))
+                                            + serving, source_label(d)))
     return records
 
 
@@ -245,6 +254,40 @@ def decode_append_table(records) -> pd.DataFrame:
     """The one-token append timing of each device (kind 'decode_append')."""
     rows = _device_rows(records, "decode_append")
     return pd.DataFrame(rows).reindex(columns=DECODE_APPEND_COLUMNS) if rows else pd.DataFrame(columns=DECODE_APPEND_COLUMNS)
+
+
+DECODE_API_COLUMNS = ["source", "device_slug", "device_name", "T", "batch", "q_heads", "kv_heads", "head_dim",
+                      "calls", "default_us", "raw_op_us", "graph_us", "check_lengths_us", "default_over_graph",
+                      "raw_over_graph"]
+
+
+def decode_api_table(records) -> pd.DataFrame:
+    """What one public ``kvpack.decode_attention`` call costs (kind 'decode_api_bench', tools/bench_decode_api.py):
+    per point, the default call, the raw op, the host-checked call and the kernels alone (a CUDA graph's
+    replay), microseconds a call."""
+    rows = _device_rows(records, "decode_api_bench")
+    return pd.DataFrame(rows).reindex(columns=DECODE_API_COLUMNS) if rows else pd.DataFrame(columns=DECODE_API_COLUMNS)
+
+
+FI_FP16_METHODS = ("fi_fa2_fp16", "fi_fa2tc_fp16", "fi_xqa_fp16")  # FlashInfer's fp16 paged decode kernels
+DECODE_PEERS_COLUMNS = ["source", "device_slug", "device_name", "T", "batch", "q_heads", "kv_heads", "head_dim",
+                        "page_size", "flashinfer_version", "sdpa_best", "kvpack_int8_median_ms",
+                        "kvpack_int8_paged_median_ms", *(f"{m}_median_ms" for m in FI_FP16_METHODS),
+                        "fi_fp16_best_median_ms", "paged_vs_fi_fp16_speedup"]
+
+
+def decode_peers_table(records) -> pd.DataFrame:
+    """kvpack's paged INT8 decode beside FlashInfer's fp16 paged decode in one job (kind 'paged_peers',
+    tools/bench_paged_peers.py): ``paged_vs_fi_fp16_speedup`` is the fastest FlashInfer fp16 kernel's time
+    over kvpack's paged kernel's (above 1: kvpack ahead)."""
+    rows = _device_rows(records, "paged_peers")
+    if not rows:
+        return pd.DataFrame(columns=DECODE_PEERS_COLUMNS)
+    df = pd.DataFrame(rows).reindex(columns=DECODE_PEERS_COLUMNS)
+    fi = df[[f"{m}_median_ms" for m in FI_FP16_METHODS]].astype(float)
+    df["fi_fp16_best_median_ms"] = fi.min(axis=1)
+    df["paged_vs_fi_fp16_speedup"] = df["fi_fp16_best_median_ms"] / df["kvpack_int8_paged_median_ms"].astype(float)
+    return df
 
 
 DECODE_ACCURACY_COLUMNS = ["source", "device_slug", "device_name", "path", "distribution", "bits", "int4_group",
@@ -741,6 +784,8 @@ class Tables:
     decode_append: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=DECODE_APPEND_COLUMNS))
     decode_accuracy: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=DECODE_ACCURACY_COLUMNS))
     decode_int4: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=DECODE_INT4_COLUMNS))
+    decode_api: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=DECODE_API_COLUMNS))
+    decode_peers: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=DECODE_PEERS_COLUMNS))
     e2e: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=E2E_COLUMNS))
 
     def as_dict(self) -> dict[str, pd.DataFrame]:

@@ -11,6 +11,7 @@ from snakemake.exceptions import WorkflowError
 
 import kvpack.build
 import kvpack.pipeline.config
+import kvpack.report.tables
 
 # ---- config: schema (workflow/schemas/config.schema.yaml, defaults filled in place) + semantics ----
 # Fails here, before any job is scheduled, with one line per problem naming the key and the reason.
@@ -155,6 +156,12 @@ def reference_dirs():
 def reference_records(stage):
     """The raw records of one stage folder ('benchmark', 'accuracy', 'decode', 'e2e', 'int4') found in reference_dirs()."""
     return sorted(str(p) for d in reference_dirs() for p in Path(d).glob(f"{stage}/*.json"))
+
+
+def reference_serving_records():
+    """The serving records (issue 18) of reference_dirs(): kvpack.report.tables.SERVING_RECORDS."""
+    return sorted(str(p) for d in reference_dirs() for pattern in kvpack.report.tables.SERVING_RECORDS
+                  for p in Path(d).glob(pattern))
 
 
 def final_outputs():

@@ -35,7 +35,7 @@ rule tables:
         decode=decode_records() + decode_accuracy_records(),
         e2e=e2e_records(),
         reference=reference_records("benchmark") + reference_records("accuracy") + reference_records("decode")
-        + reference_records("e2e") + reference_records("int4"),
+        + reference_records("e2e") + reference_records("int4") + reference_serving_records(),
         paper=[f"{PAPER_DIR}/raw_results.csv", f"{PAPER_DIR}/claims.yaml"],
     output:
         **{
