@@ -633,6 +633,13 @@ def _busiest_device(f: pd.DataFrame) -> pd.DataFrame:
     return f[(f["source"] == best["source"]) & (f["device_slug"] == best["device_slug"])]
 
 
+def _of_device(df: pd.DataFrame | None, dev: tuple[str, str]) -> pd.DataFrame | None:
+    """The rows of one (source, device_slug) of a table that has them."""
+    if df is None or not len(df):
+        return df
+    return df[(df["source"].astype(str) == dev[0]) & (df["device_slug"].astype(str) == dev[1])]
+
+
 def _point(r) -> str:
     return (f"T={int(r['T'])} B={int(r['batch'])} Hq={int(r['q_heads'])} Hkv={int(r['kv_heads'])} "
             f"D={int(r['head_dim'])}")
@@ -691,6 +698,22 @@ def _decode_overhead(t: Tables, spec: dict) -> Result:
              + deq_note,
         our_number=slowdown,
     )
+
+
+Check = tuple[str, "bool | None", str]  # (goal, met or None when not measured, the numbers)
+
+
+def _judge_goals(checks: list[Check], noun: str = "goals") -> tuple[str, str, str, float]:
+    """A claim made of several goals: (verdict, 'n of m <noun> met; missed: ...', a note with each goal's
+    numbers, the fraction met). Not reproduced if any goal is missed, not measurable if any is unmeasured."""
+    met = [c for c in checks if c[1] is True]
+    missed = [c for c in checks if c[1] is False]
+    unknown = [c for c in checks if c[1] is None]
+    verdict = NOT_REPRODUCED if missed else (NOT_MEASURABLE if unknown else REPRODUCED)
+    value = f"{len(met)} of {len(checks)} {noun} met" + (f"; missed: {'; '.join(c[0] for c in missed)}" if missed else "")
+    note = "; ".join(f"{c[0]}: {'met' if c[1] else 'MISSED' if c[1] is False else 'not measured'} ({c[2]})"
+                     for c in checks)
+    return verdict, value, note, float(len(met)) / len(checks)
 
 
 def _target_checks(f: pd.DataFrame, append: pd.DataFrame) -> list[tuple[str, bool | None, str]]:
@@ -752,25 +775,15 @@ def _decode_speed_target(t: Tables, spec: dict) -> Result:
             return Result(NOT_MEASURABLE, note="the decode records at hand predate the fused kernel (no fused rows)")
         return _missing(t, "decode-step records", "no fused-kernel decode rows (rule decode runs on a CUDA device)")
     dev = (f["source"].iloc[0], f["device_slug"].iloc[0])
-    append = t.decode_append
-    if append is not None and len(append):
-        append = append[(append["source"] == dev[0]) & (append["device_slug"] == dev[1])]
-    checks = _target_checks(f, append)
-    met = [c for c in checks if c[1] is True]
-    missed = [c for c in checks if c[1] is False]
-    unknown = [c for c in checks if c[1] is None]
-    verdict = NOT_REPRODUCED if missed else (NOT_MEASURABLE if unknown else REPRODUCED)
+    verdict, value, note, fraction = _judge_goals(_target_checks(f, _of_device(t.decode_append, dev)), "targets")
     skipped = t.decode[(t.decode["source"] == dev[0]) & (t.decode["device_slug"] == dev[1])
                        & (t.decode["status"] != "ok")] if len(t.decode) else t.decode
     return Result(
         verdict,
-        our_value=f"{len(met)} of {len(checks)} targets met" + (f"; missed: {'; '.join(c[0] for c in missed)}"
-                                                                 if missed else ""),
+        our_value=value,
         our_source=f"{source_device_label(*dev)}, {len(f)} fused rows",
-        note="; ".join(f"{c[0]}: {'met' if c[1] else 'MISSED' if c[1] is False else 'not measured'} ({c[2]})"
-                       for c in checks)
-             + (f". Grid points skipped on this device (e.g. out of memory): {len(skipped)}." if len(skipped) else "."),
-        our_number=float(len(met)) / len(checks),
+        note=note + (f". Grid points skipped on this device (e.g. out of memory): {len(skipped)}." if len(skipped) else "."),
+        our_number=fraction,
     )
 
 
@@ -782,7 +795,7 @@ SERVING_LONG_SPEEDUP = 1.6     # every grid point with T >= 32768
 SERVING_PAGED_FRACTION = 0.95  # paged decode within 5% of the contiguous kernel at page size >= 16
 
 
-def _serving_checks(f: pd.DataFrame, api: pd.DataFrame, peers: pd.DataFrame) -> list[tuple[str, bool | None, str]]:
+def _serving_checks(f: pd.DataFrame, api: pd.DataFrame, peers: pd.DataFrame) -> list[Check]:
     """(goal, met or None when not measured, numbers) for issue 18's goals, from one device's rows."""
     out = []
     if api is not None and len(api):
@@ -847,24 +860,14 @@ def _serving_decode(t: Tables, spec: dict) -> Result:
     if not len(f):
         return _missing(t, "decode-step records", "no fused-kernel decode rows (rule decode runs on a CUDA device)")
     dev = (f["source"].iloc[0], f["device_slug"].iloc[0])
-
-    def mine(df):
-        if df is None or not len(df):
-            return df
-        return df[(df["source"].astype(str) == dev[0]) & (df["device_slug"].astype(str) == dev[1])]
-
-    checks = _serving_checks(f, mine(t.decode_api), mine(t.decode_peers))
-    met = [c for c in checks if c[1] is True]
-    missed = [c for c in checks if c[1] is False]
-    unknown = [c for c in checks if c[1] is None]
+    checks = _serving_checks(f, _of_device(t.decode_api, dev), _of_device(t.decode_peers, dev))
+    verdict, value, note, fraction = _judge_goals(checks)
     return Result(
-        NOT_REPRODUCED if missed else (NOT_MEASURABLE if unknown else REPRODUCED),
-        our_value=f"{len(met)} of {len(checks)} goals met" + (f"; missed: {'; '.join(c[0] for c in missed)}"
-                                                               if missed else ""),
+        verdict,
+        our_value=value,
         our_source=f"{source_device_label(*dev)}: the decode grid, the API record and the FlashInfer record",
-        note="; ".join(f"{c[0]}: {'met' if c[1] else 'MISSED' if c[1] is False else 'not measured'} ({c[2]})"
-                       for c in checks) + ".",
-        our_number=float(len(met)) / len(checks),
+        note=note + ".",
+        our_number=fraction,
     )
 
 
@@ -928,22 +931,17 @@ def _int4_decode(t: Tables, spec: dict) -> Result:
                                                "device; records made before issue 17 have none)")
     f = _busiest_device(f)
     best = f.iloc[0]
-    checks = _int4_checks(f)
-    missed = [c for c in checks if c[1] is False]
-    unknown = [c for c in checks if c[1] is None]
-    met = [c for c in checks if c[1] is True]
-    verdict = NOT_REPRODUCED if missed else (NOT_MEASURABLE if unknown else REPRODUCED)
+    verdict, value, note, _ = _judge_goals(_int4_checks(f))
     group = f["int4_group"].dropna().astype(int).unique() if "int4_group" in f else []
     return Result(
         verdict,
-        our_value=f"{len(met)} of {len(checks)} goals met; INT4 {f['int4_speedup_vs_sdpa'].min():.2f}x to "
+        our_value=f"{value}; INT4 {f['int4_speedup_vs_sdpa'].min():.2f}x to "
                   f"{f['int4_speedup_vs_sdpa'].max():.2f}x fp16 SDPA over {len(f)} points"
                   + (f" (group {'/'.join(str(g) for g in group)})" if len(group) else ""),
         our_source=f"{source_device_label(best['source'], best['device_slug'])}, {len(f)} INT4 rows of {origin}"
                    + (f" (commit {str(f['git_commit'].iloc[0])[:8]})" if "git_commit" in f and f["git_commit"].notna().any()
                       else ""),
-        note="; ".join(f"{c[0]}: {'met' if c[1] else 'MISSED' if c[1] is False else 'not measured'} ({c[2]})"
-                       for c in checks) + ".",
+        note=note + ".",
         our_number=float(f["int4_speedup_vs_sdpa"].min()),
     )
 
