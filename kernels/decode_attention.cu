@@ -69,7 +69,9 @@ int32_t* merge_counters(int64_t count, cudaStream_t stream) {
 
 int decode_splits(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t max_tokens, int head_dim,
                   c10::ScalarType dtype, bool per_token, bool paged, int group) {
-  if (group != 0) return decode_splits_int4(batch, q_heads, kv_heads, max_tokens, head_dim, dtype, per_token, group);
+  if (group != 0) {
+    return decode_splits_int4(batch, q_heads, kv_heads, max_tokens, head_dim, dtype, per_token, group, paged);
+  }
   int splits = 1;
   dispatch_decode(head_dim, dtype, per_token, [&](auto d, auto qt, auto pt) {
     constexpr int D = decltype(d)::value;

@@ -14,18 +14,22 @@ namespace {
 // group the scale absmax / 7 is reduced over the group's lanes (quant_math.h, bit-exact with
 // kvpack/torch_impl.py) and written by its first lane; channel keys use their calibrated scales
 // and count saturation. Two nibbles a byte, element 2i low; lengths advance as the INT8 kernel's do.
-template <typename T, int D, int G, bool kKeyGroups>
+template <typename T, int D, int G, bool kKeyGroups, bool kPaged>
 __global__ void __launch_bounds__(kAppendWarps * 32) kv_append_int4_kernel(const AppendParams p) {
   constexpr int E = D / 32;        // elements per lane: 2, 4 or 8
   constexpr int kLanes = G / E;    // lanes per group
   constexpr int kGroups = D / G;   // scales per row
   const int lane = threadIdx.x & 31;
   const int64_t b = blockIdx.y;
-  append_rows<!kKeyGroups>(p, b, b, [&](bool is_v, int64_t h, int64_t j, int64_t pos, unsigned long long& saturated) {
+  const int64_t slot = kPaged ? slot_of(p.seq_ids, b, p.num_slots, p.clamped, blockIdx.x == 0 && threadIdx.x == 0) : b;
+  append_rows<!kKeyGroups>(p, b, slot, [&](bool is_v, int64_t h, int64_t j, int64_t pos, unsigned long long& saturated) {
     const int64_t head = b * p.kv_heads + h;
     const T* src = static_cast<const T*>(is_v ? p.v : p.k) + (head * p.new_tokens + j) * D + lane * E;
     const VecN<T, E> x = load_vec<T, E>(src);
-    const int64_t row = head * p.max_tokens + pos;
+    // The row's place: contiguous, row pos of the (sequence, head) block; paged, in its page.
+    const int64_t row = kPaged ? page_row0(p.block_tables + slot * p.max_pages, pos, p.page_size, p.max_pages,
+                                           p.num_pages, p.kv_heads, h, p.clamped) + pos % p.page_size
+                               : head * p.max_tokens + pos;
     uint32_t nib[E];
     if (is_v || kKeyGroups) {
       float amax = 0.f;
@@ -38,7 +42,7 @@ __global__ void __launch_bounds__(kAppendWarps * 32) kv_append_int4_kernel(const
 #pragma unroll
       for (int e = 0; e < E; ++e) nib[e] = quantize_int4_nibble(to_float(x.val[e]), s);
     } else {
-      const float* sc = p.k_scales + head * D + lane * E;
+      const float* sc = p.k_scales + (slot * p.kv_heads + h) * D + lane * E;
 #pragma unroll
       for (int e = 0; e < E; ++e) {
         const float xe = to_float(x.val[e]);
@@ -60,57 +64,11 @@ __global__ void __launch_bounds__(kAppendWarps * 32) kv_append_int4_kernel(const
   });
 }
 
-// f(D, G) for the supported (head dimension, group size) pairs.
-template <typename F>
-void dispatch_int4(int head_dim, int group, F&& f) {
-  using std::integral_constant;
-  const auto bad = [&] {
-    TORCH_CHECK_VALUE(false, "kvpack: the INT4 cache takes groups of 32, 64 or 128 channels (at most D), got ", group,
-                      " with D = ", head_dim);
-  };
-  switch (head_dim) {
-    case 64:
-      if (group == 32) f(integral_constant<int, 64>{}, integral_constant<int, 32>{});
-      else if (group == 64) f(integral_constant<int, 64>{}, integral_constant<int, 64>{});
-      else bad();
-      break;
-    case 128:
-      if (group == 32) f(integral_constant<int, 128>{}, integral_constant<int, 32>{});
-      else if (group == 64) f(integral_constant<int, 128>{}, integral_constant<int, 64>{});
-      else if (group == 128) f(integral_constant<int, 128>{}, integral_constant<int, 128>{});
-      else bad();
-      break;
-    case 256:
-      if (group == 32) f(integral_constant<int, 256>{}, integral_constant<int, 32>{});
-      else if (group == 64) f(integral_constant<int, 256>{}, integral_constant<int, 64>{});
-      else if (group == 128) f(integral_constant<int, 256>{}, integral_constant<int, 128>{});
-      else bad();
-      break;
-    default:
-      TORCH_CHECK_VALUE(false, "kvpack: decode attention supports head dimensions 64, 128 and 256, got ", head_dim);
-  }
-}
-
-// f(D, G, query type, keys in groups) for a decode call.
-template <typename F>
-void dispatch_decode_int4(int head_dim, int group, c10::ScalarType dtype, bool key_groups, F&& f) {
-  dispatch_int4(head_dim, group, [&](auto d, auto g) {
-    dispatch_bool(key_groups, [&](auto kg) {
-      if (dtype == c10::ScalarType::Half) {
-        f(d, g, TypeTag<__half>{}, kg);
-      } else if (dtype == c10::ScalarType::BFloat16) {
-        f(d, g, TypeTag<__nv_bfloat16>{}, kg);
-      } else {
-        TORCH_CHECK_TYPE(false, "kvpack: decode attention takes fp16 or bf16 queries, got ", dtype);
-      }
-    });
-  });
-}
-
 }  // namespace
 
 int decode_splits_int4(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t max_tokens, int head_dim,
-                       c10::ScalarType dtype, bool per_token, int group) {
+                       c10::ScalarType dtype, bool per_token, int group, bool paged) {
+  if (paged) return decode_splits_int4_paged(batch, q_heads, kv_heads, max_tokens, head_dim, dtype, per_token, group);
   int splits = 1;
   dispatch_decode_int4(head_dim, group, dtype, per_token, [&](auto d, auto g, auto qt, auto kg) {
     splits = plan_splits(split_kernel<decltype(d)::value, typename decltype(qt)::type, decltype(kg)::value, false,
@@ -121,24 +79,29 @@ int decode_splits_int4(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t
 }
 
 void decode_attention_int4(const DecodeArgs& a) {
-  TORCH_CHECK_VALUE(a.block_tables == nullptr, "kvpack: the paged cache is INT8 only");
+  if (a.block_tables != nullptr) {
+    decode_attention_int4_paged(a);
+    return;
+  }
   dispatch_decode_int4(a.head_dim, a.group, a.dtype, a.per_token, [&](auto d, auto g, auto qt, auto kg) {
     launch_decode<decltype(d)::value, typename decltype(qt)::type, decltype(kg)::value, false, decltype(g)::value>(a);
   });
 }
 
 void kv_append_int4(const AppendArgs& a) {
-  TORCH_CHECK_VALUE(a.block_tables == nullptr, "kvpack: the paged cache is INT8 only");
   AppendParams ap{a.k, a.v, a.counts, a.k_cache, a.v_cache, a.k_scales, a.v_scales, a.lengths,
                   a.arrivals, a.saturated, a.kv_heads, a.new_tokens, a.max_tokens,
-                  nullptr, nullptr, nullptr, 0, 0, 0, 0};
+                  a.block_tables, a.seq_ids, a.clamped, a.num_pages, a.max_pages, a.num_slots, a.page_size};
+  const bool paged = a.block_tables != nullptr;
   const dim3 grid = append_grid(a.batch, a.kv_heads, a.new_tokens);
   KVPACK_DISPATCH_FLOAT_TYPES(a.dtype, "kv_append", [&] {
     dispatch_int4(a.head_dim, a.group, [&](auto d, auto g) {
       dispatch_bool(a.per_token, [&](auto kg) {
-        kv_append_int4_kernel<scalar_t, decltype(d)::value, decltype(g)::value, decltype(kg)::value>
-            <<<grid, kAppendWarps * 32, 0, a.stream>>>(ap);
-        KVPACK_LAUNCH_CHECK();
+        dispatch_bool(paged, [&](auto pg) {
+          kv_append_int4_kernel<scalar_t, decltype(d)::value, decltype(g)::value, decltype(kg)::value,
+                                decltype(pg)::value><<<grid, kAppendWarps * 32, 0, a.stream>>>(ap);
+          KVPACK_LAUNCH_CHECK();
+        });
       });
     });
   });

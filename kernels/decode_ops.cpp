@@ -118,7 +118,7 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& kp
   const int64_t max_tokens = s.max_pages * s.page_size;
   if (splits <= 0) {
     splits = cuda::decode_splits(s.batch, s.q_heads, s.kv_heads, max_tokens, static_cast<int>(s.head_dim),
-                                 q.scalar_type(), s.per_token, /*paged=*/true);
+                                 q.scalar_type(), s.per_token, /*paged=*/true, static_cast<int>(s.group));
   }
   TORCH_CHECK_VALUE(splits <= max_tokens && splits <= 4096, "kvpack: splits = ", splits,
                     " must be at most max_pages * page_size = ", max_tokens, " and at most 4096");
@@ -127,8 +127,8 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& kp
   const at::Tensor qa = aligned_query(q);
   cuda::DecodeArgs args{};
   args.q = qa.const_data_ptr();
-  args.k = kp.const_data_ptr<int8_t>();
-  args.v = vp.const_data_ptr<int8_t>();
+  args.k = static_cast<const int8_t*>(kp.const_data_ptr());  // INT4: packed bytes
+  args.v = static_cast<const int8_t*>(vp.const_data_ptr());
   args.k_scales = ks.const_data_ptr<float>();
   args.v_scales = vs.const_data_ptr<float>();
   args.lengths = lengths.const_data_ptr<int32_t>();
@@ -146,6 +146,7 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& kp
   args.dtype = q.scalar_type();
   args.stream = c10::cuda::getCurrentCUDAStream().stream();
   args.clamped = clamped.has_value() ? clamped->mutable_data_ptr<int32_t>() : nullptr;
+  args.group = static_cast<int>(s.group);
   set_paged(args, bt, seq_ids, s);
   cuda::decode_attention(args);
   return out;
@@ -203,8 +204,8 @@ void paged_kv_append_cuda(const at::Tensor& kp, const at::Tensor& vp, const at::
   args.k = k_new.const_data_ptr();
   args.v = v_new.const_data_ptr();
   args.counts = nullptr;
-  args.k_cache = kp.mutable_data_ptr<int8_t>();
-  args.v_cache = vp.mutable_data_ptr<int8_t>();
+  args.k_cache = static_cast<int8_t*>(kp.mutable_data_ptr());  // INT4: packed bytes
+  args.v_cache = static_cast<int8_t*>(vp.mutable_data_ptr());
   args.k_scales = ks.mutable_data_ptr<float>();
   args.v_scales = vs.mutable_data_ptr<float>();
   args.lengths = lengths.mutable_data_ptr<int32_t>();
@@ -218,6 +219,7 @@ void paged_kv_append_cuda(const at::Tensor& kp, const at::Tensor& vp, const at::
   args.per_token = s.per_token;
   args.dtype = k_new.scalar_type();
   args.stream = c10::cuda::getCurrentCUDAStream().stream();
+  args.group = static_cast<int>(s.group);
   set_paged(args, bt, seq_ids, s);
   cuda::kv_append(args);
 }

@@ -1,4 +1,4 @@
-"""``kvpack.paged``: a paged INT8 KV cache: fixed-size pages from one pool, a block table per sequence.
+"""``kvpack.paged``: a paged INT8 (or INT4) KV cache: fixed-size pages from one pool, a block table per sequence.
 
     cache = PagedKVCache(num_pages, page_size, kv_heads, head_dim, granularity="token", device="cuda")
     a, b = cache.add_sequence(), cache.add_sequence()   # slot ids (host ints)
@@ -19,14 +19,21 @@ Layout (what ``paged_decode_attention`` reads; HND pages, as FlashInfer's HND la
 * ``seq_ids``: int32 ``[B]`` or None: query (append) row b uses slot ``seq_ids[b]``; None means slot b
   (then S == B).
 
+``bits=4`` (``kvpack/int4.py``'s format, in the same page layout): uint8 pages ``[num_pages, Hkv,
+page_size, D / 2]`` (two values a byte), value scales (and key scales, ``"token"``) fp32 ``[num_pages,
+Hkv, page_size, D / group_size]``, one per group of ``group_size`` channels of a token row; with
+``"channel"`` the keys are scaled per channel, ``[S, Hkv, D]``, calibrated by a sequence's first
+append (absmax / 7), and the values stay in token groups. On CUDA, groups of 32, 64 or 128.
+
 Arithmetic: the same as ``kvpack.KVCache``. A token row's scale is absmax / 127 and its values are
 quantized by quant_math.h's ``quantize_value`` (on the CPU through the existing ``kv_append`` op, on
 a staging buffer of the new rows: bit-exact with the contiguous cache by construction); the
 per-channel calibration is ``torch_impl.scale_from_absmax`` of the prefill's absmax, as
-``KVCache._calibrate`` computes it. On the CPU, attention gathers each row's pages into a contiguous
+``KVCache._calibrate`` computes it. INT4 rows are written on the CPU by ``kvpack.int4.append`` into
+such a staging buffer. On the CPU, attention gathers each row's pages into a contiguous
 ``[B, Hkv, max_pages_per_seq * page_size, D]`` cache and calls ``kvpack.decode_attention``: paged and
 contiguous results are then bit-identical (at the same T_max). On CUDA both functions call the
-``torch.ops.kvpack.paged_*`` ops.
+``torch.ops.kvpack.paged_*`` ops (the format from the pages' dtype: int8, or uint8 for INT4).
 
 Host synchronisation: the functional API checks shapes, dtypes and devices, never device values;
 ``PagedKVCache`` keeps the truth on the host (free pages, each sequence's pages and length), so
@@ -38,8 +45,11 @@ API instead, called with device tensors made beforehand (the pages the replays f
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
+from . import int4
 from .cache import FLOAT_DTYPES, _positive_int
 from .decode_attention import (
     GRANULARITIES,
@@ -53,7 +63,7 @@ from .decode_attention import (
     decode_attention,
     resolve_sm_scale,
 )
-from .torch_impl import scale_from_absmax
+from .torch_impl import int4_sym_scale, scale_from_absmax
 
 PAGE_TILE = 16        # page sizes are multiples of the kernels' 16-token tile ...
 MAX_PAGE_SIZE = 256   # ... up to 256 (kernels/include/kvpack/decode_checks.h, check_paged)
@@ -88,6 +98,19 @@ def check_pool_rows(num_pages: int, kv_heads: int, page_size: int) -> None:
         )
 
 
+def page_shapes(num_pages: int, kv_heads: int, page_size: int, head_dim: int, slots: int, granularity: str,
+                bits: int = 8, group_size: int = int4.DEFAULT_GROUP) -> tuple[tuple, tuple, tuple, torch.dtype]:
+    """(pages shape, k_scales shape, v_scales shape, pages dtype) of a paged cache (module doc)."""
+    channel = (slots, kv_heads, head_dim)
+    if bits == 8:
+        token = (num_pages, kv_heads, page_size)
+        scales = token if granularity == "token" else channel
+        return (num_pages, kv_heads, page_size, head_dim), scales, scales, torch.int8
+    groups = (num_pages, kv_heads, page_size, head_dim // group_size)
+    return ((num_pages, kv_heads, page_size, head_dim // 2), groups if granularity == "token" else channel, groups,
+            torch.uint8)
+
+
 def _int_tensor(x, name: str, dtype: torch.dtype, shape: tuple, what: str, device: torch.device, ref: str) -> None:
     _tensor(x, name, len(shape), what)
     if x.dtype != dtype:
@@ -100,25 +123,35 @@ def _int_tensor(x, name: str, dtype: torch.dtype, shape: tuple, what: str, devic
 
 
 def check_paged_cache(k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity: str,
-                      batch: int, device: torch.device, ref: str) -> tuple[int, int, int, int, int, int]:
+                      batch: int, device: torch.device, ref: str, bits: int = 8,
+                      group_size: int = int4.DEFAULT_GROUP) -> tuple[int, int, int, int, int, int]:
     """The paged cache's tensors (module doc) for ``batch`` rows on ``device``.
 
     Returns (num_pages, Hkv, page_size, D, S, max_pages_per_seq). Reads no values.
     """
     check_granularity(granularity)
+    if bits not in int4.BITS or isinstance(bits, bool):
+        int4.check_bits(bits, group_size, 0)  # raises, naming bits (the group is checked once D is known)
+    want = torch.int8 if bits == 8 else torch.uint8
+    layout = "[num_pages, Hkv, page_size, D] int8" if bits == 8 else "[num_pages, Hkv, page_size, D / 2] uint8"
     for name, p in (("k_pages", k_pages), ("v_pages", v_pages)):
-        _tensor(p, name, 4, "[num_pages, Hkv, page_size, D] int8")
-        if p.dtype != torch.int8:
-            raise TypeError(f"{name} must be int8 (fill it with kvpack.paged.paged_kv_append), got {p.dtype}")
+        _tensor(p, name, 4, layout)
+        if p.dtype != want:
+            raise TypeError(f"{name} must be {str(want)[6:]} for bits={bits} (fill it with "
+                            f"kvpack.paged.paged_kv_append), got {p.dtype}")
         _on(p, name, device, ref)
         _contiguous(p, name)
     if k_pages.shape != v_pages.shape:
         raise ValueError(f"k_pages {tuple(k_pages.shape)} and v_pages {tuple(v_pages.shape)} must have one shape")
     num_pages, hkv, page_size, d = k_pages.shape
+    d = d * 2 if bits == 4 else d
     if num_pages < 1 or hkv < 1:
         raise ValueError(f"k_pages {tuple(k_pages.shape)} holds no pages or no KV heads")
     check_page_size(page_size, "page_size (k_pages.shape[2])")
-    check_head_dim(d, "D (k_pages.shape[3])")
+    check_head_dim(d, "D (k_pages.shape[3])" if bits == 8 else "D (2 * k_pages.shape[3])")
+    if bits == 4:
+        int4.check_bits(bits, group_size, d)
+        int4.check_device(device, group_size, d)
     check_pool_rows(num_pages, hkv, page_size)
     _tensor(block_tables, "block_tables", 2, "[S, max_pages_per_seq] int32")
     s, max_pages = block_tables.shape
@@ -128,16 +161,18 @@ def check_paged_cache(k_pages, v_pages, k_scales, v_scales, block_tables, length
         raise ValueError(f"max_pages_per_seq * page_size = {max_pages * page_size} does not fit the int32 lengths")
     _int_tensor(block_tables, "block_tables", torch.int32, (s, max_pages), "[S, max_pages_per_seq]", device, ref)
     _int_tensor(lengths, "lengths", torch.int32, (s,), "[S] (one per sequence slot of block_tables)", device, ref)
-    if granularity == "token":
-        shape, kind = (num_pages, hkv, page_size), "[num_pages, Hkv, page_size] (a scale per token row)"
-    else:
-        shape, kind = (s, hkv, d), "[S, Hkv, D] (a scale per sequence slot and channel)"
-    for name, x in (("k_scales", k_scales), ("v_scales", v_scales)):
-        _tensor(x, name, 3, kind)
+    _, k_shape, v_shape, _ = page_shapes(num_pages, hkv, page_size, d, s, granularity, bits, group_size)
+    kinds = {3: "[num_pages, Hkv, page_size] (a scale per token row)" if granularity == "token" and bits == 8
+             else "[S, Hkv, D] (a scale per sequence slot and channel)",
+             4: f"[num_pages, Hkv, page_size, D / group_size] (a scale per {group_size} channels of a token row)"}
+    for name, x, shape in (("k_scales", k_scales, k_shape), ("v_scales", v_scales, v_shape)):
+        kind = kinds[len(shape)]
+        _tensor(x, name, len(shape), kind)
         if x.dtype != torch.float32:
             raise TypeError(f"{name} must be float32, got {x.dtype}")
         if tuple(x.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} for granularity={granularity!r} {kind}, got {tuple(x.shape)}")
+            raise ValueError(f"{name} must have shape {shape} for granularity={granularity!r}, bits={bits} {kind}, "
+                             f"got {tuple(x.shape)}")
         _on(x, name, device, ref)
         _contiguous(x, name)
     if seq_ids is None:
@@ -184,6 +219,8 @@ def paged_decode_attention(
     sm_scale: float | None = None,
     clamped: torch.Tensor | None = None,
     splits: int = 0,
+    bits: int = 8,
+    group_size: int = int4.DEFAULT_GROUP,
 ) -> torch.Tensor:
     """softmax(q K^T * sm_scale) V over a paged int8 cache, one query token per row: ``[B, Hq, D]`` in q's dtype.
 
@@ -193,12 +230,16 @@ def paged_decode_attention(
     gives a zero row), a page id of a table entry the row reads outside [0, num_pages) to that range,
     and ``clamped`` (int32 ``[1]``, optional) gets 1 when any was (it is never reset to 0 here).
     ``splits`` (CUDA): parts per sequence, 0 planned, as in ``kvpack.decode_attention``.
+
+    ``bits=4``: the pages are packed INT4 with scales per ``group_size`` channels (module doc).
     """
     if type(splits) is int and splits >= 0 and granularity in GRANULARITIES:
-        # The fast path on CUDA: the op checks every tensor itself (in C++); only when it refuses do
-        # the checks below run, to name the argument and the fix.
+        # The fast path on CUDA: the op checks every tensor itself (in C++) and reads the format from
+        # the pages' dtype; only when it refuses, or the format is not the one asked for, do the checks
+        # below run, to name the argument and the fix.
         try:
-            if q.is_cuda:
+            if q.is_cuda and ((bits == 8 and k_pages.dtype == torch.int8) or (
+                    bits == 4 and k_pages.dtype == torch.uint8 and group_size * v_scales.shape[-1] == q.shape[2])):
                 return _paged_op(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids,
                                  granularity, _check_sm_scale(sm_scale, q.shape[2]), splits, clamped)
         except Exception as e:  # noqa: BLE001 (diagnosed below, else raised as it is)
@@ -207,15 +248,15 @@ def paged_decode_attention(
             error = None
         if error is not None:
             _check_paged_call(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity,
-                              sm_scale, clamped, splits)
+                              sm_scale, clamped, splits, bits, group_size)
             raise error
     q, sm_scale = _check_paged_call(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids,
-                                    granularity, sm_scale, clamped, splits)
+                                    granularity, sm_scale, clamped, splits, bits, group_size)
     if q.device.type != "cpu":
         return _paged_op(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity,
                          sm_scale, splits, clamped)
     return _paged_decode_attention_cpu(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids,
-                                       granularity, sm_scale, clamped, splits)
+                                       granularity, sm_scale, clamped, splits, bits, group_size)
 
 
 def _paged_op(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, sm_scale, splits,
@@ -231,7 +272,7 @@ def _paged_op(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, se
 
 
 def _check_paged_call(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, sm_scale,
-                      clamped, splits):
+                      clamped, splits, bits=8, group_size=int4.DEFAULT_GROUP):
     """Every check of a paged_decode_attention call, naming the argument and the fix; returns (q, sm_scale)."""
     check_granularity(granularity)
     q = _tensor(q, "q", 3, "[B, Hq, D] (one query token per row)")
@@ -241,7 +282,8 @@ def _check_paged_call(q, k_pages, v_pages, k_scales, v_scales, block_tables, len
     _contiguous(q, "q")
     dev = q.device
     _, hkv, _, kd, _, _ = check_paged_cache(
-        k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, b, dev, "q")
+        k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, b, dev, "q", bits,
+        group_size)
     if kd != d:
         raise ValueError(f"q has head dimension D = {d} but k_pages has {kd}")
     if hq % hkv:
@@ -255,7 +297,7 @@ def _check_paged_call(q, k_pages, v_pages, k_scales, v_scales, block_tables, len
 
 
 def _paged_decode_attention_cpu(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids,
-                                granularity, sm_scale, clamped, splits):
+                                granularity, sm_scale, clamped, splits, bits, group_size):
     """Gather the rows' pages into a contiguous cache and call the contiguous op (bit-exact with it)."""
     b = q.shape[0]
     num_pages, hkv, page_size, _ = k_pages.shape
@@ -278,12 +320,10 @@ def _paged_decode_attention_cpu(q, k_pages, v_pages, k_scales, v_scales, block_t
         return g.transpose(1, 2).reshape(b, hkv, t_max, *x.shape[3:])
 
     kc, vc = gather(k_pages), gather(v_pages)
-    if granularity == "token":
-        ks, vs = gather(k_scales), gather(v_scales)
-    else:
-        ks, vs = k_scales[slots], v_scales[slots]
+    ks = gather(k_scales) if granularity == "token" else k_scales[slots]
+    vs = gather(v_scales) if granularity == "token" or bits == 4 else v_scales[slots]  # INT4 values: token groups
     out = decode_attention(q, kc, vc, ks, vs, n.to(torch.int32), granularity=granularity, sm_scale=sm_scale,
-                           check_lengths=False, splits=splits)
+                           check_lengths=False, splits=splits, bits=bits, group_size=group_size)
     # A length of 0 gives a zero row, as the CUDA kernel does, whatever the contiguous CPU op gives there.
     return out.masked_fill_((n == 0)[:, None, None], 0.0)
 
@@ -304,6 +344,8 @@ def paged_kv_append(
     *,
     seq_ids: torch.Tensor | None = None,
     granularity: str = "token",
+    bits: int = 8,
+    group_size: int = int4.DEFAULT_GROUP,
 ) -> None:
     """Quantize the t new rows of K and V (``[B, Hkv, t, D]``) into the pages and advance the lengths.
 
@@ -315,7 +357,8 @@ def paged_kv_append(
     must be distinct and their pages allocated: on the CPU (values readable) duplicates, a slot outside
     [0, S), a position past max_pages_per_seq * page_size or a page id outside [0, num_pages) raise
     ValueError having written nothing; on CUDA nothing is read on the host, and the caller (e.g.
-    ``PagedKVCache``) keeps them valid.
+    ``PagedKVCache``) keeps them valid. ``bits=4``: INT4 pages (module doc); channel keys saturate at
+    +-7.
     """
     for name, x in (("k", k), ("v", v)):
         _tensor(x, name, 4, "[B, Hkv, t_new, D]")
@@ -323,13 +366,14 @@ def paged_kv_append(
             raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
     if k.shape != v.shape or k.dtype != v.dtype:
         raise ValueError(f"k {tuple(k.shape)} {k.dtype} and v {tuple(v.shape)} {v.dtype} must match in shape and dtype")
-    _tensor(k_pages, "k_pages", 4, "[num_pages, Hkv, page_size, D] int8")
+    _tensor(k_pages, "k_pages", 4, "[num_pages, Hkv, page_size, D] int8 (bits=8) or [..., D / 2] uint8 (bits=4)")
     dev = k_pages.device
     for name, x in (("k", k), ("v", v)):
         _on(x, name, dev, "k_pages")
     b, h, t, d = k.shape
     _, hkv, _, pd, s, _ = check_paged_cache(
-        k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, b, dev, "k")
+        k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, b, dev, "k", bits,
+        group_size)
     if (h, d) != (hkv, pd) or t < 1 or b < 1:
         raise ValueError(f"k must have shape [B >= 1, Hkv, t_new >= 1, D] = [B, {hkv}, t_new, {pd}] (the pages'), "
                          f"got {tuple(k.shape)}")
@@ -347,13 +391,14 @@ def paged_kv_append(
                                                  arrivals, saturated, k, v, seq_ids, granularity)
         return
     _paged_kv_append_cpu(k_pages, v_pages, k_scales, v_scales, block_tables, lengths, saturated, k, v, seq_ids,
-                         granularity)
+                         granularity, bits, group_size)
 
 
 def _paged_kv_append_cpu(k_pages, v_pages, k_scales, v_scales, block_tables, lengths, saturated, k, v, seq_ids,
-                         granularity):
-    """Quantize the new rows with the contiguous ``kv_append`` op into a staging cache of t tokens per row
-    (its arithmetic, its saturation count), then scatter them to their pages."""
+                         granularity, bits, group_size):
+    """Quantize the new rows into a staging cache of t tokens per row with the contiguous cache's own
+    write path (INT8: the ``kv_append`` op; INT4: ``kvpack.int4.append``; their arithmetic, their
+    saturation count), then scatter them to their pages."""
     b, hkv, t, d = k.shape
     num_pages, _, page_size, _ = k_pages.shape
     s, max_pages = block_tables.shape
@@ -373,30 +418,41 @@ def _paged_kv_append_cpu(k_pages, v_pages, k_scales, v_scales, block_tables, len
         i, j = (int(x) for x in bad[0])
         raise ValueError(f"block_tables[{int(slots[i])}, {int(pos[i, j]) // page_size}] = {int(pages[i, j])} is not "
                          f"a page id in [0, num_pages = {num_pages}); allocate the page first. Nothing was written")
-    kq = torch.zeros((b, hkv, t, d), dtype=torch.int8)
-    vq = torch.zeros_like(kq)
-    if granularity == "token":
-        ks, vs = torch.zeros((b, hkv, t)), torch.zeros((b, hkv, t))
+    # The staging cache: the contiguous layout of t tokens a row (kvpack/int4.py's for INT4).
+    shape, k_shape, v_shape = ((b, hkv, t, d), (b, hkv, t), (b, hkv, t)) if bits == 8 else \
+        int4.shapes(b, hkv, d, t, granularity, group_size)
+    stage = SimpleNamespace(
+        k_cache=torch.zeros(shape, dtype=k_pages.dtype), v_cache=torch.zeros(shape, dtype=k_pages.dtype),
+        k_scales=torch.zeros(k_shape) if granularity == "token" else k_scales[slots].contiguous(),
+        v_scales=torch.zeros(v_shape) if granularity == "token" or bits == 4 else v_scales[slots].contiguous(),
+        saturated=saturated, _lengths=torch.zeros(b, dtype=torch.int32), _host_lengths=[0] * b,
+        group_size=group_size, granularity=granularity, calibrated=True)  # channel scales: the slots' own
+    if bits == 8:
+        torch.ops.kvpack.kv_append.default(stage.k_cache, stage.v_cache, stage.k_scales, stage.v_scales, stage._lengths,
+                                           torch.zeros(b, dtype=torch.int32), saturated, k, v, None, granularity)
     else:
-        ks, vs = k_scales[slots].contiguous(), v_scales[slots].contiguous()
-    zeros = torch.zeros(b, dtype=torch.int32)
-    torch.ops.kvpack.kv_append.default(kq, vq, ks, vs, zeros, zeros.clone(), saturated, k, v, None,
-                                       granularity)
-    k_pages[pages, :, rows] = kq.transpose(1, 2)                        # [B, t, Hkv, D]
-    v_pages[pages, :, rows] = vq.transpose(1, 2)
+        int4.append(stage, k, v, [t] * b)
+    k_pages[pages, :, rows] = stage.k_cache.transpose(1, 2)             # [B, t, Hkv, row]
+    v_pages[pages, :, rows] = stage.v_cache.transpose(1, 2)
     if granularity == "token":
-        k_scales[pages, :, rows] = ks.transpose(1, 2)                   # [B, t, Hkv]
-        v_scales[pages, :, rows] = vs.transpose(1, 2)
+        k_scales[pages, :, rows] = stage.k_scales.transpose(1, 2)       # [B, t, Hkv(, groups)]
+    if granularity == "token" or bits == 4:
+        v_scales[pages, :, rows] = stage.v_scales.transpose(1, 2)
     lengths[slots] = (start + t).to(torch.int32)
 
 
 # --- the cache ------------------------------------------------------------------------------------
 
 class PagedKVCache:
-    """A pool of ``num_pages`` int8 pages of ``page_size`` tokens shared by up to ``max_seqs`` sequences."""
+    """A pool of ``num_pages`` int8 pages of ``page_size`` tokens shared by up to ``max_seqs`` sequences.
+
+    ``bits=4``: INT4 pages with scales per ``group_size`` channels of a token (keys per channel with
+    ``granularity="channel"``), kvpack/int4.py's arithmetic (module doc).
+    """
 
     def __init__(self, num_pages: int, page_size: int, kv_heads: int, head_dim: int, *, granularity: str = "token",
-                 device="cuda", dtype=torch.float16, max_seqs: int = 256, max_pages_per_seq: int | None = None):
+                 device="cuda", dtype=torch.float16, max_seqs: int = 256, max_pages_per_seq: int | None = None,
+                 bits: int = 8, group_size: int = int4.DEFAULT_GROUP):
         self.num_pages = _positive_int(num_pages, "num_pages")
         self.page_size = _positive_int(page_size, "page_size")
         self.kv_heads = _positive_int(kv_heads, "kv_heads")
@@ -407,23 +463,28 @@ class PagedKVCache:
         check_page_size(page_size)
         check_head_dim(head_dim, "head_dim")
         check_granularity(granularity)
+        int4.check_bits(bits, group_size, head_dim)
         if self.max_tokens >= 2**31:
             raise ValueError(f"max_pages_per_seq * page_size = {self.max_tokens} does not fit the int32 lengths")
         check_pool_rows(self.num_pages, self.kv_heads, self.page_size)
         self.device = torch.device(device)
         check_query_dtype(dtype, self.device, "dtype (of the queries, outputs and new rows)")
+        if bits == 4:
+            int4.check_device(self.device, group_size, head_dim)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.granularity = granularity
         self.dtype = dtype
-        shape = (num_pages, kv_heads, page_size, head_dim)
-        scale_shape = (num_pages, kv_heads, page_size) if granularity == "token" else (max_seqs, kv_heads, head_dim)
+        self.bits = bits
+        self.group_size = group_size if bits == 4 else None
+        shape, k_shape, v_shape, page_dtype = page_shapes(num_pages, kv_heads, page_size, head_dim, max_seqs,
+                                                          granularity, bits, group_size)
         dev = self.device
         # Zeros, not empty: rows no sequence holds are never used, but should be defined memory.
-        self.k_pages = torch.zeros(shape, dtype=torch.int8, device=dev)
-        self.v_pages = torch.zeros(shape, dtype=torch.int8, device=dev)
-        self.k_scales = torch.zeros(scale_shape, dtype=torch.float32, device=dev)
-        self.v_scales = torch.zeros(scale_shape, dtype=torch.float32, device=dev)
+        self.k_pages = torch.zeros(shape, dtype=page_dtype, device=dev)
+        self.v_pages = torch.zeros(shape, dtype=page_dtype, device=dev)
+        self.k_scales = torch.zeros(k_shape, dtype=torch.float32, device=dev)
+        self.v_scales = torch.zeros(v_shape, dtype=torch.float32, device=dev)
         self.block_tables = torch.zeros((max_seqs, self.max_pages_per_seq), dtype=torch.int32, device=dev)
         self.saturated = torch.zeros((), dtype=torch.int64, device=dev)  # as KVCache.saturated
         self._lengths = torch.zeros(max_seqs, dtype=torch.int32, device=dev)
@@ -473,7 +534,8 @@ class PagedKVCache:
 
     def __repr__(self) -> str:
         return (f"PagedKVCache(num_pages={self.num_pages}, page_size={self.page_size}, kv_heads={self.kv_heads}, "
-                f"head_dim={self.head_dim}, granularity={self.granularity!r}, device={str(self.device)!r}, "
+                f"head_dim={self.head_dim}, granularity={self.granularity!r}, bits={self.bits}, "
+                f"{f'group_size={self.group_size}, ' if self.bits == 4 else ''}device={str(self.device)!r}, "
                 f"max_seqs={self.max_seqs}, max_pages_per_seq={self.max_pages_per_seq}, "
                 f"sequences={len(self._pages)}, free_pages={self.num_free_pages}, nbytes={self.nbytes})")
 
@@ -574,16 +636,27 @@ class PagedKVCache:
         if scales is not None:
             fresh_slots = dev[b + 2 * n:]
             self.k_scales.index_copy_(0, fresh_slots, scales[0])
-            self.v_scales.index_copy_(0, fresh_slots, scales[1])
+            if self.bits == 8:  # INT4 values stay in token groups
+                self.v_scales.index_copy_(0, fresh_slots, scales[1])
             self._calibrated.update(ids[i] for i in fresh)
         paged_kv_append(self.k_pages, self.v_pages, self.k_scales, self.v_scales, self.block_tables, self._lengths,
-                        self._arrivals, self.saturated, k, v, seq_ids=slots, granularity=self.granularity)
+                        self._arrivals, self.saturated, k, v, seq_ids=slots, granularity=self.granularity,
+                        **self._format)
         for s in ids:
             self._host_lengths[s] += t
 
+    @property
+    def _format(self) -> dict:
+        return {"bits": 8} if self.bits == 8 else {"bits": 4, "group_size": self.group_size}
+
     def _calibration(self, k: torch.Tensor, v: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel scales of the given rows' first append: absmax over its tokens / 127 (as KVCache's)."""
-        ks, vs = (scale_from_absmax(x[rows].float().abs().amax(dim=2)) for x in (k, v))  # [rows, Hkv, D]
+        """Per-channel scales of the given rows' first append: absmax over its tokens / 127 (as KVCache's);
+        INT4, the keys' only, / 7 (as kvpack.int4.calibrate_keys)."""
+        if self.bits == 8:
+            ks, vs = (scale_from_absmax(x[rows].float().abs().amax(dim=2)) for x in (k, v))  # [rows, Hkv, D]
+        else:
+            ks = int4_sym_scale(k[rows].float().abs().amax(dim=2))
+            vs = torch.zeros((), device=ks.device)
         if not bool(torch.isfinite(ks).all() & torch.isfinite(vs).all()):  # the one sync: a prefill's check
             raise ValueError("k or v holds non-finite values (inf or NaN); per-channel scales would be undefined. "
                              "Nothing was written")
@@ -604,7 +677,8 @@ class PagedKVCache:
         slots = torch.tensor(ids, dtype=torch.int32).to(self.device, non_blocking=True)
         return paged_decode_attention(q, self.k_pages, self.v_pages, self.k_scales, self.v_scales, self.block_tables,
                                       self._lengths, seq_ids=slots, granularity=self.granularity, sm_scale=sm_scale,
-                                      splits=splits)
+                                      splits=splits, **self._format)
 
 
-__all__ = ["HEAD_DIMS", "MAX_PAGE_SIZE", "PAGE_TILE", "PagedKVCache", "check_page_size", "paged_decode_attention", "paged_kv_append"]
+__all__ = ["HEAD_DIMS", "MAX_PAGE_SIZE", "PAGE_TILE", "PagedKVCache", "check_page_size", "page_shapes",
+           "paged_decode_attention", "paged_kv_append"]

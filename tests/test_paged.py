@@ -1,4 +1,4 @@
-"""The paged INT8 KV cache: kvpack.paged (PagedKVCache, paged_kv_append, paged_decode_attention).
+"""The paged INT8 (and INT4) KV cache: kvpack.paged (PagedKVCache, paged_kv_append, paged_decode_attention).
 
 CPU tests run everywhere: paged attention and appends bit for bit against the contiguous
 kvpack.KVCache fed the same tokens in the same chunks (MHA/GQA/MQA, D 64/128, pages of 16 and 64
@@ -6,7 +6,8 @@ tokens, both granularities, fp16 and bf16 queries) and within the CPU tolerance 
 reference over the pages gathered here by hand; sequences joining and leaving (freed pages reused),
 shuffled and hand-built page tables, ragged lengths, seq_ids subsets in any order; the errors; the
 clamping of lengths and page ids. GPU tests (marker gpu) check the paged CUDA kernels against the
-contiguous ones bit for bit, and a CUDA graph of a paged decode step.
+contiguous ones bit for bit, and a CUDA graph of a paged decode step. The INT4 pages (bits=4) get the
+same twin tests against KVCache(bits=4), on the CPU and on the GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ import torch
 
 import kvpack
 from kvpack import reference as ref
-from kvpack.paged import MAX_POOL_ROWS, PagedKVCache, check_pool_rows, paged_decode_attention, paged_kv_append
+from kvpack.paged import (
+    MAX_POOL_ROWS,
+    PagedKVCache,
+    check_pool_rows,
+    page_shapes,
+    paged_decode_attention,
+    paged_kv_append,
+)
 
 HAS_CUDA = torch.cuda.is_available()
 OUT_REL = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
@@ -40,7 +48,9 @@ def make_q(b, hq, d, dtype, seed, device="cpu"):
 
 
 def gathered(k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity):
-    """The rows' caches gathered from the pages by plain NumPy indexing (independent of kvpack.paged)."""
+    """The rows' caches gathered from the pages by plain NumPy indexing (independent of kvpack.paged).
+    INT4 pages (uint8): packed rows and group scales alike; their value scales are always per token."""
+    int4 = k_pages.dtype == torch.uint8
     kp, vp = k_pages.cpu().numpy(), v_pages.cpu().numpy()
     ksp, vsp = k_scales.cpu().numpy(), v_scales.cpu().numpy()
     table, lens = block_tables.cpu().numpy(), lengths.cpu().numpy()
@@ -54,12 +64,8 @@ def gathered(k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_id
         page = np.where(tok < n, page, 0)  # entries past the length may be anything
         out["k"].append(kp[page, :, row].transpose(1, 0, 2))
         out["v"].append(vp[page, :, row].transpose(1, 0, 2))
-        if granularity == "token":
-            out["ks"].append(ksp[page, :, row].T)
-            out["vs"].append(vsp[page, :, row].T)
-        else:
-            out["ks"].append(ksp[s])
-            out["vs"].append(vsp[s])
+        out["ks"].append(np.swapaxes(ksp[page, :, row], 0, 1) if granularity == "token" else ksp[s])
+        out["vs"].append(np.swapaxes(vsp[page, :, row], 0, 1) if granularity == "token" or int4 else vsp[s])
         out["n"].append(n)
     return {key: np.stack(val) for key, val in out.items()}
 
@@ -73,6 +79,7 @@ def check_against_float64(out, q, g, granularity, dtype):
 
 
 def cache_gathered(cache, ids):
+    """The cache's rows gathered (``gathered``)."""
     return gathered(cache.k_pages, cache.v_pages, cache.k_scales, cache.v_scales, cache.block_tables,
                     cache.device_lengths, ids, cache.granularity)
 
@@ -82,15 +89,18 @@ def cache_gathered(cache, ids):
 HEADS = {"mha": (4, 1), "gqa": (2, 4), "mqa": (1, 8)}  # (Hkv, Hq / Hkv)
 
 
-def run_twins(granularity, hkv, d, page_size, dtype, device="cpu", seed=0, shuffle=True):
-    """A PagedKVCache and a KVCache (same T_max) fed the same tokens in the same chunks: three ragged
-    prefills, a decode step of all, a 3-token chunk of a subset, a decode step of the subset reversed."""
+def run_twins(granularity, hkv, d, page_size, dtype, device="cpu", seed=0, shuffle=True, bits=8, group_size=32):
+    """A PagedKVCache and a KVCache (same T_max, same format) fed the same tokens in the same chunks:
+    three ragged prefills, a decode step of all, a 3-token chunk of a subset, a decode step of the
+    subset reversed."""
+    fmt = {} if bits == 8 else {"bits": 4, "group_size": group_size}
     num_pages = 160 // page_size + 3
     paged = PagedKVCache(num_pages, page_size, hkv, d, granularity=granularity, device=device, dtype=dtype,
-                         max_seqs=5, max_pages_per_seq=num_pages - 1)
+                         max_seqs=5, max_pages_per_seq=num_pages - 1, **fmt)
     if shuffle:
         random.Random(seed).shuffle(paged._free_pages)  # pages taken in random order
-    contiguous = kvpack.KVCache(3, hkv, d, paged.max_tokens, granularity=granularity, device=device, dtype=dtype)
+    contiguous = kvpack.KVCache(3, hkv, d, paged.max_tokens, granularity=granularity, device=device, dtype=dtype,
+                                **fmt)
     ids = [paged.add_sequence() for _ in range(3)]
     prefill = (37, 5, 70)
     k, v = rows(3, hkv, max(prefill), d, dtype, seed + 1, device)
@@ -143,6 +153,41 @@ def test_paged_equals_contiguous_cache(granularity, heads, d, page_size, dtype):
         assert out.dtype == dtype and out.shape == (len(order), hkv * group, d)
         assert torch.equal(out, want[order]), order
     check_against_float64(out, q[[2, 0, 1]], cache_gathered(paged, [ids[2], ids[0], ids[1]]), granularity, dtype)
+
+
+INT4_CASES = [("token", "gqa", 128, 16, 32), ("token", "mha", 64, 32, 64), ("channel", "gqa", 128, 64, 32),
+              ("channel", "mqa", 64, 16, 64), ("token", "mqa", 256, 16, 128), ("channel", "mha", 128, 16, 16)]
+
+
+@pytest.mark.parametrize("granularity,heads,d,page_size,group", INT4_CASES,
+                         ids=[f"{g}-{h}-D{d}-P{p}-g{n}" for g, h, d, p, n in INT4_CASES])
+def test_paged_int4_equals_contiguous_int4_cache(granularity, heads, d, page_size, group):
+    """INT4 pages (bits=4) against KVCache(bits=4) fed the same tokens: the same packed rows and
+    scales (keys per channel with "channel", values always in token groups), saturation counts and
+    attention bit for bit (KVCache(bits=4) is itself tested against the float64 reference in
+    tests/test_int4.py)."""
+    hkv, hpk = HEADS[heads]
+    dtype = torch.float16 if d != 64 else torch.bfloat16
+    paged, contiguous, ids = run_twins(granularity, hkv, d, page_size, dtype, seed=d + group, bits=4,
+                                       group_size=group)
+    assert paged.k_pages.dtype == torch.uint8 and paged.k_pages.shape[3] == d // 2
+    g = cache_gathered(paged, ids)
+    lengths = (42, 6, 75)
+    for name, cname in (("k", "k_cache"), ("v", "v_cache"), ("ks", "k_scales"), ("vs", "v_scales")):
+        want = getattr(contiguous, cname).numpy()
+        per_sequence = name == "ks" and granularity == "channel"
+        for i, length in enumerate(lengths):
+            got, exp = (g[name][i], want[i]) if per_sequence else (g[name][i, :, :length], want[i, :, :length])
+            np.testing.assert_array_equal(got, exp, err_msg=name)
+    assert int(paged.saturated) == int(contiguous.saturated)
+    if granularity == "channel":
+        assert int(paged.saturated) > 0  # the decode steps' scale-3 keys pass the calibrated scales
+    q = make_q(3, hkv * hpk, d, dtype, seed=d)
+    want = contiguous.attend(q)
+    for order in ([1], [0, 1, 2], [2, 0]):
+        out = paged.attend([ids[i] for i in order], q[order])
+        assert out.dtype == dtype and out.shape == (len(order), hkv * hpk, d)
+        assert torch.equal(out, want[order]), order
 
 
 def test_fp32_queries_on_the_cpu():
@@ -481,8 +526,16 @@ def test_nbytes_and_repr():
     assert cache.max_tokens == 160
     cache.add_sequence()
     assert repr(cache) == ("PagedKVCache(num_pages=10, page_size=32, kv_heads=2, head_dim=128, granularity='token', "
-                           f"device='cpu', max_seqs=4, max_pages_per_seq=5, sequences=1, free_pages=10, "
+                           f"bits=8, device='cpu', max_seqs=4, max_pages_per_seq=5, sequences=1, free_pages=10, "
                            f"nbytes={cache.nbytes})")
+    # INT4: half a byte a value, a scale per group of a token (keys per channel and slot with "channel")
+    c4 = PagedKVCache(10, 32, 2, 128, device="cpu", max_seqs=4, max_pages_per_seq=5, bits=4, group_size=64)
+    assert c4.nbytes == 2 * 10 * 2 * 32 * 64 + 2 * 10 * 2 * 32 * 2 * 4 + 4 * 5 * 4
+    ch4 = PagedKVCache(10, 32, 2, 128, granularity="channel", device="cpu", max_seqs=4, max_pages_per_seq=5, bits=4)
+    assert ch4.nbytes == 2 * 10 * 2 * 32 * 64 + 4 * 2 * 128 * 4 + 10 * 2 * 32 * 4 * 4 + 4 * 5 * 4
+    assert (ch4.k_pages.dtype, tuple(ch4.k_pages.shape), tuple(ch4.v_scales.shape)) == (
+        torch.uint8, (10, 2, 32, 64), (10, 2, 32, 4))
+    assert "bits=4, group_size=64, device='cpu'" in repr(c4)
 
 
 # --- errors: the functional attention -------------------------------------------------------------
@@ -554,6 +607,43 @@ def test_paged_decode_attention_other_errors():
     assert torch.equal(out[0], out[1]) and torch.equal(out[0], paged_decode_attention(**args)[2])
 
 
+
+def test_int4_format_errors():
+    """The format asked for (bits, group_size) must be the pages' own: a clear error otherwise, for the
+    functions and the cache alike, and nothing allocated or written."""
+    args = _good_args()  # int8 pages, D = 64, token scales
+    with pytest.raises(TypeError, match="k_pages must be uint8 for bits=4"):
+        paged_decode_attention(**args, bits=4)
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        paged_decode_attention(**args, bits=3)
+    shape, k_shape, v_shape, dt = page_shapes(6, 2, 16, 64, 3, "token", bits=4, group_size=32)
+    assert (shape, k_shape, v_shape, dt) == ((6, 2, 16, 32), (6, 2, 16, 2), (6, 2, 16, 2), torch.uint8)
+    int4_args = {**args, "k_pages": torch.zeros(shape, dtype=dt), "v_pages": torch.zeros(shape, dtype=dt),
+                 "k_scales": torch.zeros(k_shape), "v_scales": torch.zeros(v_shape)}
+    with pytest.raises(TypeError, match="k_pages must be int8 for bits=8"):
+        paged_decode_attention(**int4_args)
+    with pytest.raises(ValueError, match=r"k_scales must have shape \(6, 2, 16, 4\) .*bits=4"):
+        paged_decode_attention(**int4_args, bits=4, group_size=16)
+    with pytest.raises(ValueError, match="group_size = 48 must be an even divisor of head_dim = 64"):
+        paged_decode_attention(**int4_args, bits=4, group_size=48)
+    with pytest.raises(ValueError, match=r"v_scales must be a 4-D tensor \[num_pages, Hkv, page_size, D / group_size\]"):
+        paged_decode_attention(**{**int4_args, "k_scales": torch.zeros(3, 2, 64), "v_scales": torch.zeros(3, 2, 64)},
+                               bits=4, granularity="channel", group_size=32)
+    out = paged_decode_attention(**int4_args, bits=4)  # well-formed (all-zero scales): zeros
+    assert out.shape == args["q"].shape and not out.any()
+    saturated, arrivals = torch.zeros((), dtype=torch.int64), torch.zeros(3, dtype=torch.int32)
+    k = torch.ones(3, 2, 1, 64, dtype=torch.float16)
+    with pytest.raises(TypeError, match="k_pages must be uint8 for bits=4"):
+        paged_kv_append(args["k_pages"], args["v_pages"], args["k_scales"], args["v_scales"], args["block_tables"],
+                        args["lengths"], arrivals, saturated, k, k, bits=4)
+    for kwargs, match in (({"bits": 2}, "bits must be 8 or 4"),
+                          ({"bits": 4, "group_size": 24}, "group_size = 24 must be an even divisor of head_dim = 128")):
+        with pytest.raises(ValueError, match=match):
+            PagedKVCache(10, 16, 2, 128, device="cpu", **kwargs)
+    if not HAS_CUDA:
+        with pytest.raises(ValueError, match="group_size = 16 is not built for CUDA"):
+            PagedKVCache(10, 16, 2, 128, device="cuda", bits=4, group_size=16)
+
 # --- GPU ------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -599,6 +689,52 @@ def test_gpu_paged_kernels_equal_contiguous_kernels(granularity, dtype, heads, d
     assert (np.abs(out.double().cpu().numpy() - want) <= bound).all()
 
 
+INT4_GPU_CASES = [("mha", 64, 16, 32, torch.float16), ("gqa", 128, 64, 32, torch.bfloat16),
+                  ("mqa", 128, 16, 128, torch.float16), ("gqa", 256, 32, 64, torch.bfloat16),
+                  ("gqa", 128, 16, 64, torch.float16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("granularity", ["token", "channel"])
+@pytest.mark.parametrize("heads,d,page_size,group,dtype", INT4_GPU_CASES,
+                         ids=[f"{h}-D{d}-P{p}-g{n}-{str(t)[6:]}" for h, d, p, n, t in INT4_GPU_CASES])
+def test_gpu_paged_int4_kernels_equal_contiguous_kernels(granularity, heads, d, page_size, group, dtype):
+    """The paged INT4 kernels (bits=4): the write kernel's pages bit for bit with the paged CPU cache
+    and with the contiguous INT4 CUDA cache; attention bit for bit with the contiguous INT4 kernel at
+    the same split counts, and close to the CPU's fp32 attention over the same pages."""
+    hkv, hpk = HEADS[heads]
+    paged, contiguous, ids = run_twins(granularity, hkv, d, page_size, dtype, device="cuda", seed=d + group, bits=4,
+                                       group_size=group)
+    cpu_paged, _, _ = run_twins(granularity, hkv, d, page_size, dtype, device="cpu", seed=d + group, bits=4,
+                                group_size=group)
+    torch.cuda.synchronize()
+    assert not paged._arrivals.any()  # the write kernel reset its counter
+    assert int(paged.saturated) == int(contiguous.saturated) == int(cpu_paged.saturated)
+    g = cache_gathered(paged, ids)
+    for name, cname in (("k", "k_cache"), ("v", "v_cache"), ("ks", "k_scales"), ("vs", "v_scales")):
+        want = getattr(contiguous, cname).cpu().numpy()
+        per_sequence = name == "ks" and granularity == "channel"
+        for i, length in enumerate(paged.lengths(ids)):
+            got, exp = (g[name][i], want[i]) if per_sequence else (g[name][i, :, :length], want[i, :, :length])
+            np.testing.assert_array_equal(got, exp, err_msg=name)
+    for name in ("k_pages", "v_pages", "k_scales", "v_scales", "block_tables"):
+        assert torch.equal(getattr(paged, name).cpu(), getattr(cpu_paged, name)), name
+    q = make_q(3, hkv * hpk, d, dtype, seed=d, device="cuda")
+    order = [2, 0, 1]
+    slots = torch.tensor([ids[i] for i in order], dtype=torch.int32, device="cuda")
+    for splits in (1, 3, 8):
+        want = contiguous.attend(q, splits=splits)[order]
+        got = paged_decode_attention(q[order], paged.k_pages, paged.v_pages, paged.k_scales, paged.v_scales,
+                                     paged.block_tables, paged.device_lengths, seq_ids=slots,
+                                     granularity=granularity, splits=splits, bits=4, group_size=group)
+        torch.cuda.synchronize()
+        assert torch.equal(got, want), splits
+    out = paged.attend([ids[i] for i in order], q[order]).float().cpu()
+    cpu_out = cpu_paged.attend([ids[i] for i in order], q[order].cpu()).float()
+    assert (out - cpu_out).abs().max() <= 1e-2 * cpu_out.abs().max() + 1e-3
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_gpu_clamping_matches_the_cpu():
@@ -626,18 +762,21 @@ def test_gpu_clamping_matches_the_cpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_gpu_paged_decode_step_in_a_cuda_graph():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gpu_paged_decode_step_in_a_cuda_graph(bits):
     """paged_kv_append of one token per row and paged_decode_attention, captured once, replayed: the same
     results as eager calls on a twin (the table preallocated, the lengths advanced on the device)."""
     p, hkv, group, d, num_pages, s = 16, 2, 4, 128, 24, 3
+    fmt = {"bits": bits, "group_size": 32}
     perm = torch.randperm(num_pages, generator=torch.Generator().manual_seed(3)).int()
     table = perm[: s * 8].reshape(s, 8).contiguous().cuda()
+    shape, k_shape, v_shape, page_dtype = page_shapes(num_pages, hkv, p, d, s, "token", **fmt)
 
     def make():
-        c = {"k_pages": torch.zeros((num_pages, hkv, p, d), dtype=torch.int8, device="cuda"),
-             "v_pages": torch.zeros((num_pages, hkv, p, d), dtype=torch.int8, device="cuda"),
-             "k_scales": torch.zeros((num_pages, hkv, p), device="cuda"),
-             "v_scales": torch.zeros((num_pages, hkv, p), device="cuda"),
+        c = {"k_pages": torch.zeros(shape, dtype=page_dtype, device="cuda"),
+             "v_pages": torch.zeros(shape, dtype=page_dtype, device="cuda"),
+             "k_scales": torch.zeros(k_shape, device="cuda"),
+             "v_scales": torch.zeros(v_shape, device="cuda"),
              "block_tables": table.clone(), "lengths": torch.zeros(s, dtype=torch.int32, device="cuda")}
         extra = {"arrivals": torch.zeros(s, dtype=torch.int32, device="cuda"),
                  "saturated": torch.zeros((), dtype=torch.int64, device="cuda")}
@@ -645,10 +784,10 @@ def test_gpu_paged_decode_step_in_a_cuda_graph():
 
     def append(c, extra, k, v, seq_ids):
         paged_kv_append(c["k_pages"], c["v_pages"], c["k_scales"], c["v_scales"], c["block_tables"], c["lengths"],
-                        extra["arrivals"], extra["saturated"], k, v, seq_ids=seq_ids)
+                        extra["arrivals"], extra["saturated"], k, v, seq_ids=seq_ids, **fmt)
 
     def attend(c, q, seq_ids):
-        return paged_decode_attention(q, *c.values(), seq_ids=seq_ids)
+        return paged_decode_attention(q, *c.values(), seq_ids=seq_ids, **fmt)
 
     caches = [make(), make()]
     seq_ids = torch.tensor([2, 0, 1], dtype=torch.int32, device="cuda")

@@ -112,20 +112,25 @@ def run_decode() -> int:
 def run_paged() -> int:
     """The paged kernels (torch.ops.kvpack.paged_kv_append / paged_decode_attention) on awkward
     tables: pages in a shuffled order, a slot subset through seq_ids, partial last pages, page sizes
-    16 and 48, and lengths, page ids and sequence ids out of range (clamped, never read outside)."""
+    16 and 48, and lengths, page ids and sequence ids out of range (clamped, never read outside);
+    int8 pages and INT4 pages (groups of 32 and of min(D, 128))."""
+    from kvpack.paged import page_shapes
+
     calls = 0
     ops = torch.ops.kvpack
-    for d in (64, 128, 256):
+    formats = [(d, bits, group) for d in (64, 128, 256) for bits, group in ((8, 32), (4, 32), (4, min(d, 128)))]
+    for d, bits, group_size in formats:
         for gran in ("token", "channel"):
             for page, slots, hkv, group, t_new in ((16, 3, 2, 3, 37), (48, 2, 1, 32, 100)):
                 g = torch.Generator(device="cuda").manual_seed(d + page)
                 max_pages = -(-t_new // page) + 1
                 num_pages = slots * max_pages + 1
-                kp = torch.zeros(num_pages, hkv, page, d, dtype=torch.int8, device="cuda")
+                shape, k_shape, v_shape, page_dtype = page_shapes(num_pages, hkv, page, d, slots, gran, bits,
+                                                                  group_size)
+                kp = torch.zeros(shape, dtype=page_dtype, device="cuda")
                 vp = torch.zeros_like(kp)
-                shape = (num_pages, hkv, page) if gran == "token" else (slots, hkv, d)
-                ks = torch.full(shape, 0.01, device="cuda")
-                vs = torch.full(shape, 0.01, device="cuda")
+                ks = torch.full(k_shape, 0.01, device="cuda")
+                vs = torch.full(v_shape, 0.01, device="cuda")
                 perm = torch.randperm(num_pages, device="cuda", generator=g)[: slots * max_pages]
                 bt = perm.view(slots, max_pages).to(torch.int32).contiguous()
                 lengths = torch.zeros(slots, dtype=torch.int32, device="cuda")
@@ -152,7 +157,7 @@ def run_paged() -> int:
                 calls += 3
                 torch.cuda.synchronize()
                 assert int(flag.item()) == 1, "the clamping was not reported"
-            print(f"  paged D={d} {gran}: ok", flush=True)
+            print(f"  paged D={d} bits={bits} group={group_size} {gran}: ok", flush=True)
     return calls
 
 

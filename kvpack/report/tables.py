@@ -135,7 +135,10 @@ DECODE_COLUMNS = ["source", "device_slug", "device_name", "record_format", "T", 
                   "int4_fraction_of_int4_bound", "int4_vs_sdpa_max_abs", "cache_int4_bytes",
                   # the paged kernel over a shuffled paged copy of the same cache (decode.page_sizes), if timed
                   *(f"paged_p{n}_{c}" for n in (16, 32, 64, 128, 256)
-                    for c in ("median_ms", "p10_ms", "p90_ms", "vs_fused", "equals_fused"))]
+                    for c in ("median_ms", "p10_ms", "p90_ms", "vs_fused", "equals_fused")),
+                  # the paged INT4 kernel over a shuffled paged copy of the INT4 cache, if timed
+                  *(f"int4_paged_p{n}_{c}" for n in (16, 32, 64, 128, 256)
+                    for c in ("median_ms", "p10_ms", "p90_ms", "vs_int4", "equals_int4"))]
 DECODE_PAGE_SIZES = (16, 32, 64, 128, 256)
 DECODE_V1 = "v1: torch's default SDPA, dequantize then SDPA, no fused kernel (superseded)"
 DECODE_V2 = "v2: every SDPA backend, dequantize then SDPA, fused int8"
@@ -228,9 +231,10 @@ def decode_view(decode: pd.DataFrame) -> pd.DataFrame:
             "dequant_sdpa_median_ms", "fused_median_ms", "fused_speedup_vs_sdpa", "dequant_sdpa_speedup_vs_sdpa",
             "int8_byte_bound_ms", "fused_fraction_of_int8_bound", "int4_group", "int4_median_ms",
             "int4_speedup_vs_sdpa", "int4_vs_fused", "int4_byte_bound_ms", "int4_fraction_of_int4_bound", "copy_gbps",
-            *(f"paged_p{n}_{c}" for n in DECODE_PAGE_SIZES for c in ("median_ms", "vs_fused")), "skip_reason"]
+            *(f"paged_p{n}_{c}" for n in DECODE_PAGE_SIZES for c in ("median_ms", "vs_fused")),
+            *(f"int4_paged_p{n}_{c}" for n in DECODE_PAGE_SIZES for c in ("median_ms", "vs_int4")), "skip_reason"]
     d = d[[c for c in cols if c in d.columns]]
-    empty = [c for c in d.columns if c.startswith("paged_") and d[c].isna().all()]
+    empty = [c for c in d.columns if "paged_" in c and d[c].isna().all()]
     return d.drop(columns=empty)  # page sizes no record timed
 
 

@@ -153,7 +153,8 @@ def decode_point(T: int, batch: int = 1, q_heads: int = 32, kv_heads: int = 32, 
 
             row["fused_splits"] = decode_splits(q3, cache.k_cache, granularity)
     if "int4" in methods:
-        _int4_rows(row, timed, skipped, k, v, q3, granularity, int4_group, reference)
+        _int4_rows(row, timed, skipped, k, v, q3, granularity, int4_group, reference,
+                   page_sizes if "fused" in methods else (), gen)
 
     if "fused" in methods and page_sizes and "fused" in timings:
         del k, v  # the fp16 cache: room for the paged copy
@@ -167,6 +168,8 @@ def decode_point(T: int, batch: int = 1, q_heads: int = 32, kv_heads: int = 32, 
         row[f"{name}_p90_ms"] = s["p90_ms"]
         if name.startswith("paged_p") and "fused" in timings:
             row[f"{name}_vs_fused"] = timings["fused"]["median_ms"] / s["median_ms"]
+        if name.startswith("int4_paged_p") and "int4" in timings:
+            row[f"{name}_vs_int4"] = timings["int4"]["median_ms"] / s["median_ms"]
     if best is not None:
         base = row[f"sdpa_{best}_median_ms"]
         row["sdpa_best"] = best
@@ -186,9 +189,11 @@ def decode_point(T: int, batch: int = 1, q_heads: int = 32, kv_heads: int = 32, 
     return row  # the caller empties the CUDA cache once this frame's tensors are gone
 
 
-def _int4_rows(row: dict, timed, skipped: dict, k, v, q3, granularity: str, group: int, reference) -> None:
+def _int4_rows(row: dict, timed, skipped: dict, k, v, q3, granularity: str, group: int, reference,
+               page_sizes=(), gen=None) -> None:
     """Time decode_attention(bits=4) over an INT4 cache of the same K and V (row ``int4``), and record
-    its largest difference from fp16 SDPA over the unquantized cache."""
+    its largest difference from fp16 SDPA over the unquantized cache; then the paged INT4 kernel over
+    a shuffled paged copy of that cache at each page size (rows ``int4_paged_p<P>``)."""
     batch, kv_heads, t, d = k.shape
     try:
         c4 = KVCache(batch, kv_heads, d, t, granularity=granularity, device=k.device, dtype=torch.float16, bits=4,
@@ -205,47 +210,62 @@ def _int4_rows(row: dict, timed, skipped: dict, k, v, q3, granularity: str, grou
     timed("int4", int4)
     if reference is not None and "int4" not in skipped:
         row["int4_vs_sdpa_max_abs"] = float((int4().float() - reference.float()).abs().max())
+    if page_sizes and "int4" not in skipped:
+        from ..decode_attention import decode_splits
+
+        # the contiguous kernel's result at an explicit split count, which the paged one then uses
+        splits = decode_splits(q3, c4.k_cache, granularity) if q3.is_cuda else 0
+        out = decode_attention(q3, c4.k_cache, c4.v_cache, c4.k_scales, c4.v_scales, c4.device_lengths,
+                               granularity=granularity, bits=4, group_size=group, splits=splits)
+        try:
+            for size in page_sizes:
+                _paged_rows(row, timed, c4, q3, granularity, int(size), out, gen, splits, "int4")
+        except torch.cuda.OutOfMemoryError as e:  # the paged copy
+            skipped["int4_paged"] = f"out of GPU memory: {str(e).splitlines()[0]}"[:200]
 
 
 def paged_copy(cache: KVCache, page_size: int, gen: torch.Generator | None = None) -> dict:
-    """The same int8 cache in pages of ``page_size`` tokens (T_max a multiple of it): pages
-    ``[B * T_max / P, Hkv, P, D]`` in a shuffled order (``gen``), token scales in the pages' layout,
-    block tables int32 ``[B, T_max / P]`` and the cache's lengths: what paged_decode_attention reads."""
-    b, hkv, t, d = cache.k_cache.shape
+    """The same cache (int8, or INT4: ``cache.bits``) in pages of ``page_size`` tokens (T_max a multiple
+    of it): pages ``[B * T_max / P, Hkv, P, row]`` in a shuffled order (``gen``), token scales in the
+    pages' layout, block tables int32 ``[B, T_max / P]`` and the cache's lengths: what
+    paged_decode_attention reads (kvpack/paged.py's layout)."""
+    b, hkv, t, _ = cache.k_cache.shape
     if t % page_size:
         raise ValueError(f"T_max = {t} is not a multiple of page_size = {page_size}")
     n = t // page_size
     perm = torch.randperm(b * n, device=cache.k_cache.device, generator=gen)
     out = {"block_tables": perm.view(b, n).to(torch.int32).contiguous(), "lengths": cache.device_lengths}
-    for name in ("k_cache", "v_cache"):
-        x = getattr(cache, name).view(b, hkv, n, page_size, d).permute(0, 2, 1, 3, 4).reshape(b * n, hkv, page_size, d)
+
+    def paged(x):  # [B, Hkv, T_max, ...] -> [B * T_max / P, Hkv, P, ...], pages shuffled
+        rest = x.shape[3:]
+        x = x.view(b, hkv, n, page_size, *rest).transpose(1, 2).reshape(b * n, hkv, page_size, *rest)
         pages = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # (x may be a strided view: B = 1)
         pages[perm] = x
-        out[name.replace("cache", "pages")] = pages
+        return pages
+
+    for name in ("k_cache", "v_cache"):
+        out[name.replace("cache", "pages")] = paged(getattr(cache, name))
     for name in ("k_scales", "v_scales"):
-        s = getattr(cache, name)
-        if cache.granularity == "token":
-            x = s.view(b, hkv, n, page_size).permute(0, 2, 1, 3).reshape(b * n, hkv, page_size)
-            pages = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            pages[perm] = x
-            out[name] = pages
-        else:
-            out[name] = s  # per channel: per sequence, [B, Hkv, D]
+        per_token = cache.granularity == "token" or (name == "v_scales" and cache.bits == 4)
+        # per channel: per sequence, [B, Hkv, D]
+        out[name] = paged(getattr(cache, name)) if per_token else getattr(cache, name)
     return out
 
 
 def _paged_rows(row: dict, timed, cache: KVCache, q3, granularity: str, page_size: int, fused_out, gen,
-                splits: int) -> None:
+                splits: int, contiguous: str = "fused") -> None:
     """Time paged_decode_attention over a shuffled paged copy of ``cache``; record whether it gives
-    the contiguous kernel's result bit for bit (with the same split count, the same arithmetic)."""
+    the contiguous kernel's result bit for bit (with the same split count, the same arithmetic).
+    Rows ``paged_p<P>`` (INT8; ``..._equals_fused``) or ``int4_paged_p<P>`` (``..._equals_int4``)."""
     from ..paged import paged_decode_attention
 
-    name = f"paged_p{page_size}"
+    name = f"paged_p{page_size}" if contiguous == "fused" else f"{contiguous}_paged_p{page_size}"
+    fmt = {} if cache.bits == 8 else {"bits": 4, "group_size": cache.group_size}
     p = paged_copy(cache, page_size, gen)
     args = (q3, p["k_pages"], p["v_pages"], p["k_scales"], p["v_scales"], p["block_tables"], p["lengths"])
-    timed(name, lambda: paged_decode_attention(*args, granularity=granularity))
-    same = paged_decode_attention(*args, granularity=granularity, splits=int(splits or 0))
-    row[f"{name}_equals_fused"] = bool(torch.equal(same, fused_out))
+    timed(name, lambda: paged_decode_attention(*args, granularity=granularity, **fmt))
+    same = paged_decode_attention(*args, granularity=granularity, splits=int(splits or 0), **fmt)
+    row[f"{name}_equals_{contiguous}"] = bool(torch.equal(same, fused_out))
 
 
 def append_time(batch: int = 32, kv_heads: int = 8, head_dim: int = 128, max_tokens: int = 4096, *,

@@ -130,12 +130,16 @@ inline DecodeShape check_append(const at::Tensor& kc, const at::Tensor& vc, cons
 struct PagedShape {
   int64_t batch, q_heads, kv_heads, num_pages, page_size, head_dim, num_slots, max_pages;
   bool per_token;
+  int64_t group = 0;  // 0: int8 pages; else the INT4 pages' group size
 };
 
 // The paged cache: pages int8 [num_pages, Hkv, page_size, D] (page_size a multiple of 16 in
 // [16, 256]), token scales fp32 [num_pages, Hkv, page_size] or channel scales [num_slots, Hkv, D],
 // block_tables int32 [num_slots, max_pages], lengths int32 [num_slots], seq_ids int32 [B] or absent
-// (then num_slots == B). `rows` is B, the rows of q (attention) or of k and v (append).
+// (then num_slots == B). `rows` is B, the rows of q (attention) or of k and v (append). INT4 pages
+// (uint8, two values a byte): [num_pages, Hkv, page_size, D / 2], v scales (and k scales, "token")
+// [num_pages, Hkv, page_size, D / group], k scales per channel [num_slots, Hkv, D] ("channel"); the
+// group is D / v_scales.size(3).
 inline PagedShape check_paged(int64_t rows, const at::Tensor& kp, const at::Tensor& vp, const at::Tensor& ks,
                               const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& lengths,
                               const c10::optional<at::Tensor>& seq_ids, const std::string& granularity,
@@ -143,7 +147,9 @@ inline PagedShape check_paged(int64_t rows, const at::Tensor& kp, const at::Tens
   const bool per_token = parse_cache_granularity(granularity);
   TORCH_CHECK_VALUE(kp.dim() == 4, "kvpack: k_pages must be [num_pages, Hkv, page_size, D], got ", kp.sizes());
   TORCH_CHECK_VALUE(bt.dim() == 2, "kvpack: block_tables must be [num_slots, max_pages], got ", bt.sizes());
-  const PagedShape s{rows, 0, kp.size(1), kp.size(0), kp.size(2), kp.size(3), bt.size(0), bt.size(1), per_token};
+  const bool int4 = kp.scalar_type() == at::kByte;
+  PagedShape s{rows, 0, kp.size(1), kp.size(0), kp.size(2), int4 ? 2 * kp.size(3) : kp.size(3), bt.size(0),
+               bt.size(1), per_token};
   check_head_dim(s.head_dim);
   TORCH_CHECK_VALUE(s.page_size >= 16 && s.page_size <= 256 && s.page_size % 16 == 0, "kvpack: page_size = ",
                     s.page_size, " must be a multiple of 16 in [16, 256]");
@@ -154,14 +160,31 @@ inline PagedShape check_paged(int64_t rows, const at::Tensor& kp, const at::Tens
   TORCH_CHECK_VALUE(s.num_pages * s.kv_heads * s.page_size <= (int64_t{1} << 32), "kvpack: the page pool holds ",
                     "num_pages * Hkv * page_size = ", s.num_pages * s.kv_heads * s.page_size,
                     " token rows; the paged kernels address at most 2^32: use fewer pages");
-  check_cache_tensor(kp, "k_pages", at::kChar, {s.num_pages, s.kv_heads, s.page_size, s.head_dim}, like);
-  check_cache_tensor(vp, "v_pages", at::kChar, {s.num_pages, s.kv_heads, s.page_size, s.head_dim}, like);
-  if (per_token) {
-    check_cache_tensor(ks, "k_scales", at::kFloat, {s.num_pages, s.kv_heads, s.page_size}, like);
-    check_cache_tensor(vs, "v_scales", at::kFloat, {s.num_pages, s.kv_heads, s.page_size}, like);
+  if (int4) {
+    TORCH_CHECK_VALUE(vs.dim() == 4 && vs.size(3) >= 1 && s.head_dim % vs.size(3) == 0,
+                      "kvpack: INT4 pages' v_scales must be [num_pages, Hkv, page_size, D / group], got ", vs.sizes());
+    s.group = s.head_dim / vs.size(3);
+    TORCH_CHECK_VALUE(s.group == 32 || s.group == 64 || s.group == 128, "kvpack: the INT4 cache takes groups of "
+                      "32, 64 or 128 channels, got ", s.group, " (D = ", s.head_dim, ", ", vs.size(3), " scales a row)");
+    const int64_t groups = s.head_dim / s.group;
+    check_cache_tensor(kp, "k_pages", at::kByte, {s.num_pages, s.kv_heads, s.page_size, s.head_dim / 2}, like);
+    check_cache_tensor(vp, "v_pages", at::kByte, {s.num_pages, s.kv_heads, s.page_size, s.head_dim / 2}, like);
+    if (per_token) {
+      check_cache_tensor(ks, "k_scales", at::kFloat, {s.num_pages, s.kv_heads, s.page_size, groups}, like);
+    } else {
+      check_cache_tensor(ks, "k_scales", at::kFloat, {s.num_slots, s.kv_heads, s.head_dim}, like);
+    }
+    check_cache_tensor(vs, "v_scales", at::kFloat, {s.num_pages, s.kv_heads, s.page_size, groups}, like);
   } else {
-    check_cache_tensor(ks, "k_scales", at::kFloat, {s.num_slots, s.kv_heads, s.head_dim}, like);
-    check_cache_tensor(vs, "v_scales", at::kFloat, {s.num_slots, s.kv_heads, s.head_dim}, like);
+    check_cache_tensor(kp, "k_pages", at::kChar, {s.num_pages, s.kv_heads, s.page_size, s.head_dim}, like);
+    check_cache_tensor(vp, "v_pages", at::kChar, {s.num_pages, s.kv_heads, s.page_size, s.head_dim}, like);
+    if (per_token) {
+      check_cache_tensor(ks, "k_scales", at::kFloat, {s.num_pages, s.kv_heads, s.page_size}, like);
+      check_cache_tensor(vs, "v_scales", at::kFloat, {s.num_pages, s.kv_heads, s.page_size}, like);
+    } else {
+      check_cache_tensor(ks, "k_scales", at::kFloat, {s.num_slots, s.kv_heads, s.head_dim}, like);
+      check_cache_tensor(vs, "v_scales", at::kFloat, {s.num_slots, s.kv_heads, s.head_dim}, like);
+    }
   }
   check_cache_tensor(bt, "block_tables", at::kInt, {s.num_slots, s.max_pages}, like);
   check_cache_tensor(lengths, "lengths", at::kInt, {s.num_slots}, like);

@@ -982,13 +982,12 @@ __device__ __forceinline__ bool arrive_last(int32_t* counter, int parts, int* s_
 // the part's tiles in turn (warp w: tiles w, w + 4, ...), so they stream neighbouring memory, and
 // merge their states in shared memory at the end: one partial result per block.
 // G: 0 for the INT8 cache, else the INT4 group size (kPerToken: keys in groups too, else per
-// channel; INT4 values are always in per-token groups). INT4 is contiguous only (kPaged false).
+// channel; INT4 values are always in per-token groups). Either format contiguous or paged.
 template <int D, typename QT, bool kPerToken, bool kPaged, int G = 0>
 __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     decode_split_kernel(const SplitParams p) {
   constexpr bool kInt4 = G > 0;
   constexpr bool kTokenV = kPerToken || kInt4;  // V scales per token (INT8) or per token group (INT4)
-  static_assert(!(kInt4 && kPaged), "the paged cache is INT8 only");
   __shared__ float s_m[kDecodeWarps][kHeadsPerWarp];
   __shared__ float s_l[kDecodeWarps][kHeadsPerWarp];
   __shared__ float s_mu[kDecodeWarps][kHeadsPerWarp];
@@ -1129,22 +1128,34 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   const int8_t* vbt = vb + ts.v;
   const float* ksbt = kPerToken ? ksb + ts.ks : nullptr;
   const float* vsbt = kTokenV ? vsb + ts.vs : nullptr;
-  // Paged: the same for KV head kvh in page 0 (pages [num_pages, Hkv, page_size, D]); a tile adds
-  // row = id * Hkv * page_size + its row in the page, in 32 bits (check_paged: the pool holds at
-  // most 2^32 rows), so each array's address is one wide multiply-add a tile. A page id outside
-  // [0, num_pages) is clamped where it is used and flagged once, after the loop, from the largest id
-  // seen as unsigned (a negative id is larger than any valid one).
+  // Paged: the same for KV head kvh in page 0 (pages [num_pages, Hkv, page_size, row bytes], token
+  // scales [num_pages, Hkv, page_size, scales a row]); a tile adds row = id * Hkv * page_size + its
+  // row in the page, in 32 bits (check_paged: the pool holds at most 2^32 rows), so each array's
+  // address is one wide multiply-add a tile. A page id outside [0, num_pages) is clamped where it is
+  // used and flagged once, after the loop, from the largest id seen as unsigned (a negative id is
+  // larger than any valid one).
   uint32_t page_seen = 0;
   const int64_t kvh_rows = kPaged ? kvh * p.page_size : 0;
   const uint32_t page_rows = kPaged ? static_cast<uint32_t>(p.kv_heads * p.page_size) : 0u;
-  const int8_t* kp0 = kPaged ? p.k + kvh_rows * D + ts.k : nullptr;
-  const int8_t* vp0 = kPaged ? p.v + kvh_rows * D + ts.v : nullptr;
-  const float* ksp0 = kPaged && kPerToken ? p.k_scales + kvh_rows + ts.ks : nullptr;
-  const float* vsp0 = kPaged && kPerToken ? p.v_scales + kvh_rows + ts.vs : nullptr;
+  const int8_t* kp0 = kPaged ? p.k + kvh_rows * kRowBytes + ts.k : nullptr;
+  const int8_t* vp0 = kPaged ? p.v + kvh_rows * kRowBytes + ts.v : nullptr;
+  const float* ksp0 = kPaged && kPerToken ? p.k_scales + kvh_rows * kRowScales + ts.ks : nullptr;
+  const float* vsp0 = kPaged && kTokenV ? p.v_scales + kvh_rows * kRowScales + ts.vs : nullptr;
+  // Paged: the first row of a tile's page (the id clamped, the largest id seen kept for the flag).
+  auto page_row = [&](PageRef page) -> uint64_t {
+    page_seen = max(page_seen, static_cast<uint32_t>(page.id));
+    const uint32_t id = static_cast<uint32_t>(min(max(page.id, 0), static_cast<int32_t>(p.num_pages - 1)));
+    return id * page_rows + page.row;
+  };
   auto load = [&](TileT& tile, uint32_t x, PageRef page) {
     if constexpr (kInt4) {
       using U8 = const uint8_t*;
-      if (unclamped(x)) {
+      if constexpr (kPaged) {
+        const uint64_t row = page_row(page);
+        load_tile4_at<D, G, kPerToken>(tile, reinterpret_cast<U8>(kp0) + row * kRowBytes,
+                                       reinterpret_cast<U8>(vp0) + row * kRowBytes,
+                                       kPerToken ? ksp0 + row * kRowScales : nullptr, vsp0 + row * kRowScales);
+      } else if (unclamped(x)) {
         const uint64_t xr = x;
         load_tile4_at<D, G, kPerToken>(tile, reinterpret_cast<U8>(kbt) + xr * kRowBytes,
                                        reinterpret_cast<U8>(vbt) + xr * kRowBytes,
@@ -1153,9 +1164,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
         load_tile4<D, G, kPerToken>(tile, reinterpret_cast<U8>(kb), reinterpret_cast<U8>(vb), ksb, vsb, x, last, g, t);
       }
     } else if constexpr (kPaged) {
-      page_seen = max(page_seen, static_cast<uint32_t>(page.id));
-      const uint32_t id = static_cast<uint32_t>(min(max(page.id, 0), static_cast<int32_t>(p.num_pages - 1)));
-      const uint32_t row = id * page_rows + page.row;
+      const uint32_t row = static_cast<uint32_t>(page_row(page));
       load_tile_at<D, kPerToken>(tile, kp0 + static_cast<uint64_t>(row) * D, vp0 + static_cast<uint64_t>(row) * D,
                                  kPerToken ? ksp0 + row : nullptr, kPerToken ? vsp0 + row : nullptr);
     } else if (unclamped(x)) {
@@ -1521,6 +1530,53 @@ void dispatch_decode(int head_dim, c10::ScalarType dtype, bool per_token, F&& f)
     case 256: with_d(std::integral_constant<int, 256>{}); break;
     default: TORCH_CHECK_VALUE(false, "kvpack: decode attention supports head dimensions 64, 128 and 256, got ", head_dim);
   }
+}
+
+// The INT4 formats: f(D, G) for the supported (head dimension, group size) pairs.
+template <typename F>
+void dispatch_int4(int head_dim, int group, F&& f) {
+  using std::integral_constant;
+  const auto bad = [&] {
+    TORCH_CHECK_VALUE(false, "kvpack: the INT4 cache takes groups of 32, 64 or 128 channels (at most D), got ", group,
+                      " with D = ", head_dim);
+  };
+  switch (head_dim) {
+    case 64:
+      if (group == 32) f(integral_constant<int, 64>{}, integral_constant<int, 32>{});
+      else if (group == 64) f(integral_constant<int, 64>{}, integral_constant<int, 64>{});
+      else bad();
+      break;
+    case 128:
+      if (group == 32) f(integral_constant<int, 128>{}, integral_constant<int, 32>{});
+      else if (group == 64) f(integral_constant<int, 128>{}, integral_constant<int, 64>{});
+      else if (group == 128) f(integral_constant<int, 128>{}, integral_constant<int, 128>{});
+      else bad();
+      break;
+    case 256:
+      if (group == 32) f(integral_constant<int, 256>{}, integral_constant<int, 32>{});
+      else if (group == 64) f(integral_constant<int, 256>{}, integral_constant<int, 64>{});
+      else if (group == 128) f(integral_constant<int, 256>{}, integral_constant<int, 128>{});
+      else bad();
+      break;
+    default:
+      TORCH_CHECK_VALUE(false, "kvpack: decode attention supports head dimensions 64, 128 and 256, got ", head_dim);
+  }
+}
+
+// f(D, G, query type, keys in groups) for a decode call.
+template <typename F>
+void dispatch_decode_int4(int head_dim, int group, c10::ScalarType dtype, bool key_groups, F&& f) {
+  dispatch_int4(head_dim, group, [&](auto d, auto g) {
+    dispatch_bool(key_groups, [&](auto kg) {
+      if (dtype == c10::ScalarType::Half) {
+        f(d, g, TypeTag<__half>{}, kg);
+      } else if (dtype == c10::ScalarType::BFloat16) {
+        f(d, g, TypeTag<__nv_bfloat16>{}, kg);
+      } else {
+        TORCH_CHECK_TYPE(false, "kvpack: decode attention takes fp16 or bf16 queries, got ", dtype);
+      }
+    });
+  });
 }
 
 // ---- write path --------------------------------------------------------------------------------

@@ -10,7 +10,9 @@
 //   lengths    int32 [B], tokens held by each sequence (1 <= lengths[b] <= T_max for attention)
 // The INT4 cache (group != 0; kvpack/int4.py documents it): k, v uint8 [B, Hkv, T_max, D / 2], two
 // values a byte; v scales (and k scales, "token") fp32 [B, Hkv, T_max, D / group], group 32, 64 or
-// 128; k scales per channel [B, Hkv, D] with "channel". Contiguous only.
+// 128; k scales per channel [B, Hkv, D] with "channel". Paged, as INT8's pages: uint8 pages
+// [num_pages, Hkv, page_size, D / 2], group scales [num_pages, Hkv, page_size, D / group], channel
+// key scales [num_slots, Hkv, D].
 // The caller guarantees contiguous tensors on the current device, D in {64, 128, 256},
 // Hq a multiple of Hkv, q and out of one dtype (fp16 or bf16), a device guard and the stream.
 #pragma once
@@ -115,11 +117,15 @@ struct AppendArgs {
 // scales read), stores them at lengths[b] + j, and advances lengths[b] by the rows appended.
 void kv_append(const AppendArgs& args);
 
-// The INT4 formats (kernels/decode_int4.cu); the functions above call these where group != 0.
+// The INT4 formats (kernels/decode_int4.cu); the functions above call these where group != 0. The
+// paged cache's decode kernels are instantiated in kernels/decode_int4_paged.cu (compiled in parallel).
 int decode_splits_int4(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t max_tokens, int head_dim,
-                       c10::ScalarType dtype, bool per_token, int group);
+                       c10::ScalarType dtype, bool per_token, int group, bool paged);
 void decode_attention_int4(const DecodeArgs& args);
 void kv_append_int4(const AppendArgs& args);
+int decode_splits_int4_paged(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t max_tokens, int head_dim,
+                             c10::ScalarType dtype, bool per_token, int group);
+void decode_attention_int4_paged(const DecodeArgs& args);
 
 }  // namespace cuda
 }  // namespace kvpack
