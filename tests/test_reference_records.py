@@ -260,6 +260,27 @@ def test_paged_record_of_record():
     assert headline.to_markdown(table) in results and headline.paged_source_line(REF) in results
 
 
+@pytest.mark.parametrize("gpu", GPUS)
+def test_decode_grid_paged_rows_on_each_gpu(gpu):
+    """The decode grid's paged rows (headline --decode --paged): every point of the grid's format
+    timed the paged INT8 kernel at page sizes 16 and 64, each result equal to the contiguous kernel's
+    bit for bit, each ratio the contiguous time over the paged one; where the records have paged INT4
+    rows, the same for them against the contiguous INT4 kernel."""
+    ref = ROOT / "reports" / "reference" / gpu
+    table = headline.decode_paged_headline(ref)
+    assert len(table) >= 19 and set(table["bit_exact"]) == {"yes"}  # (the H100 cannot hold T = 131072, B = 32 MHA)
+    for col in ("int8_paged_p16_vs_contiguous", "int8_paged_p64_vs_contiguous"):
+        assert table[col].between(0.5, 1.5).all(), col
+    d = assemble.build_tables(reference_dirs=[ref]).decode
+    d = d[(d["status"] == "ok") & d["paged_p16_median_ms"].notna()]
+    assert ((d["fused_median_ms"] / d["paged_p16_median_ms"] - d["paged_p16_vs_fused"]).abs() < 1e-9).all()
+    if "int4_paged_p16_median_ms" in d and d["int4_paged_p16_median_ms"].notna().any():
+        d4 = d[d["int4_paged_p16_median_ms"].notna()]
+        assert ((d4["int4_median_ms"] / d4["int4_paged_p16_median_ms"] - d4["int4_paged_p16_vs_int4"]).abs()
+                < 1e-9).all()
+        assert d4["int4_paged_p16_equals_int4"].astype(bool).all()
+
+
 def test_int4_record_and_its_headline():
     """The INT4 decode record of the H100 (tools/bench_decode.py, int4/decode_int4.json): every ratio
     is its medians' quotient, every bound the bytes at the job's copy rate; docs/int4.md shows the

@@ -9,6 +9,7 @@ decode step: the fused INT8 kernel against the fastest fp16 SDPA backend and the
     python -m kvpack.report.headline --e2e            # a real model's decode step, every method
     python -m kvpack.report.headline --e2e --brief reports/reference/h100      # the README's table
     python -m kvpack.report.headline --paged reports/reference/h100   # the paged kernel vs the contiguous one
+    python -m kvpack.report.headline --decode --paged reports/reference/h200  # the decode grid's paged rows, INT8 and INT4
     python -m kvpack.report.headline --int4 reports/reference/h100    # the INT4 kernel beside INT8 and fp16
 
 Each table is preceded by a line naming the GPU, the commits and the dates of the records it comes from.
@@ -107,11 +108,41 @@ def decode_headline(reference_dir) -> pd.DataFrame:
             "fused_speedup": float(r["fused_speedup_vs_sdpa"]),
             "fraction_of_int8_bound": float(r["fused_fraction_of_int8_bound"]), "copy_gbps": float(r["copy_gbps"]),
         })
-    out = pd.DataFrame(rows)
-    if len(out):  # the grid's head dimension first, MHA before GQA, then batch and T
-        key = out.assign(_d=out["D"] != out["D"].mode().iloc[0], _h=-out["Hq x Hkv"].str.split("x").str[1].astype(int))
-        out = out.loc[key.sort_values(["_d", "D", "_h", "B", "T"]).index].reset_index(drop=True)
-    return out
+    return _grid_order(pd.DataFrame(rows))
+
+
+def _grid_order(out: pd.DataFrame) -> pd.DataFrame:
+    """Decode grid rows in the tables' order: the grid's head dimension first, MHA before GQA, then batch and T."""
+    if not len(out):
+        return out
+    key = out.assign(_d=out["D"] != out["D"].mode().iloc[0], _h=-out["Hq x Hkv"].str.split("x").str[1].astype(int))
+    return out.loc[key.sort_values(["_d", "D", "_h", "B", "T"]).index].reset_index(drop=True)
+
+
+def decode_paged_headline(reference_dir) -> pd.DataFrame:
+    """The decode grid's paged rows (``decode.page_sizes``): per point, the contiguous INT8 and INT4
+    kernels' times and each paged kernel's speed relative to its contiguous twin (1: as fast), and
+    whether every paged result equalled the contiguous one bit for bit. Page sizes no row timed are left out."""
+    from .tables import DECODE_PAGE_SIZES, DECODE_V2
+
+    d = assemble.build_tables(reference_dirs=[reference_dir]).decode
+    d = d[(d["record_format"] == DECODE_V2) & (d["status"] == "ok") & d["fused_median_ms"].notna()]
+    rows = []
+    for _, r in d.iterrows():
+        row = {"T": int(r["T"]), "B": int(r["batch"]), "Hq x Hkv": f"{int(r['q_heads'])}x{int(r['kv_heads'])}",
+               "D": int(r["head_dim"]), "int8_ms": float(r["fused_median_ms"])}
+        same = []
+        for fmt, base in (("paged", "fused"), ("int4_paged", "int4")):
+            if fmt == "int4_paged":
+                row["int4_ms"] = float(r.get("int4_median_ms", math.nan))
+            for n in DECODE_PAGE_SIZES:
+                ratio = r.get(f"{fmt}_p{n}_vs_{base}")
+                if ratio is not None and not pd.isna(ratio):
+                    row[f"{'int8' if fmt == 'paged' else 'int4'}_paged_p{n}_vs_contiguous"] = float(ratio)
+                    same.append(bool(r.get(f"{fmt}_p{n}_equals_{base}")))
+        row["bit_exact"] = ("yes" if all(same) else "no") if same else ""
+        rows.append(row)
+    return _grid_order(pd.DataFrame(rows).dropna(axis=1, how="all"))
 
 
 def decode_brief(reference_dir) -> pd.DataFrame:
@@ -316,7 +347,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", action="store_true", help="the decode-step table (records of kind 'decode')")
     ap.add_argument("--e2e", action="store_true", help="the end-to-end table (records of kind 'e2e')")
     ap.add_argument("--perplexity", action="store_true", help="the trained stdlib model's perplexity per cache")
-    ap.add_argument("--paged", action="store_true", help="the paged decode kernel beside the contiguous one")
+    ap.add_argument("--paged", action="store_true", help="the paged decode kernel beside the contiguous one "
+                    "(with --decode: the decode grid's paged rows, INT8 and INT4)")
     ap.add_argument("--int4", action="store_true", help="the INT4 decode kernel beside INT8 and fp16 SDPA")
     ap.add_argument("--peers", action="store_true", help="kvpack's paged decode beside FlashInfer's (page size 16)")
     ap.add_argument("--brief", action="store_true", help="with --decode or --e2e: the README's short table")
@@ -324,6 +356,11 @@ def main(argv=None) -> int:
     stage = "decode" if args.decode else "e2e" if args.e2e else "benchmark"
     if args.perplexity:
         print(to_markdown(perplexity_table()))
+        return 0
+    if args.paged and args.decode:
+        ref = args.reference_dir or newest_reference_dir(stage="decode")
+        print(source_line(ref, "decode") + "\n")
+        print(to_markdown(decode_paged_headline(ref)))
         return 0
     if args.paged:
         ref = Path(args.reference_dir or "reports/reference/h100")
