@@ -69,23 +69,15 @@ __global__ void __launch_bounds__(kAppendWarps * 32) kv_append_int4_kernel(const
 int decode_splits_int4(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t max_tokens, int head_dim,
                        c10::ScalarType dtype, bool per_token, int group, bool paged) {
   if (paged) return decode_splits_int4_paged(batch, q_heads, kv_heads, max_tokens, head_dim, dtype, per_token, group);
-  int splits = 1;
-  dispatch_decode_int4(head_dim, group, dtype, per_token, [&](auto d, auto g, auto qt, auto kg) {
-    splits = plan_splits(split_kernel<decltype(d)::value, typename decltype(qt)::type, decltype(kg)::value, false,
-                                      decltype(g)::value>(),
-                         batch, q_heads, kv_heads, max_tokens);
-  });
-  return splits;
+  return plan_splits_int4<false>(batch, q_heads, kv_heads, max_tokens, head_dim, dtype, per_token, group);
 }
 
 void decode_attention_int4(const DecodeArgs& a) {
   if (a.block_tables != nullptr) {
     decode_attention_int4_paged(a);
-    return;
+  } else {
+    launch_decode_int4<false>(a);
   }
-  dispatch_decode_int4(a.head_dim, a.group, a.dtype, a.per_token, [&](auto d, auto g, auto qt, auto kg) {
-    launch_decode<decltype(d)::value, typename decltype(qt)::type, decltype(kg)::value, false, decltype(g)::value>(a);
-  });
 }
 
 void kv_append_int4(const AppendArgs& a) {

@@ -10,20 +10,10 @@ namespace cuda {
 
 int decode_splits_int4_paged(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t max_tokens, int head_dim,
                              c10::ScalarType dtype, bool per_token, int group) {
-  int splits = 1;
-  dispatch_decode_int4(head_dim, group, dtype, per_token, [&](auto d, auto g, auto qt, auto kg) {
-    splits = plan_splits(split_kernel<decltype(d)::value, typename decltype(qt)::type, decltype(kg)::value, true,
-                                      decltype(g)::value>(),
-                         batch, q_heads, kv_heads, max_tokens);
-  });
-  return splits;
+  return plan_splits_int4<true>(batch, q_heads, kv_heads, max_tokens, head_dim, dtype, per_token, group);
 }
 
-void decode_attention_int4_paged(const DecodeArgs& a) {
-  dispatch_decode_int4(a.head_dim, a.group, a.dtype, a.per_token, [&](auto d, auto g, auto qt, auto kg) {
-    launch_decode<decltype(d)::value, typename decltype(qt)::type, decltype(kg)::value, true, decltype(g)::value>(a);
-  });
-}
+void decode_attention_int4_paged(const DecodeArgs& a) { launch_decode_int4<true>(a); }
 
 }  // namespace cuda
 }  // namespace kvpack

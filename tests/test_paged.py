@@ -84,6 +84,18 @@ def cache_gathered(cache, ids):
                     cache.device_lengths, ids, cache.granularity)
 
 
+def assert_same_rows(paged, contiguous, ids):
+    """Each held token's quantized row and scales in the pages equal the contiguous cache's (sequence i
+    of ``contiguous`` is slot ids[i]); per-channel scales, per sequence, equal whole."""
+    g = cache_gathered(paged, ids)
+    for name, cname in (("k", "k_cache"), ("v", "v_cache"), ("ks", "k_scales"), ("vs", "v_scales")):
+        want = getattr(contiguous, cname).cpu().numpy()
+        per_sequence = paged.granularity == "channel" and (name == "ks" or (name == "vs" and paged.bits == 8))
+        for i, length in enumerate(paged.lengths(ids)):
+            got, exp = (g[name][i], want[i]) if per_sequence else (g[name][i, :, :length], want[i, :, :length])
+            np.testing.assert_array_equal(got, exp, err_msg=name)
+
+
 # --- paged == contiguous -------------------------------------------------------------------------------
 
 HEADS = {"mha": (4, 1), "gqa": (2, 4), "mqa": (1, 8)}  # (Hkv, Hq / Hkv)
@@ -131,17 +143,7 @@ def test_paged_equals_contiguous_cache(granularity, heads, d, page_size, dtype):
     hkv, group = HEADS[heads]
     paged, contiguous, ids = run_twins(granularity, hkv, d, page_size, dtype, seed=d + page_size)
     # The write path: each held token's int8 row and scale equal the contiguous cache's.
-    g = cache_gathered(paged, ids)
-    for name, cname in (("k", "k_cache"), ("v", "v_cache")):
-        for i, length in enumerate((42, 6, 75)):
-            np.testing.assert_array_equal(g[name][i, :, :length], getattr(contiguous, cname)[i, :, :length].numpy())
-    for name, cname in (("ks", "k_scales"), ("vs", "v_scales")):
-        want = getattr(contiguous, cname).numpy()
-        for i, length in enumerate((42, 6, 75)):
-            if granularity == "token":
-                np.testing.assert_array_equal(g[name][i, :, :length], want[i, :, :length])
-            else:
-                np.testing.assert_array_equal(g[name][i], want[i])
+    assert_same_rows(paged, contiguous, ids)
     assert int(paged.saturated) == int(contiguous.saturated)
     if granularity == "channel":
         assert int(paged.saturated) > 0
@@ -171,14 +173,7 @@ def test_paged_int4_equals_contiguous_int4_cache(granularity, heads, d, page_siz
     paged, contiguous, ids = run_twins(granularity, hkv, d, page_size, dtype, seed=d + group, bits=4,
                                        group_size=group)
     assert paged.k_pages.dtype == torch.uint8 and paged.k_pages.shape[3] == d // 2
-    g = cache_gathered(paged, ids)
-    lengths = (42, 6, 75)
-    for name, cname in (("k", "k_cache"), ("v", "v_cache"), ("ks", "k_scales"), ("vs", "v_scales")):
-        want = getattr(contiguous, cname).numpy()
-        per_sequence = name == "ks" and granularity == "channel"
-        for i, length in enumerate(lengths):
-            got, exp = (g[name][i], want[i]) if per_sequence else (g[name][i, :, :length], want[i, :, :length])
-            np.testing.assert_array_equal(got, exp, err_msg=name)
+    assert_same_rows(paged, contiguous, ids)
     assert int(paged.saturated) == int(contiguous.saturated)
     if granularity == "channel":
         assert int(paged.saturated) > 0  # the decode steps' scale-3 keys pass the calibrated scales
@@ -646,6 +641,34 @@ def test_int4_format_errors():
 
 # --- GPU ------------------------------------------------------------------------------------------
 
+def gpu_twins(granularity, hkv, d, page_size, dtype, seed, **fmt):
+    """run_twins on the GPU and on the CPU; checks the write path: the CUDA pages bit for bit with the
+    contiguous CUDA cache and with the paged CPU cache, the same saturation counts, the write kernel's
+    counters reset. Returns (paged, contiguous, ids, cpu_paged)."""
+    paged, contiguous, ids = run_twins(granularity, hkv, d, page_size, dtype, device="cuda", seed=seed, **fmt)
+    cpu_paged, _, _ = run_twins(granularity, hkv, d, page_size, dtype, device="cpu", seed=seed, **fmt)
+    torch.cuda.synchronize()
+    assert not paged._arrivals.any()  # the write kernel reset its counter
+    assert int(paged.saturated) == int(contiguous.saturated) == int(cpu_paged.saturated)
+    assert_same_rows(paged, contiguous, ids)
+    for name in ("k_pages", "v_pages", "k_scales", "v_scales", "block_tables"):
+        assert torch.equal(getattr(paged, name).cpu(), getattr(cpu_paged, name)), name
+    return paged, contiguous, ids, cpu_paged
+
+
+def assert_gpu_attention_as_contiguous(paged, contiguous, ids, q, order):
+    """The functional paged call over rows ``order`` (slots ids[order]) equals the contiguous cache's
+    attention bit for bit at split counts 1, 3 and 8 (the same T_max, the same arithmetic)."""
+    slots = torch.tensor([ids[i] for i in order], dtype=torch.int32, device="cuda")
+    for splits in (1, 3, 8):
+        want = contiguous.attend(q, splits=splits)[order]
+        got = paged_decode_attention(q[order], paged.k_pages, paged.v_pages, paged.k_scales, paged.v_scales,
+                                     paged.block_tables, paged.device_lengths, seq_ids=slots,
+                                     granularity=paged.granularity, splits=splits, **paged._format)
+        torch.cuda.synchronize()
+        assert torch.equal(got, want), splits
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("granularity", ["token", "channel"])
@@ -653,32 +676,11 @@ def test_int4_format_errors():
 @pytest.mark.parametrize("heads,d,page_size", [("mha", 64, 16), ("gqa", 128, 64), ("mqa", 128, 16), ("gqa", 256, 32)])
 def test_gpu_paged_kernels_equal_contiguous_kernels(granularity, dtype, heads, d, page_size):
     hkv, group = HEADS[heads]
-    paged, contiguous, ids = run_twins(granularity, hkv, d, page_size, dtype, device="cuda", seed=d)
-    cpu_paged, _, _ = run_twins(granularity, hkv, d, page_size, dtype, device="cpu", seed=d)
-    torch.cuda.synchronize()
-    assert not paged._arrivals.any()  # the write kernel reset its counter
-    assert int(paged.saturated) == int(contiguous.saturated) == int(cpu_paged.saturated)
-    # The write path: bit for bit with the contiguous CUDA cache and with the paged CPU one.
-    g = cache_gathered(paged, ids)
-    for name, cname in (("k", "k_cache"), ("v", "v_cache"), ("ks", "k_scales"), ("vs", "v_scales")):
-        want = getattr(contiguous, cname).cpu().numpy()
-        for i, length in enumerate(paged.lengths(ids)):
-            got = g[name][i] if name in ("ks", "vs") and granularity == "channel" else g[name][i, :, :length]
-            exp = want[i] if name in ("ks", "vs") and granularity == "channel" else want[i, :, :length]
-            np.testing.assert_array_equal(got, exp, err_msg=name)
-    for name in ("k_pages", "v_pages", "k_scales", "v_scales", "block_tables"):
-        assert torch.equal(getattr(paged, name).cpu(), getattr(cpu_paged, name)), name
+    paged, contiguous, ids, _ = gpu_twins(granularity, hkv, d, page_size, dtype, seed=d)
     # Attention: the same splits and T_max give the same bits.
     q = make_q(3, hkv * group, d, dtype, seed=d, device="cuda")
     order = [2, 0, 1]
-    slots = torch.tensor([ids[i] for i in order], dtype=torch.int32, device="cuda")
-    for splits in (1, 3, 8):
-        want = contiguous.attend(q, splits=splits)[order]
-        got = paged_decode_attention(q[order], paged.k_pages, paged.v_pages, paged.k_scales, paged.v_scales,
-                                     paged.block_tables, paged.device_lengths, seq_ids=slots,
-                                     granularity=granularity, splits=splits)
-        torch.cuda.synchronize()
-        assert torch.equal(got, want), splits
+    assert_gpu_attention_as_contiguous(paged, contiguous, ids, q, order)
     out = paged.attend([ids[i] for i in order], q[order])
     g = cache_gathered(paged, [ids[i] for i in order])
     want = ref.decode_attention(q[order], g["k"], g["v"], g["ks"], g["vs"], g["n"], granularity)
@@ -704,32 +706,11 @@ def test_gpu_paged_int4_kernels_equal_contiguous_kernels(granularity, heads, d, 
     and with the contiguous INT4 CUDA cache; attention bit for bit with the contiguous INT4 kernel at
     the same split counts, and close to the CPU's fp32 attention over the same pages."""
     hkv, hpk = HEADS[heads]
-    paged, contiguous, ids = run_twins(granularity, hkv, d, page_size, dtype, device="cuda", seed=d + group, bits=4,
-                                       group_size=group)
-    cpu_paged, _, _ = run_twins(granularity, hkv, d, page_size, dtype, device="cpu", seed=d + group, bits=4,
-                                group_size=group)
-    torch.cuda.synchronize()
-    assert not paged._arrivals.any()  # the write kernel reset its counter
-    assert int(paged.saturated) == int(contiguous.saturated) == int(cpu_paged.saturated)
-    g = cache_gathered(paged, ids)
-    for name, cname in (("k", "k_cache"), ("v", "v_cache"), ("ks", "k_scales"), ("vs", "v_scales")):
-        want = getattr(contiguous, cname).cpu().numpy()
-        per_sequence = name == "ks" and granularity == "channel"
-        for i, length in enumerate(paged.lengths(ids)):
-            got, exp = (g[name][i], want[i]) if per_sequence else (g[name][i, :, :length], want[i, :, :length])
-            np.testing.assert_array_equal(got, exp, err_msg=name)
-    for name in ("k_pages", "v_pages", "k_scales", "v_scales", "block_tables"):
-        assert torch.equal(getattr(paged, name).cpu(), getattr(cpu_paged, name)), name
+    paged, contiguous, ids, cpu_paged = gpu_twins(granularity, hkv, d, page_size, dtype, seed=d + group, bits=4,
+                                                  group_size=group)
     q = make_q(3, hkv * hpk, d, dtype, seed=d, device="cuda")
     order = [2, 0, 1]
-    slots = torch.tensor([ids[i] for i in order], dtype=torch.int32, device="cuda")
-    for splits in (1, 3, 8):
-        want = contiguous.attend(q, splits=splits)[order]
-        got = paged_decode_attention(q[order], paged.k_pages, paged.v_pages, paged.k_scales, paged.v_scales,
-                                     paged.block_tables, paged.device_lengths, seq_ids=slots,
-                                     granularity=granularity, splits=splits, bits=4, group_size=group)
-        torch.cuda.synchronize()
-        assert torch.equal(got, want), splits
+    assert_gpu_attention_as_contiguous(paged, contiguous, ids, q, order)
     out = paged.attend([ids[i] for i in order], q[order]).float().cpu()
     cpu_out = cpu_paged.attend([ids[i] for i in order], q[order].cpu()).float()
     assert (out - cpu_out).abs().max() <= 1e-2 * cpu_out.abs().max() + 1e-3

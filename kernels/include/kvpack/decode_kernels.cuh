@@ -1769,6 +1769,27 @@ inline dim3 append_grid(int64_t batch, int64_t kv_heads, int64_t new_tokens) {
   return dim3(bx, static_cast<unsigned>(batch));
 }
 
+// The INT4 formats' split plan and launch, contiguous or paged (kPaged): kernels/decode_int4.cu
+// instantiates the contiguous ones, kernels/decode_int4_paged.cu the paged ones.
+template <bool kPaged>
+int plan_splits_int4(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t max_tokens, int head_dim,
+                     c10::ScalarType dtype, bool per_token, int group) {
+  int splits = 1;
+  dispatch_decode_int4(head_dim, group, dtype, per_token, [&](auto d, auto g, auto qt, auto kg) {
+    splits = plan_splits(split_kernel<decltype(d)::value, typename decltype(qt)::type, decltype(kg)::value, kPaged,
+                                      decltype(g)::value>(),
+                         batch, q_heads, kv_heads, max_tokens);
+  });
+  return splits;
+}
+
+template <bool kPaged>
+void launch_decode_int4(const DecodeArgs& a) {
+  dispatch_decode_int4(a.head_dim, a.group, a.dtype, a.per_token, [&](auto d, auto g, auto qt, auto kg) {
+    launch_decode<decltype(d)::value, typename decltype(qt)::type, decltype(kg)::value, kPaged, decltype(g)::value>(a);
+  });
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace kvpack
