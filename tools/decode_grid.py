@@ -57,8 +57,9 @@ def main(argv=None) -> int:
         records.write_record(record, out / f"{name}.json")
         r = record["rows"][0]
         print(f"{name}: {r['status']} sdpa {r.get('sdpa_best_median_ms', float('nan')):.4f} ms, INT8 "
-              f"{r.get('fused_speedup_vs_sdpa', float('nan')):.2f}x, INT4 {r.get('int4_speedup_vs_sdpa', float('nan')):.2f}x "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+              f"{r.get('fused_speedup_vs_sdpa', float('nan')):.2f}x, INT4 {r.get('int4_speedup_vs_sdpa', float('nan')):.2f}x, "
+              f"paged p16/contiguous INT8 {r.get('paged_p16_vs_fused', float('nan')):.3f} "
+              f"INT4 {r.get('int4_paged_p16_vs_int4', float('nan')):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     if cfg["decode"]["append"] and not left:
         s = kvconfig.job_settings(cfg, "decode_append")
         payload = {"settings": s, "device": device}
