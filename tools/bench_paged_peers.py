@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""kvpack's paged INT8 decode beside FlashInfer's paged decode (issue 18's peer), in one job.
+"""kvpack's paged INT8 (and INT4) decode beside FlashInfer's paged decode (issue 18's peer), in one job.
 
 At each point (one query token per sequence, D = 128, page size P): the fastest torch SDPA backend
 over the contiguous fp16 cache (the baseline), kvpack's fused INT8 kernel (contiguous and paged,
-per-token scales), and FlashInfer 0.7 over the same tokens in the same shuffled pages (HND, the
+per-token scales; and the paged INT4 kernel, groups of 32), and FlashInfer 0.7 over the same tokens in the same shuffled pages (HND, the
 layout kvpack's pages have): its FA2 decode (CUDA cores and tensor cores) and TensorRT-LLM's XQA, each
 over fp16 pages and over fp8 e4m3 pages (one scale per tensor, absmax / 448, vLLM's default). Every
 method's output is compared with fp16 SDPA's (relative L2 error). The copy bandwidth of the same
@@ -123,6 +123,13 @@ def run_point(spec: str, page_size: int, warmup: int, repeats: int, copy: dict, 
     p = paged_copy(cache, page_size, gen)
     args = (q3, p["k_pages"], p["v_pages"], p["k_scales"], p["v_scales"], p["block_tables"], p["lengths"])
     timed("kvpack_int8_paged", lambda: paged_decode_attention(*args))
+    # the INT4 cache (groups of 32, kvpack's default) in the same pages' layout
+    c4 = KVCache(B, Hkv, D, T, device=dev, dtype=torch.float16, bits=4)
+    c4.append(k, v)
+    p4 = paged_copy(c4, page_size, gen)
+    c4 = None
+    args4 = (q3, p4["k_pages"], p4["v_pages"], p4["k_scales"], p4["v_scales"], p4["block_tables"], p4["lengths"])
+    timed("kvpack_int4_paged", lambda: paged_decode_attention(*args4, bits=4))
     # fp16 pages with the same block tables (HND): page perm[i] holds page i of the sequences in order
     n = T // page_size
     perm = p["block_tables"].reshape(-1).long()
@@ -132,7 +139,7 @@ def run_point(spec: str, page_size: int, warmup: int, repeats: int, copy: dict, 
         pages = torch.empty_like(xs)
         pages[perm] = xs
         fp16_pages.append(pages)
-    k = v = cache = None  # the fp16 cache and the int8 one: room for the peers' pages
+    k = v = cache = p4 = args4 = None  # the fp16 cache and the int8 and INT4 ones: room for the peers' pages
     try:
         methods, version = flashinfer_methods(q3, fp16_pages[0], fp16_pages[1], p["block_tables"], p["lengths"], T,
                                               page_size, sm_scale)

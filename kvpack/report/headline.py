@@ -266,12 +266,12 @@ def int4_headline(reference_dir) -> pd.DataFrame:
                          for r in rec["rows"] if r.get("status") == "ok" and r.get("int4_median_ms")])
 
 
-PEER_METHODS = ("kvpack_int8", "kvpack_int8_paged", "fi_fa2_fp16", "fi_fa2tc_fp16", "fi_xqa_fp16", "fi_fa2_fp8",
+PEER_METHODS = ("kvpack_int8", "kvpack_int8_paged", "kvpack_int4_paged", "fi_fa2_fp16", "fi_fa2tc_fp16", "fi_xqa_fp16", "fi_fa2_fp8",
                 "fi_fa2tc_fp8", "fi_xqa_fp8")
 
 
 def peers_headline(reference_dir, page_size: int = 16) -> pd.DataFrame:
-    """kvpack's paged INT8 decode beside FlashInfer's paged decode (``peers/paged_peers_p{P}.json``,
+    """kvpack's paged INT8 (and INT4) decode beside FlashInfer's paged decode (``peers/paged_peers_p{P}.json``,
     written by tools/bench_paged_peers.py): per point, the fastest fp16 SDPA and each method's speed
     over it in the same job; ``paged_vs_contiguous`` is kvpack's paged kernel against its contiguous
     one (1: as fast)."""
@@ -288,7 +288,7 @@ def peers_headline(reference_dir, page_size: int = 16) -> pd.DataFrame:
             row[f"{m}_speedup"] = float(r.get(f"{m}_speedup_vs_sdpa", math.nan))
         row["paged_vs_contiguous_speedup"] = float(r["kvpack_int8_median_ms"] / r["kvpack_int8_paged_median_ms"])
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).dropna(axis=1, how="all")  # a method the record never timed (INT4: since 88dcf28)
 
 
 def record_source_line(reference_dir, rel: str) -> str:

@@ -276,7 +276,8 @@ def decode_api_table(records) -> pd.DataFrame:
 FI_FP16_METHODS = ("fi_fa2_fp16", "fi_fa2tc_fp16", "fi_xqa_fp16")  # FlashInfer's fp16 paged decode kernels
 DECODE_PEERS_COLUMNS = ["source", "device_slug", "device_name", "T", "batch", "q_heads", "kv_heads", "head_dim",
                         "page_size", "flashinfer_version", "sdpa_best", "kvpack_int8_median_ms",
-                        "kvpack_int8_paged_median_ms", *(f"{m}_median_ms" for m in FI_FP16_METHODS),
+                        "kvpack_int8_paged_median_ms", "kvpack_int4_paged_median_ms",
+                        *(f"{m}_median_ms" for m in FI_FP16_METHODS),
                         "fi_fp16_best_median_ms", "paged_vs_fi_fp16_speedup"]
 
 
