@@ -235,12 +235,16 @@ def decode_attention(
     """
     if not check_lengths and type(splits) is int and splits >= 0 and granularity in GRANULARITIES:
         # The fast path: the op checks every tensor itself (in C++); only when it refuses do the
-        # checks below run, to name the argument and the fix.
+        # checks below run, to name the argument and the fix. Kept short: at B = 1 a step's kernel
+        # takes about 10 us, and every microsecond of Python here is one the GPU may wait for.
         try:
             if (bits == 8 and k_cache.dtype == torch.int8) or (
                     bits == 4 and k_cache.dtype == torch.uint8 and q.is_cuda and group_size * v_scales.shape[-1] == q.shape[2]):
-                return _decode_op(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity,
-                                  resolve_sm_scale(sm_scale, q.shape[2]), splits, clamped)
+                plain, flagged = _OPS or _load_ops()
+                scale = 1.0 / math.sqrt(q.shape[2]) if sm_scale is None else resolve_sm_scale(sm_scale, q.shape[2])
+                if clamped is None:
+                    return plain(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, scale, splits)
+                return flagged(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, scale, splits, clamped)
         except Exception as e:  # noqa: BLE001 (diagnosed below, else raised as it is)
             _diagnose(e, q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, clamped, bits,
                       group_size, splits)
@@ -257,14 +261,29 @@ def decode_attention(
     return _decode_op(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, float(sm_scale), splits, clamped)
 
 
+def op_pair(name: str) -> tuple:
+    """(op, op_flagged): the overloads of ``torch.ops.kvpack.<name>`` and of its flagged twin, loading
+    the extension first; the Python entry points keep them, so that a call looks nothing up."""
+    _ensure_loaded()
+    ns = torch.ops.kvpack
+    return getattr(ns, name).default, getattr(ns, f"{name}_flagged").default
+
+
+_OPS: tuple | None = None  # op_pair("decode_attention") once loaded
+
+
+def _load_ops() -> tuple:
+    global _OPS
+    _OPS = op_pair("decode_attention")
+    return _OPS
+
+
 def _decode_op(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits, clamped):
     """The op (INT8, or INT4 for a uint8 cache on CUDA), which checks its tensors itself."""
-    _ensure_loaded()
+    plain, flagged = _OPS or _load_ops()
     if clamped is not None:
-        return torch.ops.kvpack.decode_attention_flagged.default(
-            q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits, clamped)
-    return torch.ops.kvpack.decode_attention.default(
-        q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits)
+        return flagged(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits, clamped)
+    return plain(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits)
 
 
 def _diagnose(error, q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, clamped, bits,

@@ -61,6 +61,7 @@ from .decode_attention import (
     check_head_dim,
     check_query_dtype,
     decode_attention,
+    op_pair,
     resolve_sm_scale,
 )
 from .torch_impl import int4_sym_scale, scale_from_absmax
@@ -259,16 +260,23 @@ def paged_decode_attention(
                                        granularity, sm_scale, clamped, splits, bits, group_size)
 
 
+_OPS: tuple | None = None  # op_pair("paged_decode_attention") once loaded
+
+
+def _load_ops() -> tuple:
+    global _OPS
+    _OPS = op_pair("paged_decode_attention")
+    return _OPS
+
+
 def _paged_op(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, sm_scale, splits,
               clamped):
     """The CUDA op, which checks its tensors itself."""
-    _ensure_loaded()
+    plain, flagged = _OPS or _load_ops()
     if clamped is not None:
-        return torch.ops.kvpack.paged_decode_attention_flagged.default(
-            q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, sm_scale,
-            splits, clamped)
-    return torch.ops.kvpack.paged_decode_attention.default(
-        q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, sm_scale, splits)
+        return flagged(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, sm_scale,
+                       splits, clamped)
+    return plain(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, sm_scale, splits)
 
 
 def _check_paged_call(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, sm_scale,
