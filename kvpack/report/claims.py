@@ -633,15 +633,16 @@ def _busiest_device(f: pd.DataFrame) -> pd.DataFrame:
     return f[(f["source"] == best["source"]) & (f["device_slug"] == best["device_slug"])]
 
 
-def _fused_rows_or_verdict(t: Tables) -> tuple[pd.DataFrame, Result | None]:
-    """The fused-kernel decode rows a goal claim is judged on, or its verdict where there are none:
-    'not measurable' where the decode records predate the fused kernel, else what _missing says."""
+def _fused_rows_or_verdict(t: Tables) -> tuple[pd.DataFrame, tuple[str, str] | None, Result | None]:
+    """The fused-kernel decode rows a goal claim is judged on and their (source, device_slug), or its
+    verdict where there are none: 'not measurable' where the decode records predate the fused
+    kernel, else what _missing says."""
     f = _fused_rows(t.decode)
     if len(f):
-        return f, None
+        return f, (f["source"].iloc[0], f["device_slug"].iloc[0]), None
     if t.decode is not None and len(t.decode):
-        return f, Result(NOT_MEASURABLE, note="the decode records at hand predate the fused kernel (no fused rows)")
-    return f, _missing(t, "decode-step records", "no fused-kernel decode rows (rule decode runs on a CUDA device)")
+        return f, None, Result(NOT_MEASURABLE, note="the decode records at hand predate the fused kernel (no fused rows)")
+    return f, None, _missing(t, "decode-step records", "no fused-kernel decode rows (rule decode runs on a CUDA device)")
 
 
 def _of_device(df: pd.DataFrame | None, dev: tuple[str, str]) -> pd.DataFrame | None:
@@ -780,13 +781,12 @@ def _target_checks(f: pd.DataFrame, append: pd.DataFrame) -> list[tuple[str, boo
                      f"sequence (B = 32, Hkv = 8, D = 128) in <= {TARGET_APPEND_US:g} us.",
                 paper_value="(our target)")
 def _decode_speed_target(t: Tables, spec: dict) -> Result:
-    f, lacking = _fused_rows_or_verdict(t)
+    f, dev, lacking = _fused_rows_or_verdict(t)
     if lacking:
         return lacking
-    dev = (f["source"].iloc[0], f["device_slug"].iloc[0])
     verdict, value, note, fraction = _judge_goals(_target_checks(f, _of_device(t.decode_append, dev)), "targets")
-    skipped = t.decode[(t.decode["source"] == dev[0]) & (t.decode["device_slug"] == dev[1])
-                       & (t.decode["status"] != "ok")] if len(t.decode) else t.decode
+    on_device = _of_device(t.decode, dev)
+    skipped = on_device[on_device["status"] != "ok"]
     return Result(
         verdict,
         our_value=value,
@@ -865,10 +865,9 @@ def _serving_checks(f: pd.DataFrame, api: pd.DataFrame, peers: pd.DataFrame) -> 
                      f"kernel at page size >= 16 and ahead of FlashInfer's fp16 paged decode.",
                 paper_value="(our target)")
 def _serving_decode(t: Tables, spec: dict) -> Result:
-    f, lacking = _fused_rows_or_verdict(t)
+    f, dev, lacking = _fused_rows_or_verdict(t)
     if lacking:
         return lacking
-    dev = (f["source"].iloc[0], f["device_slug"].iloc[0])
     checks = _serving_checks(f, _of_device(t.decode_api, dev), _of_device(t.decode_peers, dev))
     verdict, value, note, fraction = _judge_goals(checks)
     return Result(
