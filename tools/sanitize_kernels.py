@@ -167,14 +167,15 @@ def main(argv=None) -> int:
     ap.add_argument("--granularities", default="channel,token")
     ap.add_argument("--dtypes", default="fp32,fp16,bf16")
     ap.add_argument("--decode", action="store_true", help="the KV cache kernels (append, fused decode attention)")
+    ap.add_argument("--paged", action="store_true", help="the paged cache kernels only (a part of --decode)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("sanitize_kernels: no CUDA device", file=sys.stderr)
         return 2
-    if args.decode:
+    if args.decode or args.paged:
         t0 = time.perf_counter()
-        calls = run_decode()
-        print(f"sanitize_kernels --decode: {calls} kernel calls, {time.perf_counter() - t0:.1f} s")
+        calls = run_paged() if args.paged else run_decode()
+        print(f"sanitize_kernels --{'paged' if args.paged else 'decode'}: {calls} kernel calls, {time.perf_counter() - t0:.1f} s")
         return 0
     variants = [v for v in args.variants.split(",") if v]
     unknown = set(variants) - set(kvpack.CUDA_VARIANTS)
