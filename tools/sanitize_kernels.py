@@ -114,8 +114,9 @@ def run_paged() -> int:
     tables: pages in a shuffled order, a slot subset through seq_ids, partial last pages, page sizes
     16 and 48, and lengths, page ids and sequence ids out of range (clamped, never read outside);
     int8 pages and INT4 pages (groups of 32 and of min(D, 128))."""
-    from kvpack.paged import page_shapes
+    from kvpack.paged import _load_ops, page_shapes
 
+    _load_ops()  # loads the extension: this may run before (or without) run_decode
     calls = 0
     ops = torch.ops.kvpack
     formats = [(d, bits, group) for d in (64, 128, 256) for bits, group in ((8, 32), (4, 32), (4, min(d, 128)))]
