@@ -357,14 +357,16 @@ def test_e2e_int4_record_and_its_table():
 
 
 def test_serving_decode_on_each_gpu():
-    """Issue 18's goals judged from each GPU's committed records: the H200's paged kernel (today's kernels,
-    315d166) is within 5% of the contiguous one at every pair, the H100's (346e5db's kernels) misses by
-    one, D = 64 at page size 16; both are ahead of FlashInfer's fp16 paged decode; the short steps miss."""
-    for gpu, paged in (("h200", "met"), ("h100", "MISSED")):
+    """Issue 18's goals judged from each GPU's committed records: the paged INT8 kernel is within 5% of the
+    contiguous one at every pair on both GPUs; the paged INT4 kernel misses on the H100 (D = 64 and the largest
+    MHA caches: 0.914x to 0.947x its contiguous twin) and has no timing on the H200; both GPUs are ahead of
+    FlashInfer's fp16 paged decode; the short steps miss."""
+    for gpu, paged, paged4 in (("h200", "met", "not measured"), ("h100", "met", "MISSED")):
         t = assemble.build_tables(reference_dirs=[ROOT / "reports" / "reference" / gpu])
         row = t.claims.set_index("claim_id").loc["serving_decode"]
         assert row["verdict"] == claims.NOT_REPRODUCED, row.to_dict()
         assert f"paged decode within 5% of the contiguous kernel (page size >= 16): {paged}" in row["note"]
+        assert f"paged INT4 decode within 5% of the contiguous kernel (page size >= 16): {paged4}" in row["note"]
         assert "paged decode ahead of FlashInfer's fp16 paged decode: met" in row["note"]
         assert "B = 1 GQA 32/8 >= 1.3x at T = 4096: MISSED" in row["note"]
         assert len(t.decode_api) == 5 and len(t.decode_peers) == 8
