@@ -214,9 +214,10 @@ def test_int4_decode_claim_without_int4_rows(tmp_path):
     assert assemble.build_tables().claims.set_index("claim_id").loc["int4_decode", "verdict"] == claims.NEEDS_GPU
 
 
-def _add_serving(ref, paged=0.97, worst_paged=None, api_over_graph=1.01, fi_over_paged=1.2):
+def _add_serving(ref, paged=0.97, worst_paged=None, api_over_graph=1.01, fi_over_paged=1.2, paged4=None):
     """Issue 18's records beside write_synthetic's grid: paged rows (page size 16, `paged` x the contiguous
-    kernel's speed; `worst_paged` at the one D = 64 point), the API record and the FlashInfer record."""
+    kernel's speed; `worst_paged` at the one D = 64 point), the API record and the FlashInfer record;
+    with `paged4`, paged INT4 rows at `paged4` x the contiguous INT4 kernel's speed (needs INT4 rows)."""
     for path in sorted((ref / "decode").glob("T*_B*.json")):
         rec = json.loads(path.read_text())
         row = rec["rows"][0]
@@ -224,6 +225,9 @@ def _add_serving(ref, paged=0.97, worst_paged=None, api_over_graph=1.01, fi_over
             continue
         frac = worst_paged if (worst_paged is not None and row["head_dim"] == 64) else paged
         row.update(paged_p16_median_ms=row["fused_median_ms"] / frac, paged_p16_vs_fused=frac, paged_p16_equals_fused=True)
+        if paged4 is not None:
+            row.update(int4_paged_p16_median_ms=row["int4_median_ms"] / paged4, int4_paged_p16_vs_int4=paged4,
+                       int4_paged_p16_equals_int4=True)
         records.write_record(rec, path)
     if api_over_graph is not None:
         rows = [{"T": T, "batch": 1, "q_heads": 32, "kv_heads": 8, "head_dim": 128, "calls": 100, "graph_us": 10.0,
@@ -264,6 +268,27 @@ def test_serving_decode_claim_judges_each_of_issue_18s_goals(tmp_path, serving, 
         assert missed in row["our_value"].split("missed:")[1], row["our_value"]
     if verdict == claims.NOT_MEASURABLE:
         assert "4 of 6 goals met" in row["our_value"] and "not measured (no API record" in row["note"]
+
+
+PAGED4 = "paged INT4 decode within 5% of the contiguous kernel (page size >= 16): "
+
+
+@pytest.mark.parametrize("paged4, verdict, said", [
+    (0.97, claims.REPRODUCED, PAGED4 + "met (0.970x to 0.970x the contiguous kernel's speed, 9 of 9 pairs inside"),
+    (0.94, claims.NOT_REPRODUCED, PAGED4 + "MISSED (0.940x to 0.940x the contiguous kernel's speed, 0 of 9 pairs inside"),
+    (None, claims.NOT_MEASURABLE, PAGED4 + "not measured (no int4_paged_p<P> rows)"),
+])
+def test_serving_decode_judges_paged_int4_where_the_grid_has_int4(tmp_path, paged4, verdict, said):
+    """A grid with INT4 rows owes paged INT4 rows: each judged against the contiguous INT4 kernel of its job
+    (a goal of its own, beside paged INT8's); without them the goal is not measured. (A grid without INT4
+    rows has no such goal: test_serving_decode_claim_judges_each_of_issue_18s_goals, 6 goals.)"""
+    ref = _add_serving(write_synthetic(tmp_path / "ref", speedup=2.5, int4_speedup=3.5), paged4=paged4)
+    row = assemble.build_tables(reference_dirs=[ref]).claims.set_index("claim_id").loc["serving_decode"]
+    assert row["verdict"] == verdict, row.to_dict()
+    assert said in row["note"]
+    assert "paged decode within 5% of the contiguous kernel (page size >= 16): met" in row["note"]
+    n_met = {claims.REPRODUCED: 7, claims.NOT_REPRODUCED: 6, claims.NOT_MEASURABLE: 6}[verdict]
+    assert row["our_value"].startswith(f"{n_met} of 7 goals met"), row["our_value"]
 
 
 def test_serving_decode_short_steps_and_long_points(tmp_path):

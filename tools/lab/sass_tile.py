@@ -42,6 +42,8 @@ KERNELS = [
     ("INT4 g32 D=64", "decode_int4.cu", r"decode_split_kernelILi64E6__halfLb1ELb0ELi32E", 2),
     ("INT4 g32 D=128", "decode_int4.cu", r"decode_split_kernelILi128E6__halfLb1ELb0ELi32E", 3),
     ("INT4 g32 D=256", "decode_int4.cu", r"decode_split_kernelILi256E6__halfLb1ELb0ELi32E", 1),
+    ("INT4 g32 paged D=64", "decode_int4_paged.cu", r"decode_split_kernelILi64E6__halfLb1ELb1ELi32E", 2),
+    ("INT4 g32 paged D=128", "decode_int4_paged.cu", r"decode_split_kernelILi128E6__halfLb1ELb1ELi32E", 3),
 ]
 
 
