@@ -45,11 +45,13 @@ from pathlib import Path
 d = Path(sys.argv[1])
 runs = {n: json.loads((d / f"{n}.json").read_text()) for n in sys.argv[2:] if (d / f"{n}.json").exists()}
 rows0 = [r for run in runs.values() for r in run["rows"]]
-paged = sorted({k for r in rows0 for k in r if k.startswith("paged_p") and k.endswith("_median_ms")})
+paged = sorted({k for r in rows0 for k in r if k.startswith(("paged_p", "int4_paged_p")) and k.endswith("_median_ms")})
 keys = [k for k in ("sdpa_best_median_ms", "fused_median_ms", "int4_median_ms", *paged) if any(k in r for r in rows0)]
-print("point".ljust(24) + "".join(f"{n[:8] + ':' + k.split('_')[0 if k[0] != 's' else 1]:>18}" for k in keys for n in runs))
+col = {"sdpa_best_median_ms": "sdpa", "fused_median_ms": "int8", "int4_median_ms": "int4"}
+print("point".ljust(24) + "".join(f"{n[:8] + ':' + col.get(k, k.replace('_median_ms', '').replace('paged_p', 'pg')):>19}"
+                                  for k in keys for n in runs))
 for i, r in enumerate(next(iter(runs.values()))["rows"]):
     name = f"T{r['T']} B{r['batch']} {r['q_heads']}/{r['kv_heads']} D{r['head_dim']}"
-    print(name.ljust(24) + "".join(f"{1e3 * runs[n]['rows'][i].get(k, float('nan')):18.1f}" for k in keys for n in runs))
+    print(name.ljust(24) + "".join(f"{1e3 * runs[n]['rows'][i].get(k, float('nan')):19.1f}" for k in keys for n in runs))
 print("(us, median of each run; default2 repeats default after the variants)")
 PY

@@ -70,6 +70,12 @@ namespace {
 
 
 constexpr int kDecodeWarps = 4;        // warps per block of the split kernel
+// Paged split kernels: the thread's page offsets and block-table row held through an empty asm, so
+// the compiler keeps them in registers instead of recomputing them (and the thread's start) every
+// tile; 0 for the A/B (tools/ab_device.sh).
+#ifndef KVPACK_PAGED_OPAQUE
+#define KVPACK_PAGED_OPAQUE 1
+#endif
 constexpr int kTileTokens = 16;        // tokens per tile (the mma's k for P'V)
 constexpr int kHeadsPerWarp = 8;       // query heads per warp (8 rows of the INT8 score mma, the INT4 one's n)
 // Never cut a sequence into parts shorter than this (128: 2 tiles a warp); KVPACK_MIN_SPLIT_TOKENS,
@@ -1134,13 +1140,20 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   // address is one wide multiply-add a tile. A page id outside [0, num_pages) is clamped where it is
   // used and flagged once, after the loop, from the largest id seen as unsigned (a negative id is
   // larger than any valid one).
+  // The thread's place in page 0 is held as four 32-bit element offsets (kvh * page_size rows of at most
+  // 128 bytes, plus its start), added to the arrays' bases, which stay uniform (kernel parameters).
+  // Register-bound, the compiler recomputed them (from the thread index) and the block-table row every
+  // tile: 31 instructions a tile more than the contiguous kernel at INT4 D = 64, 18 at D = 128. Held
+  // through an empty asm (KVPACK_PAGED_OPAQUE), the paged tile loop is the contiguous one's length
+  // within 4 instructions (sm_90, tools/lab/sass_tile.py), with no spill.
   uint32_t page_seen = 0;
-  const int64_t kvh_rows = kPaged ? kvh * p.page_size : 0;
+  const uint32_t kvh_rows = kPaged ? static_cast<uint32_t>(kvh * p.page_size) : 0u;
   const uint32_t page_rows = kPaged ? static_cast<uint32_t>(p.kv_heads * p.page_size) : 0u;
-  const int8_t* kp0 = kPaged ? p.k + kvh_rows * kRowBytes + ts.k : nullptr;
-  const int8_t* vp0 = kPaged ? p.v + kvh_rows * kRowBytes + ts.v : nullptr;
-  const float* ksp0 = kPaged && kPerToken ? p.k_scales + kvh_rows * kRowScales + ts.ks : nullptr;
-  const float* vsp0 = kPaged && kTokenV ? p.v_scales + kvh_rows * kRowScales + ts.vs : nullptr;
+  uint32_t k_off = kvh_rows * kRowBytes + ts.k, v_off = kvh_rows * kRowBytes + ts.v;
+  uint32_t ks_off = kvh_rows * kRowScales + ts.ks, vs_off = kvh_rows * kRowScales + ts.vs;
+  if constexpr (kPaged && KVPACK_PAGED_OPAQUE) {  // opaque to the compiler: kept in registers, not recomputed
+    asm volatile("" : "+r"(k_off), "+r"(v_off), "+r"(ks_off), "+r"(vs_off), "+l"(bt));
+  }
   // Paged: the first row of a tile's page (the id clamped, the largest id seen kept for the flag).
   auto page_row = [&](PageRef page) -> uint64_t {
     page_seen = max(page_seen, static_cast<uint32_t>(page.id));
@@ -1152,9 +1165,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
       using U8 = const uint8_t*;
       if constexpr (kPaged) {
         const uint64_t row = page_row(page);
-        load_tile4_at<D, G, kPerToken>(tile, reinterpret_cast<U8>(kp0) + row * kRowBytes,
-                                       reinterpret_cast<U8>(vp0) + row * kRowBytes,
-                                       kPerToken ? ksp0 + row * kRowScales : nullptr, vsp0 + row * kRowScales);
+        load_tile4_at<D, G, kPerToken>(tile, reinterpret_cast<U8>(p.k) + (row * kRowBytes + k_off),
+                                       reinterpret_cast<U8>(p.v) + (row * kRowBytes + v_off),
+                                       kPerToken ? p.k_scales + (row * kRowScales + ks_off) : nullptr,
+                                       p.v_scales + (row * kRowScales + vs_off));
       } else if (unclamped(x)) {
         const uint64_t xr = x;
         load_tile4_at<D, G, kPerToken>(tile, reinterpret_cast<U8>(kbt) + xr * kRowBytes,
@@ -1164,9 +1178,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
         load_tile4<D, G, kPerToken>(tile, reinterpret_cast<U8>(kb), reinterpret_cast<U8>(vb), ksb, vsb, x, last, g, t);
       }
     } else if constexpr (kPaged) {
-      const uint32_t row = static_cast<uint32_t>(page_row(page));
-      load_tile_at<D, kPerToken>(tile, kp0 + static_cast<uint64_t>(row) * D, vp0 + static_cast<uint64_t>(row) * D,
-                                 kPerToken ? ksp0 + row : nullptr, kPerToken ? vsp0 + row : nullptr);
+      const uint64_t row = page_row(page);
+      load_tile_at<D, kPerToken>(tile, p.k + (row * D + k_off), p.v + (row * D + v_off),
+                                 kPerToken ? p.k_scales + (row + ks_off) : nullptr,
+                                 kPerToken ? p.v_scales + (row + vs_off) : nullptr);
     } else if (unclamped(x)) {
       const uint64_t xr = x;
       load_tile_at<D, kPerToken>(tile, kbt + xr * D, vbt + xr * D, kPerToken ? ksbt + xr : nullptr,
