@@ -224,16 +224,17 @@ def _int4_rows(row: dict, timed, skipped: dict, k, v, q3, granularity: str, grou
             skipped["int4_paged"] = f"out of GPU memory: {str(e).splitlines()[0]}"[:200]
 
 
-def paged_copy(cache: KVCache, page_size: int, gen: torch.Generator | None = None) -> dict:
+def paged_copy(cache: KVCache, page_size: int, gen: torch.Generator | None = None, *, shuffle: bool = True) -> dict:
     """The same cache (int8, or INT4: ``cache.bits``) in pages of ``page_size`` tokens (T_max a multiple
-    of it): pages ``[B * T_max / P, Hkv, P, row]`` in a shuffled order (``gen``), token scales in the
-    pages' layout, block tables int32 ``[B, T_max / P]`` and the cache's lengths: what
-    paged_decode_attention reads (kvpack/paged.py's layout)."""
+    of it): pages ``[B * T_max / P, Hkv, P, row]`` in a shuffled order (``gen``; in token order with
+    ``shuffle=False``), token scales in the pages' layout, block tables int32 ``[B, T_max / P]`` and the
+    cache's lengths: what paged_decode_attention reads (kvpack/paged.py's layout)."""
     b, hkv, t, _ = cache.k_cache.shape
     if t % page_size:
         raise ValueError(f"T_max = {t} is not a multiple of page_size = {page_size}")
     n = t // page_size
-    perm = torch.randperm(b * n, device=cache.k_cache.device, generator=gen)
+    perm = (torch.randperm(b * n, device=cache.k_cache.device, generator=gen) if shuffle
+            else torch.arange(b * n, device=cache.k_cache.device))
     out = {"block_tables": perm.view(b, n).to(torch.int32).contiguous(), "lengths": cache.device_lengths}
 
     def paged(x):  # [B, Hkv, T_max, ...] -> [B * T_max / P, Hkv, P, ...], pages shuffled
