@@ -1547,32 +1547,26 @@ void dispatch_decode(int head_dim, c10::ScalarType dtype, bool per_token, F&& f)
   }
 }
 
-// The INT4 formats: f(D, G) for the supported (head dimension, group size) pairs.
+// The INT4 formats: f(D, G) for the supported (head dimension, group size) pairs: groups of 32, 64 and
+// 128 channels, at most D.
+template <int D, typename F>
+void dispatch_int4_group(int group, F&& f) {
+  using std::integral_constant;
+  if (group == 32) { f(integral_constant<int, D>{}, integral_constant<int, 32>{}); return; }
+  if (group == 64) { f(integral_constant<int, D>{}, integral_constant<int, 64>{}); return; }
+  if constexpr (D >= 128) {
+    if (group == 128) { f(integral_constant<int, D>{}, integral_constant<int, 128>{}); return; }
+  }
+  TORCH_CHECK_VALUE(false, "kvpack: the INT4 cache takes groups of 32, 64 or 128 channels (at most D), got ", group,
+                    " with D = ", D);
+}
+
 template <typename F>
 void dispatch_int4(int head_dim, int group, F&& f) {
-  using std::integral_constant;
-  const auto bad = [&] {
-    TORCH_CHECK_VALUE(false, "kvpack: the INT4 cache takes groups of 32, 64 or 128 channels (at most D), got ", group,
-                      " with D = ", head_dim);
-  };
   switch (head_dim) {
-    case 64:
-      if (group == 32) f(integral_constant<int, 64>{}, integral_constant<int, 32>{});
-      else if (group == 64) f(integral_constant<int, 64>{}, integral_constant<int, 64>{});
-      else bad();
-      break;
-    case 128:
-      if (group == 32) f(integral_constant<int, 128>{}, integral_constant<int, 32>{});
-      else if (group == 64) f(integral_constant<int, 128>{}, integral_constant<int, 64>{});
-      else if (group == 128) f(integral_constant<int, 128>{}, integral_constant<int, 128>{});
-      else bad();
-      break;
-    case 256:
-      if (group == 32) f(integral_constant<int, 256>{}, integral_constant<int, 32>{});
-      else if (group == 64) f(integral_constant<int, 256>{}, integral_constant<int, 64>{});
-      else if (group == 128) f(integral_constant<int, 256>{}, integral_constant<int, 128>{});
-      else bad();
-      break;
+    case 64: dispatch_int4_group<64>(group, f); break;
+    case 128: dispatch_int4_group<128>(group, f); break;
+    case 256: dispatch_int4_group<256>(group, f); break;
     default:
       TORCH_CHECK_VALUE(false, "kvpack: decode attention supports head dimensions 64, 128 and 256, got ", head_dim);
   }
