@@ -1134,18 +1134,17 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   const int8_t* vbt = vb + ts.v;
   const float* ksbt = kPerToken ? ksb + ts.ks : nullptr;
   const float* vsbt = kTokenV ? vsb + ts.vs : nullptr;
-  // Paged: the same for KV head kvh in page 0 (pages [num_pages, Hkv, page_size, row bytes], token
-  // scales [num_pages, Hkv, page_size, scales a row]); a tile adds row = id * Hkv * page_size + its
-  // row in the page, in 32 bits (check_paged: the pool holds at most 2^32 rows), so each array's
-  // address is one wide multiply-add a tile. A page id outside [0, num_pages) is clamped where it is
-  // used and flagged once, after the loop, from the largest id seen as unsigned (a negative id is
+  // Paged (pages [num_pages, Hkv, page_size, row bytes], token scales [num_pages, Hkv, page_size, scales
+  // a row]): the thread's place in page 0 for KV head kvh is four 32-bit element offsets (kvh * page_size
+  // rows of at most 256 bytes, plus its start) added to the arrays' bases, which stay uniform (kernel
+  // parameters); a tile adds row = id * Hkv * page_size + its row in the page (32 bits: check_paged
+  // refuses pools above 2^32 rows), one wide multiply-add an array. Register-bound, the compiler
+  // recomputed the offsets (from the thread index) and the block-table row every tile: 31 instructions
+  // a tile more than the contiguous kernel at INT4 D = 64. Held through an empty asm
+  // (KVPACK_PAGED_OPAQUE), the paged tile loop is the contiguous one's length within 4 instructions
+  // (sm_90, tools/lab/sass_tile.py), with no spill. A page id outside [0, num_pages) is clamped where it
+  // is used and flagged once, after the loop, from the largest id seen as unsigned (a negative id is
   // larger than any valid one).
-  // The thread's place in page 0 is held as four 32-bit element offsets (kvh * page_size rows of at most
-  // 128 bytes, plus its start), added to the arrays' bases, which stay uniform (kernel parameters).
-  // Register-bound, the compiler recomputed them (from the thread index) and the block-table row every
-  // tile: 31 instructions a tile more than the contiguous kernel at INT4 D = 64, 18 at D = 128. Held
-  // through an empty asm (KVPACK_PAGED_OPAQUE), the paged tile loop is the contiguous one's length
-  // within 4 instructions (sm_90, tools/lab/sass_tile.py), with no spill.
   uint32_t page_seen = 0;
   const uint32_t kvh_rows = kPaged ? static_cast<uint32_t>(kvh * p.page_size) : 0u;
   const uint32_t page_rows = kPaged ? static_cast<uint32_t>(p.kv_heads * p.page_size) : 0u;
