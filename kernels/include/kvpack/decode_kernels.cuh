@@ -142,6 +142,11 @@ constexpr int kDecodeMinBlocks = D == 128 ? 3 : (D == 64 ? 4 : 1);
 #endif
 template <int D, int G = 0>
 constexpr int kDecodeBuffers = D > 128 ? 1 : (G > 0 && D == 128 ? KVPACK_INT4_BUFFERS : 2);
+// Paged: how many loads ahead a tile's page id is read from the block table (KVPACK_PAGE_LOOKAHEAD;
+// 1: the id of the next load is read as the current one goes out).
+#ifndef KVPACK_PAGE_LOOKAHEAD
+#define KVPACK_PAGE_LOOKAHEAD 1
+#endif
 // Whether the split kernel takes the unclamped loads (KVPACK_FAST_LOADS). Measured on an H100 in one
 // job (reports/reference/h100/logs/fast_tile_ab_7db8267/, the variant noload): they made INT8 0-1.5%
 // faster and INT4 at D = 64 6% faster; INT4 at D = 128 then spilled and ran 1-4% slower, which it no
@@ -1085,8 +1090,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   const uint32_t first = t0 + warp * kTileTokens;
   // Tile x of this (sequence, KV head): contiguous, rows x.. of its block; paged, rows x % page_size..
   // of the page holding x (a tile never crosses a page: page_size is a multiple of 16, x of 16).
-  // Paged, the page id of the next tile to load is read one load ahead (lookup), so that the tile's
-  // loads never wait for the block table; an id is checked (clamped, flagged) only when used.
+  // Paged, the page id of a tile to load is read kLookahead loads ahead (lookup, below), so that the
+  // tile's loads never wait for the block table; an id is checked (clamped, flagged) only when used.
   // The page index of tile x, x / page_size, counted in tiles: u / m for u = x / 16 and m =
   // page_size / 16 (1 to 16), the high word of u * page_magic, page_magic = floor(2^32 / m) + 1: exact
   // for u < 2^27 (x < 2^31, as int32 lengths are) since m < 32; m = 1 is u itself. One multiply a
@@ -1196,11 +1201,21 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   constexpr int kBuffers = kDecodeBuffers<D, G>;
   constexpr int kPreload = (KVPACK_PRELOAD_ALL || kBuffers == 1) ? kBuffers : kBuffers - 1;
   TileT buf[kBuffers];
-  PageRef next_page = lookup(first);
+  // Paged: pages[i] is the page of the tile i loads ahead (pages[0] the next load's), read from the
+  // block table kLookahead loads before its tile's loads need it.
+  constexpr int kLookahead = kPaged ? KVPACK_PAGE_LOOKAHEAD : 1;
+  PageRef pages[kLookahead];
+#pragma unroll
+  for (int i = 0; i < kLookahead; ++i) pages[i] = lookup(first + i * kStride);
+  auto advance = [&](uint32_t loaded) {  // after the load of tile `loaded`
+#pragma unroll
+    for (int i = 0; i + 1 < kLookahead; ++i) pages[i] = pages[i + 1];
+    pages[kLookahead - 1] = lookup(loaded + kLookahead * kStride);
+  };
 #pragma unroll
   for (int j = 0; j < kPreload; ++j) {
-    if (first + j * kStride < t1) load(buf[j], first + j * kStride, next_page);
-    next_page = lookup(first + (j + 1) * kStride);
+    if (first + j * kStride < t1) load(buf[j], first + j * kStride, pages[0]);
+    advance(first + j * kStride);
   }
 
   // Q' fragments for head g. INT8: the integer digits of the A operand of S^T = Q_i K^T (attend_tile).
@@ -1304,7 +1319,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   // Round r computes tiles x + j kStride, j < kBuffers, from buf[j]; before computing tile j its
   // buffer's predecessor takes the tile kBuffers - 1 ahead, so kBuffers - 1 tiles are always loading
   // while one is computed (indices static after unrolling: the buffers stay in registers). Loads go
-  // out in token order, so a paged cache's next page id is read one load ahead.
+  // out in token order, so a paged cache's page ids are read kLookahead loads ahead.
   // (Measured on the H200, INT8: a ring that reloads each buffer right after computing it, the same
   // prefetch distance, ran 10-15% slower at every shape; so did a third buffer at D = 64.)
   for (uint32_t x = first; x < t1; x += kBuffers * kStride) {
@@ -1315,12 +1330,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
       if constexpr (kBuffers > 1) {
         const uint32_t ahead = xj + (kBuffers - 1) * kStride;
         if (ahead < t1 && ahead >= first + kPreload * kStride) {  // (the first tiles were preloaded)
-          load(buf[(j + kBuffers - 1) % kBuffers], ahead, next_page);
-          next_page = lookup(ahead + kStride);
+          load(buf[(j + kBuffers - 1) % kBuffers], ahead, pages[0]);
+          advance(ahead);
         }
       } else if (xj != first) {
-        load(buf[0], xj, next_page);
-        next_page = lookup(xj + kStride);
+        load(buf[0], xj, pages[0]);
+        advance(xj);
       }
       attend(buf[j], xj);
     }
