@@ -78,10 +78,13 @@ constexpr int kDecodeWarps = 4;        // warps per block of the split kernel
 #endif
 constexpr int kTileTokens = 16;        // tokens per tile (the mma's k for P'V)
 constexpr int kHeadsPerWarp = 8;       // query heads per warp (8 rows of the INT8 score mma, the INT4 one's n)
-// Never cut a sequence into parts shorter than this (128: 2 tiles a warp); KVPACK_MIN_SPLIT_TOKENS,
-// a compile-time knob for the lab (it sets the planner's, host code in this header).
+// Never cut a sequence into parts shorter than this (256: 4 tiles a warp); KVPACK_MIN_SPLIT_TOKENS,
+// a compile-time knob for the lab (it sets the planner's, host code in this header). 256 since
+// 2026-12-07 (128 before): B = 1 GQA T = 4096 then takes 16 parts, not 32, the faster count in the
+// short-steps sweeps of both GPUs; on an H100, in one job, INT8 5% faster there and 10% at T = 8192
+// (32 parts, not 48), unchanged where the planner wanted longer parts anyway.
 #ifndef KVPACK_MIN_SPLIT_TOKENS
-#define KVPACK_MIN_SPLIT_TOKENS 128
+#define KVPACK_MIN_SPLIT_TOKENS 256
 #endif
 constexpr int kMinSplitTokens = KVPACK_MIN_SPLIT_TOKENS;
 constexpr int kMaxSplits = 4096;       // the merge keeps one weight per part in shared memory
@@ -104,9 +107,12 @@ constexpr int kFusedMergeMaxSplits = 128;
 #define KVPACK_PRELOAD_ALL 0
 #endif
 // KVPACK_MERGE_UNROLL, the parts a thread of the last-block merge reads before it sums them (each
-// read is an L2 round trip; more in flight, fewer round trips, more registers).
+// read is an L2 round trip; more in flight, fewer round trips, more registers). 16 since 2026-12-07
+// (8 before): on an H100, in one job, 0.3 us faster at B = 1 GQA T = 4096 (32 parts) and 0.6 us at
+// T = 32768 (48 parts), level elsewhere (reports/reference/h100/logs/short_ab_28cffe7/). Loading a
+// thread's first 8 or 16 parts before the weights (so that the two round trips overlap) was slower.
 #ifndef KVPACK_MERGE_UNROLL
-#define KVPACK_MERGE_UNROLL 8
+#define KVPACK_MERGE_UNROLL 16
 #endif
 constexpr int kMergeUnroll = KVPACK_MERGE_UNROLL;
 // KVPACK_FAST_EXP, the softmax's exp2 and log2 and the INT4 ratios' reciprocal as single MUFU
@@ -142,10 +148,12 @@ constexpr int kDecodeMinBlocks = D == 128 ? 3 : (D == 64 ? 4 : 1);
 #endif
 template <int D, int G = 0>
 constexpr int kDecodeBuffers = D > 128 ? 1 : (G > 0 && D == 128 ? KVPACK_INT4_BUFFERS : 2);
-// Paged: how many loads ahead a tile's page id is read from the block table (KVPACK_PAGE_LOOKAHEAD;
-// 1: the id of the next load is read as the current one goes out).
+// Paged: how many loads ahead a tile's page id is read from the block table (KVPACK_PAGE_LOOKAHEAD).
+// 2 since 2026-12-07 (1 before: the id of the next load, read as the current one goes out): on an
+// H100, in one job, paged INT4 (pages of 16) 4% faster at T = 131072 B = 8 MHA and T = 32768 B = 32
+// GQA, level with the contiguous kernel; paged INT8 level or 1% faster; 3 was slower than 2.
 #ifndef KVPACK_PAGE_LOOKAHEAD
-#define KVPACK_PAGE_LOOKAHEAD 1
+#define KVPACK_PAGE_LOOKAHEAD 2
 #endif
 // Whether the split kernel takes the unclamped loads (KVPACK_FAST_LOADS). Measured on an H100 in one
 // job (reports/reference/h100/logs/fast_tile_ab_7db8267/, the variant noload): they made INT8 0-1.5%
