@@ -365,7 +365,7 @@ class KVPackCache(Cache):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.shape = shape
         self.granularity = granularity
-        self.max_cache_len = max_cache_len
+        self._max_cache_len = max_cache_len
         self.dtype = dtype
         self.bits = bits
         layers = [KVPackLayer(i, batch_size, shape["kv_heads"], shape["head_dim"], max_cache_len,
@@ -373,6 +373,12 @@ class KVPackCache(Cache):
                   for i in range(shape["layers"])]
         super().__init__(layers=layers)
         self.device = layers[0].device
+
+    @property
+    def max_cache_len(self) -> int:
+        """Positions per sequence. (A property of our own: transformers 5.17 still defines a read-only,
+        deprecated ``Cache.max_cache_len``, which an instance attribute cannot replace; 5.25 has none.)"""
+        return self._max_cache_len
 
     def __repr__(self) -> str:
         return (f"KVPackCache(layers={len(self.layers)}, batch_size={self.batch_size}, kv_heads={self.shape['kv_heads']}, "
