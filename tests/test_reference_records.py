@@ -358,8 +358,8 @@ def test_e2e_int4_record_and_its_table():
 
 def test_serving_decode_on_each_gpu():
     """Issue 18's goals judged from each GPU's committed records: the paged INT8 kernel is within 5% of the
-    contiguous one at every pair on both GPUs; the paged INT4 kernel misses on the H100 (D = 64 and the largest
-    MHA caches: 0.914x to 0.947x its contiguous twin) and has no timing on the H200; both GPUs are ahead of
+    contiguous one at every pair on both GPUs; the paged INT4 kernel misses on the H100 by one pair (the short
+    step with pages of 64: 0.930x its contiguous twin) and has no timing on the H200; both GPUs are ahead of
     FlashInfer's fp16 paged decode; the short steps miss."""
     for gpu, paged, paged4 in (("h200", "met", "not measured"), ("h100", "met", "MISSED")):
         t = assemble.build_tables(reference_dirs=[ROOT / "reports" / "reference" / gpu])
@@ -370,3 +370,5 @@ def test_serving_decode_on_each_gpu():
         assert "paged decode ahead of FlashInfer's fp16 paged decode: met" in row["note"]
         assert "B = 1 GQA 32/8 >= 1.3x at T = 4096: MISSED" in row["note"]
         assert len(t.decode_api) == 5 and len(t.decode_peers) == 8
+        if gpu == "h100":  # f11a026's page ids two loads ahead: the largest caches inside, one short step outside
+            assert "37 of 38 pairs inside; worst at page size 64, T=4096 B=1 Hq=32 Hkv=8" in row["note"], row["note"]
