@@ -4,8 +4,8 @@
 For each point: the fused INT8 kernel (and INT4, and the fastest fp16 SDPA backends) under
 torch.profiler, with the L2 flushed and the GPU busy before every call as the benchmarks do; prints
 each kernel's median device time and the median span of one call (first kernel's start to the last
-one's end), then the call's event-timed median at several split counts (is the planner's choice the
-fastest, and how much of the time does not depend on the bytes?).
+one's end), then the INT8 and INT4 calls' event-timed medians at several split counts (is the planner's
+choice the fastest, and how much of the time does not depend on the bytes?).
 
     python tools/lab/short_steps.py [--points 4096x1x32x8x128 32768x1x32x8x128] [--json out.json]
 """
@@ -99,12 +99,13 @@ def run_point(spec: str, splits, flush, dev) -> dict:
             rec[name]["event_median_ms"] = bench.time_cuda(fn, 5, 50, flush).summary()["median_ms"]
         except RuntimeError as e:
             rec[name] = {"skipped": str(e).splitlines()[0][:160]}
-    rec["int8_by_splits_ms"] = {}
-    for s in splits:
-        if s * 128 > T * 2:
-            continue
-        fn = lambda s=s: fns["int8"](splits=s)
-        rec["int8_by_splits_ms"][s] = bench.time_cuda(fn, 5, 50, flush).summary()["median_ms"]
+    for fmt in ("int8", "int4"):
+        rec[f"{fmt}_by_splits_ms"] = {}
+        for s in splits:
+            if s * 128 > T * 2:
+                continue
+            fn = lambda s=s, fmt=fmt: fns[fmt](splits=s)
+            rec[f"{fmt}_by_splits_ms"][s] = bench.time_cuda(fn, 5, 50, flush).summary()["median_ms"]
     print(f"== T={T} B={B} H={Hq}x{Hkv} D={D}: planned splits {rec['planned_splits']}")
     for name in fns:
         r = rec[name]
@@ -114,7 +115,8 @@ def run_point(spec: str, splits, flush, dev) -> dict:
         ks = "  ".join(f"{k[:48]}={v:.1f}us" for k, v in r["kernels"].items())
         print(f"  {name:12s} event {r['event_median_ms'] * 1e3:7.1f} us  span {r['span_us']:.1f} us  "
               f"{r['kernels_per_call']} kernels: {ks}")
-    print("  int8 by splits (us): " + "  ".join(f"{s}:{ms * 1e3:.1f}" for s, ms in rec["int8_by_splits_ms"].items()))
+    for fmt in ("int8", "int4"):
+        print(f"  {fmt} by splits (us): " + "  ".join(f"{s}:{ms * 1e3:.1f}" for s, ms in rec[f"{fmt}_by_splits_ms"].items()))
     torch.cuda.empty_cache()
     return rec
 
