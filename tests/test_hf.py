@@ -312,6 +312,17 @@ def test_reorder_cache_permutes_rows_scales_and_lengths():
     assert layer.kv.lengths.tolist() == [6, 6, 5]
 
 
+def test_builds_where_transformers_cache_has_a_read_only_max_cache_len(monkeypatch):
+    """transformers 5.17 (the GPU image's) defines ``Cache.max_cache_len`` as a read-only, deprecated
+    property; 5.25 has none. The cache must build and report its own length under either: here the
+    5.17 property is put back on whichever Cache is installed."""
+    from transformers.cache_utils import Cache
+    monkeypatch.setattr(Cache, "max_cache_len", property(lambda self: -1), raising=False)
+    cache = kh.KVPackCache(tiny_config(), 2, 24, device="cpu", dtype=torch.float32)
+    assert cache.max_cache_len == 24 and all(layer.max_cache_len == 24 for layer in cache.layers)
+    assert "max_cache_len=24" in repr(cache)
+
+
 def test_bad_inputs_fail_clearly_and_write_nothing():
     with pytest.raises(ValueError, match="head_dim = 32 is not supported"):
         kh.KVPackCache(tiny_config(head_dim=32), 1, 8, device="cpu")
