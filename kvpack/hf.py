@@ -365,7 +365,6 @@ class KVPackCache(Cache):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.shape = shape
         self.granularity = granularity
-        self._max_cache_len = max_cache_len
         self.dtype = dtype
         self.bits = bits
         layers = [KVPackLayer(i, batch_size, shape["kv_heads"], shape["head_dim"], max_cache_len,
@@ -376,9 +375,9 @@ class KVPackCache(Cache):
 
     @property
     def max_cache_len(self) -> int:
-        """Positions per sequence. (A property of our own: transformers 5.17 still defines a read-only,
-        deprecated ``Cache.max_cache_len``, which an instance attribute cannot replace; 5.25 has none.)"""
-        return self._max_cache_len
+        """Positions per sequence, every layer's. (A property of our own: transformers 5.17 still defines
+        a read-only, deprecated ``Cache.max_cache_len``, which an instance attribute cannot replace.)"""
+        return self.layers[0].max_cache_len
 
     def __repr__(self) -> str:
         return (f"KVPackCache(layers={len(self.layers)}, batch_size={self.batch_size}, kv_heads={self.shape['kv_heads']}, "
