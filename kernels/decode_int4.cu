@@ -20,6 +20,7 @@ __global__ void __launch_bounds__(kAppendWarps * 32) kv_append_int4_kernel(const
   constexpr int kLanes = G / E;    // lanes per group
   constexpr int kGroups = D / G;   // scales per row
   const int lane = threadIdx.x & 31;
+  allow_dependent_launch();  // a decode kernel after it may be scheduled now (it waits for these writes)
   const int64_t b = blockIdx.y;
   const int64_t slot = kPaged ? slot_of(p.seq_ids, b, p.num_slots, p.clamped, blockIdx.x == 0 && threadIdx.x == 0) : b;
   append_rows<!kKeyGroups>(p, b, slot, [&](bool is_v, int64_t h, int64_t j, int64_t pos, unsigned long long& saturated) {

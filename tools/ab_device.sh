@@ -7,6 +7,8 @@
 #   AB_POINTS    tools/bench_decode.py points (TxBxHqxHkvxD)
 #   AB_METHODS   tools/bench_decode.py --methods (default: sdpa fused int4)
 #   AB_EXTRA     more tools/bench_decode.py arguments, e.g. "--page-sizes 16" (a paged column too)
+#   AB_API_POINTS  if set, tools/bench_decode_api.py too (the default call, the raw op, a graph replay)
+#                at these points under each build ($OUT/ab/api_<name>.json, $L/api_<name>.log)
 # Logs under $OUT/logs (build_<name>.log, bench_<name>.log), one json per run under $OUT/ab.
 # Expects tools/device_setup.sh to have run in this call (wheels, the default build).
 #
@@ -35,6 +37,12 @@ bench() {  # $1: label, $2: build dir (or empty: the default)
   ${2:+env KVPACK_BUILD_DIR=$2} python3 tools/bench_decode.py --no-append --methods ${AB_METHODS:-sdpa fused int4} \
     --json "$OUT/ab/$1.json" --points $AB_POINTS ${AB_EXTRA:-} 2>&1 | grep -v -E "Warning|^  warnings" > "$L/bench_$1.log"
   echo "bench $1: after $((SECONDS - t1)) s"
+  if [ -n "${AB_API_POINTS:-}" ]; then
+    t1=$SECONDS
+    ${2:+env KVPACK_BUILD_DIR=$2} python3 tools/bench_decode_api.py --points $AB_API_POINTS \
+      --json "$OUT/ab/api_$1.json" > "$L/api_$1.log" 2>&1
+    echo "api $1: after $((SECONDS - t1)) s"
+  fi
 }
 bench default ""
 for name in "${NAMES[@]}"; do bench "$name" "/tmp/kvpack-ab-$name"; done
@@ -54,4 +62,12 @@ for i, r in enumerate(next(iter(runs.values()))["rows"]):
     name = f"T{r['T']} B{r['batch']} {r['q_heads']}/{r['kv_heads']} D{r['head_dim']}"
     print(name.ljust(24) + "".join(f"{1e3 * runs[n]['rows'][i].get(k, float('nan')):19.1f}" for k in keys for n in runs))
 print("(us, median of each run; default2 repeats default after the variants)")
+api = {n: json.loads((d / f"api_{n}.json").read_text()) for n in sys.argv[2:] if (d / f"api_{n}.json").exists()}
+if api:
+    print("api".ljust(24) + "".join(f"{n[:8] + ':' + k:>19}" for k in ("default", "raw", "graph") for n in api))
+    for i, r in enumerate(next(iter(api.values()))["rows"]):
+        name = f"T{r['T']} B{r['batch']} {r['q_heads']}/{r['kv_heads']} D{r['head_dim']}"
+        print(name.ljust(24) + "".join(f"{api[n]['rows'][i][k + '_us']:19.2f}" for k in ("default", "raw_op", "graph")
+                                       for n in api))
+    print("(us a call: back-to-back calls, tools/bench_decode_api.py)")
 PY
