@@ -3,7 +3,8 @@
 ``torch.ops.kvpack.decode_attention`` (the kernels and nothing else of ours), and of the opt-in
 checking call (``check_lengths=True``: one host sync each), each over N calls queued in a row,
 timed by CUDA events around the whole run (so host time shows wherever the GPU would wait for it),
-beside the kernels' own time under a CUDA graph replay of the same call (no host at all).
+beside the kernels' own time under a CUDA graph replay of the same call (no host at all). The ways
+take turns, round by round, and each reports its median round.
 
     python tools/bench_decode_api.py [--points TxBxHqxHkvxD ...] [--calls 2000] [--json out.json]
 
@@ -26,19 +27,27 @@ import kvpack
 from kvpack.pipeline import environment
 
 
-def per_call_us(fn, calls: int, rounds: int = 5) -> float:
-    """Median over rounds of (elapsed of ``calls`` back-to-back calls) / calls, in microseconds."""
-    out = []
+def one_round_us(fn, calls: int) -> float:
+    """(elapsed of ``calls`` back-to-back calls) / calls, in microseconds."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    a.record()
+    for _ in range(calls):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) * 1e3 / calls
+
+
+def per_call_us(ways: dict, calls: dict, rounds: int = 5) -> dict:
+    """Median over rounds of each way's microseconds per call, the ways taking turns round by round
+    (where the host sets the pace, a slow spell of the machine's host then falls on every way alike,
+    not on whichever way was being timed)."""
+    out = {name: [] for name in ways}
     for _ in range(rounds):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        a.record()
-        for _ in range(calls):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(out)
+        for name, fn in ways.items():
+            out[name].append(one_round_us(fn, calls[name]))
+    return {name: statistics.median(v) for name, v in out.items()}
 
 
 def point(T: int, B: int, hq: int, hkv: int, D: int, calls: int) -> dict:
@@ -58,9 +67,6 @@ def point(T: int, B: int, hq: int, hkv: int, D: int, calls: int) -> dict:
     }
     for fn in ways.values():  # load, plan, warm
         fn()
-    row = {"T": T, "batch": B, "q_heads": hq, "kv_heads": hkv, "head_dim": D, "calls": calls}
-    for name, fn in ways.items():
-        row[f"{name}_us"] = per_call_us(fn, calls if name != "check_lengths" else max(50, calls // 10))
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -70,7 +76,13 @@ def point(T: int, B: int, hq: int, hkv: int, D: int, calls: int) -> dict:
     with torch.cuda.graph(graph):
         for _ in range(20):
             raw(*args, "token", scale, 0)
-    row["graph_us"] = per_call_us(graph.replay, max(1, calls // 20)) / 20
+    ways["graph"] = graph.replay  # 20 calls a replay
+    counts = {name: calls for name in ways}
+    counts["check_lengths"] = max(50, calls // 10)
+    counts["graph"] = max(1, calls // 20)
+    row = {"T": T, "batch": B, "q_heads": hq, "kv_heads": hkv, "head_dim": D, "calls": calls}
+    for name, us in per_call_us(ways, counts).items():
+        row[f"{name}_us"] = us / 20 if name == "graph" else us
     row["default_over_graph"] = row["default_us"] / row["graph_us"]
     row["raw_over_graph"] = row["raw_op_us"] / row["graph_us"]
     return row
