@@ -8,7 +8,8 @@ take turns, round by round, and each reports its median round.
 
     python tools/bench_decode_api.py [--points TxBxHqxHkvxD ...] [--calls 2000] [--json out.json]
 
-Prints per point: us per call of each way and the default call's excess over the graph replay.
+Prints per point: us per call of each way and the default call's excess over the graph replay, and the
+host's pace (a 4-element torch.add back to back) measured in the same rounds.
 """
 
 from __future__ import annotations
@@ -60,10 +61,14 @@ def point(T: int, B: int, hq: int, hkv: int, D: int, calls: int) -> dict:
     args = (q, cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales, cache.device_lengths)
     scale = D**-0.5
     raw = torch.ops.kvpack.decode_attention.default
+    tiny = torch.ones(4, device="cuda")
     ways = {
         "default": lambda: kvpack.decode_attention(*args),
         "raw_op": lambda: raw(*args, "token", scale, 0),
         "check_lengths": lambda: kvpack.decode_attention(*args, check_lengths=True),
+        # The host's pace, for reading the rest: torch.add of two 4-element tensors back to back (its
+        # kernel takes ~2 us; its host cost, an allocation and a launch, sets the time on any machine).
+        "host_add": lambda: torch.add(tiny, tiny),
     }
     for fn in ways.values():  # load, plan, warm
         fn()
@@ -99,13 +104,14 @@ def main(argv=None) -> int:
         print("bench_decode_api: no CUDA device", file=sys.stderr)
         return 2
     rows = []
-    print(f"{'point':>22} | {'default':>8} {'raw op':>8} {'checked':>8} {'graph':>8} us/call | default/graph", flush=True)
+    print(f"{'point':>22} | {'default':>8} {'raw op':>8} {'checked':>8} {'graph':>8} us/call | default/graph"
+          f" | host: add", flush=True)
     for p in args.points:
         T, B, hq, hkv, D = (int(x) for x in p.split("x"))
         r = point(T, B, hq, hkv, D, args.calls)
         rows.append(r)
         print(f"{p:>22} | {r['default_us']:8.2f} {r['raw_op_us']:8.2f} {r['check_lengths_us']:8.2f} "
-              f"{r['graph_us']:8.2f}         | {r['default_over_graph']:.3f}", flush=True)
+              f"{r['graph_us']:8.2f}         | {r['default_over_graph']:.3f}         | {r['host_add_us']:5.2f}", flush=True)
         torch.cuda.empty_cache()
     if args.json:
         Path(args.json).write_text(json.dumps({"kind": "decode_api_bench", "rows": rows,
