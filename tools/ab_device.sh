@@ -64,10 +64,10 @@ for i, r in enumerate(next(iter(runs.values()))["rows"]):
 print("(us, median of each run; default2 repeats default after the variants)")
 api = {n: json.loads((d / f"api_{n}.json").read_text()) for n in sys.argv[2:] if (d / f"api_{n}.json").exists()}
 if api:
-    print("api".ljust(24) + "".join(f"{n[:8] + ':' + k:>19}" for k in ("default", "raw", "graph") for n in api))
+    cols = (("default", "default_us"), ("raw", "raw_op_us"), ("graph", "graph_us"))  # (label, record key)
+    print("api".ljust(24) + "".join(f"{n[:8] + ':' + label:>19}" for label, _ in cols for n in api))
     for i, r in enumerate(next(iter(api.values()))["rows"]):
         name = f"T{r['T']} B{r['batch']} {r['q_heads']}/{r['kv_heads']} D{r['head_dim']}"
-        print(name.ljust(24) + "".join(f"{api[n]['rows'][i][k + '_us']:19.2f}" for k in ("default", "raw_op", "graph")
-                                       for n in api))
+        print(name.ljust(24) + "".join(f"{api[n]['rows'][i][key]:19.2f}" for _, key in cols for n in api))
     print("(us a call: back-to-back calls, tools/bench_decode_api.py)")
 PY
