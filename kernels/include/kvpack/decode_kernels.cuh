@@ -129,6 +129,13 @@ constexpr int kMergeUnroll = KVPACK_MERGE_UNROLL;
 #ifndef KVPACK_FAST_LOADS
 #define KVPACK_FAST_LOADS 1
 #endif
+// KVPACK_L2_AHEAD, how many tiles beyond its register buffers a warp of the contiguous split kernel
+// asks L2 to fetch (one bulk prefetch an array a tile, sm_90; 0: none). A warp's register buffers
+// hold kBuffers - 1 tiles in flight, so a part of a few tiles (a short step) waits one memory
+// latency a tile; with the tiles ahead already in L2 it waits for one latency at the start.
+#ifndef KVPACK_L2_AHEAD
+#define KVPACK_L2_AHEAD 0
+#endif
 // Resident blocks per multiprocessor the split kernel is compiled for (a register budget): at
 // D = 128, 3 blocks (12 warps, 168 registers, no local memory: 8347ac7's 64-bit block indices spilled
 // 16 bytes there and cost INT8 up to 5%, see tools/lab/NOTES.md) rather than the 2 that 183 registers
@@ -219,6 +226,14 @@ __device__ __forceinline__ void allow_dependent_launch() {
 __device__ __forceinline__ void wait_for_primary() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Asks L2 to fetch bytes [p, p + bytes) (cp.async.bulk.prefetch, sm_90: p and bytes multiples of 16;
+// a hint, nothing waits for it). A no-op before sm_90.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
 #endif
 }
 
@@ -1242,6 +1257,25 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     if (first + j * kStride < t1) load(buf[j], first + j * kStride, pages[0]);
     advance(first + j * kStride);
   }
+  // Contiguous, KVPACK_L2_AHEAD > 0: the kL2Ahead tiles after those in registers go to L2 now, and each
+  // load into registers sends the tile kL2Ahead further on: lanes 0-3 one bulk prefetch each (K, V and
+  // their token scales: whole rows of the (sequence, KV head) block, 16-byte multiples), only for tiles
+  // of the part that lie whole in the cache (x <= fast_end), so no byte outside the arrays is asked for.
+  constexpr int kL2Ahead = kPaged ? 0 : KVPACK_L2_AHEAD;
+  auto prefetch_tile = [&](uint32_t x) {
+    if constexpr (kL2Ahead > 0) {
+      if (lane < 4 && x < t1 && static_cast<int>(x) <= fast_end) {
+        const uint64_t xr = x;
+        if (lane < 2) {
+          prefetch_l2((lane == 0 ? kb : vb) + xr * kRowBytes, kTileTokens * kRowBytes);
+        } else if (lane == 2 ? kPerToken : kTokenV) {
+          prefetch_l2((lane == 2 ? ksb : vsb) + xr * kRowScales, kTileTokens * kRowScales * sizeof(float));
+        }
+      }
+    }
+  };
+#pragma unroll
+  for (int j = 0; j < kL2Ahead; ++j) prefetch_tile(first + (kPreload + j) * kStride);
 
   // Q' fragments for head g. INT8: the integer digits of the A operand of S^T = Q_i K^T (attend_tile).
   // INT4: the B operand of S = K Q'^T (column g, attend_tile4): qf[8j + e] is channel e0 + e of K
@@ -1357,10 +1391,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
         if (ahead < t1 && ahead >= first + kPreload * kStride) {  // (the first tiles were preloaded)
           load(buf[(j + kBuffers - 1) % kBuffers], ahead, pages[0]);
           advance(ahead);
+          prefetch_tile(ahead + kL2Ahead * kStride);
         }
       } else if (xj != first) {
         load(buf[0], xj, pages[0]);
         advance(xj);
+        prefetch_tile(xj + kL2Ahead * kStride);
       }
       attend(buf[j], xj);
     }
