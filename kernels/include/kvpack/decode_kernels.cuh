@@ -1257,25 +1257,58 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     if (first + j * kStride < t1) load(buf[j], first + j * kStride, pages[0]);
     advance(first + j * kStride);
   }
-  // Contiguous, KVPACK_L2_AHEAD > 0: the kL2Ahead tiles after those in registers go to L2 now, and each
-  // load into registers sends the tile kL2Ahead further on: lanes 0-3 one bulk prefetch each (K, V and
-  // their token scales: whole rows of the (sequence, KV head) block, 16-byte multiples), only for tiles
-  // of the part that lie whole in the cache (x <= fast_end), so no byte outside the arrays is asked for.
-  constexpr int kL2Ahead = kPaged ? 0 : KVPACK_L2_AHEAD;
-  auto prefetch_tile = [&](uint32_t x) {
+  // KVPACK_L2_AHEAD > 0: the kL2Ahead tiles after those in registers go to L2 now, and each load into
+  // registers sends the tile kL2Ahead further on: lanes 0-3 one bulk prefetch each (K, V and their
+  // token scales: 16 whole rows, 16-byte multiples), only for tiles of the part. Contiguous, only tiles
+  // that lie whole in the cache (x <= fast_end); paged, a tile lies in its page and the page id is
+  // clamped as for its loads: no byte outside the arrays is asked for. Paged, the id of the next tile
+  // to prefetch is read one prefetch ahead (pf_page), so that no prefetch waits for the block table.
+  // (Not the paged INT4 kernels at D = 128: with the prefetch's page ids they spill 40-64 bytes.)
+  constexpr int kL2Ahead = (kPaged && kInt4 && D == 128) ? 0 : KVPACK_L2_AHEAD;
+  auto prefetch_tile = [&](uint32_t x, PageRef page) {
     if constexpr (kL2Ahead > 0) {
-      if (lane < 4 && x < t1 && static_cast<int>(x) <= fast_end) {
-        const uint64_t xr = x;
+      if (lane < 4 && x < t1 && (kPaged || static_cast<int>(x) <= fast_end)) {
+        const int8_t* kt;
+        const int8_t* vt;
+        const float* kst;
+        const float* vst;
+        if constexpr (kPaged) {
+          const uint32_t id = static_cast<uint32_t>(min(max(page.id, 0), static_cast<int32_t>(p.num_pages - 1)));
+          const uint64_t row = static_cast<uint64_t>(id) * page_rows + page.row + kvh_rows;
+          kt = p.k + row * kRowBytes;
+          vt = p.v + row * kRowBytes;
+          kst = kPerToken ? p.k_scales + row * kRowScales : nullptr;
+          vst = kTokenV ? p.v_scales + row * kRowScales : nullptr;
+        } else {
+          const uint64_t xr = x;
+          kt = kb + xr * kRowBytes;
+          vt = vb + xr * kRowBytes;
+          kst = kPerToken ? ksb + xr * kRowScales : nullptr;
+          vst = kTokenV ? vsb + xr * kRowScales : nullptr;
+        }
         if (lane < 2) {
-          prefetch_l2((lane == 0 ? kb : vb) + xr * kRowBytes, kTileTokens * kRowBytes);
+          prefetch_l2(lane == 0 ? kt : vt, kTileTokens * kRowBytes);
         } else if (lane == 2 ? kPerToken : kTokenV) {
-          prefetch_l2((lane == 2 ? ksb : vsb) + xr * kRowScales, kTileTokens * kRowScales * sizeof(float));
+          prefetch_l2(lane == 2 ? kst : vst, kTileTokens * kRowScales * sizeof(float));
         }
       }
     }
   };
+  PageRef pf_page{0, 0u};
+  auto prefetch_next = [&](uint32_t x) {  // after loading the tile kL2Ahead before x: x to L2
+    if constexpr (kL2Ahead > 0) {
+      prefetch_tile(x, pf_page);
+      if constexpr (kPaged) pf_page = lookup(x + kStride);
+    }
+  };
+  if constexpr (kL2Ahead > 0) {
 #pragma unroll
-  for (int j = 0; j < kL2Ahead; ++j) prefetch_tile(first + (kPreload + j) * kStride);
+    for (int j = 0; j < kL2Ahead; ++j) {
+      const uint32_t x = first + (kPreload + j) * kStride;
+      prefetch_tile(x, lookup(x));
+    }
+    if constexpr (kPaged) pf_page = lookup(first + (kPreload + kL2Ahead) * kStride);
+  }
 
   // Q' fragments for head g. INT8: the integer digits of the A operand of S^T = Q_i K^T (attend_tile).
   // INT4: the B operand of S = K Q'^T (column g, attend_tile4): qf[8j + e] is channel e0 + e of K
@@ -1391,12 +1424,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
         if (ahead < t1 && ahead >= first + kPreload * kStride) {  // (the first tiles were preloaded)
           load(buf[(j + kBuffers - 1) % kBuffers], ahead, pages[0]);
           advance(ahead);
-          prefetch_tile(ahead + kL2Ahead * kStride);
+          prefetch_next(ahead + kL2Ahead * kStride);
         }
       } else if (xj != first) {
         load(buf[0], xj, pages[0]);
         advance(xj);
-        prefetch_tile(xj + kL2Ahead * kStride);
+        prefetch_next(xj + kL2Ahead * kStride);
       }
       attend(buf[j], xj);
     }
