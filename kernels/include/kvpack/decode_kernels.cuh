@@ -1258,39 +1258,35 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     advance(first + j * kStride);
   }
   // KVPACK_L2_AHEAD > 0: the kL2Ahead tiles after those in registers go to L2 now, and each load into
-  // registers sends the tile kL2Ahead further on: lanes 0-3 one bulk prefetch each (K, V and their
-  // token scales: 16 whole rows, 16-byte multiples), only for tiles of the part. Contiguous, only tiles
-  // that lie whole in the cache (x <= fast_end); paged, a tile lies in its page and the page id is
-  // clamped as for its loads: no byte outside the arrays is asked for. Paged, the id of the next tile
-  // to prefetch is read one prefetch ahead (pf_page), so that no prefetch waits for the block table.
-  // (Not the paged INT4 kernels at D = 128: with the prefetch's page ids they spill 40-64 bytes.)
+  // registers sends the tile kL2Ahead further on: lanes 0-3 one bulk prefetch each, of 16 whole rows of
+  // K, V and their token scales (pf_base, pf_stride: the lane's array and its bytes a row, 0 for a
+  // lane with none; 16-byte multiples), only for tiles of the part. Contiguous, only tiles that lie
+  // whole in the cache (x <= fast_end); paged, a tile lies in its page and the page id is clamped as
+  // for its loads: no byte outside the arrays is asked for. Paged, the id of the next tile to
+  // prefetch is read one prefetch ahead (pf_page), so that no prefetch waits for the block table.
+  // (Not the paged INT4 kernels at D = 128, where the prefetch's page ids spill 40-64 bytes.)
   constexpr int kL2Ahead = (kPaged && kInt4 && D == 128) ? 0 : KVPACK_L2_AHEAD;
+  const char* pf_base = nullptr;
+  uint32_t pf_stride = 0;
+  if constexpr (kL2Ahead > 0) {
+    using C = const char*;
+    if (lane < 2) {
+      pf_base = reinterpret_cast<C>(kPaged ? (lane == 0 ? p.k : p.v) : (lane == 0 ? kb : vb));
+      pf_stride = kRowBytes;
+    } else if (lane == 2 ? kPerToken : (lane == 3 && kTokenV)) {
+      pf_base = reinterpret_cast<C>(kPaged ? (lane == 2 ? p.k_scales : p.v_scales) : (lane == 2 ? ksb : vsb));
+      pf_stride = kRowScales * sizeof(float);
+    }
+  }
   auto prefetch_tile = [&](uint32_t x, PageRef page) {
     if constexpr (kL2Ahead > 0) {
-      if (lane < 4 && x < t1 && (kPaged || static_cast<int>(x) <= fast_end)) {
-        const int8_t* kt;
-        const int8_t* vt;
-        const float* kst;
-        const float* vst;
+      if (pf_stride != 0 && x < t1 && (kPaged || static_cast<int>(x) <= fast_end)) {
+        uint32_t row = x;  // the tile's first row in the lane's array (contiguous: of the block at pf_base)
         if constexpr (kPaged) {
           const uint32_t id = static_cast<uint32_t>(min(max(page.id, 0), static_cast<int32_t>(p.num_pages - 1)));
-          const uint64_t row = static_cast<uint64_t>(id) * page_rows + page.row + kvh_rows;
-          kt = p.k + row * kRowBytes;
-          vt = p.v + row * kRowBytes;
-          kst = kPerToken ? p.k_scales + row * kRowScales : nullptr;
-          vst = kTokenV ? p.v_scales + row * kRowScales : nullptr;
-        } else {
-          const uint64_t xr = x;
-          kt = kb + xr * kRowBytes;
-          vt = vb + xr * kRowBytes;
-          kst = kPerToken ? ksb + xr * kRowScales : nullptr;
-          vst = kTokenV ? vsb + xr * kRowScales : nullptr;
+          row = id * page_rows + page.row + kvh_rows;
         }
-        if (lane < 2) {
-          prefetch_l2(lane == 0 ? kt : vt, kTileTokens * kRowBytes);
-        } else if (lane == 2 ? kPerToken : kTokenV) {
-          prefetch_l2(lane == 2 ? kst : vst, kTileTokens * kRowScales * sizeof(float));
-        }
+        prefetch_l2(pf_base + static_cast<uint64_t>(row) * pf_stride, pf_stride * kTileTokens);
       }
     }
   };
