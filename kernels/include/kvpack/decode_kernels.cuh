@@ -229,12 +229,10 @@ __device__ __forceinline__ void wait_for_primary() {
 #endif
 }
 
-// Asks L2 to fetch bytes [p, p + bytes) (cp.async.bulk.prefetch, sm_90: p and bytes multiples of 16;
-// a hint, nothing waits for it). A no-op before sm_90.
-__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#endif
+// Asks L2 to fetch the line that holds p (prefetch.global.L2: a hint, nothing waits for it; each lane
+// its own address, unlike the bulk prefetch, whose operands must be the warp's one).
+__device__ __forceinline__ void prefetch_l2_line(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
 // One MUFU instruction that flushes subnormals to zero (ex2/lg2/rcp.approx.ftz): what exp2f,
@@ -1258,35 +1256,40 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     advance(first + j * kStride);
   }
   // KVPACK_L2_AHEAD > 0: the kL2Ahead tiles after those in registers go to L2 now, and each load into
-  // registers sends the tile kL2Ahead further on: lanes 0-3 one bulk prefetch each, of 16 whole rows of
-  // K, V and their token scales (pf_base, pf_stride: the lane's array and its bytes a row, 0 for a
-  // lane with none; 16-byte multiples), only for tiles of the part. Contiguous, only tiles that lie
-  // whole in the cache (x <= fast_end); paged, a tile lies in its page and the page id is clamped as
+  // registers sends the tile kL2Ahead further on. Each array (K, V and their token scales) takes one
+  // prefetch instruction of the warp: lane l asks for the line of row l % 16 of the tile (and, where
+  // a row is two lines, D = 256 INT8, line l / 16 of it), from the array's base, which every lane
+  // shares: no register a lane keeps for it. Only tiles of the part; contiguous, only tiles that lie
+  // whole in the cache (x <= fast_end); paged, a tile lies in its page and its page id is clamped as
   // for its loads: no byte outside the arrays is asked for. Paged, the id of the next tile to
   // prefetch is read one prefetch ahead (pf_page), so that no prefetch waits for the block table.
-  // (Not the paged INT4 kernels at D = 128, where the prefetch's page ids spill 40-64 bytes.)
-  constexpr int kL2Ahead = (kPaged && kInt4 && D == 128) ? 0 : KVPACK_L2_AHEAD;
-  const char* pf_base = nullptr;
-  uint32_t pf_stride = 0;
-  if constexpr (kL2Ahead > 0) {
-    using C = const char*;
-    if (lane < 2) {
-      pf_base = reinterpret_cast<C>(kPaged ? (lane == 0 ? p.k : p.v) : (lane == 0 ? kb : vb));
-      pf_stride = kRowBytes;
-    } else if (lane == 2 ? kPerToken : (lane == 3 && kTokenV)) {
-      pf_base = reinterpret_cast<C>(kPaged ? (lane == 2 ? p.k_scales : p.v_scales) : (lane == 2 ? ksb : vsb));
-      pf_stride = kRowScales * sizeof(float);
-    }
-  }
+  // (Not the paged kernels at D = 128, where the prefetch's page ids spill 28-64 bytes.)
+  constexpr int kL2Ahead = (kPaged && D == 128) ? 0 : KVPACK_L2_AHEAD;
+  // The arrays' bases as bytes, held through an empty asm so that a prefetch's address is one wide
+  // multiply-add on them (left alone, the compiler re-associates it with the block's 64-bit row and
+  // spends two 64-bit adds and a shift an array).
+  using C = const char*;
+  C pf_k = reinterpret_cast<C>(kPaged ? p.k : kb);
+  C pf_v = reinterpret_cast<C>(kPaged ? p.v : vb);
+  C pf_ks = reinterpret_cast<C>(kPaged ? p.k_scales : ksb);
+  C pf_vs = reinterpret_cast<C>(kPaged ? p.v_scales : vsb);
+  if constexpr (kL2Ahead > 0 && !kPaged) asm volatile("" : "+l"(pf_k), "+l"(pf_v), "+l"(pf_ks), "+l"(pf_vs));
   auto prefetch_tile = [&](uint32_t x, PageRef page) {
     if constexpr (kL2Ahead > 0) {
-      if (pf_stride != 0 && x < t1 && (kPaged || static_cast<int>(x) <= fast_end)) {
-        uint32_t row = x;  // the tile's first row in the lane's array (contiguous: of the block at pf_base)
+      if (x < t1 && (kPaged || static_cast<int>(x) <= fast_end)) {
+        // the lane's row: of the (sequence, KV head) block at kb.. (contiguous) or of the pool (paged)
+        uint32_t row = x + (lane & 15);
         if constexpr (kPaged) {
           const uint32_t id = static_cast<uint32_t>(min(max(page.id, 0), static_cast<int32_t>(p.num_pages - 1)));
-          row = id * page_rows + page.row + kvh_rows;
+          row = id * page_rows + page.row + kvh_rows + (lane & 15);
         }
-        prefetch_l2(pf_base + static_cast<uint64_t>(row) * pf_stride, pf_stride * kTileTokens);
+        // byte addresses, each one wide multiply-add: base + row * bytes a row (+ the row's second line)
+        constexpr uint32_t kScaleBytes = kRowScales * sizeof(float);
+        const uint32_t line = kRowBytes > 128 ? 128u * (lane >> 4) : 0u;
+        prefetch_l2_line(pf_k + line + static_cast<uint64_t>(row) * kRowBytes);
+        prefetch_l2_line(pf_v + line + static_cast<uint64_t>(row) * kRowBytes);
+        if constexpr (kPerToken) prefetch_l2_line(pf_ks + static_cast<uint64_t>(row) * kScaleBytes);
+        if constexpr (kTokenV) prefetch_l2_line(pf_vs + static_cast<uint64_t>(row) * kScaleBytes);
       }
     }
   };
