@@ -129,8 +129,9 @@ constexpr int kMergeUnroll = KVPACK_MERGE_UNROLL;
 #ifndef KVPACK_FAST_LOADS
 #define KVPACK_FAST_LOADS 1
 #endif
-// KVPACK_L2_AHEAD, how many tiles beyond its register buffers a warp of the contiguous split kernel
-// asks L2 to fetch (one bulk prefetch an array a tile, sm_90; 0: none). A warp's register buffers
+// KVPACK_L2_AHEAD, how many tiles beyond its register buffers a warp of the split kernel asks L2 to
+// fetch (prefetch.global.L2, one instruction an array a tile; 0: none; never the paged kernels at
+// D = 128, which would spill; a lab knob, untimed so far: tools/lab/NOTES.md). A warp's register buffers
 // hold kBuffers - 1 tiles in flight, so a part of a few tiles (a short step) waits one memory
 // latency a tile; with the tiles ahead already in L2 it waits for one latency at the start.
 #ifndef KVPACK_L2_AHEAD
@@ -1278,11 +1279,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     if constexpr (kL2Ahead > 0) {
       if (x < t1 && (kPaged || static_cast<int>(x) <= fast_end)) {
         // the lane's row: of the (sequence, KV head) block at kb.. (contiguous) or of the pool (paged)
-        uint32_t row = x + (lane & 15);
+        uint32_t row0 = x;
         if constexpr (kPaged) {
           const uint32_t id = static_cast<uint32_t>(min(max(page.id, 0), static_cast<int32_t>(p.num_pages - 1)));
-          row = id * page_rows + page.row + kvh_rows + (lane & 15);
+          row0 = id * page_rows + page.row + kvh_rows;
         }
+        const uint32_t row = row0 + (lane & 15);
         // byte addresses, each one wide multiply-add: base + row * bytes a row (+ the row's second line)
         constexpr uint32_t kScaleBytes = kRowScales * sizeof(float);
         const uint32_t line = kRowBytes > 128 ? 128u * (lane >> 4) : 0u;
