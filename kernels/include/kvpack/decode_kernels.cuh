@@ -129,14 +129,6 @@ constexpr int kMergeUnroll = KVPACK_MERGE_UNROLL;
 #ifndef KVPACK_FAST_LOADS
 #define KVPACK_FAST_LOADS 1
 #endif
-// KVPACK_L2_AHEAD, how many tiles beyond its register buffers a warp of the split kernel asks L2 to
-// fetch (prefetch.global.L2, one instruction an array a tile; 0: none; never the paged kernels at
-// D = 128, which would spill; a lab knob, untimed so far: tools/lab/NOTES.md). A warp's register buffers
-// hold kBuffers - 1 tiles in flight, so a part of a few tiles (a short step) waits one memory
-// latency a tile; with the tiles ahead already in L2 it waits for one latency at the start.
-#ifndef KVPACK_L2_AHEAD
-#define KVPACK_L2_AHEAD 0
-#endif
 // Resident blocks per multiprocessor the split kernel is compiled for (a register budget): at
 // D = 128, 3 blocks (12 warps, 168 registers, no local memory: 8347ac7's 64-bit block indices spilled
 // 16 bytes there and cost INT8 up to 5%, see tools/lab/NOTES.md) rather than the 2 that 183 registers
@@ -228,12 +220,6 @@ __device__ __forceinline__ void wait_for_primary() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
-}
-
-// Asks L2 to fetch the line that holds p (prefetch.global.L2: a hint, nothing waits for it; each lane
-// its own address, unlike the bulk prefetch, whose operands must be the warp's one).
-__device__ __forceinline__ void prefetch_l2_line(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
 // One MUFU instruction that flushes subnormals to zero (ex2/lg2/rcp.approx.ftz): what exp2f,
@@ -1256,60 +1242,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     if (first + j * kStride < t1) load(buf[j], first + j * kStride, pages[0]);
     advance(first + j * kStride);
   }
-  // KVPACK_L2_AHEAD > 0: the kL2Ahead tiles after those in registers go to L2 now, and each load into
-  // registers sends the tile kL2Ahead further on. Each array (K, V and their token scales) takes one
-  // prefetch instruction of the warp: lane l asks for the line of row l % 16 of the tile (and, where
-  // a row is two lines, D = 256 INT8, line l / 16 of it), from the array's base, which every lane
-  // shares: no register a lane keeps for it. Only tiles of the part; contiguous, only tiles that lie
-  // whole in the cache (x <= fast_end); paged, a tile lies in its page and its page id is clamped as
-  // for its loads: no byte outside the arrays is asked for. Paged, the id of the next tile to
-  // prefetch is read one prefetch ahead (pf_page), so that no prefetch waits for the block table.
-  // (Not the paged kernels at D = 128, where the prefetch's page ids spill 28-64 bytes.)
-  constexpr int kL2Ahead = (kPaged && D == 128) ? 0 : KVPACK_L2_AHEAD;
-  // The arrays' bases as bytes, held through an empty asm so that a prefetch's address is one wide
-  // multiply-add on them (left alone, the compiler re-associates it with the block's 64-bit row and
-  // spends two 64-bit adds and a shift an array).
-  using C = const char*;
-  C pf_k = reinterpret_cast<C>(kPaged ? p.k : kb);
-  C pf_v = reinterpret_cast<C>(kPaged ? p.v : vb);
-  C pf_ks = reinterpret_cast<C>(kPaged ? p.k_scales : ksb);
-  C pf_vs = reinterpret_cast<C>(kPaged ? p.v_scales : vsb);
-  if constexpr (kL2Ahead > 0 && !kPaged) asm volatile("" : "+l"(pf_k), "+l"(pf_v), "+l"(pf_ks), "+l"(pf_vs));
-  auto prefetch_tile = [&](uint32_t x, PageRef page) {
-    if constexpr (kL2Ahead > 0) {
-      if (x < t1 && (kPaged || static_cast<int>(x) <= fast_end)) {
-        // the lane's row: of the (sequence, KV head) block at kb.. (contiguous) or of the pool (paged)
-        uint32_t row0 = x;
-        if constexpr (kPaged) {
-          const uint32_t id = static_cast<uint32_t>(min(max(page.id, 0), static_cast<int32_t>(p.num_pages - 1)));
-          row0 = id * page_rows + page.row + kvh_rows;
-        }
-        const uint32_t row = row0 + (lane & 15);
-        // byte addresses, each one wide multiply-add: base + row * bytes a row (+ the row's second line)
-        constexpr uint32_t kScaleBytes = kRowScales * sizeof(float);
-        const uint32_t line = kRowBytes > 128 ? 128u * (lane >> 4) : 0u;
-        prefetch_l2_line(pf_k + line + static_cast<uint64_t>(row) * kRowBytes);
-        prefetch_l2_line(pf_v + line + static_cast<uint64_t>(row) * kRowBytes);
-        if constexpr (kPerToken) prefetch_l2_line(pf_ks + static_cast<uint64_t>(row) * kScaleBytes);
-        if constexpr (kTokenV) prefetch_l2_line(pf_vs + static_cast<uint64_t>(row) * kScaleBytes);
-      }
-    }
-  };
-  PageRef pf_page{0, 0u};
-  auto prefetch_next = [&](uint32_t x) {  // after loading the tile kL2Ahead before x: x to L2
-    if constexpr (kL2Ahead > 0) {
-      prefetch_tile(x, pf_page);
-      if constexpr (kPaged) pf_page = lookup(x + kStride);
-    }
-  };
-  if constexpr (kL2Ahead > 0) {
-#pragma unroll
-    for (int j = 0; j < kL2Ahead; ++j) {
-      const uint32_t x = first + (kPreload + j) * kStride;
-      prefetch_tile(x, lookup(x));
-    }
-    if constexpr (kPaged) pf_page = lookup(first + (kPreload + kL2Ahead) * kStride);
-  }
 
   // Q' fragments for head g. INT8: the integer digits of the A operand of S^T = Q_i K^T (attend_tile).
   // INT4: the B operand of S = K Q'^T (column g, attend_tile4): qf[8j + e] is channel e0 + e of K
@@ -1425,12 +1357,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
         if (ahead < t1 && ahead >= first + kPreload * kStride) {  // (the first tiles were preloaded)
           load(buf[(j + kBuffers - 1) % kBuffers], ahead, pages[0]);
           advance(ahead);
-          prefetch_next(ahead + kL2Ahead * kStride);
         }
       } else if (xj != first) {
         load(buf[0], xj, pages[0]);
         advance(xj);
-        prefetch_next(xj + kL2Ahead * kStride);
       }
       attend(buf[j], xj);
     }
