@@ -128,3 +128,6 @@ void kv_append(const AppendArgs& a) {
 
 }  // namespace cuda
 }  // namespace kvpack
+
+// tools/lab/timeline.py: the split kernel's marks (KVPACK_LAB_TIMELINE builds only; nothing otherwise)
+KVPACK_LAB_TIMELINE_ACCESS(kvpack_lab_timeline_int8)

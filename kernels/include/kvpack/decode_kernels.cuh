@@ -222,6 +222,52 @@ __device__ __forceinline__ void wait_for_primary() {
 #endif
 }
 
+// KVPACK_LAB_TIMELINE (lab builds only, tools/lab/timeline.py): thread 0 of each block of the split
+// kernel writes the global timer (ns) and its SM's clock at points of its work, for blocks below
+// kLabBlocks: mark i in g_lab_timeline[block][i] and [8 + i], the value it waited for in [16 + i] and
+// the SM's id in [24]. A mark stores its value first, so that the timer is read only once the value
+// has arrived (a warp issues in order). Without the macro, KVPACK_MARK is nothing: the default build's
+// SASS does not change.
+#ifdef KVPACK_LAB_TIMELINE
+constexpr int kLabBlocks = 8192;
+constexpr int kLabSlots = 32;
+__device__ unsigned long long g_lab_timeline[kLabBlocks][kLabSlots];
+__device__ __forceinline__ void lab_mark(int i, uint32_t value) {
+  if (threadIdx.x != 0 || blockIdx.x >= kLabBlocks) return;
+  unsigned long long* row = g_lab_timeline[blockIdx.x];
+  asm volatile("st.volatile.global.u64 [%0], %1;" ::"l"(row + 16 + i), "l"(static_cast<unsigned long long>(value)) : "memory");
+  unsigned long long gt, ck;
+  unsigned sm;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(gt)::"memory");
+  asm volatile("mov.u64 %0, %%clock64;" : "=l"(ck)::"memory");
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+  row[i] = gt;
+  row[8 + i] = ck;
+  row[24] = sm;
+}
+#define KVPACK_MARK(i, value) lab_mark((i), (value))
+// The host's access to one translation unit's timeline (each .cu that includes this header has its
+// own): NAME_read copies `blocks` rows (kLabSlots each) to host memory, NAME_clear zeroes them; both
+// on the current device, after the kernels before them, and return a cudaError_t.
+#define KVPACK_LAB_TIMELINE_ACCESS(NAME)                                                             \
+  extern "C" int NAME##_read(unsigned long long* dst, int blocks) {                                  \
+    const size_t n = sizeof(unsigned long long) * kvpack::cuda::kLabSlots *                            \
+                     static_cast<size_t>(blocks < kvpack::cuda::kLabBlocks ? blocks : kvpack::cuda::kLabBlocks);                  \
+    return static_cast<int>(cudaMemcpyFromSymbol(dst, kvpack::cuda::g_lab_timeline, n));               \
+  }                                                                                                  \
+  extern "C" int NAME##_clear() {                                                                    \
+    void* ptr = nullptr;                                                                             \
+    cudaError_t e = cudaGetSymbolAddress(&ptr, kvpack::cuda::g_lab_timeline);                        \
+    if (e == cudaSuccess) e = cudaMemset(ptr, 0, sizeof(kvpack::cuda::g_lab_timeline));              \
+    return static_cast<int>(e);                                                                      \
+  }
+#else
+#define KVPACK_MARK(i, value) \
+  do {                        \
+  } while (0)
+#define KVPACK_LAB_TIMELINE_ACCESS(NAME)
+#endif
+
 // One MUFU instruction that flushes subnormals to zero (ex2/lg2/rcp.approx.ftz): what exp2f,
 // __log2f and __fdividef wrap, without their fix-ups for subnormal inputs or results.
 enum class Mufu { kExp2, kLog2, kRcp };
@@ -1030,6 +1076,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     wait_for_primary();
     allow_dependent_launch();
   }
+  KVPACK_MARK(0, 0u);
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2;
@@ -1071,11 +1118,14 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
       return;
     }
     const int64_t grp = (b * p.kv_heads + kvh) * p.head_groups + hg;
-    if (!arrive_last(p.counters + grp, p.splits, &s_last)) return;
+    const bool last = arrive_last(p.counters + grp, p.splits, &s_last);
+    KVPACK_MARK(5, last ? 1u : 0u);
+    if (!last) return;
     const int64_t bh0 = b * p.q_heads + h0;
     merge_group<D, QT, kTokenV>(p.partial_out + bh0 * p.splits * D, p.partial_stats + bh0 * p.splits * 2,
                                 kTokenV ? nullptr : p.v_scales + (slot * p.kv_heads + kvh) * D,
                                 static_cast<QT*>(p.out) + bh0 * D, nh, p.splits, &s_o[0][0][0], &s_l[0][0]);
+    KVPACK_MARK(6, 0u);
   };
 
   // This part's tokens [t0, t1) of the sequence's len: parts are whole tiles, cut from the actual
@@ -1087,6 +1137,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   const int64_t raw_len = p.lengths ? static_cast<int64_t>(p.lengths[slot]) : p.max_tokens;
   const int64_t len = min(max(raw_len, int64_t{0}), p.max_tokens);
   if (reporter && p.clamped && (raw_len < 1 || raw_len > p.max_tokens)) *p.clamped = 1;
+  KVPACK_MARK(1, static_cast<uint32_t>(len));
   // Token positions from here on are 32-bit: T_max < 2^31 (the op checks it), so a position plus a
   // few tiles stays below 2^32 (and a division by the split count is a 32-bit one).
   const uint32_t chunk = (static_cast<uint32_t>(len) + p.splits - 1) / static_cast<uint32_t>(p.splits);
@@ -1363,8 +1414,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
         advance(xj);
       }
       attend(buf[j], xj);
+      if (xj == first) KVPACK_MARK(2, __float_as_uint(st.m[0]));
     }
   }
+  KVPACK_MARK(3, __float_as_uint(st.l[0]));
   if (kPaged && page_seen >= static_cast<uint32_t>(p.num_pages) && p.clamped) *p.clamped = 1;
 
   // Merge the warps' states: per head the block's max M = max_w m_w, the sum l = sum_w l_w 2^(m_w - M),
@@ -1439,6 +1492,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     stats[h * stats_head_stride] = m;
     stats[h * stats_head_stride + 1] = l;
   }
+  KVPACK_MARK(4, 0u);
   finish(slot);
 }
 
