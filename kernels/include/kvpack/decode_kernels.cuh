@@ -1040,7 +1040,25 @@ __device__ __forceinline__ void merge_group(const float* po, const float* stats,
 // last block of the group to arrive, which then resets the counter (every part has arrived) and
 // sees every other part's writes. A release (each thread's fence, then the atomic) and an acquire
 // (the fence after it), as the write path's arrival counter does.
+// KVPACK_ARRIVE_ONE (a lab knob, default 0): thread 0 alone orders the block's writes before its arrival,
+// after the barrier (an acq_rel atomic: CUTLASS's split-K semaphore does the same), rather than every
+// thread's fence.
+#ifndef KVPACK_ARRIVE_ONE
+#define KVPACK_ARRIVE_ONE 0
+#endif
 __device__ __forceinline__ bool arrive_last(int32_t* counter, int parts, int* s_flag) {
+  if constexpr (KVPACK_ARRIVE_ONE) {
+    __syncthreads();  // every thread's writes of the part happen before thread 0's release below
+    if (threadIdx.x == 0) {
+      int old;
+      asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(old) : "l"(counter) : "memory");
+      const bool last = old == parts - 1;
+      if (last) atomicExch(counter, 0);
+      *s_flag = last;
+    }
+    __syncthreads();  // thread 0's acquire happens before the block's reads of the other parts
+    return *s_flag != 0;
+  }
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
