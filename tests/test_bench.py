@@ -110,6 +110,41 @@ def test_provenance_and_device():
     assert environment.config_hash({"a": 1, "b": [2]}) == environment.config_hash({"b": [2], "a": 1})
 
 
+def test_git_commit_never_names_a_commit_whose_code_did_not_run(tmp_path, monkeypatch):
+    """A GPU box's copy of the tree can carry an older .git: KVPACK_GIT_COMMIT evaluated there names
+    that old HEAD, and the record must then say -dirty, not the old commit clean."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "kernel.cu").write_text("old\n")
+    git("add", "kernel.cu")
+    git("commit", "-q", "-m", "old")
+    head = git("rev-parse", "HEAD")
+    monkeypatch.setattr(environment, "ROOT", tmp_path)
+
+    def commit(named=None):
+        if named is None:
+            monkeypatch.delenv("KVPACK_GIT_COMMIT", raising=False)
+        else:
+            monkeypatch.setenv("KVPACK_GIT_COMMIT", named)
+        environment.git_commit.cache_clear()
+        return environment.git_commit()
+
+    try:
+        assert commit() == head and commit(head) == head  # clean: the commit, named or found
+        (tmp_path / "kernel.cu").write_text("new\n")  # the tree of a later commit, .git still the old one
+        assert commit() == head + "-dirty"
+        assert commit(head) == head + "-dirty" and commit(head[:7]) == head[:7] + "-dirty"
+        later = "f" * 40  # named where the tree was committed: trusted as given
+        assert commit(later) == later
+    finally:
+        environment.git_commit.cache_clear()
+
+
 def test_copy_ceiling_is_the_best_of_its_trials():
     """The copy ceiling is the fastest of its trials (each between fresh buffers), every trial kept."""
     c = bench.copy_bandwidth("cpu", 1 << 22, warmup=1, repeats=3, trials=3)

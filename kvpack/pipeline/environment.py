@@ -74,22 +74,38 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _git(*args: str) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _head_and_dirty() -> tuple[str, bool] | None:
+    """The checkout's HEAD and whether tracked files differ from it; None without git."""
+    commit = _git("rev-parse", "HEAD")
+    if commit is None or commit.returncode != 0:
+        return None
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return commit.stdout.strip(), bool(dirty is not None and dirty.stdout.strip())
+
+
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:
     """HEAD of the checkout (``-dirty`` with uncommitted changes); KVPACK_GIT_COMMIT names it where
-    the code runs from a copy without .git (a remote GPU box)."""
-    if os.environ.get("KVPACK_GIT_COMMIT"):
-        return os.environ["KVPACK_GIT_COMMIT"]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10,
-                                check=False)
-        if commit.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10, check=False)
-        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
+    the code runs from a copy whose .git is not the tree's (a remote GPU box). Such a copy's .git can be
+    an older snapshot: a KVPACK_GIT_COMMIT that is that .git's own HEAD while the files differ from it
+    (the variable evaluated on the box, not where the tree was committed) gets ``-dirty`` too, so a
+    record never names a commit whose code did not make it."""
+    named = os.environ.get("KVPACK_GIT_COMMIT")
+    state = _head_and_dirty()
+    if named:
+        if state is not None and state[1] and state[0].startswith(named) and not named.endswith("-dirty"):
+            return named + "-dirty"
+        return named
+    if state is None:
         return "unknown"
+    return state[0] + ("-dirty" if state[1] else "")
 
 
 def _driver_version() -> str | None:
