@@ -7,7 +7,8 @@ The short steps (B = 1, GQA 32/8) cost a fixed ~10 us whatever their part count
 global timer (ns) and its SM's clock at
   0 start (after the programmatic-launch wait), 1 the sequence's length read, 2 warp 0's first tile
   computed, 3 warp 0's tiles done, 4 the block's partial result written, 5 its arrival counted, and in
-  the last block of each group 6 the merge done.
+  the last block of each group 6 the merge done (with -DKVPACK_CLUSTER_MERGE=1 at a cluster's parts:
+  5 the first cluster barrier passed and 6 the block's slice merged, in every block).
 For each point and format, R launches of the default call, each after an L2 flush and with the GPU
 busy ahead of it (as the benchmarks time a call). Prints, relative to the first block's start, the
 median over launches of each mark's median and latest over blocks; the same call's event time beside
@@ -72,7 +73,7 @@ def launch_stats(rows: np.ndarray) -> dict:
     gt = rows[:, :8].astype(np.int64)
     ck = rows[:, 8:16].astype(np.int64)
     t0 = gt[:, 0].min()
-    out = {"blocks": int(len(rows)), "sms": int(len(set(rows[:, 24].tolist())))}
+    out = {"blocks": len(rows), "sms": len(set(rows[:, 24].tolist()))}
     for i, name in enumerate(MARKS):
         have = gt[:, i] != 0
         if not have.any():
