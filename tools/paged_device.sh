@@ -9,7 +9,9 @@
 #      sizes 16, 64 and 256 beside the contiguous kernel and every SDPA backend -> $OUT/decode_paged.json
 # then the logs in one archive ($OUT/logs.tar.gz). Every step runs even when an earlier one failed.
 #
-#   OUT=/some/dir KVPACK_GIT_COMMIT=$(git rev-parse HEAD) bash tools/paged_device.sh
+#   OUT=/some/dir KVPACK_GIT_COMMIT=<the commit, written out> bash tools/paged_device.sh
+#   (the commit as `git rev-parse HEAD` prints it where the tree was committed: a GPU box's copy of .git
+#   may be an older snapshot, and its own `git rev-parse HEAD` would name that one)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-build/paged-device}"

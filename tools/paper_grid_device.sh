@@ -9,7 +9,9 @@
 # A later call resumes where the last stopped: unpack the last paper.tar.gz into .device/ here and
 # carry `.device/paper` (gitignored). BUDGET: seconds the whole script may take (default 560).
 #
-#   OUT=/some/dir KVPACK_GIT_COMMIT=$(git rev-parse HEAD) bash tools/paper_grid_device.sh
+#   OUT=/some/dir KVPACK_GIT_COMMIT=<the commit, written out> bash tools/paper_grid_device.sh
+#   (the commit as `git rev-parse HEAD` prints it where the tree was committed: a GPU box's copy of .git
+#   may be an older snapshot, and its own `git rev-parse HEAD` would name that one)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-build/paper-grid}"

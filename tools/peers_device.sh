@@ -7,7 +7,9 @@
 #   2. install the bundle into /tmp/site (FlashInfer compiles its kernels on first use)
 #   3. tools/bench_paged_peers.py at page size 16 (PEER_PAGE_SIZES)         -> $OUT/paged_peers_p16.json
 #
-#   OUT=/some/dir KVPACK_GIT_COMMIT=$(git rev-parse HEAD) bash tools/peers_device.sh
+#   OUT=/some/dir KVPACK_GIT_COMMIT=<the commit, written out> bash tools/peers_device.sh
+#   (the commit as `git rev-parse HEAD` prints it where the tree was committed: a GPU box's copy of .git
+#   may be an older snapshot, and its own `git rev-parse HEAD` would name that one)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-build/peers-device}"

@@ -15,7 +15,9 @@
 # (default 2345).
 # SKIP_TAR=1 leaves the logs unpacked (tools/peers_device.sh with SKIP_SETUP=1 may follow in the same call).
 #
-#   OUT=/some/dir KVPACK_GIT_COMMIT=$(git rev-parse HEAD) bash tools/records_device.sh
+#   OUT=/some/dir KVPACK_GIT_COMMIT=<the commit, written out> bash tools/records_device.sh
+#   (the commit as `git rev-parse HEAD` prints it where the tree was committed: a GPU box's copy of .git
+#   may be an older snapshot, and its own `git rev-parse HEAD` would name that one)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-build/records-device}"

@@ -11,7 +11,9 @@
 # then the logs in one archive ($OUT/logs.tar.gz). REFRESH_BUDGET (default 560 s): the peers run only
 # with more than 120 s of it left.
 #
-#   OUT=/some/dir KVPACK_GIT_COMMIT=$(git rev-parse HEAD) bash tools/refresh_records.sh
+#   OUT=/some/dir KVPACK_GIT_COMMIT=<the commit, written out> bash tools/refresh_records.sh
+#   (the commit as `git rev-parse HEAD` prints it where the tree was committed: a GPU box's copy of .git
+#   may be an older snapshot, and its own `git rev-parse HEAD` would name that one)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-build/refresh-records}"
