@@ -13,7 +13,9 @@
 # Every step runs even when an earlier one failed. BUDGET: seconds the whole script may take
 # (default 560); steps 3 and 5 start no method after it (tools/bench_e2e.py --time-limit).
 #
-#   OUT=/some/dir KVPACK_GIT_COMMIT=$(git rev-parse HEAD) bash tools/e2e_device.sh
+#   OUT=/some/dir KVPACK_GIT_COMMIT=<the commit, written out> bash tools/e2e_device.sh
+#   (the commit as `git rev-parse HEAD` prints it where the tree was committed: a GPU box's copy of .git
+#   may be an older snapshot, and its own `git rev-parse HEAD` would name that one)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-build/e2e-device}"

@@ -10,7 +10,9 @@
 #      INT4 included (tools/sanitize_kernels.py --decode)                    -> sanitizer.log, racecheck.log
 # then the logs in one archive ($OUT/logs.tar.gz). Every step runs even when an earlier one failed.
 #
-#   OUT=/some/dir KVPACK_GIT_COMMIT=$(git rev-parse HEAD) bash tools/int4_device.sh
+#   OUT=/some/dir KVPACK_GIT_COMMIT=<the commit, written out> bash tools/int4_device.sh
+#   (the commit as `git rev-parse HEAD` prints it where the tree was committed: a GPU box's copy of .git
+#   may be an older snapshot, and its own `git rev-parse HEAD` would name that one)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-build/int4-device}"
