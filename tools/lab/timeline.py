@@ -7,8 +7,7 @@ The short steps (B = 1, GQA 32/8) cost a fixed ~10 us whatever their part count
 global timer (ns) and its SM's clock at
   0 start (after the programmatic-launch wait), 1 the sequence's length read, 2 warp 0's first tile
   computed, 3 warp 0's tiles done, 4 the block's partial result written, 5 its arrival counted, and in
-  the last block of each group 6 the merge done (with -DKVPACK_CLUSTER_MERGE=1 at a cluster's parts:
-  5 the first cluster barrier passed and 6 the block's slice merged, in every block).
+  the last block of each group 6 the merge done.
 For each point and format, R launches of the default call, each after an L2 flush and with the GPU
 busy ahead of it (as the benchmarks time a call). Prints, relative to the first block's start, the
 median over launches of each mark's median and latest over blocks; the same call's event time beside

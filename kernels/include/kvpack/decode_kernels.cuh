@@ -166,11 +166,6 @@ constexpr int kDecodeBuffers = D > 128 ? 1 : (G > 0 && D == 128 ? KVPACK_INT4_BU
 #ifndef KVPACK_PAGE_LOOKAHEAD
 #define KVPACK_PAGE_LOOKAHEAD 2
 #endif
-// KVPACK_CLUSTER_MERGE: a short step's parts merged within a thread-block cluster (cluster_merge, below);
-// 0 (default): not built in.
-#ifndef KVPACK_CLUSTER_MERGE
-#define KVPACK_CLUSTER_MERGE 0
-#endif
 // Whether the split kernel takes the unclamped loads (KVPACK_FAST_LOADS). Measured on an H100 in one
 // job (reports/reference/h100/logs/fast_tile_ab_7db8267/, the variant noload): they made INT8 0-1.5%
 // faster and INT4 at D = 64 6% faster; INT4 at D = 128 then spilled and ran 1-4% slower, which it no
@@ -929,9 +924,6 @@ struct SplitParams {
   // out and resets its counter. nullptr: the parts are merged by a second kernel.
   int32_t* counters;
   void* out;
-#if KVPACK_CLUSTER_MERGE  // (the default build's parameters unchanged)
-  int cluster;  // 1: the group's parts are one cluster and merge through shared memory (cluster_merge)
-#endif
 };
 
 // The query heads of one (sequence b, KV head kvh) = seq_head (b * Hkv + kvh) and head group hg:
@@ -1083,74 +1075,6 @@ __device__ __forceinline__ bool arrive_last(int32_t* counter, int parts, int* s_
   return last;
 }
 
-// KVPACK_CLUSTER_MERGE (a lab knob, default 0: not built in): where a group's parts are few (2 to
-// kClusterMaxSplits) and its heads one group (head_groups == 1: its blocks are consecutive), sm_90
-// launches each group's blocks as one thread-block cluster; a block leaves its partial result in its
-// own shared memory, and after a cluster barrier each block merges a slice of the group's outputs from
-// every block's shared memory (distributed shared memory), then a second barrier keeps every block's
-// shared memory until all have read it. No global write, fence or atomic on the way: the short step's
-// last ~2 us (arrival and merge, tools/lab/timeline.py) become two cluster barriers and one round trip
-// to neighbouring SMs. Sizes above 8 are non-portable (cudaFuncAttributeNonPortableClusterSizeAllowed).
-// Each block takes the slice of its rank in the cluster, so any order of ranks covers the outputs.
-constexpr int kClusterMaxSplits = 16;
-
-__device__ __forceinline__ void cluster_barrier() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  __cluster_barrier_arrive();  // release: this thread's shared-memory writes before it
-  __cluster_barrier_wait();    // acquire: every block's writes before their arrival, after it
-#endif
-}
-
-// p (a shared-memory address of this block) in block `rank` of the cluster.
-template <typename T>
-__device__ __forceinline__ const T* cluster_shared(const T* p, unsigned rank) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return static_cast<const T*>(__cluster_map_shared_rank(p, rank));
-#else
-  return p;
-#endif
-}
-
-// The cluster merge (KVPACK_CLUSTER_MERGE): every block of the cluster holds its part's sums o[h][d]
-// (relative to m[h]) and m[h], l[h] in shared memory at the same addresses; this block (rank of
-// parts) writes outputs [rank * per, (rank + 1) * per) of the group's nh * D, each as merge_group
-// does: the parts' weights 2^(m_j - M), sum_j w_j o_j / sum_j w_j l_j (times the channel's V scale).
-template <int D, typename QT, bool kTokenV>
-__device__ __forceinline__ void cluster_merge(const float* o, const float* m, const float* l, int o_head_stride,
-                                              const float* v_scales_row, QT* out, int nh) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const unsigned rank = __clusterRelativeBlockRank();
-  const unsigned parts = __clusterSizeInBlocks();
-#else
-  const unsigned rank = 0, parts = 1;
-#endif
-  const int total = nh * D;
-  const int per = (total + static_cast<int>(parts) - 1) / static_cast<int>(parts);
-  const int end = min(total, (static_cast<int>(rank) + 1) * per);
-  for (int e = static_cast<int>(rank) * per + static_cast<int>(threadIdx.x); e < end; e += blockDim.x) {
-    const int h = e / D;
-    const int d = e % D;
-    // (each part's m read twice rather than held: registers are what the split kernel is short of)
-    float mx = -INFINITY;
-#pragma unroll 4
-    for (unsigned j = 0; j < parts; ++j) mx = fmaxf(mx, *cluster_shared(m + h, j));
-    float acc = 0.f;
-    float sum = 0.f;
-#pragma unroll 4
-    for (unsigned j = 0; j < parts; ++j) {
-      const float mj = *cluster_shared(m + h, j);
-      if (mj != -INFINITY) {  // an empty part: selected away
-        const float w = exp2f(mj - mx);
-        sum = fmaf(w, *cluster_shared(l + h, j), sum);
-        acc = fmaf(w, *cluster_shared(o + h * o_head_stride + d, j), acc);
-      }
-    }
-    float r = acc * (sum > 0.f ? 1.f / sum : 0.f);
-    if constexpr (!kTokenV) r *= v_scales_row[d];
-    out[h * D + d] = from_float<QT>(r);
-  }
-}
-
 // One block per part of one (sequence, KV head, group of up to 8 query heads): its 4 warps take
 // the part's tiles in turn (warp w: tiles w, w + 4, ...), so they stream neighbouring memory, and
 // merge their states in shared memory at the end: one partial result per block.
@@ -1209,18 +1133,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   // merge kernel may start (programmatic dependent launch) once every block got here or exited.
   // Every thread of the block calls it (each part's bounds are the whole block's).
   auto finish = [&](int64_t slot) {
-#if KVPACK_CLUSTER_MERGE
-    if (p.cluster) {  // every block's m, l and sums are in its shared memory (s_m[0], s_l[0], s_o[0])
-      cluster_barrier();
-      KVPACK_MARK(5, 1u);
-      cluster_merge<D, QT, kTokenV>(&s_o[0][0][0], &s_m[0][0], &s_l[0][0], D,
-                                    kTokenV ? nullptr : p.v_scales + (slot * p.kv_heads + kvh) * D,
-                                    static_cast<QT*>(p.out) + (b * p.q_heads + h0) * D, nh);
-      KVPACK_MARK(6, 0u);
-      cluster_barrier();  // no block leaves while another may still read its shared memory
-      return;
-    }
-#endif
     if (p.counters == nullptr) {
       __syncthreads();
       allow_dependent_launch();
@@ -1256,13 +1168,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   float* stats = p.partial_stats + ((b * p.q_heads + h0) * p.splits + split) * 2;
   const int64_t stats_head_stride = static_cast<int64_t>(p.splits) * 2;
   if (t0 >= t1) {  // an empty part (the whole block agrees): the merge skips it
-#if KVPACK_CLUSTER_MERGE
-    if (p.cluster) {
-      if (threadIdx.x < nh) s_m[0][threadIdx.x] = -INFINITY;
-      finish(slot);
-      return;
-    }
-#endif
     if (threadIdx.x < nh) stats[threadIdx.x * stats_head_stride] = -INFINITY;
     finish(slot);
     return;
@@ -1587,24 +1492,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     *reinterpret_cast<float2*>(&s_o[warp][2 * t + 1][d]) = make_float2(st.o[i][1] * fb, st.o[i][3] * fb);
   }
   __syncthreads();
-#if KVPACK_CLUSTER_MERGE
-  // The cluster path keeps the part in shared memory: element (h, d)'s sum in s_o[0][h][d] and head h's
-  // m, l in s_m[0][h], s_l[0][h], each written by the one thread that read its inputs.
-  const bool in_shared = p.cluster != 0;
-#else
-  constexpr bool in_shared = false;
-#endif
   for (int e = threadIdx.x; e < nh * D; e += blockDim.x) {
     const int h = e / D;
     const int d = e % D;
     float sum = 0.f;
 #pragma unroll
     for (int w = 0; w < kDecodeWarps; ++w) sum += s_o[w][h][d];
-    if (in_shared) {
-      s_o[0][h][d] = sum;
-    } else {
-      p.partial_out[((b * p.q_heads + h0 + h) * p.splits + split) * D + d] = sum;
-    }
+    p.partial_out[((b * p.q_heads + h0 + h) * p.splits + split) * D + d] = sum;
   }
   if (threadIdx.x < nh) {
     const int h = threadIdx.x;
@@ -1616,13 +1510,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     for (int w = 0; w < kDecodeWarps; ++w) {
       if (s_m[w][h] != -INFINITY) l += s_l[w][h] * exp2f(s_m[w][h] - m);
     }
-    if (in_shared) {
-      s_m[0][h] = m;
-      s_l[0][h] = l;
-    } else {
-      stats[h * stats_head_stride] = m;
-      stats[h * stats_head_stride + 1] = l;
-    }
+    stats[h * stats_head_stride] = m;
+    stats[h * stats_head_stride + 1] = l;
   }
   KVPACK_MARK(4, 0u);
   finish(slot);
@@ -1955,39 +1844,6 @@ int plan_splits(Kernel kernel, int64_t batch, int64_t q_heads, int64_t kv_heads,
   return static_cast<int>(std::max<int64_t>(1, std::min(want, most)));
 }
 
-#if KVPACK_CLUSTER_MERGE
-// Whether the split kernel can run with clusters of `parts` blocks on the current device (sizes above
-// 8 allowed first), asked once per (device, kernel, size): cudaOccupancyMaxActiveClusters > 0.
-template <typename Kernel>
-bool cluster_launchable(Kernel kernel, int parts) {
-  static std::mutex mu;
-  static std::map<std::tuple<int, const void*, int>, bool> known;
-  const auto key = std::make_tuple(current_device(), reinterpret_cast<const void*>(kernel), parts);
-  std::lock_guard<std::mutex> lock(mu);
-  const auto it = known.find(key);
-  if (it != known.end()) return it->second;
-  bool ok = true;
-  if (parts > 8) ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
-  if (ok) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(parts));
-    cfg.blockDim = dim3(kDecodeWarps * 32);
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(parts);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    int clusters = 0;
-    ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0;
-  }
-  if (!ok) (void)cudaGetLastError();  // not an error of the call: the counters' merge instead
-  known[key] = ok;
-  return ok;
-}
-#endif
-
 // The split kernel, merging its parts in the last block of each group where it has arrival
 // counters (up to kFusedMergeMaxSplits parts: one launch); else the merge kernel as its programmatic
 // dependent where the device has it (sm_90), whose launch overlaps the split kernel's last blocks.
@@ -1997,45 +1853,27 @@ void launch_decode(const DecodeArgs& a) {
   const int head_groups = static_cast<int>(ceil_div(a.q_heads / a.kv_heads, kHeadsPerWarp));
   const int64_t groups = a.batch * a.kv_heads * head_groups;
   const bool small = KVPACK_FUSED_MERGE && a.splits <= kFusedMergeMaxSplits;
-  const auto kernel = split_kernel<D, QT, kPerToken, kPaged, G>();
-#if KVPACK_CLUSTER_MERGE
-  // a group's blocks are consecutive (head_groups == 1: the part is the fastest index), so clusters of
-  // `splits` blocks are its parts
-  const bool cluster = head_groups == 1 && a.splits >= 2 && a.splits <= kClusterMaxSplits && compute_major() >= 9 &&
-                       cluster_launchable(kernel, a.splits);
-#else
-  constexpr bool cluster = false;
-#endif
-  int32_t* counters = small && !cluster ? merge_counters(groups, a.stream) : nullptr;
+  int32_t* counters = small ? merge_counters(groups, a.stream) : nullptr;
   SplitParams sp{a.q, a.k, a.v, a.k_scales, a.v_scales, a.lengths, a.partial_out, a.partial_stats,
                  a.batch, a.q_heads, a.kv_heads, a.max_tokens, a.splits, head_groups, a.sm_scale * kLog2e,
                  a.clamped, a.block_tables, a.seq_ids, a.num_pages, a.max_pages, a.num_slots, a.page_size,
                  counters, a.out};
-#if KVPACK_CLUSTER_MERGE
-  sp.cluster = cluster ? 1 : 0;
-#endif
   const int64_t blocks = groups * a.splits;
+  const auto kernel = split_kernel<D, QT, kPerToken, kPaged, G>();
   // Programmatic dependent launch where the device has it (sm_90): the split kernel after whatever
   // kernel the stream ran before (KVPACK_PDL), the merge kernel after the split kernel.
   cudaLaunchConfig_t cfg = {};
   cfg.stream = a.stream;
-  cudaLaunchAttribute attr[2];
+  cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   const unsigned pdl = compute_major() >= 9 ? 1u : 0u;
   cfg.numAttrs = KVPACK_PDL ? pdl : 0u;
-  if (cluster) {
-    attr[cfg.numAttrs].id = cudaLaunchAttributeClusterDimension;
-    attr[cfg.numAttrs].val.clusterDim.x = static_cast<unsigned>(a.splits);
-    attr[cfg.numAttrs].val.clusterDim.y = 1;
-    attr[cfg.numAttrs].val.clusterDim.z = 1;
-    ++cfg.numAttrs;
-  }
   cfg.gridDim = dim3(static_cast<unsigned>(blocks));
   cfg.blockDim = dim3(kDecodeWarps * 32);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, sp));
-  if (counters != nullptr || cluster) return;
+  if (counters != nullptr) return;
   CombineParams cp{a.partial_out, a.partial_stats, a.v_scales, a.out, a.q_heads, a.kv_heads, a.splits, D,
                    kPaged ? a.seq_ids : nullptr, a.num_slots, head_groups};
   cfg.numAttrs = pdl;
