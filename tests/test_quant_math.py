@@ -190,3 +190,73 @@ def test_absmax_combine_keeps_nan_and_inf(tmp_path, flags):
     """
     out = _compile_and_run(tmp_path, "absmax", ABSMAX_PROGRAM, flags)
     assert "bad 0" in out.stdout and int(out.stdout.split()[-3]) > 4_000_000, out.stdout
+
+
+BF16_PROGRAM = r"""
+#include <cstdio>
+#include <cstdint>
+#include <cstring>
+#include "kvpack/quant_math.h"
+
+using namespace kvpack;
+
+// stdin: fp32 bit patterns (uint32, native order); stdout: for each, bf16_bits(x) (uint16) and the
+// bits of int4_scale_from_absmax(|x|) (uint32)
+int main() {
+  uint32_t u;
+  while (std::fread(&u, 4, 1, stdin) == 1) {
+    float x;
+    std::memcpy(&x, &u, 4);
+    const uint16_t b = bf16_bits(x);
+    const float s = int4_scale_from_absmax(std::fabs(x));
+    uint32_t sb;
+    std::memcpy(&sb, &s, 4);
+    std::fwrite(&b, 2, 1, stdout);
+    std::fwrite(&sb, 4, 1, stdout);
+  }
+  return 0;
+}
+"""
+
+
+def test_bf16_rounding_agrees_with_torch_and_the_reference(tmp_path):
+    """The INT4 scales are stored in bf16: quant_math.h's bf16_bits (the write kernels'), torch's
+    conversion (kvpack/torch_impl.py's) and kvpack/reference.py's _bf16 round every fp32 value alike
+    (nearest, ties to even; NaN stays NaN, inf stays inf, overflow to inf), and int4_scale_from_absmax
+    is torch_impl.int4_sym_scale bit for bit. On 1M random bit patterns, exact ties and the specials."""
+    import numpy as np
+    import torch
+
+    from kvpack import reference, torch_impl
+
+    cxx = _compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++, c++ or clang++) on PATH")
+    rng = np.random.default_rng(20261207)
+    ties = (rng.integers(0, 2**16, 4096, dtype=np.uint32) << 16) | 0x8000  # exactly halfway
+    specials = np.array([0x0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0xFFFFFFFF,
+                         0x7F7FFFFF, 0x7F7F8000, 0x00000001, 0x00008000, 0x00018000, 0x3F808000, 0x3F818000],
+                        dtype=np.uint32)
+    bits = np.concatenate([rng.integers(0, 2**32, 1_000_000, dtype=np.uint64).astype(np.uint32), ties, ties ^ 1,
+                           specials])
+    src, exe = tmp_path / "bf16.cpp", tmp_path / "bf16"
+    src.write_text(BF16_PROGRAM)
+    subprocess.run([cxx, "-std=c++17", "-O2", f"-I{INCLUDE}", str(src), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], input=bits.tobytes(), capture_output=True, timeout=600, check=True).stdout
+    rec = np.frombuffer(out, dtype=np.dtype([("b", "<u2"), ("s", "<u4")]))
+    assert len(rec) == len(bits)
+    x = torch.from_numpy(bits.view(np.float32).copy())
+    cpp = torch.from_numpy(rec["b"].astype(np.int32)).to(torch.int16).view(torch.bfloat16).float()
+    want = x.to(torch.bfloat16).float()
+    nan = torch.isnan(x)
+    assert torch.equal(torch.isnan(cpp), nan)
+    assert torch.equal(cpp[~nan], want[~nan])  # bit for bit, signed zeros and infinities included
+    assert torch.equal(torch.signbit(cpp[~nan]), torch.signbit(want[~nan]))
+    ref = torch.from_numpy(reference._bf16(bits.view(np.float32)).astype(np.float32))
+    assert torch.equal(torch.isnan(ref), nan) and torch.equal(ref[~nan], want[~nan])
+    scale = torch.from_numpy(rec["s"].view(np.float32).copy())
+    want_scale = torch_impl.int4_sym_scale(x.abs())
+    assert torch.equal(torch.isnan(scale), torch.isnan(want_scale))
+    ok = ~torch.isnan(want_scale)
+    assert torch.equal(scale[ok], want_scale[ok])
+    assert torch.equal(want_scale[ok], want_scale[ok].to(torch.bfloat16).float())  # a bf16 value
