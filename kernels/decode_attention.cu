@@ -104,10 +104,7 @@ void kv_append(const AppendArgs& a) {
     kv_append_int4(a);
     return;
   }
-  AppendParams ap{a.k, a.v, a.counts, a.k_cache, a.v_cache, static_cast<float*>(a.k_scales),
-                  static_cast<float*>(a.v_scales), a.lengths,
-                  a.arrivals, a.saturated, a.kv_heads, a.new_tokens, a.max_tokens,
-                  a.block_tables, a.seq_ids, a.clamped, a.num_pages, a.max_pages, a.num_slots, a.page_size};
+  const AppendParams ap = append_params(a);
   const bool paged = a.block_tables != nullptr;
   const dim3 grid = append_grid(a.batch, a.kv_heads, a.new_tokens);
   KVPACK_DISPATCH_FLOAT_TYPES(a.dtype, "kv_append", [&] {

@@ -1909,6 +1909,15 @@ inline dim3 append_grid(int64_t batch, int64_t kv_heads, int64_t new_tokens) {
   return dim3(bx, static_cast<unsigned>(batch));
 }
 
+// A write's kernel parameters, INT8 and INT4 alike (the scales' pointers typed as the INT8 kernel's;
+// the INT4 kernel reads and writes them as bf16 bits).
+inline AppendParams append_params(const AppendArgs& a) {
+  return AppendParams{a.k, a.v, a.counts, a.k_cache, a.v_cache, static_cast<float*>(a.k_scales),
+                      static_cast<float*>(a.v_scales), a.lengths, a.arrivals, a.saturated, a.kv_heads,
+                      a.new_tokens, a.max_tokens, a.block_tables, a.seq_ids, a.clamped, a.num_pages,
+                      a.max_pages, a.num_slots, a.page_size};
+}
+
 // The INT4 formats' split plan and launch, contiguous or paged (kPaged): kernels/decode_int4.cu
 // instantiates the contiguous ones, kernels/decode_int4_paged.cu the paged ones.
 template <bool kPaged>
