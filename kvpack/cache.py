@@ -41,7 +41,7 @@ from .decode_attention import (
     check_query_dtype,
     decode_attention,
 )
-from .torch_impl import scale_from_absmax
+from .torch_impl import dequantize_torch, scale_from_absmax
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -217,6 +217,25 @@ class KVCache:
         self.calibrated = True
 
     # --- read ---------------------------------------------------------------------------------------
+
+    def dequantize(self, tokens: int | None = None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the first ``tokens`` slots of every sequence (T_max by default), dequantized:
+        ``[B, Hkv, tokens, D]`` in ``dtype``, what the kernels attend over. Slots at or past a sequence's
+        length hold whatever their bytes give (rows of an earlier use; never written, zero bytes, which an
+        INT4 cache with channel keys reads as -8 times the key scale): finite values that a caller
+        masks. A pass over those slots; no host synchronisation."""
+        n = self.max_tokens if tokens is None else tokens
+        if not (isinstance(n, int) and 0 <= n <= self.max_tokens):
+            raise ValueError(f"tokens must be an int in [0, max_tokens = {self.max_tokens}], got {tokens!r}")
+        per_channel = self.granularity == "channel"
+        ks = self.k_scales if per_channel else self.k_scales[:, :, :n]
+        if self.bits == 4:
+            k = int4.dequantize(self.k_cache[:, :, :n], ks, per_channel)
+            v = int4.dequantize(self.v_cache[:, :, :n], self.v_scales[:, :, :n], False)
+            return k.to(dtype), v.to(dtype)
+        vs = self.v_scales if per_channel else self.v_scales[:, :, :n]
+        return (dequantize_torch(self.k_cache[:, :, :n], ks, self.granularity, dtype),
+                dequantize_torch(self.v_cache[:, :, :n], vs, self.granularity, dtype))
 
     def attend(self, q: torch.Tensor, *, sm_scale: float | None = None, splits: int = 0) -> torch.Tensor:
         """Fused decode attention of q ``[B, Hq, D]`` (Hq a multiple of Hkv) over the cache: ``[B, Hq, D]``."""

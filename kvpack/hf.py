@@ -59,10 +59,8 @@ except ImportError as e:  # pragma: no cover - exercised only where transformers
         "`import kvpack` alone needs torch only."
     ) from e
 
-from . import int4
 from .cache import KVCache
 from .decode_attention import HEAD_DIMS, check_granularity, decode_attention
-from .torch_impl import dequantize_torch
 
 ATTN_IMPLEMENTATION = "kvpack"
 
@@ -275,47 +273,34 @@ class KVPackLayer(CacheLayerMixin):
         self.seen += t
 
     def _extend(self, module, query, key, value, attention_mask, scaling):
-        """Several new tokens over a non-empty cache: per sequence, SDPA over its dequantized cached
-        rows (all visible) and its real new rows (causal), then the new rows are written."""
-        b, hq, t, _ = query.shape
-        group = hq // self.num_heads
-        real = real_rows(attention_mask, t)
-        out = torch.zeros_like(query)
+        """Several new tokens over a non-empty cache (chunked prefill, assisted generation): one SDPA
+        call for the whole batch over the dequantized cached rows (those below each sequence's length
+        visible) and the step's real new rows (causal), then the new rows are written. No host
+        synchronisation but write()'s (with padding); a padding row's output is zero."""
+        b, hq, t, d = query.shape
         kv = self.kv
-        for i in range(b):
-            n = kv._host_lengths[i]
-            rows = torch.arange(t, device=query.device) if real is None else real[i].nonzero().flatten()
-            m = rows.numel()
-            if m == 0:
-                continue
-            if kv.bits == 4:  # packed nibbles: kvpack/int4.py's layout
-                per_channel = kv.granularity == "channel"
-                ks = kv.k_scales[i:i + 1] if per_channel else kv.k_scales[i:i + 1, :, :n]
-                past_k = int4.dequantize(kv.k_cache[i:i + 1, :, :n], ks, per_channel)[0].to(query.dtype)
-                past_v = int4.dequantize(kv.v_cache[i:i + 1, :, :n], kv.v_scales[i:i + 1, :, :n], False)[0].to(
-                    query.dtype)
-            else:
-                scales = (kv.k_scales[i, :, :n], kv.v_scales[i, :, :n]) if kv.granularity == "token" else \
-                    (kv.k_scales[i], kv.v_scales[i])
-                past_k = _dequantize_rows(kv.k_cache[i, :, :n], scales[0], kv.granularity, query.dtype)
-                past_v = _dequantize_rows(kv.v_cache[i, :, :n], scales[1], kv.granularity, query.dtype)
-            k_i = torch.cat([past_k, key[i][:, rows]], dim=1).repeat_interleave(group, 0)
-            v_i = torch.cat([past_v, value[i][:, rows]], dim=1).repeat_interleave(group, 0)
-            visible = torch.ones(m, n + m, dtype=torch.bool, device=query.device)
-            visible[:, n:] = torch.ones(m, m, dtype=torch.bool, device=query.device).tril()
-            o = torch.nn.functional.scaled_dot_product_attention(query[i][:, rows], k_i, v_i, attn_mask=visible,
-                                                                  scale=scaling)
-            out[i][:, rows] = o
+        hkv = kv.kv_heads
+        group = hq // hkv
+        n = max(kv._host_lengths)
+        past_k, past_v = kv.dequantize(n, query.dtype)
+        keys, values = torch.cat([past_k, key], 2), torch.cat([past_v, value], 2)  # [B, Hkv, n + t, D]
+        dev = query.device
+        past = torch.arange(n, device=dev) < kv.device_lengths[:, None]  # [B, n]
+        new = torch.ones(t, t, dtype=torch.bool, device=dev).tril()  # [t, t]: row r sees new rows <= r
+        real = real_rows(attention_mask, t)
+        if real is not None:  # only real rows are seen; a padding row sees itself (no empty row), then 0
+            new = (new & real[:, None, :]) | torch.eye(t, dtype=torch.bool, device=dev)
+        visible = torch.cat([past[:, None, :].expand(b, t, n), new.expand(b, t, t)], 2)  # [B, t, n + t]
+        # grouped-query attention as more query rows over each KV head: query head h reads KV head
+        # h // group (transformers' repeat_kv), so K and V are never repeated
+        q = query.reshape(b, hkv, group * t, d)
+        mask = visible[:, None, None].expand(b, 1, group, t, n + t).reshape(b, 1, group * t, n + t)
+        out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+        out = out.view(b, hq, t, d)
+        if real is not None:
+            out = out.masked_fill(~real[:, None, :, None], 0.0)
         self.write(key, value, attention_mask)
         return out.transpose(1, 2).contiguous()
-
-
-def _dequantize_rows(q: torch.Tensor, scales: torch.Tensor, granularity: str, dtype) -> torch.Tensor:
-    """int8 rows [H, n, D] of one sequence times their scales ([H, n] per token, [H, D] per channel)."""
-    h, n, d = q.shape
-    if granularity == "token":
-        return dequantize_torch(q.reshape(h * n, d), scales.reshape(h * n), "token", dtype).view(h, n, d)
-    return torch.stack([dequantize_torch(q[j], scales[j], "channel", dtype) for j in range(h)])
 
 
 def real_rows(attention_mask, t: int):

@@ -15,7 +15,8 @@ def _dim(granularity: str) -> int:
 
 
 def _bcast(scales: torch.Tensor, granularity: str) -> torch.Tensor:
-    return scales.unsqueeze(0) if granularity == "channel" else scales.unsqueeze(1)
+    """Scales against rows ``[..., T, D]``: per channel ``[..., D]``, per token ``[..., T]``."""
+    return scales.unsqueeze(-2) if granularity == "channel" else scales.unsqueeze(-1)
 
 
 def scale_from_absmax(absmax: torch.Tensor) -> torch.Tensor:

@@ -157,6 +157,29 @@ def test_channel_append_calibrates_on_the_prefill_and_counts_saturation():
     assert cache.k_cache[:, :, 16].abs().max() == 127
 
 
+@pytest.mark.parametrize("granularity", ["token", "channel"])
+def test_dequantize_is_the_reference_roundtrip_of_the_appended_rows(granularity):
+    """KVCache.dequantize (what the multi-token path of kvpack.hf attends over): each sequence's rows
+    are the float64 reference's quantize-dequantize of what was appended (the channel scales
+    calibrated on the appended rows only), bit for bit; the slots never written are zeros."""
+    lengths = (5, 9, 1)
+    cache, k, v = filled_cache(3, 2, 64, 16, lengths, granularity, torch.float32, seed=90, outliers=True)
+    kd, vd = cache.dequantize(10)
+    assert kd.shape == vd.shape == (3, 2, 10, 64) and kd.dtype == torch.float32
+    for x, got in ((k, kd), (v, vd)):
+        for i, n in enumerate(lengths):
+            for j in range(2):
+                rows = x[i, j, :n].double().numpy()
+                q, sc = ref.quantize(rows, None, granularity)
+                np.testing.assert_array_equal(got[i, j, :n].double().numpy(), ref.dequantize(q, sc, granularity))
+            assert not got[i, :, n:].any()
+    half = cache.dequantize(dtype=torch.float16)[1]
+    assert half.shape == (3, 2, 16, 64) and torch.equal(half[:, :, :10], vd.half())
+    for bad in (17, -1, 2.0):
+        with pytest.raises(ValueError, match="tokens must be an int"):
+            cache.dequantize(bad)
+
+
 def test_append_past_max_tokens_raises_and_writes_nothing():
     cache, _, _ = filled_cache(2, 1, 64, 10, (8, 3), "token", torch.float16, seed=31)
     before = [t.clone() for t in (cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales, cache.device_lengths)]

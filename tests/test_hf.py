@@ -271,6 +271,47 @@ def test_chunked_prefill_equals_the_reference(granularity):
     assert rel_err(got, want) <= FP32_REL
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("family,hq,hkv", [("llama", 4, 2), ("llama", 4, 1), ("qwen3", 4, 4)])
+def test_chunked_prefill_of_a_left_padded_batch(family, hq, hkv, bits):
+    """A left-padded batch fed in chunks of 4 (a sequence's padding outlasts the first chunk, so a
+    later chunk holds padding and real rows over caches of unequal lengths, one of them empty), then
+    decode steps: at every real position the logits are the reference cache's under "sdpa" (which
+    stores the padding and masks it), within fp32 rounding; the padding is never written."""
+    model = tiny_model(family, q_heads=hq, kv_heads=hkv)
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(1, VOCAB, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    mask[2, :1] = 0
+    ids = ids * mask
+    steps = torch.randint(1, VOCAB, (3, 3), generator=g)
+
+    def run(cache, attn):
+        model.set_attn_implementation(attn)
+        pos_all = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = []
+        with torch.no_grad():
+            for c in range(0, 12, 4):
+                out = model(input_ids=ids[:, c:c + 4], attention_mask=mask[:, :c + 4], position_ids=pos_all[:, c:c + 4],
+                            **{CACHE: cache})
+                logits.append(out.logits)
+            m, pos = mask, pos_all[:, -1:]
+            for s in range(steps.shape[1]):
+                m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
+                pos = pos + 1
+                logits.append(model(input_ids=steps[:, s:s + 1], attention_mask=m, position_ids=pos,
+                                    **{CACHE: cache}).logits)
+        return torch.cat(logits, 1)
+
+    cache = kh.KVPackCache(model.config, 3, 32, device="cpu", dtype=torch.float32, bits=bits)
+    got = run(cache, "kvpack")
+    want = run(FakeQuantCache(model.config, "token", bits=bits), "sdpa")
+    real = torch.cat([mask, torch.ones(3, 3, dtype=mask.dtype)], 1).bool()
+    assert rel_err(got[real], want[real]) <= FP32_REL
+    assert cache.lengths.tolist() == [12 + 3, 6 + 3, 11 + 3]
+
+
 def test_generate_greedy_sampling_and_beams():
     model = tiny_model("llama")
     g = torch.Generator().manual_seed(5)

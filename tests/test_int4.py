@@ -179,6 +179,23 @@ def test_int4_cache_attends_as_the_float64_reference(granularity, hkv, group_q, 
         assert int(cache.saturated) == over
 
 
+@pytest.mark.parametrize("granularity", ["token", "channel"])
+def test_int4_dequantize_is_the_reference_roundtrip_of_the_appended_rows(granularity):
+    """KVCache(bits=4).dequantize: the reference's INT4 roundtrip of the appended rows, bit for bit
+    (channel keys with the cache's calibrated scales); the slots past a length are finite."""
+    counts = [7, 2, 12]
+    k, v = _kv(3, 2, 12, 64, torch.float32, seed=91)
+    cache = kvpack.KVCache(3, 2, 64, 16, device="cpu", dtype=torch.float32, bits=4, granularity=granularity)
+    cache.append(k, v, counts=counts)
+    kd, vd = cache.dequantize(12)
+    assert kd.shape == vd.shape == (3, 2, 12, 64)
+    for got, want in ((kd, _ref_cache(k, counts, 32, granularity, cache.k_scales)),
+                      (vd, _ref_cache(v, counts, 32, "token"))):
+        for i, n in enumerate(counts):
+            np.testing.assert_array_equal(got[i, :, :n].double().numpy(), want[i, :, :n])
+    assert all(bool(torch.isfinite(x).all()) for x in cache.dequantize())
+
+
 def test_int4_cache_bytes_and_errors():
     cache = kvpack.KVCache(2, 8, 128, 1000, device="cpu", bits=4)
     # packed + a bf16 scale (2 bytes) per 32 channels: 0.5625 bytes a value
