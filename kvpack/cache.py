@@ -11,8 +11,9 @@ Granularity:
 
 * ``"token"``: each new row of K and V gets its own scale absmax / 127, computed on the fly by the
   write kernel (bit-exact with ``kvpack.reference``). Nothing saturates.
-* ``"channel"`` (the paper's): the first ``append`` (the prefill) calibrates a scale per (sequence,
-  KV head, channel) from the rows it appends; later rows are quantized with those scales, values
+* ``"channel"`` (the paper's): a sequence's first ``append`` with rows for it (its prefill) calibrates
+  a scale per (KV head, channel) from those rows (a ragged append that gives a sequence none, a chunk
+  of its padding say, leaves it to a later one); later rows are quantized with those scales, values
   beyond them saturate at +-127, and ``saturated`` counts them (a device tensor: reading it syncs).
 
 Ragged appends: ``append(k, v, counts=[...])`` appends the first ``counts[b]`` of the ``t_new`` rows
@@ -94,7 +95,7 @@ class KVCache:
         self._lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self._arrivals = torch.zeros(batch, dtype=torch.int32, device=self.device)  # the write kernel's counter
         self._host_lengths = [0] * batch
-        self.calibrated = granularity == "token"
+        self._calibrated = [granularity == "token"] * batch  # channel: a sequence's scales are set
 
     # --- state ------------------------------------------------------------------------------------
 
@@ -107,6 +108,11 @@ class KVCache:
     def device_lengths(self) -> torch.Tensor:
         """The lengths the kernels read and the write kernel advances (int32 ``[B]`` on the cache's device)."""
         return self._lengths
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether every sequence's channel scales are set (always, with per-token scales)."""
+        return all(self._calibrated)
 
     @property
     def nbytes(self) -> int:
@@ -124,7 +130,7 @@ class KVCache:
         self._lengths.zero_()
         self._host_lengths = [0] * self.batch
         self.saturated.zero_()
-        self.calibrated = self.granularity == "token"
+        self._calibrated = [self.granularity == "token"] * self.batch
 
     def __repr__(self) -> str:
         return (f"KVCache(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
@@ -182,15 +188,16 @@ class KVCache:
                     f"max_tokens = {self.max_tokens}. Nothing was written; make a larger cache or start a new one"
                 )
         k, v = k.contiguous(), v.contiguous()
+        fresh = self._uncalibrated(n)
+        if fresh:
+            if self.bits == 4:  # keys per channel; INT4 values are always in per-token groups
+                int4.calibrate_keys(self, k, n, fresh)
+            else:
+                self._calibrate(k, v, n, fresh)
         if self.bits == 4 and self.device.type == "cpu":
             int4.append(self, k, v, n)
             self._host_lengths = [length + c for length, c in zip(self._host_lengths, n)]
             return
-        if not self.calibrated:
-            if self.bits == 4:  # keys per channel; INT4 values are always in per-token groups
-                int4.calibrate_keys(self, k, n)
-            else:
-                self._calibrate(k, v, n)
         counts_t = None
         if counts is not None:
             counts_t = torch.tensor(n, dtype=torch.int32).to(self.device, non_blocking=True)
@@ -201,20 +208,33 @@ class KVCache:
         )
         self._host_lengths = [length + c for length, c in zip(self._host_lengths, n)]
 
-    def _calibrate(self, k: torch.Tensor, v: torch.Tensor, n: list[int]) -> None:
-        """Per-channel scales from the rows this (first) append writes: absmax over them / 127."""
-        t_new = k.shape[2]
-        valid = (torch.arange(t_new, device=self.device)[None, :]
-                 < torch.tensor(n, device=self.device)[:, None])[:, None, :, None]  # [B, 1, t_new, 1]
-        for x, scales in ((k, self.k_scales), (v, self.v_scales)):
-            absmax = torch.where(valid, x.float().abs(), 0.0).amax(dim=2)  # NaN propagates through amax
-            scales.copy_(scale_from_absmax(absmax))
-        if not bool(torch.isfinite(self.k_scales).all() & torch.isfinite(self.v_scales).all()):
-            self.k_scales.zero_()
-            self.v_scales.zero_()
+    def _uncalibrated(self, n: list[int]) -> list[int]:
+        """The sequences whose channel scales this append sets: its first rows for them (n[b] > 0)."""
+        return [b for b, c in enumerate(n) if c > 0 and not self._calibrated[b]]
+
+    def _set_calibration(self, pairs, n: list[int], fresh: list[int]) -> None:
+        """Per-channel scales of the sequences ``fresh`` from the rows this append writes for them:
+        pairs of (rows [B, Hkv, t_new, D], scales [B, Hkv, D], scale_of(absmax)); absmax over sequence
+        b's first n[b] rows. Checked finite before any is stored (one host synchronisation: calibration
+        only), so a refused append leaves every scale as it was."""
+        t_new = pairs[0][0].shape[2]
+        valid = (torch.arange(t_new)[None, :] < torch.tensor(n)[:, None])[:, None, :, None]  # [B, 1, t_new, 1]
+        take = torch.zeros(self.batch, 1, 1, dtype=torch.bool)
+        take[fresh] = True
+        valid, take = valid.to(self.device, non_blocking=True), take.to(self.device, non_blocking=True)
+        new = [scale_of(torch.where(valid, x.float().abs(), 0.0).amax(dim=2)) for x, _, scale_of in pairs]
+        if not bool(torch.stack([torch.isfinite(s[fresh]).all() for s in new]).all()):  # NaN propagates
             raise ValueError("k or v holds non-finite values (inf or NaN); per-channel scales would be undefined. "
                              "Nothing was written")
-        self.calibrated = True
+        for (_, scales, _), s in zip(pairs, new):
+            scales.copy_(torch.where(take, s.to(scales.dtype), scales))
+        for b in fresh:
+            self._calibrated[b] = True
+
+    def _calibrate(self, k: torch.Tensor, v: torch.Tensor, n: list[int], fresh: list[int]) -> None:
+        """INT8 per-channel scales (K and V) of the sequences ``fresh``: absmax over their rows / 127."""
+        self._set_calibration([(k, self.k_scales, scale_from_absmax), (v, self.v_scales, scale_from_absmax)], n,
+                              fresh)
 
     # --- read ---------------------------------------------------------------------------------------
 

@@ -204,6 +204,7 @@ class KVPackLayer(CacheLayerMixin):
             t.copy_(t.index_select(0, idx))
         host = beam_idx.tolist()
         self.kv._host_lengths = [self.kv._host_lengths[i] for i in host]
+        self.kv._calibrated = [self.kv._calibrated[i] for i in host]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("KVPackCache is preallocated for batch_size sequences; make it with "

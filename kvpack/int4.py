@@ -11,8 +11,8 @@ Layout:
 * ``granularity="token"``: ``k_scales``, ``v_scales`` bf16 ``[B, Hkv, T_max, D / group_size]``: one
   scale absmax / 7 per group of ``group_size`` consecutive channels of a token, computed on write;
 * ``granularity="channel"``: keys per channel, KIVI's choice: ``k_scales`` bf16 ``[B, Hkv, D]``
-  calibrated by the first append (absmax over its rows / 7; later keys beyond it saturate at +-7 and
-  are counted), values per token group as above.
+  calibrated by a sequence's first append with rows for it (absmax over them / 7, as the INT8 cache's
+  channel scales; later keys beyond it saturate at +-7 and are counted), values per token group as above.
 
 Scales are bf16 (``SCALE_DTYPE``): 2 bytes a group, so a cache with groups of 32 holds 0.5625 bytes a
 value (fp32 scales: 0.625), and a decode step reads 10% fewer bytes. bf16 keeps fp32's range; the
@@ -67,27 +67,17 @@ def _quantize_rows(x: torch.Tensor, group_size: int):
     return ti.pack_nibbles(nib), scale
 
 
-def calibrate_keys(cache, k: torch.Tensor, n: list[int]) -> None:
-    """Per-channel key scales from the rows the first append writes: absmax over them / 7. Reads the
-    scales once (a sync on CUDA) to refuse non-finite input, having written nothing."""
-    valid = (torch.arange(k.shape[2], device=k.device)[None, :]
-             < torch.tensor(n, device=k.device)[:, None])[:, None, :, None]  # [B, 1, t_new, 1]
-    absmax = torch.where(valid, k.float().abs(), 0.0).amax(dim=2)  # NaN propagates through amax
-    scales = ti.int4_sym_scale(absmax)
-    if not bool(torch.isfinite(scales).all()):
-        raise ValueError("k holds non-finite values (inf or NaN); per-channel scales would be undefined. "
-                         "Nothing was written")
-    cache.k_scales.copy_(scales)
-    cache.calibrated = True
+def calibrate_keys(cache, k: torch.Tensor, n: list[int], fresh: list[int]) -> None:
+    """Per-channel key scales of the sequences ``fresh`` from the rows this append writes for them:
+    absmax over them / 7 (KVCache._set_calibration: checked finite first, nothing stored otherwise)."""
+    cache._set_calibration([(k, cache.k_scales, ti.int4_sym_scale)], n, fresh)
 
 
 def append(cache, k: torch.Tensor, v: torch.Tensor, n: list[int]) -> None:
     """Write the first n[b] rows of k, v ``[B, Hkv, t, D]`` of each sequence at its length (the caller
-    checked the shapes and the room), calibrating the channel key scales on the first append. The CPU
-    path; on CUDA the cache calls the kv_append op."""
+    checked the shapes and the room, and set the channel key scales of the sequences it calibrates).
+    The CPU path; on CUDA the cache calls the kv_append op."""
     g = cache.group_size
-    if cache.granularity == "channel" and not cache.calibrated:
-        calibrate_keys(cache, k, n)
     clipped = 0
     for b, c in enumerate(n):
         if c == 0:

@@ -436,7 +436,7 @@ def _paged_kv_append_cpu(k_pages, v_pages, k_scales, v_scales, block_tables, len
         v_scales=(torch.zeros(v_shape, dtype=v_scales.dtype) if granularity == "token" or bits == 4
                   else v_scales[slots].contiguous()),
         saturated=saturated, _lengths=torch.zeros(b, dtype=torch.int32), _host_lengths=[0] * b,
-        group_size=group_size, granularity=granularity, calibrated=True)  # channel scales: the slots' own
+        group_size=group_size, granularity=granularity)  # channel scales: the slots' own
     if bits == 8:
         torch.ops.kvpack.kv_append.default(stage.k_cache, stage.v_cache, stage.k_scales, stage.v_scales, stage._lengths,
                                            torch.zeros(b, dtype=torch.int32), saturated, k, v, None, granularity)

@@ -157,6 +157,40 @@ def test_channel_append_calibrates_on_the_prefill_and_counts_saturation():
     assert cache.k_cache[:, :, 16].abs().max() == 127
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_channel_scales_come_from_each_sequences_first_rows(bits):
+    """Channel granularity, ragged appends: a sequence with no rows in the first append (a chunk of
+    its left padding, say) is calibrated by its own first rows later, not left with zero scales; the
+    scales of a sequence already calibrated never change; an append whose new sequence's rows hold a
+    NaN is refused with every scale and row as it was."""
+    b, hkv, d = 3, 2, 64
+    cache = kvpack.KVCache(b, hkv, d, 16, granularity="channel", device="cpu", dtype=torch.float32, bits=bits)
+    k, v = make_kv(b, hkv, 4, d, torch.float32, seed=23, outliers=True)
+    cache.append(k, v, counts=[4, 0, 0])
+    assert cache._calibrated == [True, False, False] and not cache.calibrated
+    first = cache.k_scales.clone(), cache.v_scales.clone()
+    k2, v2 = make_kv(b, hkv, 3, d, torch.float32, seed=24)
+    bad = k2.clone()
+    bad[2, 1, 0, 7] = float("nan")
+    with pytest.raises(ValueError, match="non-finite values"):
+        cache.append(bad, v2, counts=[3, 2, 1])
+    assert torch.equal(cache.k_scales, first[0]) and torch.equal(cache.v_scales, first[1])
+    assert cache.lengths.tolist() == [4, 0, 0] and cache._calibrated == [True, False, False]
+    cache.append(k2, v2, counts=[3, 2, 0])
+    assert cache._calibrated == [True, True, False]
+    assert torch.equal(cache.k_scales[0], first[0][0])
+    assert bits == 4 or torch.equal(cache.v_scales[0], first[1][0])  # (INT4 values: a scale per token group)
+    for h in range(hkv):
+        rows = k2[1, h, :2].double().numpy()
+        want = (ref.scales(rows, "channel") if bits == 8 else
+                ref.int4_quantize(rows, 0, True, "channel")[1])
+        np.testing.assert_array_equal(cache.k_scales[1, h].double().numpy(), want)
+        if bits == 8:
+            np.testing.assert_array_equal(cache.v_scales[1, h].double().numpy(), ref.scales(v2[1, h, :2], "channel"))
+    cache.reset()
+    assert cache._calibrated == [False] * b
+
+
 @pytest.mark.parametrize("granularity", ["token", "channel"])
 def test_dequantize_is_the_reference_roundtrip_of_the_appended_rows(granularity):
     """KVCache.dequantize (what the multi-token path of kvpack.hf attends over): each sequence's rows

@@ -271,6 +271,38 @@ def test_chunked_prefill_equals_the_reference(granularity):
     assert rel_err(got, want) <= FP32_REL
 
 
+def chunked_logits(model, cache, attn, ids, mask, steps, chunk=4):
+    """Feed a (left-padded) batch ids [B, P] in chunks of ``chunk`` with its growing mask, then decode
+    steps [B, S] one at a time; the logits of every position [B, P + S, V]."""
+    model.set_attn_implementation(attn)
+    pos_all = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = []
+    with torch.no_grad():
+        for c in range(0, ids.shape[1], chunk):
+            out = model(input_ids=ids[:, c:c + chunk], attention_mask=mask[:, :c + chunk],
+                        position_ids=pos_all[:, c:c + chunk], **{CACHE: cache})
+            logits.append(out.logits)
+        m, pos = mask, pos_all[:, -1:]
+        for s in range(steps.shape[1]):
+            m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
+            pos = pos + 1
+            logits.append(model(input_ids=steps[:, s:s + 1], attention_mask=m, position_ids=pos,
+                                **{CACHE: cache}).logits)
+    return torch.cat(logits, 1)
+
+
+def padded_chunks_batch(seed=6, device="cpu"):
+    """Three sequences of 12 positions, one padded by 6 (longer than a chunk of 4), one by 1; 3 steps."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    mask[2, :1] = 0
+    steps = torch.randint(1, VOCAB, (3, 3), generator=g)
+    real = torch.cat([mask, torch.ones(3, 3, dtype=mask.dtype)], 1).bool()
+    return (ids * mask).to(device), mask.to(device), steps.to(device), real.to(device)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("family,hq,hkv", [("llama", 4, 2), ("llama", 4, 1), ("qwen3", 4, 4)])
 def test_chunked_prefill_of_a_left_padded_batch(family, hq, hkv, bits):
@@ -279,35 +311,10 @@ def test_chunked_prefill_of_a_left_padded_batch(family, hq, hkv, bits):
     decode steps: at every real position the logits are the reference cache's under "sdpa" (which
     stores the padding and masks it), within fp32 rounding; the padding is never written."""
     model = tiny_model(family, q_heads=hq, kv_heads=hkv)
-    g = torch.Generator().manual_seed(6)
-    ids = torch.randint(1, VOCAB, (3, 12), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :6] = 0
-    mask[2, :1] = 0
-    ids = ids * mask
-    steps = torch.randint(1, VOCAB, (3, 3), generator=g)
-
-    def run(cache, attn):
-        model.set_attn_implementation(attn)
-        pos_all = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = []
-        with torch.no_grad():
-            for c in range(0, 12, 4):
-                out = model(input_ids=ids[:, c:c + 4], attention_mask=mask[:, :c + 4], position_ids=pos_all[:, c:c + 4],
-                            **{CACHE: cache})
-                logits.append(out.logits)
-            m, pos = mask, pos_all[:, -1:]
-            for s in range(steps.shape[1]):
-                m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
-                pos = pos + 1
-                logits.append(model(input_ids=steps[:, s:s + 1], attention_mask=m, position_ids=pos,
-                                    **{CACHE: cache}).logits)
-        return torch.cat(logits, 1)
-
+    ids, mask, steps, real = padded_chunks_batch()
     cache = kh.KVPackCache(model.config, 3, 32, device="cpu", dtype=torch.float32, bits=bits)
-    got = run(cache, "kvpack")
-    want = run(FakeQuantCache(model.config, "token", bits=bits), "sdpa")
-    real = torch.cat([mask, torch.ones(3, 3, dtype=mask.dtype)], 1).bool()
+    got = chunked_logits(model, cache, "kvpack", ids, mask, steps)
+    want = chunked_logits(model, FakeQuantCache(model.config, "token", bits=bits), "sdpa", ids, mask, steps)
     assert rel_err(got[real], want[real]) <= FP32_REL
     assert cache.lengths.tolist() == [12 + 3, 6 + 3, 11 + 3]
 
@@ -351,6 +358,12 @@ def test_reorder_cache_permutes_rows_scales_and_lengths():
     for old, new in zip(before, (layer.kv.k_cache, layer.kv.k_scales, layer.kv.device_lengths)):
         assert torch.equal(new, old[[2, 2, 0]])
     assert layer.kv.lengths.tolist() == [6, 6, 5]
+    # channel scales: a sequence's calibration follows its rows
+    cache = kh.KVPackCache(model.config, 3, 8, granularity="channel", device="cpu", dtype=torch.float32)
+    kv = cache.layers[0].kv
+    kv.append(k, -k, counts=[5, 0, 3])
+    cache.reorder_cache(torch.tensor([1, 0, 0]))
+    assert kv._calibrated == [False, True, True] and kv.lengths.tolist() == [0, 5, 5]
 
 
 def test_builds_where_transformers_cache_has_a_read_only_max_cache_len(monkeypatch):
@@ -435,6 +448,25 @@ def test_compiled_decode_step_matches_eager_without_recompiles():
 # --- GPU ------------------------------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("granularity,dtype,bits", [("token", torch.float16, 8), ("channel", torch.bfloat16, 4)])
+def test_gpu_chunked_prefill_of_a_left_padded_batch(granularity, dtype, bits):
+    """On the GPU, the multi-token path (the cache dequantized, the masks and one SDPA on the device)
+    and the fused decode steps after it give the CPU's fp32 logits of the same model and cache within
+    the 16-bit rounding budget of the test above; the padding is never written."""
+    ids, mask, steps, real = padded_chunks_batch(seed=7)
+    want = chunked_logits(tiny_model("llama"), kh.KVPackCache(tiny_model("llama").config, 3, 32, granularity=granularity,
+                                                              device="cpu", dtype=torch.float32, bits=bits),
+                          "kvpack", ids, mask, steps)
+    model = tiny_model("llama", dtype=dtype, device="cuda")
+    cache = kh.KVPackCache(model.config, 3, 32, granularity=granularity, device="cuda", dtype=dtype, bits=bits)
+    got = chunked_logits(model, cache, "kvpack", ids.cuda(), mask.cuda(), steps.cuda()).float().cpu()
+    assert float((got[real] - want[real]).abs().max()) <= 0.05 * float(want[real].abs().max())
+    cache.sync()
+    assert cache.lengths.tolist() == [12 + 3, 6 + 3, 11 + 3]
 
 
 @pytest.mark.gpu
