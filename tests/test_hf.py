@@ -346,6 +346,37 @@ def test_generate_greedy_sampling_and_beams():
         generate(kh.KVPackCache(model.config, 2, 16, device="cpu", dtype=torch.float32), "kvpack", num_beams=2)
 
 
+def test_assisted_generation_verifies_drafts_over_the_cache(monkeypatch):
+    """generate(assistant_model=...): the drafts are verified as several new tokens over the cache (the
+    multi-token path) and rejected ones cropped; the tokens are those of the same model and assistant
+    over the reference cache under "sdpa", and the cache ends holding every token but the last."""
+    calls = {"_extend": 0, "crop": 0}
+
+    def counting(name):
+        f = getattr(kh.KVPackLayer, name)
+
+        def counted(self, *a, **kw):
+            calls[name] += 1
+            return f(self, *a, **kw)
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(kh.KVPackLayer, name, counting(name))
+    model, assistant = tiny_model("llama"), tiny_model("llama", seed=1, layers=1)
+    ids = torch.randint(1, VOCAB, (1, 10), generator=torch.Generator().manual_seed(9))
+
+    def generate(cache, attn):
+        model.set_attn_implementation(attn)
+        return model.generate(input_ids=ids, max_new_tokens=16, do_sample=False, assistant_model=assistant,
+                              **{CACHE: cache})
+
+    cache = kh.KVPackCache(model.config, 1, 64, device="cpu", dtype=torch.float32)
+    got = generate(cache, "kvpack")
+    assert torch.equal(got, generate(FakeQuantCache(model.config), "sdpa"))
+    assert cache.lengths.tolist() == [got.shape[1] - 1]
+    assert calls["_extend"] > 0 and calls["crop"] > 0, calls
+
+
 def test_reorder_cache_permutes_rows_scales_and_lengths():
     model = tiny_model("llama")
     cache = kh.KVPackCache(model.config, 3, 8, device="cpu", dtype=torch.float32)
