@@ -238,24 +238,29 @@ class KVCache:
 
     # --- read ---------------------------------------------------------------------------------------
 
-    def dequantize(self, tokens: int | None = None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the first ``tokens`` slots of every sequence (T_max by default), dequantized:
-        ``[B, Hkv, tokens, D]`` in ``dtype``, what the kernels attend over. Slots at or past a sequence's
+    def dequantize(self, tokens: int | None = None, dtype=torch.float32, *,
+                   sequences: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the first ``tokens`` slots of every sequence (T_max by default; ``sequences``, a
+        slice of the batch, for fewer), dequantized: ``[B, Hkv, tokens, D]`` in ``dtype``, what the
+        kernels attend over (computed in fp32, ``[B, Hkv, tokens, D]`` of it at once). Slots at or past a sequence's
         length hold whatever their bytes give (rows of an earlier use; never written, zero bytes, which an
         INT4 cache with channel keys reads as -8 times the key scale): finite values that a caller
         masks. A pass over those slots; no host synchronisation."""
         n = self.max_tokens if tokens is None else tokens
         if not (isinstance(n, int) and 0 <= n <= self.max_tokens):
             raise ValueError(f"tokens must be an int in [0, max_tokens = {self.max_tokens}], got {tokens!r}")
+        if not isinstance(sequences, slice):
+            raise TypeError(f"sequences must be a slice of the batch, got {type(sequences).__name__}")
         per_channel = self.granularity == "channel"
-        ks = self.k_scales if per_channel else self.k_scales[:, :, :n]
+        rows = (sequences, slice(None), slice(0, n))
+        ks = self.k_scales[sequences] if per_channel else self.k_scales[rows]
         if self.bits == 4:
-            k = int4.dequantize(self.k_cache[:, :, :n], ks, per_channel)
-            v = int4.dequantize(self.v_cache[:, :, :n], self.v_scales[:, :, :n], False)
+            k = int4.dequantize(self.k_cache[rows], ks, per_channel)
+            v = int4.dequantize(self.v_cache[rows], self.v_scales[rows], False)
             return k.to(dtype), v.to(dtype)
-        vs = self.v_scales if per_channel else self.v_scales[:, :, :n]
-        return (dequantize_torch(self.k_cache[:, :, :n], ks, self.granularity, dtype),
-                dequantize_torch(self.v_cache[:, :, :n], vs, self.granularity, dtype))
+        vs = self.v_scales[sequences] if per_channel else self.v_scales[rows]
+        return (dequantize_torch(self.k_cache[rows], ks, self.granularity, dtype),
+                dequantize_torch(self.v_cache[rows], vs, self.granularity, dtype))
 
     def attend(self, q: torch.Tensor, *, sm_scale: float | None = None, splits: int = 0) -> torch.Tensor:
         """Fused decode attention of q ``[B, Hq, D]`` (Hq a multiple of Hkv) over the cache: ``[B, Hq, D]``."""

@@ -104,6 +104,12 @@ def model_shape(config) -> dict:
 
 # --- one layer --------------------------------------------------------------------------------------
 
+# The multi-token path (KVPackLayer._extend) dequantizes the cached rows of at most this many bytes
+# of fp32 K and V at a time: the whole batch where the cache is small, a few sequences a call where
+# it is large (a sequence of 8 KV heads at 32768 tokens, D = 128, takes 256 MiB: 4 a call).
+EXTEND_SCRATCH_BYTES = 1 << 30
+
+
 class KVPackLayer(CacheLayerMixin):
     """One layer's INT8 cache (a ``kvpack.KVCache``) as a transformers cache layer.
 
@@ -274,17 +280,16 @@ class KVPackLayer(CacheLayerMixin):
         self.seen += t
 
     def _extend(self, module, query, key, value, attention_mask, scaling):
-        """Several new tokens over a non-empty cache (chunked prefill, assisted generation): one SDPA
-        call for the whole batch over the dequantized cached rows (those below each sequence's length
-        visible) and the step's real new rows (causal), then the new rows are written. No host
+        """Several new tokens over a non-empty cache (chunked prefill, assisted generation): SDPA over
+        the dequantized cached rows (those below each sequence's length visible) and the step's real
+        new rows (causal), one call for as many sequences as EXTEND_SCRATCH_BYTES of fp32 scratch
+        hold (the whole batch but at the largest caches), then the new rows are written. No host
         synchronisation but write()'s (with padding); a padding row's output is zero."""
         b, hq, t, d = query.shape
         kv = self.kv
         hkv = kv.kv_heads
         group = hq // hkv
         n = max(kv._host_lengths)
-        past_k, past_v = kv.dequantize(n, query.dtype)
-        keys, values = torch.cat([past_k, key], 2), torch.cat([past_v, value], 2)  # [B, Hkv, n + t, D]
         dev = query.device
         past = torch.arange(n, device=dev) < kv.device_lengths[:, None]  # [B, n]
         new = torch.ones(t, t, dtype=torch.bool, device=dev).tril()  # [t, t]: row r sees new rows <= r
@@ -296,8 +301,15 @@ class KVPackLayer(CacheLayerMixin):
         # h // group (transformers' repeat_kv), so K and V are never repeated
         q = query.reshape(b, hkv, group * t, d)
         mask = visible[:, None, None].expand(b, 1, group, t, n + t).reshape(b, 1, group * t, n + t)
-        out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
-        out = out.view(b, hq, t, d)
+        step = max(1, EXTEND_SCRATCH_BYTES // max(1, 2 * 4 * hkv * n * d))  # sequences a call: K and V in fp32
+        parts = []
+        for s in range(0, b, step):
+            rows = slice(s, s + step)
+            past_k, past_v = kv.dequantize(n, query.dtype, sequences=rows)
+            keys, values = torch.cat([past_k, key[rows]], 2), torch.cat([past_v, value[rows]], 2)  # [., Hkv, n + t, D]
+            parts.append(torch.nn.functional.scaled_dot_product_attention(q[rows], keys, values, attn_mask=mask[rows],
+                                                                          scale=scaling))
+        out = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(b, hq, t, d)
         if real is not None:
             out = out.masked_fill(~real[:, None, :, None], 0.0)
         self.write(key, value, attention_mask)

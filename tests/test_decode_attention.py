@@ -209,6 +209,8 @@ def test_dequantize_is_the_reference_roundtrip_of_the_appended_rows(granularity)
             assert not got[i, :, n:].any()
     half = cache.dequantize(dtype=torch.float16)[1]
     assert half.shape == (3, 2, 16, 64) and torch.equal(half[:, :, :10], vd.half())
+    some = cache.dequantize(10, sequences=slice(1, 3))
+    assert torch.equal(some[0], kd[1:]) and torch.equal(some[1], vd[1:])
     for bad in (17, -1, 2.0):
         with pytest.raises(ValueError, match="tokens must be an int"):
             cache.dequantize(bad)

@@ -303,13 +303,16 @@ def padded_chunks_batch(seed=6, device="cpu"):
     return (ids * mask).to(device), mask.to(device), steps.to(device), real.to(device)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits,scratch", [(8, None), (4, None), (8, 1)], ids=["int8", "int4", "int8-per-sequence"])
 @pytest.mark.parametrize("family,hq,hkv", [("llama", 4, 2), ("llama", 4, 1), ("qwen3", 4, 4)])
-def test_chunked_prefill_of_a_left_padded_batch(family, hq, hkv, bits):
+def test_chunked_prefill_of_a_left_padded_batch(family, hq, hkv, bits, scratch, monkeypatch):
     """A left-padded batch fed in chunks of 4 (a sequence's padding outlasts the first chunk, so a
     later chunk holds padding and real rows over caches of unequal lengths, one of them empty), then
     decode steps: at every real position the logits are the reference cache's under "sdpa" (which
-    stores the padding and masks it), within fp32 rounding; the padding is never written."""
+    stores the padding and masks it), within fp32 rounding; the padding is never written. With
+    ``scratch`` = 1 byte the multi-token path takes one sequence a call, as at the largest caches."""
+    if scratch is not None:
+        monkeypatch.setattr(kh, "EXTEND_SCRATCH_BYTES", scratch)
     model = tiny_model(family, q_heads=hq, kv_heads=hkv)
     ids, mask, steps, real = padded_chunks_batch()
     cache = kh.KVPackCache(model.config, 3, 32, device="cpu", dtype=torch.float32, bits=bits)
