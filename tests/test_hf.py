@@ -349,6 +349,29 @@ def test_generate_greedy_sampling_and_beams():
         generate(kh.KVPackCache(model.config, 2, 16, device="cpu", dtype=torch.float32), "kvpack", num_beams=2)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_generate_with_a_chunked_prefill(bits, monkeypatch):
+    """generate(prefill_chunk_size=4) of a left-padded batch (one sequence's padding outlasts the
+    first chunk): the chunks after the first take the multi-token path, and the tokens are those of
+    the reference cache under "sdpa"."""
+    calls = []
+    extend = kh.KVPackLayer._extend
+    monkeypatch.setattr(kh.KVPackLayer, "_extend", lambda self, *a: calls.append(1) or extend(self, *a))
+    model = tiny_model("llama")
+    ids = torch.randint(1, VOCAB, (2, 13), generator=torch.Generator().manual_seed(10))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+
+    def generate(cache, attn):
+        model.set_attn_implementation(attn)
+        return model.generate(input_ids=ids * mask, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                              prefill_chunk_size=4, **{CACHE: cache})
+
+    got = generate(kh.KVPackCache(model.config, 2, 32, device="cpu", dtype=torch.float32, bits=bits), "kvpack")
+    assert calls
+    assert torch.equal(got, generate(FakeQuantCache(model.config, bits=bits), "sdpa"))
+
+
 def test_assisted_generation_verifies_drafts_over_the_cache(monkeypatch):
     """generate(assistant_model=...): the drafts are verified as several new tokens over the cache (the
     multi-token path) and rejected ones cropped; the tokens are those of the same model and assistant
