@@ -515,10 +515,10 @@ def test_gpu_chunked_prefill_of_a_left_padded_batch(granularity, dtype, bits):
     and the fused decode steps after it give the CPU's fp32 logits of the same model and cache within
     the 16-bit rounding budget of the test above; the padding is never written."""
     ids, mask, steps, real = padded_chunks_batch(seed=7)
-    want = chunked_logits(tiny_model("llama"), kh.KVPackCache(tiny_model("llama").config, 3, 32, granularity=granularity,
-                                                              device="cpu", dtype=torch.float32, bits=bits),
-                          "kvpack", ids, mask, steps)
-    model = tiny_model("llama", dtype=dtype, device="cuda")
+    model = tiny_model("llama")  # fp32 weights, then the same weights in 16 bits on the GPU
+    want = chunked_logits(model, kh.KVPackCache(model.config, 3, 32, granularity=granularity, device="cpu",
+                                                dtype=torch.float32, bits=bits), "kvpack", ids, mask, steps)
+    model = model.to(device="cuda", dtype=dtype)
     cache = kh.KVPackCache(model.config, 3, 32, granularity=granularity, device="cuda", dtype=dtype, bits=bits)
     got = chunked_logits(model, cache, "kvpack", ids.cuda(), mask.cuda(), steps.cuda()).float().cpu()
     assert float((got[real] - want[real]).abs().max()) <= 0.05 * float(want[real].abs().max())
