@@ -29,7 +29,6 @@ from . import torch_impl as ti
 BITS = (8, 4)
 DEFAULT_GROUP = 32  # docs/int4.md: symmetric groups of 32 channels
 SCALE_DTYPE = ti.INT4_SCALE_DTYPE  # bf16: the stored scales (quant_math.h, torch_impl.int4_sym_scale)
-SCALE_BYTES = ti.INT4_SCALE_BYTES
 CUDA_GROUPS = (32, 64, 128)  # the group sizes the CUDA kernels are built for
 
 
@@ -144,5 +143,5 @@ def decode_attention(q, k_cache, v_cache, k_scales, v_scales, lengths, granulari
     return torch.matmul(p.unsqueeze(2), v).squeeze(2).to(q.dtype)
 
 
-__all__ = ["BITS", "CUDA_GROUPS", "DEFAULT_GROUP", "SCALE_BYTES", "SCALE_DTYPE", "append", "calibrate_keys", "check_bits", "check_device", "check_inputs", "decode_attention",
+__all__ = ["BITS", "CUDA_GROUPS", "DEFAULT_GROUP", "SCALE_DTYPE", "append", "calibrate_keys", "check_bits", "check_device", "check_inputs", "decode_attention",
            "dequantize", "scale_dtype", "shapes"]

@@ -60,7 +60,6 @@ INT4_ASYM_LEVELS = 15.0
 
 
 INT4_SCALE_DTYPE = torch.bfloat16  # how INT4 scales are stored
-INT4_SCALE_BYTES = torch.empty((), dtype=INT4_SCALE_DTYPE).element_size()  # 2
 
 
 def int4_sym_scale(absmax: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,7 @@ def decode_bytes(batch: int, kv_heads: int, tokens: int, head_dim: int, granular
     scales = batch * kv_heads * (tokens if granularity == "token" else head_dim)
     groups = batch * kv_heads * tokens * (head_dim // int4_group)
     k4_scales = groups if granularity == "token" else batch * kv_heads * head_dim
-    s4 = int4.SCALE_BYTES
+    s4 = torch.empty((), dtype=int4.SCALE_DTYPE).element_size()
     return {"cache_fp16_bytes": 2 * elems * 2, "cache_int8_bytes": 2 * elems + 2 * 4 * scales,
             "cache_int4_bytes": elems + s4 * (groups + k4_scales), "int4_scale_bytes": s4}
 

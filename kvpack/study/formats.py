@@ -64,7 +64,7 @@ import torch
 from .. import ops, torch_impl
 
 SCALE_BYTES = 4  # fp32 scales, as kvpack.quantize returns them
-INT4_SCALE_BYTES = torch_impl.INT4_SCALE_BYTES  # bf16: the INT4 cache's
+INT4_SCALE_BYTES = torch.empty((), dtype=torch_impl.INT4_SCALE_DTYPE).element_size()  # bf16: the INT4 cache's
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_DTYPE = torch.float8_e4m3fn
 DEFAULT_GROUP = 64

@@ -194,7 +194,7 @@ def evaluate(model_path, *, methods=METHODS, n_seqs: int = EVAL_DEFAULTS["n_seqs
 
     return {"kind": "perplexity", "model": str(model_path), "settings": {"n_seqs": n_seqs, "seq_len": seq_len,
                                                                         "prefill": prefill, "seed": seed},
-            "int4_scale_bytes": int4.SCALE_BYTES,
+            "int4_scale_bytes": torch.empty((), dtype=int4.SCALE_DTYPE).element_size(),
             "heldout": describe(corpus("heldout")), "rows": rows, "provenance": provenance or {}}
 
 

@@ -911,8 +911,8 @@ struct SplitParams {
   const void* q;
   const int8_t* k;
   const int8_t* v;
-  const float* k_scales;  // INT8: fp32; INT4: bf16 bits, read as ScaleT<G> (the INT8 kernels' code as it was)
-  const float* v_scales;
+  const void* k_scales;  // fp32 (INT8) or bf16 (INT4: scale_ptr<G> says which)
+  const void* v_scales;
   const int32_t* lengths;
   float* partial_out;
   float* partial_stats;
@@ -1137,6 +1137,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     }
   }
 
+  using TS = ScaleT<G>;  // the cache's stored scales: fp32 (INT8) or bf16 (INT4)
+  const TS* const k_sc = static_cast<const TS*>(p.k_scales);
+  const TS* const v_sc = static_cast<const TS*>(p.v_scales);
+
   // The group's arrival and, in its last block, the merge of its parts (with p.counters); else the
   // merge kernel may start (programmatic dependent launch) once every block got here or exited.
   // Every thread of the block calls it (each part's bounds are the whole block's).
@@ -1152,7 +1156,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     if (!last) return;
     const int64_t bh0 = b * p.q_heads + h0;
     merge_group<D, QT, kTokenV>(p.partial_out + bh0 * p.splits * D, p.partial_stats + bh0 * p.splits * 2,
-                                kTokenV ? nullptr : p.v_scales + (slot * p.kv_heads + kvh) * D,
+                                kTokenV ? nullptr : static_cast<const float*>(p.v_scales) + (slot * p.kv_heads + kvh) * D,
                                 static_cast<QT*>(p.out) + bh0 * D, nh, p.splits, &s_o[0][0][0], &s_l[0][0]);
     KVPACK_MARK(6, 0u);
   };
@@ -1187,9 +1191,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   constexpr int kRowScales = kInt4 ? D / (kInt4 ? G : 1) : 1;  // token scales per row
   const int8_t* kb = p.k + kv_row0 * p.max_tokens * kRowBytes;
   const int8_t* vb = p.v + kv_row0 * p.max_tokens * kRowBytes;
-  using TS = ScaleT<G>;  // the cache's stored scales: fp32 (INT8) or bf16 (INT4)
-  const TS* ksb = kPerToken ? reinterpret_cast<const TS*>(p.k_scales) + kv_row0 * p.max_tokens * kRowScales : nullptr;
-  const TS* vsb = kTokenV ? reinterpret_cast<const TS*>(p.v_scales) + kv_row0 * p.max_tokens * kRowScales : nullptr;
+  const TS* ksb = kPerToken ? k_sc + kv_row0 * p.max_tokens * kRowScales : nullptr;
+  const TS* vsb = kTokenV ? v_sc + kv_row0 * p.max_tokens * kRowScales : nullptr;
   const int64_t last = p.max_tokens - 1;
   const int32_t* bt = kPaged ? p.block_tables + slot * p.max_pages : nullptr;
   constexpr uint32_t kStride = kDecodeWarps * kTileTokens;
@@ -1277,9 +1280,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
         const uint64_t row = page_row(page);
         load_tile4_at<D, G, kPerToken>(tile, reinterpret_cast<U8>(p.k) + (row * kRowBytes + k_off),
                                        reinterpret_cast<U8>(p.v) + (row * kRowBytes + v_off),
-                                       kPerToken ? reinterpret_cast<const TS*>(p.k_scales) + (row * kRowScales + ks_off)
-                                                 : nullptr,
-                                       reinterpret_cast<const TS*>(p.v_scales) + (row * kRowScales + vs_off));
+                                       kPerToken ? k_sc + (row * kRowScales + ks_off) : nullptr,
+                                       v_sc + (row * kRowScales + vs_off));
       } else if (unclamped(x)) {
         const uint64_t xr = x;
         load_tile4_at<D, G, kPerToken>(tile, reinterpret_cast<U8>(kbt) + xr * kRowBytes,
@@ -1291,8 +1293,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     } else if constexpr (kPaged) {
       const uint64_t row = page_row(page);
       load_tile_at<D, kPerToken>(tile, p.k + (row * D + k_off), p.v + (row * D + v_off),
-                                 kPerToken ? p.k_scales + (row + ks_off) : nullptr,
-                                 kPerToken ? p.v_scales + (row + vs_off) : nullptr);
+                                 kPerToken ? k_sc + (row + ks_off) : nullptr,
+                                 kPerToken ? v_sc + (row + vs_off) : nullptr);
     } else if (unclamped(x)) {
       const uint64_t xr = x;
       load_tile_at<D, kPerToken>(tile, kbt + xr * D, vbt + xr * D, kPerToken ? ksbt + xr : nullptr,
@@ -1342,7 +1344,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
         const int d = q_channel(l, e);
         const QT qe = KVPACK_EARLY_LOADS ? reinterpret_cast<const QT*>(&qraw[l][e / 8])[e % 8] : qp[d];
         float f = valid ? to_float(qe) * p.score_scale : 0.f;
-        if constexpr (!kPerToken) f *= scale_at(reinterpret_cast<const TS*>(p.k_scales) + scale_row * D + d);
+        if constexpr (!kPerToken) f *= scale_at(k_sc + scale_row * D + d);
         qf[16 * l + e] = f;
         amax = fmaxf(amax, fabsf(f));
       }
@@ -1722,8 +1724,8 @@ struct AppendParams {
   const int32_t* counts;
   int8_t* k_cache;
   int8_t* v_cache;
-  float* k_scales;  // INT8: fp32; INT4: bf16 bits (kv_append_int4_kernel reads and writes them as uint16_t)
-  float* v_scales;
+  void* k_scales;  // fp32 (INT8) or bf16 (INT4)
+  void* v_scales;
   int32_t* lengths;
   int32_t* arrivals;
   unsigned long long* saturated;
@@ -1785,7 +1787,7 @@ __global__ void __launch_bounds__(kAppendWarps * 32) kv_append_kernel(const Appe
     const T* src = static_cast<const T*>(is_v ? p.v : p.k) + (head * p.new_tokens + j) * D + lane * E;
     const VecN<T, E> x = load_vec<T, E>(src);
     VecN<int8_t, E> q;
-    float* scales = is_v ? p.v_scales : p.k_scales;
+    float* scales = static_cast<float*>(is_v ? p.v_scales : p.k_scales);
     // The row's place: contiguous, row pos of the (sequence, head) block; paged, in its page.
     const int64_t row = kPaged ? page_row0(p.block_tables + slot * p.max_pages, pos, p.page_size, p.max_pages,
                                            p.num_pages, p.kv_heads, h, p.clamped) + pos % p.page_size
@@ -1864,8 +1866,7 @@ void launch_decode(const DecodeArgs& a) {
   const int64_t groups = a.batch * a.kv_heads * head_groups;
   const bool small = KVPACK_FUSED_MERGE && a.splits <= kFusedMergeMaxSplits;
   int32_t* counters = small ? merge_counters(groups, a.stream) : nullptr;
-  SplitParams sp{a.q, a.k, a.v, static_cast<const float*>(a.k_scales), static_cast<const float*>(a.v_scales),
-                 a.lengths, a.partial_out, a.partial_stats,
+  SplitParams sp{a.q, a.k, a.v, a.k_scales, a.v_scales, a.lengths, a.partial_out, a.partial_stats,
                  a.batch, a.q_heads, a.kv_heads, a.max_tokens, a.splits, head_groups, a.sm_scale * kLog2e,
                  a.clamped, a.block_tables, a.seq_ids, a.num_pages, a.max_pages, a.num_slots, a.page_size,
                  counters, a.out};
@@ -1909,13 +1910,11 @@ inline dim3 append_grid(int64_t batch, int64_t kv_heads, int64_t new_tokens) {
   return dim3(bx, static_cast<unsigned>(batch));
 }
 
-// A write's kernel parameters, INT8 and INT4 alike (the scales' pointers typed as the INT8 kernel's;
-// the INT4 kernel reads and writes them as bf16 bits).
+// A write's kernel parameters, INT8 and INT4 alike.
 inline AppendParams append_params(const AppendArgs& a) {
-  return AppendParams{a.k, a.v, a.counts, a.k_cache, a.v_cache, static_cast<float*>(a.k_scales),
-                      static_cast<float*>(a.v_scales), a.lengths, a.arrivals, a.saturated, a.kv_heads,
-                      a.new_tokens, a.max_tokens, a.block_tables, a.seq_ids, a.clamped, a.num_pages,
-                      a.max_pages, a.num_slots, a.page_size};
+  return AppendParams{a.k, a.v, a.counts, a.k_cache, a.v_cache, a.k_scales, a.v_scales, a.lengths,
+                      a.arrivals, a.saturated, a.kv_heads, a.new_tokens, a.max_tokens, a.block_tables,
+                      a.seq_ids, a.clamped, a.num_pages, a.max_pages, a.num_slots, a.page_size};
 }
 
 // The INT4 formats' split plan and launch, contiguous or paged (kPaged): kernels/decode_int4.cu
