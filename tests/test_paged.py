@@ -761,8 +761,8 @@ def test_gpu_paged_decode_step_in_a_cuda_graph(bits):
     def make():
         c = {"k_pages": torch.zeros(shape, dtype=page_dtype, device="cuda"),
              "v_pages": torch.zeros(shape, dtype=page_dtype, device="cuda"),
-             "k_scales": torch.zeros(k_shape, dtype=kvpack.int4.scale_dtype(bits), device="cuda"),
-             "v_scales": torch.zeros(v_shape, dtype=kvpack.int4.scale_dtype(bits), device="cuda"),
+             "k_scales": torch.zeros(k_shape, device="cuda"),
+             "v_scales": torch.zeros(v_shape, device="cuda"),
              "block_tables": table.clone(), "lengths": torch.zeros(s, dtype=torch.int32, device="cuda")}
         extra = {"arrivals": torch.zeros(s, dtype=torch.int32, device="cuda"),
                  "saturated": torch.zeros((), dtype=torch.int64, device="cuda")}

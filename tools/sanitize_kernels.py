@@ -130,8 +130,8 @@ def run_paged() -> int:
                                                                   group_size)
                 kp = torch.zeros(shape, dtype=page_dtype, device="cuda")
                 vp = torch.zeros_like(kp)
-                ks = torch.full(k_shape, 0.01, dtype=kvpack.int4.scale_dtype(bits), device="cuda")
-                vs = torch.full(v_shape, 0.01, dtype=kvpack.int4.scale_dtype(bits), device="cuda")
+                ks = torch.full(k_shape, 0.01, device="cuda")
+                vs = torch.full(v_shape, 0.01, device="cuda")
                 perm = torch.randperm(num_pages, device="cuda", generator=g)[: slots * max_pages]
                 bt = perm.view(slots, max_pages).to(torch.int32).contiguous()
                 lengths = torch.zeros(slots, dtype=torch.int32, device="cuda")
