@@ -11,9 +11,9 @@ namespace cuda {
 namespace {
 
 // Write path: a warp per new row of K or V; each lane quantizes D / 32 consecutive elements. Per
-// group the scale bf16(absmax / 7) is reduced over the group's lanes (quant_math.h, bit-exact with
-// kvpack/torch_impl.py) and written, as bf16, by its first lane; channel keys use their calibrated
-// (bf16) scales and count saturation. Two nibbles a byte, element 2i low; lengths advance as the INT8 kernel's do.
+// group the scale absmax / 7 is reduced over the group's lanes (quant_math.h, bit-exact with
+// kvpack/torch_impl.py) and written by its first lane; channel keys use their calibrated scales
+// and count saturation. Two nibbles a byte, element 2i low; lengths advance as the INT8 kernel's do.
 template <typename T, int D, int G, bool kKeyGroups, bool kPaged>
 __global__ void __launch_bounds__(kAppendWarps * 32) kv_append_int4_kernel(const AppendParams p) {
   constexpr int E = D / 32;        // elements per lane: 2, 4 or 8
@@ -38,18 +38,17 @@ __global__ void __launch_bounds__(kAppendWarps * 32) kv_append_int4_kernel(const
       for (int e = 0; e < E; ++e) amax = absmax_combine(amax, to_float(x.val[e]));
 #pragma unroll
       for (int o = kLanes / 2; o > 0; o /= 2) amax = absmax_combine(amax, __shfl_xor_sync(kFullMask, amax, o));
-      const float s = int4_scale_from_absmax(amax);  // a bf16 value, stored as its 16 bits
-      if (lane % kLanes == 0) static_cast<uint16_t*>(is_v ? p.v_scales : p.k_scales)[row * kGroups + lane / kLanes] = bf16_bits(s);
+      const float s = int4_scale_from_absmax(amax);
+      if (lane % kLanes == 0) (is_v ? p.v_scales : p.k_scales)[row * kGroups + lane / kLanes] = s;
 #pragma unroll
       for (int e = 0; e < E; ++e) nib[e] = quantize_int4_nibble(to_float(x.val[e]), s);
     } else {
-      const uint16_t* sc = static_cast<const uint16_t*>(p.k_scales) + (slot * p.kv_heads + h) * D + lane * E;
+      const float* sc = p.k_scales + (slot * p.kv_heads + h) * D + lane * E;
 #pragma unroll
       for (int e = 0; e < E; ++e) {
         const float xe = to_float(x.val[e]);
-        const float se = float_from_bf16(sc[e]);
-        nib[e] = quantize_int4_nibble(xe, se);
-        saturated += saturates_int4(xe, se) ? 1u : 0u;
+        nib[e] = quantize_int4_nibble(xe, sc[e]);
+        saturated += saturates_int4(xe, sc[e]) ? 1u : 0u;
       }
     }
     uint32_t packed = 0;

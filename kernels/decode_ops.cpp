@@ -64,8 +64,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   cuda::DecodeArgs args{qa.const_data_ptr(),
                         static_cast<const int8_t*>(k.const_data_ptr()),  // INT4: packed bytes
                         static_cast<const int8_t*>(v.const_data_ptr()),
-                        ks.const_data_ptr(),
-                        vs.const_data_ptr(),
+                        ks.const_data_ptr<float>(),
+                        vs.const_data_ptr<float>(),
                         lengths.has_value() ? lengths->const_data_ptr<int32_t>() : nullptr,
                         out.mutable_data_ptr(),
                         ws.partial_out,
@@ -129,8 +129,8 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& kp
   args.q = qa.const_data_ptr();
   args.k = static_cast<const int8_t*>(kp.const_data_ptr());  // INT4: packed bytes
   args.v = static_cast<const int8_t*>(vp.const_data_ptr());
-  args.k_scales = ks.const_data_ptr();
-  args.v_scales = vs.const_data_ptr();
+  args.k_scales = ks.const_data_ptr<float>();
+  args.v_scales = vs.const_data_ptr<float>();
   args.lengths = lengths.const_data_ptr<int32_t>();
   args.out = out.mutable_data_ptr();
   args.partial_out = ws.partial_out;
@@ -206,8 +206,8 @@ void paged_kv_append_cuda(const at::Tensor& kp, const at::Tensor& vp, const at::
   args.counts = nullptr;
   args.k_cache = static_cast<int8_t*>(kp.mutable_data_ptr());  // INT4: packed bytes
   args.v_cache = static_cast<int8_t*>(vp.mutable_data_ptr());
-  args.k_scales = ks.mutable_data_ptr();
-  args.v_scales = vs.mutable_data_ptr();
+  args.k_scales = ks.mutable_data_ptr<float>();
+  args.v_scales = vs.mutable_data_ptr<float>();
   args.lengths = lengths.mutable_data_ptr<int32_t>();
   args.arrivals = arrivals.mutable_data_ptr<int32_t>();
   args.saturated = reinterpret_cast<unsigned long long*>(saturated.mutable_data_ptr<int64_t>());
@@ -247,8 +247,8 @@ void kv_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const 
                         counts.has_value() ? counts->const_data_ptr<int32_t>() : nullptr,
                         static_cast<int8_t*>(k_cache.mutable_data_ptr()),  // INT4: packed bytes
                         static_cast<int8_t*>(v_cache.mutable_data_ptr()),
-                        k_scales.mutable_data_ptr(),
-                        v_scales.mutable_data_ptr(),
+                        k_scales.mutable_data_ptr<float>(),
+                        v_scales.mutable_data_ptr<float>(),
                         lengths.mutable_data_ptr<int32_t>(),
                         arrivals.mutable_data_ptr<int32_t>(),
                         reinterpret_cast<unsigned long long*>(saturated.mutable_data_ptr<int64_t>()),

@@ -83,14 +83,14 @@ class KVCache:
         # reader of the buffers) should find defined memory there.
         code = torch.int8
         v_scale_shape = scale_shape
-        if bits == 4:  # two values a byte, a bf16 scale per group of channels (kvpack/int4.py)
+        if bits == 4:  # two values a byte, a scale per group of channels (kvpack/int4.py)
             shape, scale_shape, v_scale_shape = int4.shapes(batch, kv_heads, head_dim, max_tokens, granularity,
                                                             group_size)
             code = torch.uint8
         self.k_cache = torch.zeros(shape, dtype=code, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=code, device=self.device)
-        self.k_scales = torch.zeros(scale_shape, dtype=int4.scale_dtype(bits), device=self.device)
-        self.v_scales = torch.zeros(v_scale_shape, dtype=int4.scale_dtype(bits), device=self.device)
+        self.k_scales = torch.zeros(scale_shape, dtype=torch.float32, device=self.device)
+        self.v_scales = torch.zeros(v_scale_shape, dtype=torch.float32, device=self.device)
         self.saturated = torch.zeros((), dtype=torch.int64, device=self.device)
         self._lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self._arrivals = torch.zeros(batch, dtype=torch.int32, device=self.device)  # the write kernel's counter
@@ -116,8 +116,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the cache's buffers: K and V (int8, or packed int4) and their scales (fp32, or bf16 for
-        int4; the lengths not counted)."""
+        """Bytes of the cache's buffers: K and V (int8, or packed int4) and their fp32 scales (the lengths not counted)."""
         return sum(t.numel() * t.element_size() for t in (self.k_cache, self.v_cache, self.k_scales, self.v_scales))
 
     def sync_lengths(self) -> torch.Tensor:

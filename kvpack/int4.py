@@ -8,16 +8,11 @@ Layout:
 
 * ``k_cache``, ``v_cache``: uint8 ``[B, Hkv, T_max, D / 2]``, two values per byte (element 2i in the
   low nibble), each stored as ``q + 8`` (q in [-7, 7]);
-* ``granularity="token"``: ``k_scales``, ``v_scales`` bf16 ``[B, Hkv, T_max, D / group_size]``: one
+* ``granularity="token"``: ``k_scales``, ``v_scales`` fp32 ``[B, Hkv, T_max, D / group_size]``: one
   scale absmax / 7 per group of ``group_size`` consecutive channels of a token, computed on write;
-* ``granularity="channel"``: keys per channel, KIVI's choice: ``k_scales`` bf16 ``[B, Hkv, D]``
+* ``granularity="channel"``: keys per channel, KIVI's choice: ``k_scales`` fp32 ``[B, Hkv, D]``
   calibrated by a sequence's first append with rows for it (absmax over them / 7, as the INT8 cache's
   channel scales; later keys beyond it saturate at +-7 and are counted), values per token group as above.
-
-Scales are bf16 (``SCALE_DTYPE``): 2 bytes a group, so a cache with groups of 32 holds 0.5625 bytes a
-value (fp32 scales: 0.625), and a decode step reads 10% fewer bytes. bf16 keeps fp32's range; the
-scale is rounded before quantizing, so the error bound stays half the stored scale
-(kernels/include/kvpack/quant_math.h, docs/int4.md).
 """
 
 from __future__ import annotations
@@ -28,13 +23,7 @@ from . import torch_impl as ti
 
 BITS = (8, 4)
 DEFAULT_GROUP = 32  # docs/int4.md: symmetric groups of 32 channels
-SCALE_DTYPE = ti.INT4_SCALE_DTYPE  # bf16: the stored scales (quant_math.h, torch_impl.int4_sym_scale)
 CUDA_GROUPS = (32, 64, 128)  # the group sizes the CUDA kernels are built for
-
-
-def scale_dtype(bits: int) -> torch.dtype:
-    """The dtype of a cache's scales: fp32 for INT8, bf16 (SCALE_DTYPE) for INT4."""
-    return SCALE_DTYPE if bits == 4 else torch.float32
 
 
 def check_bits(bits, group_size, head_dim: int) -> None:
@@ -90,7 +79,7 @@ def append(cache, k: torch.Tensor, v: torch.Tensor, n: list[int]) -> None:
             kp, ks = _quantize_rows(k[b, :, :c], g)
             cache.k_scales[b, :, sl] = ks
         else:
-            s = cache.k_scales[b].unsqueeze(1).float()  # [Hkv, 1, D]
+            s = cache.k_scales[b].unsqueeze(1)  # [Hkv, 1, D]
             x = k[b, :, :c].float()
             nib = ti.quantize_int4(x, s)
             clipped += int(torch.where(s == 0, x != 0, ~((x / s).abs() < ti.INT4_SYM_QMAX + 0.5)).sum())
@@ -104,8 +93,8 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, per_channel: bool) ->
     """fp32 ``[B, Hkv, T, D]`` of a packed INT4 cache and its scales."""
     nib = ti.unpack_nibbles(packed)
     if per_channel:
-        return ti.dequantize_int4(nib, scales.float().unsqueeze(2))
-    return ti.int4_dequantize_groups(nib, scales.float(), None)
+        return ti.dequantize_int4(nib, scales.unsqueeze(2))
+    return ti.int4_dequantize_groups(nib, scales, None)
 
 
 def check_inputs(q, k_cache, v_cache, k_scales, v_scales, granularity: str, group_size: int) -> None:
@@ -116,8 +105,8 @@ def check_inputs(q, k_cache, v_cache, k_scales, v_scales, granularity: str, grou
                              f"byte), got {c.dtype} {tuple(c.shape)}")
     _, kv_shape, v_shape = shapes(b, k_cache.shape[1], d, k_cache.shape[2], granularity, group_size)
     for name, s, want in (("k_scales", k_scales, kv_shape), ("v_scales", v_scales, v_shape)):
-        if s.dtype != SCALE_DTYPE or tuple(s.shape) != want:
-            raise ValueError(f"{name} must be bfloat16 {want} for bits=4, granularity={granularity!r}, "
+        if s.dtype != torch.float32 or tuple(s.shape) != want:
+            raise ValueError(f"{name} must be float32 {want} for bits=4, granularity={granularity!r}, "
                              f"group_size={group_size}, got {s.dtype} {tuple(s.shape)}")
 
 
@@ -143,5 +132,5 @@ def decode_attention(q, k_cache, v_cache, k_scales, v_scales, lengths, granulari
     return torch.matmul(p.unsqueeze(2), v).squeeze(2).to(q.dtype)
 
 
-__all__ = ["BITS", "CUDA_GROUPS", "DEFAULT_GROUP", "SCALE_DTYPE", "append", "calibrate_keys", "check_bits", "check_device", "check_inputs", "decode_attention",
-           "dequantize", "scale_dtype", "shapes"]
+__all__ = ["BITS", "CUDA_GROUPS", "DEFAULT_GROUP", "append", "calibrate_keys", "check_bits", "check_device", "check_inputs", "decode_attention",
+           "dequantize", "shapes"]

@@ -20,9 +20,9 @@ Layout (what ``paged_decode_attention`` reads; HND pages, as FlashInfer's HND la
   (then S == B).
 
 ``bits=4`` (``kvpack/int4.py``'s format, in the same page layout): uint8 pages ``[num_pages, Hkv,
-page_size, D / 2]`` (two values a byte), value scales (and key scales, ``"token"``) bf16 ``[num_pages,
+page_size, D / 2]`` (two values a byte), value scales (and key scales, ``"token"``) fp32 ``[num_pages,
 Hkv, page_size, D / group_size]``, one per group of ``group_size`` channels of a token row; with
-``"channel"`` the keys are scaled per channel, bf16 ``[S, Hkv, D]``, calibrated by a sequence's first
+``"channel"`` the keys are scaled per channel, ``[S, Hkv, D]``, calibrated by a sequence's first
 append (absmax / 7), and the values stay in token groups. On CUDA, groups of 32, 64 or 128.
 
 Arithmetic: the same as ``kvpack.KVCache``. A token row's scale is absmax / 127 and its values are
@@ -169,9 +169,8 @@ def check_paged_cache(k_pages, v_pages, k_scales, v_scales, block_tables, length
     for name, x, shape in (("k_scales", k_scales, k_shape), ("v_scales", v_scales, v_shape)):
         kind = kinds[len(shape)]
         _tensor(x, name, len(shape), kind)
-        if x.dtype != int4.scale_dtype(bits):
-            raise TypeError(f"{name} must be {str(int4.scale_dtype(bits)).replace('torch.', '')} for bits={bits}, "
-                            f"got {x.dtype}")
+        if x.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {x.dtype}")
         if tuple(x.shape) != shape:
             raise ValueError(f"{name} must have shape {shape} for granularity={granularity!r}, bits={bits} {kind}, "
                              f"got {tuple(x.shape)}")
@@ -432,9 +431,8 @@ def _paged_kv_append_cpu(k_pages, v_pages, k_scales, v_scales, block_tables, len
         int4.shapes(b, hkv, d, t, granularity, group_size)
     stage = SimpleNamespace(
         k_cache=torch.zeros(shape, dtype=k_pages.dtype), v_cache=torch.zeros(shape, dtype=k_pages.dtype),
-        k_scales=torch.zeros(k_shape, dtype=k_scales.dtype) if granularity == "token" else k_scales[slots].contiguous(),
-        v_scales=(torch.zeros(v_shape, dtype=v_scales.dtype) if granularity == "token" or bits == 4
-                  else v_scales[slots].contiguous()),
+        k_scales=torch.zeros(k_shape) if granularity == "token" else k_scales[slots].contiguous(),
+        v_scales=torch.zeros(v_shape) if granularity == "token" or bits == 4 else v_scales[slots].contiguous(),
         saturated=saturated, _lengths=torch.zeros(b, dtype=torch.int32), _host_lengths=[0] * b,
         group_size=group_size, granularity=granularity)  # channel scales: the slots' own
     if bits == 8:
@@ -493,8 +491,8 @@ class PagedKVCache:
         # Zeros, not empty: rows no sequence holds are never used, but should be defined memory.
         self.k_pages = torch.zeros(shape, dtype=page_dtype, device=dev)
         self.v_pages = torch.zeros(shape, dtype=page_dtype, device=dev)
-        self.k_scales = torch.zeros(k_shape, dtype=int4.scale_dtype(bits), device=dev)
-        self.v_scales = torch.zeros(v_shape, dtype=int4.scale_dtype(bits), device=dev)
+        self.k_scales = torch.zeros(k_shape, dtype=torch.float32, device=dev)
+        self.v_scales = torch.zeros(v_shape, dtype=torch.float32, device=dev)
         self.block_tables = torch.zeros((max_seqs, self.max_pages_per_seq), dtype=torch.int32, device=dev)
         self.saturated = torch.zeros((), dtype=torch.int64, device=dev)  # as KVCache.saturated
         self._lengths = torch.zeros(max_seqs, dtype=torch.int32, device=dev)
@@ -645,7 +643,7 @@ class PagedKVCache:
             self.block_tables.view(-1).index_copy_(0, dev[b:b + n], dev[b + n:b + 2 * n].to(torch.int32))
         if scales is not None:
             fresh_slots = dev[b + 2 * n:]
-            self.k_scales.index_copy_(0, fresh_slots, scales[0].to(self.k_scales.dtype))  # INT4: bf16 values
+            self.k_scales.index_copy_(0, fresh_slots, scales[0])
             if self.bits == 8:  # INT4 values stay in token groups
                 self.v_scales.index_copy_(0, fresh_slots, scales[1])
             self._calibrated.update(ids[i] for i in fresh)

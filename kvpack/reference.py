@@ -205,16 +205,6 @@ def _fp32(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float64).astype(np.float32).astype(np.float64)
 
 
-def _bf16(a) -> np.ndarray:
-    """fp32 values rounded to bfloat16 (nearest, ties to even, on the fp32 bits; NaN stays NaN), as float64."""
-    with np.errstate(invalid="ignore"):  # NaNs pass through the casts
-        f = np.asarray(a, dtype=np.float64).astype(np.float32)
-    u = f.view(np.uint32).astype(np.uint64)
-    r = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16) & 0xFFFFFFFF
-    out = r.astype(np.uint32).view(np.float32).astype(np.float64)
-    return np.where(np.isnan(f), np.nan, out)
-
-
 def int4_quantize(x, group: int, symmetric: bool = True, granularity: str = "token"):
     """INT4 of a [T, D] array: ``granularity="token"``: groups of ``group`` consecutive channels of each
     token (row); ``"channel"``: one group per channel over all T tokens (``group`` ignored).
@@ -231,7 +221,7 @@ def int4_quantize(x, group: int, symmetric: bool = True, granularity: str = "tok
         raise ValueError(f"granularity must be 'token' or 'channel', got {granularity!r}")
     with np.errstate(divide="ignore", invalid="ignore"):
         if symmetric:
-            scale = _bf16(_fp32(np.abs(g).max(axis=-1) / INT4_SYM_QMAX))  # stored in bf16
+            scale = _fp32(np.abs(g).max(axis=-1) / INT4_SYM_QMAX)
             r = _fp32(g / scale[..., None])
             q = np.clip(np.rint(r), -INT4_SYM_QMAX, INT4_SYM_QMAX) + 8
             q = np.where(scale[..., None] == 0, 8, q)

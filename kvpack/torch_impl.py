@@ -48,9 +48,8 @@ def quantize_fused_torch(x: torch.Tensor, granularity: str = "channel") -> tuple
 
 # --- INT4 (issue 17): two values per byte, a scale per group -----------------------------------------
 #
-# Symmetric: scale = bf16(fp32(absmax / 7)) (the quotient rounded to nearest even at bfloat16's 8
-# significant bits: the scales are stored in bf16, quant_math.h says why); q = clamp(round_half_even(
-# fp32(x / scale)), -7, 7), stored as the nibble q + 8 (1..15); x_hat = fp32(q * scale). Asymmetric: lo = min, range = fp32(max - lo),
+# Symmetric: scale = fp32(absmax / 7); q = clamp(round_half_even(fp32(x / scale)), -7, 7), stored as
+# the nibble q + 8 (1..15); x_hat = fp32(q * scale). Asymmetric: lo = min, range = fp32(max - lo),
 # scale = fp32(range / 15); q = clamp(round_half_even(fp32(fp32(x - lo) / scale)), 0, 15), the nibble
 # itself; x_hat = fp32(fp32(q * scale) + lo). A zero scale gives q = 0 (x_hat = lo, or 0). Every step
 # is one IEEE fp32 operation, so kvpack/reference.py's float64 version is bit-exact with this one.
@@ -59,14 +58,9 @@ INT4_SYM_QMAX = 7.0
 INT4_ASYM_LEVELS = 15.0
 
 
-INT4_SCALE_DTYPE = torch.bfloat16  # how INT4 scales are stored
-
-
 def int4_sym_scale(absmax: torch.Tensor) -> torch.Tensor:
-    """bf16(absmax / 7) as fp32 (exactly representable in INT4_SCALE_DTYPE)."""
     absmax = absmax.float()
-    # the IEEE quotient (see scale_from_absmax), then round to nearest even in bf16 (torch's conversion)
-    return (absmax / torch.full_like(absmax, INT4_SYM_QMAX)).to(INT4_SCALE_DTYPE).float()
+    return absmax / torch.full_like(absmax, INT4_SYM_QMAX)  # the IEEE quotient (see scale_from_absmax)
 
 
 def int4_asym_params(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -235,17 +235,15 @@ def test_int4_key_transforms_are_exact_inverses_and_help_outlier_channels():
         assert torch.equal(fmt.roundtrip(xb)[1], fmt.roundtrip(xb[1]))
         assert torch.equal(fmt.roundtrip(torch.zeros(16, 128)), torch.zeros(16, 128))
     # smoothing: codes on the INT4 grid, a 7 in every token group and in every channel, come back
-    # (every factor is sqrt(7 u), every group's scale u / sqrt(7 u): u = 1.75, factors 3.5, scales
-    # 0.5, exact in the bf16 the scales are stored in)
+    # (every factor is sqrt(7 u), every group's scale u / sqrt(7 u))
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(-7, 8, (64, 128), generator=g).float()
     codes[:, ::32] = 7
     codes[0] = 7
-    exact = codes * 1.75
-    assert torch.allclose(F.smoothing_factors(exact), torch.full((1, 128), 3.5))
+    exact = codes * 0.25
+    assert torch.allclose(F.smoothing_factors(exact), torch.full((1, 128), 1.75**0.5))
     assert torch.allclose(F.int4_token_groups_smooth(exact, 32), exact, rtol=1e-6, atol=0)
-    # bf16 group scales (2 bytes), fp32 factors (4)
-    assert F.get_format("int4_token_g32_smooth").bytes_per_element(2048, 128) == 0.5 + 2 / 32 + 4 / 2048
+    assert F.get_format("int4_token_g32_smooth").bytes_per_element(2048, 128) == 0.5 + 4 / 32 + 4 / 2048
     with pytest.raises(ValueError, match="even"):
         F.get_format("int4_token_g3_smooth")
 

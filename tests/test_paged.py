@@ -52,7 +52,7 @@ def gathered(k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_id
     INT4 pages (uint8): packed rows and group scales alike; their value scales are always per token."""
     int4 = k_pages.dtype == torch.uint8
     kp, vp = k_pages.cpu().numpy(), v_pages.cpu().numpy()
-    ksp, vsp = k_scales.cpu().float().numpy(), v_scales.cpu().float().numpy()  # INT4's bf16: exact in fp32
+    ksp, vsp = k_scales.cpu().numpy(), v_scales.cpu().numpy()
     table, lens = block_tables.cpu().numpy(), lengths.cpu().numpy()
     p = kp.shape[2]
     out = {"k": [], "v": [], "ks": [], "vs": [], "n": []}
@@ -89,8 +89,7 @@ def assert_same_rows(paged, contiguous, ids):
     of ``contiguous`` is slot ids[i]); per-channel scales, per sequence, equal whole."""
     g = cache_gathered(paged, ids)
     for name, cname in (("k", "k_cache"), ("v", "v_cache"), ("ks", "k_scales"), ("vs", "v_scales")):
-        want = getattr(contiguous, cname).cpu()
-        want = (want.float() if want.is_floating_point() else want).numpy()
+        want = getattr(contiguous, cname).cpu().numpy()
         per_sequence = paged.granularity == "channel" and (name == "ks" or (name == "vs" and paged.bits == 8))
         for i, length in enumerate(paged.lengths(ids)):
             got, exp = (g[name][i], want[i]) if per_sequence else (g[name][i, :, :length], want[i, :, :length])
@@ -526,9 +525,9 @@ def test_nbytes_and_repr():
                            f"nbytes={cache.nbytes})")
     # INT4: half a byte a value, a scale per group of a token (keys per channel and slot with "channel")
     c4 = PagedKVCache(10, 32, 2, 128, device="cpu", max_seqs=4, max_pages_per_seq=5, bits=4, group_size=64)
-    assert c4.nbytes == 2 * 10 * 2 * 32 * 64 + 2 * 10 * 2 * 32 * 2 * 2 + 4 * 5 * 4  # bf16 scales: 2 bytes
+    assert c4.nbytes == 2 * 10 * 2 * 32 * 64 + 2 * 10 * 2 * 32 * 2 * 4 + 4 * 5 * 4
     ch4 = PagedKVCache(10, 32, 2, 128, granularity="channel", device="cpu", max_seqs=4, max_pages_per_seq=5, bits=4)
-    assert ch4.nbytes == 2 * 10 * 2 * 32 * 64 + 4 * 2 * 128 * 2 + 10 * 2 * 32 * 4 * 2 + 4 * 5 * 4
+    assert ch4.nbytes == 2 * 10 * 2 * 32 * 64 + 4 * 2 * 128 * 4 + 10 * 2 * 32 * 4 * 4 + 4 * 5 * 4
     assert (ch4.k_pages.dtype, tuple(ch4.k_pages.shape), tuple(ch4.v_scales.shape)) == (
         torch.uint8, (10, 2, 32, 64), (10, 2, 32, 4))
     assert "bits=4, group_size=64, device='cpu'" in repr(c4)
@@ -615,10 +614,7 @@ def test_int4_format_errors():
     shape, k_shape, v_shape, dt = page_shapes(6, 2, 16, 64, 3, "token", bits=4, group_size=32)
     assert (shape, k_shape, v_shape, dt) == ((6, 2, 16, 32), (6, 2, 16, 2), (6, 2, 16, 2), torch.uint8)
     int4_args = {**args, "k_pages": torch.zeros(shape, dtype=dt), "v_pages": torch.zeros(shape, dtype=dt),
-                 "k_scales": torch.zeros(k_shape, dtype=torch.bfloat16),
-                 "v_scales": torch.zeros(v_shape, dtype=torch.bfloat16)}
-    with pytest.raises(TypeError, match="k_scales must be bfloat16 for bits=4, got torch.float32"):
-        paged_decode_attention(**{**int4_args, "k_scales": torch.zeros(k_shape)}, bits=4)
+                 "k_scales": torch.zeros(k_shape), "v_scales": torch.zeros(v_shape)}
     with pytest.raises(TypeError, match="k_pages must be int8 for bits=8"):
         paged_decode_attention(**int4_args)
     with pytest.raises(ValueError, match=r"k_scales must have shape \(6, 2, 16, 4\) .*bits=4"):
@@ -626,8 +622,7 @@ def test_int4_format_errors():
     with pytest.raises(ValueError, match="group_size = 48 must be an even divisor of head_dim = 64"):
         paged_decode_attention(**int4_args, bits=4, group_size=48)
     with pytest.raises(ValueError, match=r"v_scales must be a 4-D tensor \[num_pages, Hkv, page_size, D / group_size\]"):
-        paged_decode_attention(**{**int4_args, "k_scales": torch.zeros(3, 2, 64, dtype=torch.bfloat16),
-                                  "v_scales": torch.zeros(3, 2, 64, dtype=torch.bfloat16)},
+        paged_decode_attention(**{**int4_args, "k_scales": torch.zeros(3, 2, 64), "v_scales": torch.zeros(3, 2, 64)},
                                bits=4, granularity="channel", group_size=32)
     out = paged_decode_attention(**int4_args, bits=4)  # well-formed (all-zero scales): zeros
     assert out.shape == args["q"].shape and not out.any()

@@ -291,8 +291,7 @@ def test_int4_record_and_its_headline():
     for r in rec["rows"]:
         assert r["status"] == "ok" and r["int4_group"] == 32
         elems = r["batch"] * r["kv_heads"] * r["T"] * r["head_dim"]
-        # nibbles + a K and a V scale per 32 values (fp32 in this record, made before the scales were bf16)
-        assert r["cache_int4_bytes"] == elems + r.get("int4_scale_bytes", 4) * 2 * elems // 32
+        assert r["cache_int4_bytes"] == elems + 4 * 2 * elems // 32  # nibbles + a K and a V scale per 32 values
         assert abs(r["int4_byte_bound_ms"] - r["cache_int4_bytes"] / (copy * 1e6)) < 1e-9
         assert abs(r["int4_speedup_vs_sdpa"] - r["sdpa_best_median_ms"] / r["int4_median_ms"]) < 1e-12
         assert abs(r["int4_vs_fused"] - r["fused_median_ms"] / r["int4_median_ms"]) < 1e-12

@@ -308,12 +308,10 @@ def perplexity_table(path=PERPLEXITY_RECORD) -> pd.DataFrame:
     import json
 
     rec = json.loads(Path(path).read_text())
-    # bytes per cached value, scales included (INT8 fp32, INT4 bf16; head_dim 64; per-channel scales ~0
-    # over many tokens; int4_channel: keys per channel, values per group of 32); exact: the fp32 cache
-    # the model runs in. A record made before the INT4 scales were bf16 says int4_scale_bytes 4 (or nothing).
-    s4 = rec.get("int4_scale_bytes", 4)
-    bpe = {"exact": 4.0, "int8_token": 1 + 4 / 64, "int8_channel": 1.0, "int4_token_g32": 0.5 + s4 / 32,
-           "int4_channel": (0.5 + 0.5 + s4 / 32) / 2}
+    # bytes per cached value, fp32 scales included (head_dim 64; per-channel scales ~0 over many tokens;
+    # int4_channel: keys per channel, values per group of 32); exact: the fp32 cache the model runs in
+    bpe = {"exact": 4.0, "int8_token": 1 + 4 / 64, "int8_channel": 1.0, "int4_token_g32": 0.5 + 4 / 32,
+           "int4_channel": (0.5 + 0.5 + 4 / 32) / 2}
     return pd.DataFrame([{"cache": r["method"], "bytes_per_value": bpe.get(r["method"], math.nan),
                           "perplexity": float(r["perplexity"]), "ratio_to_exact": float(r["vs_exact"])}
                          for r in rec["rows"]])

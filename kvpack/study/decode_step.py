@@ -28,7 +28,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from .. import int4, ops
+from .. import ops
 from ..cache import KVCache
 from ..decode_attention import decode_attention
 from . import bench
@@ -51,16 +51,14 @@ def _uniform(shape, dtype, device, gen) -> torch.Tensor:
 def decode_bytes(batch: int, kv_heads: int, tokens: int, head_dim: int, granularity: str = "token",
                  int4_group: int = 32) -> dict:
     """Bytes one decode step must read: the fp16 cache, the int8 cache with its fp32 scales, and the
-    INT4 cache (packed nibbles, a bf16 scale per ``int4_group`` channels of a token; keys per channel
-    with granularity "channel"); ``int4_scale_bytes``: the size of an INT4 scale (records made before
-    the scales were bf16 lack it: 4)."""
+    INT4 cache (packed nibbles, an fp32 scale per ``int4_group`` channels of a token; keys per channel
+    with granularity "channel")."""
     elems = batch * kv_heads * tokens * head_dim
     scales = batch * kv_heads * (tokens if granularity == "token" else head_dim)
     groups = batch * kv_heads * tokens * (head_dim // int4_group)
     k4_scales = groups if granularity == "token" else batch * kv_heads * head_dim
-    s4 = torch.empty((), dtype=int4.SCALE_DTYPE).element_size()
     return {"cache_fp16_bytes": 2 * elems * 2, "cache_int8_bytes": 2 * elems + 2 * 4 * scales,
-            "cache_int4_bytes": elems + s4 * (groups + k4_scales), "int4_scale_bytes": s4}
+            "cache_int4_bytes": elems + 4 * (groups + k4_scales)}
 
 
 def decode_point(T: int, batch: int = 1, q_heads: int = 32, kv_heads: int = 32, head_dim: int = 128, *,

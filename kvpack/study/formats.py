@@ -26,25 +26,23 @@ FORMATS (8-bit payload each; bytes per element = 1 + fp32 scales / elements):
                        rotation is block-diagonal, blocks of the largest power of two dividing D
                        (D=96: three 32x32 blocks; odd D: no rotation). Rotation in fp32.  1 + 4/D
 
-INT4 formats (issue 17; half a byte per value, kvpack/torch_impl.py's arithmetic; the symmetric
-ones with bf16 scales, as the INT4 cache stores them, the asymmetric ones, which no cache stores,
-with fp32 (scale, min)):
+INT4 formats (issue 17; half a byte per value, kvpack/torch_impl.py's arithmetic, fp32 metadata):
 
   int4_token_g{G}       symmetric, one scale absmax / 7 per group of G consecutive channels of a
-                        token (G = 32, 64, 128; a G past D is D).                       0.5 + 2/G
+                        token (G = 32, 64, 128; a G past D is D).                       0.5 + 4/G
   int4_token_g{G}_asym  asymmetric, (scale = (max - min) / 15, min) per group.           0.5 + 8/G
-  int4_channel          symmetric, one scale per channel over all T tokens (KIVI's keys). 0.5 + 2/T
+  int4_channel          symmetric, one scale per channel over all T tokens (KIVI's keys). 0.5 + 4/T
   int4_channel_asym     asymmetric per channel.                                           0.5 + 8/T
 
 Two key transforms before the token groups, by name through get_format (not in FORMATS; the INT4
 study, tools/int4_study.py, compares them), each exact on q . k when the query gets its inverse:
 
   int4_token_g{G}_hadamard  int4_token_g{G} of x H, then x_hat H^T (the rotation of
-                            int8_token_hadamard): outlier channels spread over the row.   0.5 + 2/G
+                            int8_token_hadamard): outlier channels spread over the row.   0.5 + 4/G
   int4_token_g{G}_smooth    int4_token_g{G} of x / s, then x_hat s, with one factor per channel
                             s_d = sqrt(max_t |x[t, d]|) (SmoothQuant's migration, alpha = 1/2,
                             arXiv 2211.10438; the query takes q s): a large channel is shrunk
-                            before it shares a group (fp32 factors).          0.5 + 2/G + 4/T
+                            before it shares a group.                         0.5 + 4/G + 4/T
 
 ``identity`` (not in FORMATS) returns its input unchanged: the unquantized baseline, stored at
 the input's own element size.
@@ -64,7 +62,6 @@ import torch
 from .. import ops, torch_impl
 
 SCALE_BYTES = 4  # fp32 scales, as kvpack.quantize returns them
-INT4_SCALE_BYTES = torch.empty((), dtype=torch_impl.INT4_SCALE_DTYPE).element_size()  # bf16: the INT4 cache's
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_DTYPE = torch.float8_e4m3fn
 DEFAULT_GROUP = 64
@@ -211,18 +208,17 @@ class Format:
     scale_count: Callable[[int, int], int] = field(repr=False)  # fp32 scales per [T, D] matrix
     payload_bytes: float | None = 1.0  # None: the input's own element size (identity)
     granularity: str = ""
-    meta_per_scale: int = 1  # values stored per scale (2: an asymmetric format's scale and min)
-    scale_bytes: int = SCALE_BYTES  # bytes of each (INT4 symmetric: bf16, INT4_SCALE_BYTES)
+    meta_per_scale: int = 1  # fp32 values stored per scale (2: an asymmetric format's scale and min)
 
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
 
     def bytes_per_element(self, T: int, D: int, dtype=torch.float16) -> float:
-        """Bytes per stored element of one [T, D] matrix: payload + scales / (T D).
+        """Bytes per stored element of one [T, D] matrix: payload + fp32 scales / (T D).
 
         ``dtype`` matters only for ``identity`` (the unquantized cache, default fp16)."""
         payload = torch.empty((), dtype=dtype).element_size() if self.payload_bytes is None else self.payload_bytes
-        return payload + self.scale_bytes * self.meta_per_scale * self.scale_count(T, D) / (T * D)
+        return payload + SCALE_BYTES * self.meta_per_scale * self.scale_count(T, D) / (T * D)
 
     def bits_per_element(self, T: int, D: int, dtype=torch.float16) -> float:
         return 8.0 * self.bytes_per_element(T, D, dtype)
@@ -246,8 +242,7 @@ def int4_format(name: str) -> Format | None:
         kind = "symmetric" if sym else "asymmetric (scale, min)"
         return Format(name, f"INT4 {kind}, one group per {G} channels of a token",
                       functools.partial(int4_token_groups, group=G, symmetric=sym),
-                      lambda T, D, G=G: T * -(-D // min(G, D)), 0.5, f"token_g{G}", 1 if sym else 2,
-                      INT4_SCALE_BYTES if sym else SCALE_BYTES)
+                      lambda T, D, G=G: T * -(-D // min(G, D)), 0.5, f"token_g{G}", 1 if sym else 2)
     m = re.fullmatch(r"int4_token_g(\d+)_(hadamard|smooth)", str(name))
     if m:
         G, how = int(m.group(1)), m.group(2)
@@ -256,18 +251,16 @@ def int4_format(name: str) -> Format | None:
         if how == "hadamard":
             return Format(name, f"INT4 symmetric, groups of {G} channels, after a Walsh-Hadamard rotation",
                           functools.partial(int4_token_groups_hadamard, group=G),
-                          lambda T, D, G=G: T * -(-D // min(G, D)), 0.5, f"token_g{G}", 1, INT4_SCALE_BYTES)
+                          lambda T, D, G=G: T * -(-D // min(G, D)), 0.5, f"token_g{G}")
         return Format(name, f"INT4 symmetric, groups of {G} channels, channels smoothed by sqrt(absmax)",
-                      functools.partial(int4_token_groups_smooth, group=G),  # the D fp32 factors: 2 bf16 each
-                      lambda T, D, G=G: T * -(-D // min(G, D)) + D * SCALE_BYTES // INT4_SCALE_BYTES, 0.5,
-                      f"token_g{G}", 1, INT4_SCALE_BYTES)
+                      functools.partial(int4_token_groups_smooth, group=G),
+                      lambda T, D, G=G: T * -(-D // min(G, D)) + D, 0.5, f"token_g{G}")
     m = re.fullmatch(r"int4_channel(_asym)?", str(name))
     if m:
         sym = m.group(1) is None
         kind = "symmetric" if sym else "asymmetric (scale, min)"
         return Format(name, f"INT4 {kind}, one group per channel over all tokens (KIVI's keys)",
-                      functools.partial(int4_channel, symmetric=sym), lambda T, D: D, 0.5, "channel", 1 if sym else 2,
-                      INT4_SCALE_BYTES if sym else SCALE_BYTES)
+                      functools.partial(int4_channel, symmetric=sym), lambda T, D: D, 0.5, "channel", 1 if sym else 2)
     return None
 
 

@@ -190,11 +190,8 @@ def evaluate(model_path, *, methods=METHODS, n_seqs: int = EVAL_DEFAULTS["n_seqs
     exact = next((r for r in rows if r["method"] == "exact"), None)
     for r in rows:
         r["vs_exact"] = r["perplexity"] / exact["perplexity"] if exact else math.nan
-    from .. import int4
-
     return {"kind": "perplexity", "model": str(model_path), "settings": {"n_seqs": n_seqs, "seq_len": seq_len,
                                                                         "prefill": prefill, "seed": seed},
-            "int4_scale_bytes": torch.empty((), dtype=int4.SCALE_DTYPE).element_size(),
             "heldout": describe(corpus("heldout")), "rows": rows, "provenance": provenance or {}}
 
 

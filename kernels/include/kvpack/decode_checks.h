@@ -41,9 +41,8 @@ inline void check_head_dim(int64_t d) {
   TORCH_CHECK_VALUE(d == 64 || d == 128 || d == 256, "kvpack: head dimension D must be 64, 128 or 256, got ", d);
 }
 
-// The cache's format from its dtype: int8 (fp32 scales), or uint8 for packed INT4 (CUDA only:
-// allow_int4; bf16 scales), whose group size is D / v_scales.size(3). Checks the caches and scales
-// against it; fills s.group.
+// The cache's format from its dtype: int8, or uint8 for packed INT4 (CUDA only: allow_int4), whose
+// group size is D / v_scales.size(3). Checks the caches and scales against it; fills s.group.
 inline void check_cache_format(DecodeShape& s, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ks,
                                const at::Tensor& vs, const at::Tensor& like, bool allow_int4) {
   const bool int4 = k.scalar_type() == at::kByte;
@@ -66,11 +65,11 @@ inline void check_cache_format(DecodeShape& s, const at::Tensor& k, const at::Te
   check_cache_tensor(v, "v_cache", at::kByte, {s.batch, s.kv_heads, s.max_tokens, s.head_dim / 2}, like);
   const int64_t groups = s.head_dim / s.group;
   if (s.per_token) {
-    check_cache_tensor(ks, "k_scales", at::kBFloat16, {s.batch, s.kv_heads, s.max_tokens, groups}, like);
+    check_cache_tensor(ks, "k_scales", at::kFloat, {s.batch, s.kv_heads, s.max_tokens, groups}, like);
   } else {
-    check_cache_tensor(ks, "k_scales", at::kBFloat16, {s.batch, s.kv_heads, s.head_dim}, like);
+    check_cache_tensor(ks, "k_scales", at::kFloat, {s.batch, s.kv_heads, s.head_dim}, like);
   }
-  check_cache_tensor(vs, "v_scales", at::kBFloat16, {s.batch, s.kv_heads, s.max_tokens, groups}, like);
+  check_cache_tensor(vs, "v_scales", at::kFloat, {s.batch, s.kv_heads, s.max_tokens, groups}, like);
 }
 
 // q [B, Hq, D] fp16/bf16 (fp32 too where allow_fp32_q: the CPU implementation, which computes in
@@ -138,9 +137,9 @@ struct PagedShape {
 // [16, 256]), token scales fp32 [num_pages, Hkv, page_size] or channel scales [num_slots, Hkv, D],
 // block_tables int32 [num_slots, max_pages], lengths int32 [num_slots], seq_ids int32 [B] or absent
 // (then num_slots == B). `rows` is B, the rows of q (attention) or of k and v (append). INT4 pages
-// (uint8, two values a byte): [num_pages, Hkv, page_size, D / 2], bf16 v scales (and k scales, "token")
-// [num_pages, Hkv, page_size, D / group], bf16 k scales per channel [num_slots, Hkv, D] ("channel");
-// the group is D / v_scales.size(3).
+// (uint8, two values a byte): [num_pages, Hkv, page_size, D / 2], v scales (and k scales, "token")
+// [num_pages, Hkv, page_size, D / group], k scales per channel [num_slots, Hkv, D] ("channel"); the
+// group is D / v_scales.size(3).
 inline PagedShape check_paged(int64_t rows, const at::Tensor& kp, const at::Tensor& vp, const at::Tensor& ks,
                               const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& lengths,
                               const c10::optional<at::Tensor>& seq_ids, const std::string& granularity,
@@ -171,11 +170,11 @@ inline PagedShape check_paged(int64_t rows, const at::Tensor& kp, const at::Tens
     check_cache_tensor(kp, "k_pages", at::kByte, {s.num_pages, s.kv_heads, s.page_size, s.head_dim / 2}, like);
     check_cache_tensor(vp, "v_pages", at::kByte, {s.num_pages, s.kv_heads, s.page_size, s.head_dim / 2}, like);
     if (per_token) {
-      check_cache_tensor(ks, "k_scales", at::kBFloat16, {s.num_pages, s.kv_heads, s.page_size, groups}, like);
+      check_cache_tensor(ks, "k_scales", at::kFloat, {s.num_pages, s.kv_heads, s.page_size, groups}, like);
     } else {
-      check_cache_tensor(ks, "k_scales", at::kBFloat16, {s.num_slots, s.kv_heads, s.head_dim}, like);
+      check_cache_tensor(ks, "k_scales", at::kFloat, {s.num_slots, s.kv_heads, s.head_dim}, like);
     }
-    check_cache_tensor(vs, "v_scales", at::kBFloat16, {s.num_pages, s.kv_heads, s.page_size, groups}, like);
+    check_cache_tensor(vs, "v_scales", at::kFloat, {s.num_pages, s.kv_heads, s.page_size, groups}, like);
   } else {
     check_cache_tensor(kp, "k_pages", at::kChar, {s.num_pages, s.kv_heads, s.page_size, s.head_dim}, like);
     check_cache_tensor(vp, "v_pages", at::kChar, {s.num_pages, s.kv_heads, s.page_size, s.head_dim}, like);

@@ -624,14 +624,6 @@ __device__ __forceinline__ void attend_tile(const Tile<D>& tile, const uint32_t 
 //     at (D / 16) g (channels (D / 8) g ..., one group); a PRMT puts two tokens' bytes side by side,
 //     so each LOP3 gives one channel of two tokens: the fragment the mma wants. The output rows are
 //     the INT8 kernel's, so the merge is shared.
-// A stored scale as fp32: the INT8 cache's fp32 scales, the INT4 cache's bf16 ones (quant_math.h:
-// bf16 -> fp32 is the 16 bits moved up, one instruction after a 2-byte load). ScaleT<G>: their type.
-template <int G>
-using ScaleT = std::conditional_t<(G > 0), uint16_t, float>;
-
-__device__ __forceinline__ float scale_at(const float* p) { return __ldg(p); }
-__device__ __forceinline__ float scale_at(const uint16_t* p) { return float_from_bf16(__ldg(p)); }
-
 constexpr uint32_t kF16Of1024 = 0x64006400u;
 constexpr uint32_t kF16Of1032 = 0x64086408u;    // 1024 + 8: a low nibble's bias
 constexpr uint32_t kF16OneSixteenth = 0x2C002C00u;
@@ -720,8 +712,8 @@ struct Tile4 {
 
 template <int D, int G, bool kKeyGroups>
 __device__ __forceinline__ void load_tile4(Tile4<D, G>& tile, const uint8_t* __restrict__ k,
-                                           const uint8_t* __restrict__ v, const uint16_t* __restrict__ ks,
-                                           const uint16_t* __restrict__ vs, int64_t tb, int64_t last_row, int g,
+                                           const uint8_t* __restrict__ v, const float* __restrict__ ks,
+                                           const float* __restrict__ vs, int64_t tb, int64_t last_row, int g,
                                            int t) {
   using TL = Tile4<D, G>;
 #pragma unroll
@@ -736,7 +728,7 @@ __device__ __forceinline__ void load_tile4(Tile4<D, G>& tile, const uint8_t* __r
     }
     if constexpr (kKeyGroups) {
 #pragma unroll
-      for (int l = 0; l < TL::kKPieces; ++l) tile.ks[nb][l] = scale_at(ks + row * TL::kGroups + k4_channel0<D>(4 * l, t) / G);
+      for (int l = 0; l < TL::kKPieces; ++l) tile.ks[nb][l] = __ldg(ks + row * TL::kGroups + k4_channel0<D>(4 * l, t) / G);
     }
   }
   const int vgroup = ((D / 8) * g) / G;
@@ -744,7 +736,7 @@ __device__ __forceinline__ void load_tile4(Tile4<D, G>& tile, const uint8_t* __r
   for (int r = 0; r < 4; ++r) {
     const int64_t row = min(tb + slot_token(r, t), last_row);
     load_words<TL::kVWords>(tile.v[r], v + row * (D / 2) + (D / 16) * g);
-    tile.vs[r] = scale_at(vs + row * TL::kGroups + vgroup);
+    tile.vs[r] = __ldg(vs + row * TL::kGroups + vgroup);
   }
 }
 
@@ -752,8 +744,8 @@ __device__ __forceinline__ void load_tile4(Tile4<D, G>& tile, const uint8_t* __r
 // l > 0 (D = 256) lies 128 / G groups after piece 0.
 template <int D, int G, bool kKeyGroups>
 __device__ __forceinline__ void load_tile4_at(Tile4<D, G>& tile, const uint8_t* __restrict__ k,
-                                              const uint8_t* __restrict__ v, const uint16_t* __restrict__ ks,
-                                              const uint16_t* __restrict__ vs) {
+                                              const uint8_t* __restrict__ v, const float* __restrict__ ks,
+                                              const float* __restrict__ vs) {
   using TL = Tile4<D, G>;
 #pragma unroll
   for (int nb = 0; nb < 2; ++nb) {
@@ -766,13 +758,13 @@ __device__ __forceinline__ void load_tile4_at(Tile4<D, G>& tile, const uint8_t* 
     }
     if constexpr (kKeyGroups) {
 #pragma unroll
-      for (int l = 0; l < TL::kKPieces; ++l) tile.ks[nb][l] = scale_at(ks + nb * 8 * TL::kGroups + l * (128 / G));
+      for (int l = 0; l < TL::kKPieces; ++l) tile.ks[nb][l] = __ldg(ks + nb * 8 * TL::kGroups + l * (128 / G));
     }
   }
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     load_words<TL::kVWords>(tile.v[r], v + slot_offset(r) * (D / 2));
-    tile.vs[r] = scale_at(vs + slot_offset(r) * TL::kGroups);
+    tile.vs[r] = __ldg(vs + slot_offset(r) * TL::kGroups);
   }
 }
 
@@ -911,8 +903,8 @@ struct SplitParams {
   const void* q;
   const int8_t* k;
   const int8_t* v;
-  const void* k_scales;  // fp32 (INT8) or bf16 (INT4: scale_ptr<G> says which)
-  const void* v_scales;
+  const float* k_scales;
+  const float* v_scales;
   const int32_t* lengths;
   float* partial_out;
   float* partial_stats;
@@ -1137,10 +1129,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     }
   }
 
-  using TS = ScaleT<G>;  // the cache's stored scales: fp32 (INT8) or bf16 (INT4)
-  const TS* const k_sc = static_cast<const TS*>(p.k_scales);
-  const TS* const v_sc = static_cast<const TS*>(p.v_scales);
-
   // The group's arrival and, in its last block, the merge of its parts (with p.counters); else the
   // merge kernel may start (programmatic dependent launch) once every block got here or exited.
   // Every thread of the block calls it (each part's bounds are the whole block's).
@@ -1156,7 +1144,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     if (!last) return;
     const int64_t bh0 = b * p.q_heads + h0;
     merge_group<D, QT, kTokenV>(p.partial_out + bh0 * p.splits * D, p.partial_stats + bh0 * p.splits * 2,
-                                kTokenV ? nullptr : static_cast<const float*>(p.v_scales) + (slot * p.kv_heads + kvh) * D,
+                                kTokenV ? nullptr : p.v_scales + (slot * p.kv_heads + kvh) * D,
                                 static_cast<QT*>(p.out) + bh0 * D, nh, p.splits, &s_o[0][0][0], &s_l[0][0]);
     KVPACK_MARK(6, 0u);
   };
@@ -1191,8 +1179,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   constexpr int kRowScales = kInt4 ? D / (kInt4 ? G : 1) : 1;  // token scales per row
   const int8_t* kb = p.k + kv_row0 * p.max_tokens * kRowBytes;
   const int8_t* vb = p.v + kv_row0 * p.max_tokens * kRowBytes;
-  const TS* ksb = kPerToken ? k_sc + kv_row0 * p.max_tokens * kRowScales : nullptr;
-  const TS* vsb = kTokenV ? v_sc + kv_row0 * p.max_tokens * kRowScales : nullptr;
+  const float* ksb = kPerToken ? p.k_scales + kv_row0 * p.max_tokens * kRowScales : nullptr;
+  const float* vsb = kTokenV ? p.v_scales + kv_row0 * p.max_tokens * kRowScales : nullptr;
   const int64_t last = p.max_tokens - 1;
   const int32_t* bt = kPaged ? p.block_tables + slot * p.max_pages : nullptr;
   constexpr uint32_t kStride = kDecodeWarps * kTileTokens;
@@ -1246,8 +1234,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
   const ThreadStart ts = thread_start<D, G>(g, t);
   const int8_t* kbt = kb + ts.k;
   const int8_t* vbt = vb + ts.v;
-  const TS* ksbt = kPerToken ? ksb + ts.ks : nullptr;
-  const TS* vsbt = kTokenV ? vsb + ts.vs : nullptr;
+  const float* ksbt = kPerToken ? ksb + ts.ks : nullptr;
+  const float* vsbt = kTokenV ? vsb + ts.vs : nullptr;
   // Paged (pages [num_pages, Hkv, page_size, row bytes], token scales [num_pages, Hkv, page_size, scales
   // a row]): the thread's place in page 0 for KV head kvh is four 32-bit element offsets (kvh * page_size
   // rows of at most 256 bytes, plus its start) added to the arrays' bases, which stay uniform (kernel
@@ -1280,8 +1268,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
         const uint64_t row = page_row(page);
         load_tile4_at<D, G, kPerToken>(tile, reinterpret_cast<U8>(p.k) + (row * kRowBytes + k_off),
                                        reinterpret_cast<U8>(p.v) + (row * kRowBytes + v_off),
-                                       kPerToken ? k_sc + (row * kRowScales + ks_off) : nullptr,
-                                       v_sc + (row * kRowScales + vs_off));
+                                       kPerToken ? p.k_scales + (row * kRowScales + ks_off) : nullptr,
+                                       p.v_scales + (row * kRowScales + vs_off));
       } else if (unclamped(x)) {
         const uint64_t xr = x;
         load_tile4_at<D, G, kPerToken>(tile, reinterpret_cast<U8>(kbt) + xr * kRowBytes,
@@ -1293,8 +1281,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
     } else if constexpr (kPaged) {
       const uint64_t row = page_row(page);
       load_tile_at<D, kPerToken>(tile, p.k + (row * D + k_off), p.v + (row * D + v_off),
-                                 kPerToken ? k_sc + (row + ks_off) : nullptr,
-                                 kPerToken ? v_sc + (row + vs_off) : nullptr);
+                                 kPerToken ? p.k_scales + (row + ks_off) : nullptr,
+                                 kPerToken ? p.v_scales + (row + vs_off) : nullptr);
     } else if (unclamped(x)) {
       const uint64_t xr = x;
       load_tile_at<D, kPerToken>(tile, kbt + xr * D, vbt + xr * D, kPerToken ? ksbt + xr : nullptr,
@@ -1344,7 +1332,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks<D, G>)
         const int d = q_channel(l, e);
         const QT qe = KVPACK_EARLY_LOADS ? reinterpret_cast<const QT*>(&qraw[l][e / 8])[e % 8] : qp[d];
         float f = valid ? to_float(qe) * p.score_scale : 0.f;
-        if constexpr (!kPerToken) f *= scale_at(k_sc + scale_row * D + d);
+        if constexpr (!kPerToken) f *= __ldg(p.k_scales + scale_row * D + d);
         qf[16 * l + e] = f;
         amax = fmaxf(amax, fabsf(f));
       }
@@ -1724,8 +1712,8 @@ struct AppendParams {
   const int32_t* counts;
   int8_t* k_cache;
   int8_t* v_cache;
-  void* k_scales;  // fp32 (INT8) or bf16 (INT4)
-  void* v_scales;
+  float* k_scales;
+  float* v_scales;
   int32_t* lengths;
   int32_t* arrivals;
   unsigned long long* saturated;
@@ -1787,7 +1775,7 @@ __global__ void __launch_bounds__(kAppendWarps * 32) kv_append_kernel(const Appe
     const T* src = static_cast<const T*>(is_v ? p.v : p.k) + (head * p.new_tokens + j) * D + lane * E;
     const VecN<T, E> x = load_vec<T, E>(src);
     VecN<int8_t, E> q;
-    float* scales = static_cast<float*>(is_v ? p.v_scales : p.k_scales);
+    float* scales = is_v ? p.v_scales : p.k_scales;
     // The row's place: contiguous, row pos of the (sequence, head) block; paged, in its page.
     const int64_t row = kPaged ? page_row0(p.block_tables + slot * p.max_pages, pos, p.page_size, p.max_pages,
                                            p.num_pages, p.kv_heads, h, p.clamped) + pos % p.page_size
@@ -1886,7 +1874,7 @@ void launch_decode(const DecodeArgs& a) {
   cfg.blockDim = dim3(kDecodeWarps * 32);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, sp));
   if (counters != nullptr) return;
-  CombineParams cp{a.partial_out, a.partial_stats, static_cast<const float*>(a.v_scales), a.out, a.q_heads, a.kv_heads, a.splits, D,
+  CombineParams cp{a.partial_out, a.partial_stats, a.v_scales, a.out, a.q_heads, a.kv_heads, a.splits, D,
                    kPaged ? a.seq_ids : nullptr, a.num_slots, head_groups};
   cfg.numAttrs = pdl;
   if (small) {

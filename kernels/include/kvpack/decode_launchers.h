@@ -30,8 +30,8 @@ struct DecodeArgs {
   const void* q;             // [B, Hq, D], fp16 or bf16
   const int8_t* k;           // [B, Hkv, T_max, D]
   const int8_t* v;           // [B, Hkv, T_max, D]
-  const void* k_scales;      // [B, Hkv, T_max] (token) or [B, Hkv, D] (channel): fp32 (INT8), bf16 (INT4,
-  const void* v_scales;      // likewise                                     [.., D / group] a token)
+  const float* k_scales;     // [B, Hkv, T_max] (token) or [B, Hkv, D] (channel)
+  const float* v_scales;     // likewise
   const int32_t* lengths;    // [B], or nullptr: every sequence holds T_max tokens
   void* out;                 // [B, Hq, D], q's dtype
   float* partial_out;        // workspace [B, Hq, splits, D]
@@ -88,8 +88,8 @@ struct AppendArgs {
   const int32_t* counts;     // [B]: how many of the t_new rows each sequence appends, or nullptr (all)
   int8_t* k_cache;           // [B, Hkv, T_max, D]
   int8_t* v_cache;
-  void* k_scales;            // token: written for the new rows; channel: read (calibrated); fp32 (INT8),
-  void* v_scales;            // bf16 (INT4)
+  float* k_scales;           // token: written for the new rows; channel: read (calibrated)
+  float* v_scales;
   int32_t* lengths;          // [B], read for the write position, then advanced by the kernel
   int32_t* arrivals;         // [B] zeros: per-sequence block counter (the kernel resets it)
   unsigned long long* saturated;  // channel: elements clamped to +-127 (or with a zero scale)

@@ -207,28 +207,14 @@ KVPACK_HD int8_t quantize_flagged(float x, float scale, float recip) {
 
 // ------------------------------------------------------------------------------------------------
 // Symmetric INT4 (issue 17; docs/int4.md says why symmetric), the same rules at 4 bits:
-//   scale      s = bf16(absmax / 7) over a group of channels of a token (or a key channel): the IEEE
-//              fp32 quotient, rounded to nearest even at bfloat16's 8 significant bits, as it is stored
+//   scale      s = absmax / 7 over a group of channels of a token (or a key channel)
 //   quantize   q = clamp(round_half_even(x / s), -7, 7), stored as the nibble q + 8 (1..15)
 //   dequantize x_hat = float(q) * s
-// The scales are stored in bf16 (2 bytes a group where fp32 took 4: 0.5625 bytes a value at groups
-// of 32 instead of 0.625, the bytes a decode step reads): bf16 keeps fp32's range, so no scale
-// over- or underflows that fp32 holds, and its 2^-9 relative step moves the grid, not the error
-// bound: quantization uses the stored scale, so |x / s| <= 7 (1 + 2^-8) still rounds to at most 7.
 // A zero scale stores 8 (q = 0). kvpack/torch_impl.py's int4_* functions and kvpack/reference.py's
 // float64 twin compute the same, bit for bit. Two nibbles a byte: element 2i low, 2i + 1 high.
 constexpr float kInt4QMax = 7.0f;
 
-// bfloat16 of x (round to nearest even; a NaN stays a NaN), as its 16 bits, and back.
-KVPACK_HD uint16_t bf16_bits(float x) {
-  const uint32_t u = float_bits(x);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-KVPACK_HD float float_from_bf16(uint16_t b) { return float_from_bits(static_cast<uint32_t>(b) << 16); }
-
-KVPACK_HD float int4_scale_from_absmax(float absmax) { return float_from_bf16(bf16_bits(absmax / kInt4QMax)); }
+KVPACK_HD float int4_scale_from_absmax(float absmax) { return absmax / kInt4QMax; }
 
 KVPACK_HD uint32_t quantize_int4_nibble(float x, float scale) {
   if (scale == 0.0f) return 8u;
