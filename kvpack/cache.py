@@ -42,7 +42,7 @@ from .decode_attention import (
     check_query_dtype,
     decode_attention,
 )
-from .torch_impl import dequantize_torch, scale_from_absmax
+from .torch_impl import dequantize_torch, int4_sym_scale, scale_from_absmax
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -188,11 +188,9 @@ class KVCache:
                 )
         k, v = k.contiguous(), v.contiguous()
         fresh = self._uncalibrated(n)
-        if fresh:
-            if self.bits == 4:  # keys per channel; INT4 values are always in per-token groups
-                int4.calibrate_keys(self, k, n, fresh)
-            else:
-                self._calibrate(k, v, n, fresh)
+        if fresh:  # INT8: K and V per channel, absmax / 127; INT4: the keys only (values in token groups), / 7
+            self._calibrate([(k, self.k_scales, int4_sym_scale)] if self.bits == 4 else
+                            [(k, self.k_scales, scale_from_absmax), (v, self.v_scales, scale_from_absmax)], n, fresh)
         if self.bits == 4 and self.device.type == "cpu":
             int4.append(self, k, v, n)
             self._host_lengths = [length + c for length, c in zip(self._host_lengths, n)]
@@ -211,7 +209,7 @@ class KVCache:
         """The sequences whose channel scales this append sets: its first rows for them (n[b] > 0)."""
         return [b for b, c in enumerate(n) if c > 0 and not self._calibrated[b]]
 
-    def _set_calibration(self, pairs, n: list[int], fresh: list[int]) -> None:
+    def _calibrate(self, pairs, n: list[int], fresh: list[int]) -> None:
         """Per-channel scales of the sequences ``fresh`` from the rows this append writes for them:
         pairs of (rows [B, Hkv, t_new, D], scales [B, Hkv, D], scale_of(absmax)); absmax over sequence
         b's first n[b] rows. Checked finite before any is stored (one host synchronisation: calibration
@@ -226,14 +224,9 @@ class KVCache:
             raise ValueError("k or v holds non-finite values (inf or NaN); per-channel scales would be undefined. "
                              "Nothing was written")
         for (_, scales, _), s in zip(pairs, new):
-            scales.copy_(torch.where(take, s.to(scales.dtype), scales))
+            scales.copy_(torch.where(take, s, scales))
         for b in fresh:
             self._calibrated[b] = True
-
-    def _calibrate(self, k: torch.Tensor, v: torch.Tensor, n: list[int], fresh: list[int]) -> None:
-        """INT8 per-channel scales (K and V) of the sequences ``fresh``: absmax over their rows / 127."""
-        self._set_calibration([(k, self.k_scales, scale_from_absmax), (v, self.v_scales, scale_from_absmax)], n,
-                              fresh)
 
     # --- read ---------------------------------------------------------------------------------------
 

@@ -55,12 +55,6 @@ def _quantize_rows(x: torch.Tensor, group_size: int):
     return ti.pack_nibbles(nib), scale
 
 
-def calibrate_keys(cache, k: torch.Tensor, n: list[int], fresh: list[int]) -> None:
-    """Per-channel key scales of the sequences ``fresh`` from the rows this append writes for them:
-    absmax over them / 7 (KVCache._set_calibration: checked finite first, nothing stored otherwise)."""
-    cache._set_calibration([(k, cache.k_scales, ti.int4_sym_scale)], n, fresh)
-
-
 def append(cache, k: torch.Tensor, v: torch.Tensor, n: list[int]) -> None:
     """Write the first n[b] rows of k, v ``[B, Hkv, t, D]`` of each sequence at its length (the caller
     checked the shapes and the room, and set the channel key scales of the sequences it calibrates).
@@ -132,5 +126,5 @@ def decode_attention(q, k_cache, v_cache, k_scales, v_scales, lengths, granulari
     return torch.matmul(p.unsqueeze(2), v).squeeze(2).to(q.dtype)
 
 
-__all__ = ["BITS", "CUDA_GROUPS", "DEFAULT_GROUP", "append", "calibrate_keys", "check_bits", "check_device", "check_inputs", "decode_attention",
+__all__ = ["BITS", "CUDA_GROUPS", "DEFAULT_GROUP", "append", "check_bits", "check_device", "check_inputs", "decode_attention",
            "dequantize", "shapes"]

@@ -659,7 +659,7 @@ class PagedKVCache:
 
     def _calibration(self, k: torch.Tensor, v: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel scales of the given rows' first append: absmax over its tokens / 127 (as KVCache's);
-        INT4, the keys' only, / 7 (as kvpack.int4.calibrate_keys)."""
+        INT4, the keys' only, / 7 (as KVCache._calibrate)."""
         if self.bits == 8:
             ks, vs = (scale_from_absmax(x[rows].float().abs().amax(dim=2)) for x in (k, v))  # [rows, Hkv, D]
         else:
