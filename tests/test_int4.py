@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_decode_attention import assert_graph_step_equals_eager  # tests/ is on sys.path under pytest
 
 import kvpack
 from kvpack import reference as ref
@@ -346,22 +347,7 @@ def test_int4_decode_step_in_a_cuda_graph_never_syncs_and_flags_clamped_lengths(
     cache, twin = (_gpu_cache(b, hkv, d, 512, lengths, "token", 32, torch.float16, seed=81) for _ in range(2))
     k1, v1 = (x.cuda() for x in _kv(b, hkv, 1, d, torch.float16, seed=82))
     q = torch.randn(b, hkv * group_q, d, generator=torch.Generator().manual_seed(82)).half().cuda()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        cache.attend(q)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        cache.append(k1, v1)
-        out = cache.attend(q)
-    for step in range(3):
-        graph.replay()
-        twin.append(k1, v1)
-        want = twin.attend(q)
-        torch.cuda.synchronize()
-        assert torch.equal(out, want), step
-    assert cache.sync_lengths().tolist() == [303, 20, 67, 4]
+    assert_graph_step_equals_eager(cache, twin, k1, v1, q, [303, 20, 67, 4])
     args = (q, cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales)
     bad = torch.tensor([600, 20, 67, -3], dtype=torch.int32, device="cuda")
     flag = torch.zeros(1, dtype=torch.int32, device="cuda")
