@@ -446,13 +446,19 @@ def test_fused_kernel_matches_float64_reference(b, hkv, group, d, t_max, lengths
 def test_cuda_append_is_bit_exact_with_the_cpu_append(granularity, dtype, d):
     b, hkv = 3, 2
     caches = [kvpack.KVCache(b, hkv, d, 300, granularity=granularity, device=dev) for dev in ("cpu", "cuda")]
+    assert_cuda_appends_equal_cpu_appends(*caches, lambda t, seed: make_kv(b, hkv, t, d, dtype, seed=seed))
+
+
+def assert_cuda_appends_equal_cpu_appends(cpu, gpu, make):
+    """Three appends (ragged counts, one token, some sequences skipped; keys past the channel
+    calibration after the first) into a CPU and a CUDA cache of one shape: every stored byte, scale,
+    saturation count and length equal. make(t, seed) -> (k, v) of t new tokens."""
     for step, (t_new, counts) in enumerate(((200, [200, 37, 1]), (1, None), (5, [0, 5, 2]))):
-        k, v = make_kv(b, hkv, t_new, d, dtype, seed=60 + step)
+        k, v = make(t_new, 60 + step)
         if step:
             k = k * 1.5  # past the calibration: saturation on the channel path
-        for cache in caches:
+        for cache in (cpu, gpu):
             cache.append(k.to(cache.device), v.to(cache.device), counts=counts)
-    cpu, gpu = caches
     for name in ("k_cache", "v_cache", "k_scales", "v_scales", "saturated"):
         assert torch.equal(getattr(cpu, name), getattr(gpu, name).cpu()), name
     assert torch.equal(cpu.device_lengths, gpu.device_lengths.cpu())

@@ -7,7 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_decode_attention import assert_graph_step_equals_eager  # tests/ is on sys.path under pytest
+from test_decode_attention import (  # tests/ is on sys.path under pytest
+    assert_cuda_appends_equal_cpu_appends,
+    assert_graph_step_equals_eager,
+)
 
 import kvpack
 from kvpack import reference as ref
@@ -323,19 +326,9 @@ def test_int4_cuda_append_is_bit_exact_with_the_cpu_append(granularity, dtype, d
     b, hkv = 3, 2
     caches = [kvpack.KVCache(b, hkv, d, 300, granularity=granularity, device=dev, bits=4, group_size=group)
               for dev in ("cpu", "cuda")]
-    for step, (t_new, counts) in enumerate(((200, [200, 37, 1]), (1, None), (5, [0, 5, 2]))):
-        k, v = _kv(b, hkv, t_new, d, dtype, seed=60 + step)
-        if step:
-            k = k * 1.5  # past the calibration: saturation on the channel path
-        for cache in caches:
-            cache.append(k.to(cache.device), v.to(cache.device), counts=counts)
-    cpu, gpu = caches
-    for name in ("k_cache", "v_cache", "k_scales", "v_scales", "saturated"):
-        assert torch.equal(getattr(cpu, name), getattr(gpu, name).cpu()), name
-    assert torch.equal(cpu.device_lengths, gpu.device_lengths.cpu())
-    assert not gpu._arrivals.any()
+    assert_cuda_appends_equal_cpu_appends(*caches, lambda t, seed: _kv(b, hkv, t, d, dtype, seed=seed))
     if granularity == "channel":
-        assert int(gpu.saturated) > 0
+        assert int(caches[1].saturated) > 0
 
 
 @pytest.mark.gpu
