@@ -408,7 +408,7 @@ class KVPackCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes the cache holds on its device: int8 K and V and their fp32 scales, every layer."""
+        """Bytes the cache holds on its device: K and V (int8 or packed int4) and their fp32 scales, every layer."""
         return sum(layer.kv.nbytes for layer in self.layers)
 
     @property
