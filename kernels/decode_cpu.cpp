@@ -1,6 +1,7 @@
 // CPU implementations of the KV cache ops (schemas in ops.cpp): correct, not fast, so that the API
 // and its tests run on machines without a GPU. Attention over the dequantized cache in fp32 torch
 // ops; the write path element by element through quant_math.h, the arithmetic every kernel shares.
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -22,25 +23,45 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   const auto s = check_decode(q, k, v, ks, vs, lengths, std::string(granularity), /*allow_fp32_q=*/true);
   check_flag(clamped, q);
   const int64_t group = s.q_heads / s.kv_heads;
-  // Dequantize as dequantize_value does: float(q) * scale in fp32.
-  auto kf = k.to(at::kFloat) * (s.per_token ? ks.unsqueeze(-1) : ks.unsqueeze(2));
-  auto vf = v.to(at::kFloat) * (s.per_token ? vs.unsqueeze(-1) : vs.unsqueeze(2));
-  kf = kf.repeat_interleave(group, 1);  // [B, Hq, T_max, D]
-  vf = vf.repeat_interleave(group, 1);
-  auto scores = at::matmul(kf, q.to(at::kFloat).unsqueeze(-1)).squeeze(-1) * sm_scale;  // [B, Hq, T_max]
-  at::Tensor empty;  // [B, 1, 1]: sequences whose (clamped) length is 0 attend to nothing: a zero row, as on CUDA
+  // Each sequence on its own, over its own (clamped) length L only: its result depends on nothing but
+  // its own tokens and L (not on T_max, nor on the batch around it), so a paged cache gathered into a
+  // contiguous one gives the same bits. The grouped query heads of a KV head are the rows of one GEMM,
+  // so K and V are dequantized once per KV head, never repeated per query head.
+  at::Tensor len;
   if (lengths.has_value()) {
     // As the kernel does: lengths clamped to [0, T_max], the flag set where that changed one.
-    const auto len = lengths->to(at::kLong);
-    if (clamped.has_value() && ((len < 1) | (len > s.max_tokens)).any().item<bool>()) clamped->fill_(1);
-    const auto clamped_len = len.clamp(0, s.max_tokens).view({-1, 1, 1});
-    const auto pos = at::arange(s.max_tokens, scores.options().dtype(at::kLong));
-    scores = scores.masked_fill(pos.view({1, 1, -1}) >= clamped_len, -std::numeric_limits<float>::infinity());
-    empty = clamped_len == 0;
+    const auto raw = lengths->to(at::kLong);
+    if (clamped.has_value() && ((raw < 1) | (raw > s.max_tokens)).any().item<bool>()) clamped->fill_(1);
+    len = raw.clamp(0, s.max_tokens).contiguous();
   }
-  auto p = at::softmax(scores, -1);
-  if (empty.defined()) p = p.masked_fill(empty, 0.0);
-  return at::matmul(p.unsqueeze(2), vf).squeeze(2).to(q.scalar_type());
+  auto out = at::zeros({s.batch, s.q_heads, s.head_dim}, q.options().dtype(at::kFloat));
+  const auto qf = q.to(at::kFloat);
+  // Dequantized in chunks of kChunk tokens, so that a chunk's fp32 K or V stays in the CPU's caches; the
+  // chunks' bounds depend on L alone.
+  constexpr int64_t kChunk = 1024;
+  const auto dequantized = [&](const at::Tensor& x, const at::Tensor& scales, int64_t b, int64_t t0, int64_t n) {
+    // As dequantize_value does: float(q) * scale in fp32; [Hkv, n, D], contiguous.
+    const auto xf = x[b].narrow(1, t0, n).to(at::kFloat);
+    return (s.per_token ? xf * scales[b].narrow(1, t0, n).unsqueeze(-1) : xf * scales[b].unsqueeze(1)).contiguous();
+  };
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const int64_t L = len.defined() ? len.data_ptr<int64_t>()[b] : s.max_tokens;
+    if (L == 0) continue;  // attends to nothing: a zero row, as on CUDA
+    const auto qb = qf[b].reshape({s.kv_heads, group, s.head_dim});
+    auto scores = at::empty({s.kv_heads, group, L}, qf.options());
+    for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
+      const int64_t n = std::min(kChunk, L - t0);
+      scores.narrow(2, t0, n).copy_(at::bmm(qb, dequantized(k, ks, b, t0, n).transpose(1, 2)));
+    }
+    const auto p = at::softmax(scores.mul_(sm_scale), -1);  // [Hkv, group, L]
+    auto acc = at::zeros({s.kv_heads, group, s.head_dim}, qf.options());
+    for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
+      const int64_t n = std::min(kChunk, L - t0);
+      acc.baddbmm_(p.narrow(2, t0, n), dequantized(v, vs, b, t0, n));
+    }
+    out[b].copy_(acc.reshape({s.q_heads, s.head_dim}));
+  }
+  return out.to(q.scalar_type());
 }
 
 at::Tensor decode_attention_plain_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -104,26 +104,46 @@ def check_inputs(q, k_cache, v_cache, k_scales, v_scales, granularity: str, grou
                              f"group_size={group_size}, got {s.dtype} {tuple(s.shape)}")
 
 
+_CPU_CHUNK = 1024  # tokens a chunk on the CPU path: a chunk's fp32 K or V stays in the caches
+
+
 def decode_attention(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity: str, sm_scale: float,
                      clamped=None) -> torch.Tensor:
     """softmax(q K^T sm_scale) V over the dequantized INT4 cache, in fp32 (the CPU op's arithmetic for
     INT8: decode_cpu.cpp): lengths clamped to [0, T_max] (0: a zero row), ``clamped`` set where one was."""
-    b, hq, _ = q.shape
+    b, hq, d = q.shape
     hkv, t_max = k_cache.shape[1], k_cache.shape[2]
-    k = dequantize(k_cache, k_scales, granularity == "channel").repeat_interleave(hq // hkv, 1)
-    v = dequantize(v_cache, v_scales, False).repeat_interleave(hq // hkv, 1)
-    scores = torch.matmul(k, q.float().unsqueeze(-1)).squeeze(-1) * sm_scale  # [B, Hq, T_max]
     if lengths is None:
-        lens = torch.full((b,), t_max, dtype=torch.long)
+        lens = [t_max] * b
     else:
         raw = lengths.long()
         if clamped is not None and bool(((raw < 1) | (raw > t_max)).any()):
             clamped.fill_(1)
-        lens = raw.clamp(0, t_max)
-    mask = torch.arange(t_max).view(1, 1, -1) >= lens.view(-1, 1, 1)
-    p = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
-    p = p.masked_fill((lens == 0).view(-1, 1, 1), 0.0)
-    return torch.matmul(p.unsqueeze(2), v).squeeze(2).to(q.dtype)
+        lens = raw.clamp(0, t_max).tolist()
+    # Each sequence over its own length only, its grouped query heads the rows of one GEMM per KV head,
+    # dequantized in chunks of _CPU_CHUNK tokens (the INT8 CPU op's way, decode_cpu.cpp): a result depends
+    # on its own tokens alone, not on T_max or the batch.
+    out = torch.zeros(b, hq, d, dtype=torch.float32)
+    channel = granularity == "channel"
+
+    def chunk(cache, scales, per_channel, i, t0, n):  # fp32 [Hkv, n, D]
+        sc = scales[i:i + 1] if per_channel else scales[i:i + 1, :, t0:t0 + n]
+        return dequantize(cache[i:i + 1, :, t0:t0 + n], sc, per_channel)[0].contiguous()
+
+    for i, n in enumerate(lens):
+        if n == 0:
+            continue  # attends to nothing: a zero row, as on CUDA
+        qi = q[i].float().reshape(hkv, hq // hkv, d)
+        starts = range(0, n, _CPU_CHUNK)
+        scores = torch.cat([torch.bmm(qi, chunk(k_cache, k_scales, channel, i, t0, min(_CPU_CHUNK, n - t0)).transpose(1, 2))
+                            for t0 in starts], dim=-1)
+        p = torch.softmax(scores.mul_(sm_scale), dim=-1)                                   # [Hkv, group, n]
+        acc = torch.zeros(hkv, hq // hkv, d)
+        for t0 in starts:
+            m = min(_CPU_CHUNK, n - t0)
+            acc.baddbmm_(p[:, :, t0:t0 + m], chunk(v_cache, v_scales, False, i, t0, m))
+        out[i] = acc.reshape(hq, d)
+    return out.to(q.dtype)
 
 
 __all__ = ["BITS", "CUDA_GROUPS", "DEFAULT_GROUP", "append", "check_bits", "check_device", "check_inputs", "decode_attention",
