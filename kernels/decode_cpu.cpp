@@ -1,6 +1,8 @@
-// CPU implementations of the KV cache ops (schemas in ops.cpp): correct, not fast, so that the API
-// and its tests run on machines without a GPU. Attention over the dequantized cache in fp32 torch
-// ops; the write path element by element through quant_math.h, the arithmetic every kernel shares.
+// CPU implementations of the KV cache ops (schemas in ops.cpp), so that the API and its tests run on
+// machines without a GPU. Attention in fp32 torch ops over chunks of the dequantized cache, each
+// sequence over its own length (on 2 cores about as fast as fp32 SDPA over an fp16-sized cache at
+// T = 4096, faster beyond); the write path element by element through quant_math.h, the arithmetic
+// every kernel shares.
 #include <algorithm>
 #include <cmath>
 #include <vector>

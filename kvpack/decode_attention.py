@@ -3,7 +3,8 @@
 One query token per sequence attends over its int8 cache. On CUDA the kernel
 (``kernels/include/kvpack/decode_kernels.cuh``, launched from ``kernels/decode_attention.cu``)
 reads int8 K and V and their scales once, straight into registers, and never writes a dequantized
-copy; the CPU implementation is torch ops over the dequantized cache (correct, not fast).
+copy; the CPU implementation is fp32 torch ops over chunks of the dequantized cache, each sequence over
+its own length.
 
 The cache layout (``kvpack.KVCache`` builds it):
 

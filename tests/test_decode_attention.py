@@ -67,6 +67,7 @@ CPU_CASES = [
     (2, 2, 4, 64, 37, (37, 5), "token", torch.bfloat16),
     (3, 1, 8, 128, 20, (1, 20, 13), "channel", torch.float16),
     (2, 4, 2, 256, 33, (17, 33), "channel", torch.bfloat16),
+    (2, 2, 2, 64, 2100, (2100, 1025), "token", torch.float16),  # past one chunk of the CPU path (1024 tokens)
 ]
 
 
@@ -82,6 +83,31 @@ def test_cpu_decode_attention_matches_float64_reference(b, hkv, group, d, t_max,
     tol = OUT_REL[dtype] * np.abs(want) + 1e-5 * np.abs(want).max() + 1e-6
     err = np.abs(out.double().numpy() - want)
     assert (err <= tol).all(), float((err - tol).max())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("granularity", ["token", "channel"])
+def test_cpu_result_depends_on_its_own_sequence_alone(bits, granularity):
+    """On the CPU a sequence's output is bit for bit the same whatever its batch neighbours and the cache's
+    T_max: what lets the paged CPU path (pages gathered into a cache of another T_max) equal the contiguous
+    one. Lengths past one chunk of the CPU path (1024 tokens), and a group of 4 query heads per KV head."""
+    b, hkv, d, t_max = 3, 2, 64, 2300
+    g = torch.Generator().manual_seed(11)
+    cache = kvpack.KVCache(b, hkv, d, t_max, granularity=granularity, device="cpu", dtype=torch.float32, bits=bits)
+    cache.append(torch.randn(b, hkv, t_max, d, generator=g), torch.randn(b, hkv, t_max, d, generator=g))
+    q = torch.randn(b, 4 * hkv, d, generator=g)
+    lengths = torch.tensor([2300, 1500, 7], dtype=torch.int32)
+    kw = {"bits": bits} if bits == 8 else {"bits": 4, "group_size": cache.group_size}
+    whole = kvpack.decode_attention(q, cache.k_cache, cache.v_cache, cache.k_scales, cache.v_scales, lengths,
+                                    granularity=granularity, **kw)
+    for i, t in ((1, 1600), (2, 7), (0, 2300)):  # sequence i alone, in a cache of T_max = t
+        # channel scales are a sequence's own ([B, Hkv, D]); token scales (and INT4's value groups) follow T
+        ks = cache.k_scales[i:i + 1] if granularity == "channel" else cache.k_scales[i:i + 1, :, :t]
+        vs = cache.v_scales[i:i + 1] if granularity == "channel" and bits == 8 else cache.v_scales[i:i + 1, :, :t]
+        alone = kvpack.decode_attention(q[i:i + 1], cache.k_cache[i:i + 1, :, :t].contiguous(),
+                                        cache.v_cache[i:i + 1, :, :t].contiguous(), ks.contiguous(), vs.contiguous(),
+                                        lengths[i:i + 1], granularity=granularity, **kw)
+        assert torch.equal(alone[0], whole[i]), (i, t)
 
 
 def test_lengths_hide_the_tail():
