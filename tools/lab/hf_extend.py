@@ -1,6 +1,6 @@
 """What a step of several new tokens over a filled cache costs in a transformers model (chunked
-prefill, assisted generation's verification): kvpack.hf's KVPackCache against transformers'
-DynamicCache under "sdpa", in one run.
+prefill, assisted generation's verification; --chunk 1: a decode step): kvpack.hf's KVPackCache (INT8,
+INT4) against transformers' DynamicCache under "sdpa", in one run.
 
 A random-weight Llama (4 layers, 8 query / 2 KV heads, head_dim 128); half the batch left-padded by
 a quarter of the prompt, so the cached lengths differ; then steps of --chunk tokens. Wall time a
@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     caches = {
         "kvpack_int8": lambda: kh.KVPackCache(cfg, b, p + args.steps * c, device=dev, dtype=dtype),
+        "kvpack_int4": lambda: kh.KVPackCache(cfg, b, p + args.steps * c, device=dev, dtype=dtype, bits=4),
         "dynamic_sdpa": lambda: transformers.DynamicCache(config=cfg),
     }
     print(f"{dev.type}, batch {b}, prompt {p} (half the batch padded by {p // 4}), steps of {c} tokens")
