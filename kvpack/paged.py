@@ -306,7 +306,8 @@ def _check_paged_call(q, k_pages, v_pages, k_scales, v_scales, block_tables, len
 
 def _paged_decode_attention_cpu(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids,
                                 granularity, sm_scale, clamped, splits, bits, group_size):
-    """Gather the rows' pages into a contiguous cache and call the contiguous op (bit-exact with it)."""
+    """Gather the rows' pages (up to the longest row's last) into a contiguous cache and call the contiguous
+    op (bit-exact with it)."""
     b = q.shape[0]
     num_pages, hkv, page_size, _ = k_pages.shape
     s, max_pages = block_tables.shape
@@ -323,9 +324,16 @@ def _paged_decode_attention_cpu(q, k_pages, v_pages, k_scales, v_scales, block_t
     if clamped is not None and flag:
         clamped.fill_(1)
 
-    def gather(x):  # [num_pages, Hkv, P, ...] -> [B, Hkv, max_pages * P, ...]
-        g = x[pages]                                                    # [B, max_pages, Hkv, P, ...]
-        return g.transpose(1, 2).reshape(b, hkv, t_max, *x.shape[3:])
+    # Only the pages the longest row reads: a row's result depends on its own length alone (not on the
+    # gathered cache's T_max), so the result is the same bits, without copying the table's unused tail.
+    need = max(1, -(-int(n.max()) // page_size)) if b else 1
+    pages = pages[:, :need]
+
+    rows = (pages[:, None, :] * hkv + torch.arange(hkv)[None, :, None]).reshape(-1)  # (page, head) in [B, Hkv, need]
+
+    def gather(x):  # [num_pages, Hkv, P, ...] -> [B, Hkv, need * P, ...], in one copy
+        g = x.reshape(num_pages * hkv, *x.shape[2:]).index_select(0, rows)
+        return g.view(b, hkv, need * page_size, *x.shape[3:])
 
     kc, vc = gather(k_pages), gather(v_pages)
     ks = gather(k_scales) if granularity == "token" else k_scales[slots]
