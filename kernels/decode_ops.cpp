@@ -48,7 +48,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& ks, const at::Tensor& vs,
                                  const c10::optional<at::Tensor>& lengths, c10::string_view granularity,
                                  double sm_scale, int64_t splits, const c10::optional<at::Tensor>& clamped = {}) {
-  const auto s = check_decode(q, k, v, ks, vs, lengths, std::string(granularity), false, /*allow_int4=*/true);
+  const auto s = check_decode(q, k, v, ks, vs, lengths, std::string(granularity));
   check_flag(clamped, q);
   check_cuda(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
@@ -239,7 +239,7 @@ void kv_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const 
                     const at::Tensor& saturated, const at::Tensor& k_new, const at::Tensor& v_new,
                     const c10::optional<at::Tensor>& counts, c10::string_view granularity) {
   const auto s = check_append(k_cache, v_cache, k_scales, v_scales, lengths, arrivals, saturated, k_new, v_new,
-                              counts, std::string(granularity), /*allow_int4=*/true);
+                              counts, std::string(granularity));
   check_cuda(k_cache, "k_cache");
   const c10::cuda::CUDAGuard guard(k_cache.device());
   cuda::AppendArgs args{k_new.const_data_ptr(),

@@ -191,10 +191,6 @@ class KVCache:
         if fresh:  # INT8: K and V per channel, absmax / 127; INT4: the keys only (values in token groups), / 7
             self._calibrate([(k, self.k_scales, int4_sym_scale)] if self.bits == 4 else
                             [(k, self.k_scales, scale_from_absmax), (v, self.v_scales, scale_from_absmax)], n, fresh)
-        if self.bits == 4 and self.device.type == "cpu":
-            int4.append(self, k, v, n)
-            self._host_lengths = [length + c for length, c in zip(self._host_lengths, n)]
-            return
         counts_t = None
         if counts is not None:
             counts_t = torch.tensor(n, dtype=torch.int32).to(self.device, non_blocking=True)

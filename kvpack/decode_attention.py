@@ -280,7 +280,7 @@ def _load_ops() -> tuple:
 
 
 def _decode_op(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits, clamped):
-    """The op (INT8, or INT4 for a uint8 cache on CUDA), which checks its tensors itself."""
+    """The op (INT8, or INT4 for a uint8 cache), which checks its tensors itself."""
     plain, flagged = _OPS or _load_ops()
     if clamped is not None:
         return flagged(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits, clamped)
@@ -303,13 +303,9 @@ def _diagnose(error, q, k_cache, v_cache, k_scales, v_scales, lengths, granulari
 
 def _decode_attention_int4(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, check_lengths,
                            clamped, bits, group_size, splits) -> torch.Tensor:
-    from . import int4
-
     sm_scale = _check_int4_call(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale,
                                 check_lengths, clamped, bits, group_size, splits)
-    if q.device.type == "cpu":
-        return int4.decode_attention(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, clamped)
-    # the same ops as INT8: a uint8 cache is INT4, its group D / v_scales.shape[-1]
+    # the same ops as INT8 (CPU and CUDA): a uint8 cache is INT4, its group D / v_scales.shape[-1]
     return _decode_op(q, k_cache, v_cache, k_scales, v_scales, lengths, granularity, sm_scale, splits, clamped)
 
 

@@ -29,8 +29,7 @@ Arithmetic: the same as ``kvpack.KVCache``. A token row's scale is absmax / 127 
 quantized by quant_math.h's ``quantize_value`` (on the CPU through the existing ``kv_append`` op, on
 a staging buffer of the new rows: bit-exact with the contiguous cache by construction); the
 per-channel calibration is ``torch_impl.scale_from_absmax`` of the prefill's absmax, as
-``KVCache._calibrate`` computes it. INT4 rows are written on the CPU by ``kvpack.int4.append`` into
-such a staging buffer. On the CPU, attention gathers each row's pages into a contiguous
+``KVCache._calibrate`` computes it. INT4 rows go through the same op into such a staging buffer. On the CPU, attention gathers each row's pages into a contiguous
 ``[B, Hkv, max_pages_per_seq * page_size, D]`` cache and calls ``kvpack.decode_attention``: paged and
 contiguous results are then bit-identical (at the same T_max). On CUDA both functions call the
 ``torch.ops.kvpack.paged_*`` ops (the format from the pages' dtype: int8, or uint8 for INT4).
@@ -413,8 +412,8 @@ def paged_kv_append(
 def _paged_kv_append_cpu(k_pages, v_pages, k_scales, v_scales, block_tables, lengths, saturated, k, v, seq_ids,
                          granularity, bits, group_size):
     """Quantize the new rows into a staging cache of t tokens per row with the contiguous cache's own
-    write path (INT8: the ``kv_append`` op; INT4: ``kvpack.int4.append``; their arithmetic, their
-    saturation count), then scatter them to their pages."""
+    write path (the ``kv_append`` op, INT8 or INT4: its arithmetic, its saturation count), then scatter
+    them to their pages."""
     b, hkv, t, d = k.shape
     num_pages, _, page_size, _ = k_pages.shape
     s, max_pages = block_tables.shape
@@ -441,13 +440,10 @@ def _paged_kv_append_cpu(k_pages, v_pages, k_scales, v_scales, block_tables, len
         k_cache=torch.zeros(shape, dtype=k_pages.dtype), v_cache=torch.zeros(shape, dtype=k_pages.dtype),
         k_scales=torch.zeros(k_shape) if granularity == "token" else k_scales[slots].contiguous(),
         v_scales=torch.zeros(v_shape) if granularity == "token" or bits == 4 else v_scales[slots].contiguous(),
-        saturated=saturated, _lengths=torch.zeros(b, dtype=torch.int32), _host_lengths=[0] * b,
-        group_size=group_size, granularity=granularity)  # channel scales: the slots' own
-    if bits == 8:
-        torch.ops.kvpack.kv_append.default(stage.k_cache, stage.v_cache, stage.k_scales, stage.v_scales, stage._lengths,
-                                           torch.zeros(b, dtype=torch.int32), saturated, k, v, None, granularity)
-    else:
-        int4.append(stage, k, v, [t] * b)
+    )  # channel scales: the slots' own
+    torch.ops.kvpack.kv_append.default(stage.k_cache, stage.v_cache, stage.k_scales, stage.v_scales,
+                                       torch.zeros(b, dtype=torch.int32), torch.zeros(b, dtype=torch.int32), saturated,
+                                       k, v, None, granularity)
     k_pages[pages, :, rows] = stage.k_cache.transpose(1, 2)             # [B, t, Hkv, row]
     v_pages[pages, :, rows] = stage.v_cache.transpose(1, 2)
     if granularity == "token":

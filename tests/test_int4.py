@@ -148,7 +148,8 @@ def _ref_cache(x, counts, group, granularity, channel_scales=None):
 
 
 @pytest.mark.parametrize("granularity", ["token", "channel"])
-@pytest.mark.parametrize("hkv,group_q,d,group", [(2, 4, 64, 32), (1, 8, 128, 64), (4, 1, 128, 128)])
+@pytest.mark.parametrize("hkv,group_q,d,group", [(2, 4, 64, 32), (1, 8, 128, 64), (4, 1, 128, 128),
+                                                  (2, 2, 64, 16), (1, 4, 128, 2)])  # 16, 2: CPU only
 def test_int4_cache_attends_as_the_float64_reference(granularity, hkv, group_q, d, group):
     """KVCache(bits=4) on the CPU: ragged appends, then attention; against the float64 reference
     attention over the reference's INT4 roundtrip of the same rows. The kvpack path dequantizes to the
@@ -180,18 +181,21 @@ def test_int4_cache_attends_as_the_float64_reference(granularity, hkv, group_q, 
         assert int(cache.saturated) == over
 
 
+@pytest.mark.parametrize("group", [32, 2])
 @pytest.mark.parametrize("granularity", ["token", "channel"])
-def test_int4_dequantize_is_the_reference_roundtrip_of_the_appended_rows(granularity):
-    """KVCache(bits=4).dequantize: the reference's INT4 roundtrip of the appended rows, bit for bit
-    (channel keys with the cache's calibrated scales); the slots past a length are finite."""
+def test_int4_dequantize_is_the_reference_roundtrip_of_the_appended_rows(granularity, group):
+    """KVCache(bits=4).dequantize: the reference's INT4 roundtrip of the appended rows (the kv_append
+    op's CPU write), bit for bit (channel keys with the cache's calibrated scales); the slots past a
+    length are finite."""
     counts = [7, 2, 12]
     k, v = _kv(3, 2, 12, 64, torch.float32, seed=91)
-    cache = kvpack.KVCache(3, 2, 64, 16, device="cpu", dtype=torch.float32, bits=4, granularity=granularity)
+    cache = kvpack.KVCache(3, 2, 64, 16, device="cpu", dtype=torch.float32, bits=4, granularity=granularity,
+                           group_size=group)
     cache.append(k, v, counts=counts)
     kd, vd = cache.dequantize(12)
     assert kd.shape == vd.shape == (3, 2, 12, 64)
-    for got, want in ((kd, _ref_cache(k, counts, 32, granularity, cache.k_scales)),
-                      (vd, _ref_cache(v, counts, 32, "token"))):
+    for got, want in ((kd, _ref_cache(k, counts, group, granularity, cache.k_scales)),
+                      (vd, _ref_cache(v, counts, group, "token"))):
         for i, n in enumerate(counts):
             np.testing.assert_array_equal(got[i, :, :n].double().numpy(), want[i, :, :n])
     assert all(bool(torch.isfinite(x).all()) for x in cache.dequantize())
@@ -213,6 +217,10 @@ def test_int4_cache_bytes_and_errors():
                                 bits=4)
     with pytest.raises(ValueError, match="k_scales must be float32"):
         kvpack.decode_attention(q, cache.k_cache, cache.v_cache, cache.k_scales[..., :2], cache.v_scales, bits=4)
+    # the op itself (what the Python checks guard): a group must be even, a byte's two values one scale
+    odd = torch.ones(2, 8, 1000, 128)  # D / 128 scales a row: groups of 1 channel
+    with pytest.raises(ValueError, match="even number of channels dividing D"):
+        torch.ops.kvpack.decode_attention(q, cache.k_cache, cache.v_cache, odd, odd, None, "token", 1.0, 0)
 
 
 # --- the INT4 cache on the GPU (kernels/decode_int4.cu) ----------------------------------------------

@@ -41,13 +41,22 @@ inline void check_head_dim(int64_t d) {
   TORCH_CHECK_VALUE(d == 64 || d == 128 || d == 256, "kvpack: head dimension D must be 64, 128 or 256, got ", d);
 }
 
-// The cache's format from its dtype: int8, or uint8 for packed INT4 (CUDA only: allow_int4), whose
-// group size is D / v_scales.size(3). Checks the caches and scales against it; fills s.group.
+// The INT4 cache's group size (the channels a scale covers): even, so that a byte's two nibbles share a
+// scale, and dividing D; on CUDA one the kernels are built for (32, 64 or 128), on the CPU any.
+inline void check_int4_group(int64_t group, int64_t head_dim, int64_t scales_a_row, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(group >= 2 && group % 2 == 0 && group * scales_a_row == head_dim, "kvpack: the INT4 cache takes "
+                    "groups of an even number of channels dividing D, got D = ", head_dim, " with ", scales_a_row,
+                    " scales a row");
+  TORCH_CHECK_VALUE(!like.is_cuda() || group == 32 || group == 64 || group == 128, "kvpack: the CUDA INT4 kernels "
+                    "take groups of 32, 64 or 128 channels, got ", group, " (D = ", head_dim, ", ", scales_a_row,
+                    " scales a row)");
+}
+
+// The cache's format from its dtype: int8, or uint8 for packed INT4, whose group size is
+// D / v_scales.size(3). Checks the caches and scales against it; fills s.group.
 inline void check_cache_format(DecodeShape& s, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ks,
-                               const at::Tensor& vs, const at::Tensor& like, bool allow_int4) {
+                               const at::Tensor& vs, const at::Tensor& like) {
   const bool int4 = k.scalar_type() == at::kByte;
-  TORCH_CHECK_TYPE(!int4 || allow_int4, "kvpack: a uint8 (INT4) cache on the CPU goes through "
-                   "kvpack.decode_attention(bits=4) / kvpack.KVCache(bits=4), not this op");
   if (!int4) {
     check_cache_tensor(k, "k_cache", at::kChar, {s.batch, s.kv_heads, s.max_tokens, s.head_dim}, like);
     check_cache_tensor(v, "v_cache", at::kChar, {s.batch, s.kv_heads, s.max_tokens, s.head_dim}, like);
@@ -59,8 +68,7 @@ inline void check_cache_format(DecodeShape& s, const at::Tensor& k, const at::Te
   TORCH_CHECK_VALUE(vs.dim() == 4 && vs.size(3) >= 1 && s.head_dim % vs.size(3) == 0,
                     "kvpack: an INT4 cache's v_scales must be [B, Hkv, T_max, D / group], got ", vs.sizes());
   s.group = s.head_dim / vs.size(3);
-  TORCH_CHECK_VALUE(s.group == 32 || s.group == 64 || s.group == 128, "kvpack: the INT4 cache takes groups of 32, "
-                    "64 or 128 channels, got ", s.group, " (D = ", s.head_dim, ", ", vs.size(3), " scales a row)");
+  check_int4_group(s.group, s.head_dim, vs.size(3), like);
   check_cache_tensor(k, "k_cache", at::kByte, {s.batch, s.kv_heads, s.max_tokens, s.head_dim / 2}, like);
   check_cache_tensor(v, "v_cache", at::kByte, {s.batch, s.kv_heads, s.max_tokens, s.head_dim / 2}, like);
   const int64_t groups = s.head_dim / s.group;
@@ -78,7 +86,7 @@ inline void check_cache_format(DecodeShape& s, const at::Tensor& k, const at::Te
 inline DecodeShape check_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& ks, const at::Tensor& vs,
                                 const c10::optional<at::Tensor>& lengths, const std::string& granularity,
-                                bool allow_fp32_q = false, bool allow_int4 = false) {
+                                bool allow_fp32_q = false) {
   const bool per_token = parse_cache_granularity(granularity);
   TORCH_CHECK_VALUE(q.dim() == 3, "kvpack: q must be [B, Hq, D], got ", q.sizes());
   TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16 ||
@@ -93,7 +101,7 @@ inline DecodeShape check_decode(const at::Tensor& q, const at::Tensor& k, const 
                     " query heads must be a multiple of Hkv = ", s.kv_heads, " KV heads");
   TORCH_CHECK_VALUE(s.max_tokens >= 1 && s.max_tokens < (int64_t{1} << 31), "kvpack: T_max = ", s.max_tokens,
                     " is out of range");
-  check_cache_format(s, k, v, ks, vs, q, allow_int4);
+  check_cache_format(s, k, v, ks, vs, q);
   if (lengths.has_value()) check_cache_tensor(*lengths, "lengths", at::kInt, {s.batch}, q);
   return s;
 }
@@ -103,8 +111,7 @@ inline DecodeShape check_decode(const at::Tensor& q, const at::Tensor& k, const 
 inline DecodeShape check_append(const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
                                 const at::Tensor& vs, const at::Tensor& lengths, const at::Tensor& arrivals,
                                 const at::Tensor& saturated, const at::Tensor& k, const at::Tensor& v,
-                                const c10::optional<at::Tensor>& counts, const std::string& granularity,
-                                bool allow_int4 = false) {
+                                const c10::optional<at::Tensor>& counts, const std::string& granularity) {
   const bool per_token = parse_cache_granularity(granularity);
   TORCH_CHECK_VALUE(kc.dim() == 4, "kvpack: k_cache must be [B, Hkv, T_max, D], got ", kc.sizes());
   // D from the new rows (an INT4 cache holds D / 2 bytes a row).
@@ -119,7 +126,7 @@ inline DecodeShape check_append(const at::Tensor& kc, const at::Tensor& vc, cons
   TORCH_CHECK_VALUE(k.size(2) >= 1 && k.size(2) < (int64_t{1} << 31), "kvpack: k holds ", k.size(2), " new tokens");
   check_cache_tensor(k, "k", k.scalar_type(), k.sizes(), kc);
   check_cache_tensor(v, "v", k.scalar_type(), k.sizes(), kc);
-  check_cache_format(s, kc, vc, ks, vs, kc, allow_int4);
+  check_cache_format(s, kc, vc, ks, vs, kc);
   check_cache_tensor(lengths, "lengths", at::kInt, {s.batch}, kc);
   check_cache_tensor(arrivals, "arrivals", at::kInt, {s.batch}, kc);
   check_cache_tensor(saturated, "saturated", at::kLong, {}, kc);
@@ -164,8 +171,7 @@ inline PagedShape check_paged(int64_t rows, const at::Tensor& kp, const at::Tens
     TORCH_CHECK_VALUE(vs.dim() == 4 && vs.size(3) >= 1 && s.head_dim % vs.size(3) == 0,
                       "kvpack: INT4 pages' v_scales must be [num_pages, Hkv, page_size, D / group], got ", vs.sizes());
     s.group = s.head_dim / vs.size(3);
-    TORCH_CHECK_VALUE(s.group == 32 || s.group == 64 || s.group == 128, "kvpack: the INT4 cache takes groups of "
-                      "32, 64 or 128 channels, got ", s.group, " (D = ", s.head_dim, ", ", vs.size(3), " scales a row)");
+    check_int4_group(s.group, s.head_dim, vs.size(3), like);
     const int64_t groups = s.head_dim / s.group;
     check_cache_tensor(kp, "k_pages", at::kByte, {s.num_pages, s.kv_heads, s.page_size, s.head_dim / 2}, like);
     check_cache_tensor(vp, "v_pages", at::kByte, {s.num_pages, s.kv_heads, s.page_size, s.head_dim / 2}, like);

@@ -222,6 +222,10 @@ KVPACK_HD uint32_t quantize_int4_nibble(float x, float scale) {
   return static_cast<uint32_t>((q > 7 ? 7 : (q < -7 ? -7 : q)) + 8);
 }
 
+// The stored nibble back to q (the decode kernels reach the same q through the LOP3 trick); x_hat =
+// float(q) * s, as dequantize_value.
+KVPACK_HD int int4_from_nibble(uint32_t nibble) { return static_cast<int>(nibble) - 8; }
+
 // Whether quantize_int4_nibble(x, scale) saturates (a calibrated key channel meets a larger value):
 // |x / s| >= 7.5 rounds past +-7, or the scale is 0 and x is not.
 KVPACK_HD bool saturates_int4(float x, float scale) {
