@@ -29,26 +29,77 @@ void unpack_int4_rows(const uint8_t* __restrict__ src, int8_t* __restrict__ dst,
   }
 }
 
-// Tokens t0 .. t0 + n - 1 of sequence b, dequantized: fp32 [Hkv, n, D], float(q) * scale as
-// dequantize_value (int8) and dequantize_int4_nibble (INT4) give it. per_token: a scale a row (int8),
-// a scale a group of the row (INT4); else one a channel ([B, Hkv, D]).
-at::Tensor dequantize_chunk(const at::Tensor& x, const at::Tensor& scales, const DecodeShape& s, bool per_token,
-                            int64_t b, int64_t t0, int64_t n) {
-  const int64_t H = s.kv_heads, D = s.head_dim, G = s.group;
-  at::Tensor q = x[b].narrow(1, t0, n);  // int8 [Hkv, n, D]; INT4: unpacked below
-  if (G > 0) {
-    auto unpacked = at::empty({H, n, D}, x.options().dtype(at::kChar));
+// One chunk of a sequence's K or V as stored: the rows `raw` (int8 [Hkv, n, D], or packed INT4 uint8
+// [Hkv, n, D / 2]; each head's n rows contiguous) and their scales: per token `scales` [Hkv, n] (int8)
+// or [Hkv, n, D / G] (INT4 groups), per channel [Hkv, D]. Dequantized: fp32 [Hkv, n, D], float(q) *
+// scale as dequantize_value gives it.
+at::Tensor dequantize_chunk(const at::Tensor& raw, const at::Tensor& scales, bool per_token, const DecodeShape& s) {
+  const int64_t H = s.kv_heads, D = s.head_dim, G = s.group, n = raw.size(1);
+  at::Tensor q = raw;
+  if (G > 0) {  // INT4: unpacked to q first
+    q = at::empty({H, n, D}, raw.options().dtype(at::kChar));
     for (int64_t h = 0; h < H; ++h) {
-      unpack_int4_rows(q[h].data_ptr<uint8_t>(), unpacked[h].data_ptr<int8_t>(), n * D / 2);
+      unpack_int4_rows(raw[h].data_ptr<uint8_t>(), q[h].data_ptr<int8_t>(), n * D / 2);
     }
-    q = unpacked;
   }
   const auto xf = q.to(at::kFloat);
-  if (!per_token) return (xf * scales[b].unsqueeze(1)).contiguous();
-  const auto sc = scales[b].narrow(1, t0, n).unsqueeze(-1);  // [Hkv, n, 1] (int8), [Hkv, n, D / G, 1] (INT4)
+  if (!per_token) return (xf * scales.unsqueeze(1)).contiguous();
+  const auto sc = scales.unsqueeze(-1);  // [Hkv, n, 1] (int8), [Hkv, n, D / G, 1] (INT4)
   if (G == 0) return (xf * sc).contiguous();
   return (xf.view({H, n, D / G, G}) * sc).view({H, n, D});
 }
+
+// Attention of q's rows, each over its own length lens[b] (already clamped; 0: a zero row, as on CUDA),
+// with `source` giving the stored chunks: source.rows(kv, b, t0, n), source.token_scales(kv, b, t0, n)
+// and source.channel_scales(kv, b) (kv: 0 keys, 1 values). Each sequence on its own, over its own
+// length only: its result depends on nothing but its own tokens and L (not on T_max, the batch around
+// it, or where its rows are stored), so the paged and the contiguous cache give the same bits. The
+// grouped query heads of a KV head are the rows of one GEMM, so K and V are dequantized once per KV
+// head, never repeated per query head. fp32 [B, Hq, D].
+template <typename Source>
+at::Tensor attend_cpu(const at::Tensor& q, const DecodeShape& s, const std::vector<int64_t>& lens, double sm_scale,
+                      const Source& source) {
+  const int64_t per_kv = s.q_heads / s.kv_heads;  // query heads a KV head serves
+  auto out = at::zeros({s.batch, s.q_heads, s.head_dim}, q.options().dtype(at::kFloat));
+  const auto qf = q.to(at::kFloat);
+  // Dequantized in chunks of kChunk tokens, so that a chunk's fp32 K or V stays in the CPU's caches; the
+  // chunks' bounds depend on L alone. Values are per token (INT8 "token", INT4 always: its groups).
+  constexpr int64_t kChunk = 1024;
+  const bool token[2] = {s.per_token, s.per_token || s.group > 0};
+  const auto chunk = [&](int kv, int64_t b, int64_t t0, int64_t n) {
+    return dequantize_chunk(source.rows(kv, b, t0, n),
+                            token[kv] ? source.token_scales(kv, b, t0, n) : source.channel_scales(kv, b), token[kv], s);
+  };
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const int64_t L = lens[b];
+    if (L == 0) continue;
+    const auto qb = qf[b].reshape({s.kv_heads, per_kv, s.head_dim});
+    auto scores = at::empty({s.kv_heads, per_kv, L}, qf.options());
+    for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
+      const int64_t n = std::min(kChunk, L - t0);
+      scores.narrow(2, t0, n).copy_(at::bmm(qb, chunk(0, b, t0, n).transpose(1, 2)));
+    }
+    const auto p = at::softmax(scores.mul_(sm_scale), -1);  // [Hkv, per_kv, L]
+    auto acc = at::zeros({s.kv_heads, per_kv, s.head_dim}, qf.options());
+    for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
+      const int64_t n = std::min(kChunk, L - t0);
+      acc.baddbmm_(p.narrow(2, t0, n), chunk(1, b, t0, n));
+    }
+    out[b].copy_(acc.reshape({s.q_heads, s.head_dim}));
+  }
+  return out;
+}
+
+// The contiguous cache [B, Hkv, T_max, D(/2)]: chunks are views.
+struct ContiguousSource {
+  const at::Tensor* cache[2];
+  const at::Tensor* scales[2];
+  at::Tensor rows(int kv, int64_t b, int64_t t0, int64_t n) const { return (*cache[kv])[b].narrow(1, t0, n); }
+  at::Tensor token_scales(int kv, int64_t b, int64_t t0, int64_t n) const {
+    return (*scales[kv])[b].narrow(1, t0, n);
+  }
+  at::Tensor channel_scales(int kv, int64_t b) const { return (*scales[kv])[b]; }
+};
 
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& ks, const at::Tensor& vs,
@@ -57,42 +108,93 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   (void)splits;  // the CPU path does not split
   const auto s = check_decode(q, k, v, ks, vs, lengths, std::string(granularity), /*allow_fp32_q=*/true);
   check_flag(clamped, q);
-  const int64_t per_kv = s.q_heads / s.kv_heads;  // query heads a KV head serves
-  // Each sequence on its own, over its own (clamped) length L only: its result depends on nothing but
-  // its own tokens and L (not on T_max, nor on the batch around it), so a paged cache gathered into a
-  // contiguous one gives the same bits. The grouped query heads of a KV head are the rows of one GEMM,
-  // so K and V are dequantized once per KV head, never repeated per query head.
-  at::Tensor len;
-  if (lengths.has_value()) {
-    // As the kernel does: lengths clamped to [0, T_max], the flag set where that changed one.
-    const auto raw = lengths->to(at::kLong);
-    if (clamped.has_value() && ((raw < 1) | (raw > s.max_tokens)).any().item<bool>()) clamped->fill_(1);
-    len = raw.clamp(0, s.max_tokens).contiguous();
+  // As the kernel does: lengths clamped to [0, T_max], the flag set where that changed one.
+  std::vector<int64_t> lens(s.batch, s.max_tokens);
+  bool flag = false;
+  for (int64_t b = 0; lengths.has_value() && b < s.batch; ++b) {
+    const int64_t raw = lengths->data_ptr<int32_t>()[b];
+    flag |= raw < 1 || raw > s.max_tokens;
+    lens[b] = std::clamp<int64_t>(raw, 0, s.max_tokens);
   }
-  auto out = at::zeros({s.batch, s.q_heads, s.head_dim}, q.options().dtype(at::kFloat));
-  const auto qf = q.to(at::kFloat);
-  // Dequantized in chunks of kChunk tokens, so that a chunk's fp32 K or V stays in the CPU's caches; the
-  // chunks' bounds depend on L alone. Values are per token (INT8 "token", INT4 always: its groups).
-  constexpr int64_t kChunk = 1024;
-  const bool v_per_token = s.per_token || s.group > 0;
+  if (flag && clamped.has_value()) clamped->fill_(1);
+  const ContiguousSource source{{&k, &v}, {&ks, &vs}};
+  return attend_cpu(q, s, lens, sm_scale, source).to(q.scalar_type());
+}
+
+// The paged cache: pages [num_pages, Hkv, page_size, D(/2)], token scales in the pages' layout,
+// channel scales [num_slots, Hkv, D]. A chunk is gathered a (page, head) block at a time from the pages
+// its block-table row names (each id clamped to the pool, as the kernels clamp it), head-major, so the
+// gather lands in [Hkv, pages * page_size, ...]; the chunk is a view of that.
+struct PagedSource {
+  const at::Tensor* pages[2];
+  const at::Tensor* scales[2];
+  const int32_t* table;  // block_tables, [num_slots, max_pages]
+  const std::vector<int64_t>& slots;
+  int64_t kv_heads, page_size, num_pages, max_pages;
+  int64_t first_page(int64_t t0) const { return t0 / page_size; }
+  int64_t page_count(int64_t t0, int64_t n) const { return (t0 + n - 1) / page_size - first_page(t0) + 1; }
+  at::Tensor index(int64_t b, int64_t t0, int64_t n) const {  // [Hkv * pages]: (page, head) blocks, head-major
+    const int64_t j0 = first_page(t0), m = page_count(t0, n);
+    auto idx = at::empty({kv_heads * m}, at::kLong);
+    int64_t* out = idx.data_ptr<int64_t>();
+    const int32_t* row = table + slots[b] * max_pages;
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t page = std::clamp<int64_t>(row[j0 + j], 0, num_pages - 1);
+      for (int64_t h = 0; h < kv_heads; ++h) out[h * m + j] = page * kv_heads + h;
+    }
+    return idx;
+  }
+  // x [num_pages, Hkv, page_size, w...] -> tokens t0 .. t0 + n - 1 of sequence b, [Hkv, n, w...]
+  at::Tensor gather(const at::Tensor& x, int64_t b, int64_t t0, int64_t n) const {
+    const int64_t m = page_count(t0, n);
+    auto shape = x.sizes().vec();  // [num_pages, Hkv, page_size, w...] -> [Hkv, m * page_size, w...]
+    shape.erase(shape.begin(), shape.begin() + 3);
+    shape.insert(shape.begin(), {kv_heads, m * page_size});
+    const auto g = x.view({num_pages * kv_heads, -1}).index_select(0, index(b, t0, n)).view(shape);
+    return g.narrow(1, t0 - first_page(t0) * page_size, n);
+  }
+  at::Tensor rows(int kv, int64_t b, int64_t t0, int64_t n) const { return gather(*pages[kv], b, t0, n); }
+  at::Tensor token_scales(int kv, int64_t b, int64_t t0, int64_t n) const { return gather(*scales[kv], b, t0, n); }
+  at::Tensor channel_scales(int kv, int64_t b) const { return (*scales[kv])[slots[b]]; }
+};
+
+at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp,
+                                      const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& bt,
+                                      const at::Tensor& lengths, const c10::optional<at::Tensor>& seq_ids,
+                                      c10::string_view granularity, double sm_scale, int64_t splits,
+                                      const c10::optional<at::Tensor>& clamped = {}) {
+  (void)splits;  // the CPU path does not split
+  TORCH_CHECK_VALUE(q.dim() == 3, "kvpack: q must be [B, Hq, D], got ", q.sizes());
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat,
+                   "kvpack: q must be float16, bfloat16 or float32 (the CPU), got ", q.scalar_type());
+  TORCH_CHECK_VALUE(q.is_contiguous(), "kvpack: q must be contiguous");
+  const auto p = check_paged(q.size(0), kp, vp, ks, vs, bt, lengths, seq_ids, std::string(granularity), q);
+  TORCH_CHECK_VALUE(q.size(2) == p.head_dim, "kvpack: q has head dimension ", q.size(2), " but the pages ", p.head_dim);
+  TORCH_CHECK_VALUE(q.size(1) % p.kv_heads == 0, "kvpack: Hq = ", q.size(1),
+                    " query heads must be a multiple of Hkv = ", p.kv_heads, " KV heads");
+  check_flag(clamped, q);
+  const int64_t t_max = p.max_pages * p.page_size;
+  DecodeShape s{p.batch, q.size(1), p.kv_heads, t_max, p.head_dim, p.per_token};
+  s.group = p.group;
+  // As the kernels do: each row's slot clamped to [0, S), its length to [0, max_pages * page_size], each
+  // page id it reads to [0, num_pages); the flag set where one was.
+  const int32_t* table = bt.data_ptr<int32_t>();
+  std::vector<int64_t> slots(s.batch), lens(s.batch);
+  bool flag = false;
   for (int64_t b = 0; b < s.batch; ++b) {
-    const int64_t L = len.defined() ? len.data_ptr<int64_t>()[b] : s.max_tokens;
-    if (L == 0) continue;  // attends to nothing: a zero row, as on CUDA
-    const auto qb = qf[b].reshape({s.kv_heads, per_kv, s.head_dim});
-    auto scores = at::empty({s.kv_heads, per_kv, L}, qf.options());
-    for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
-      const int64_t n = std::min(kChunk, L - t0);
-      scores.narrow(2, t0, n).copy_(at::bmm(qb, dequantize_chunk(k, ks, s, s.per_token, b, t0, n).transpose(1, 2)));
+    const int64_t id = seq_ids.has_value() ? seq_ids->data_ptr<int32_t>()[b] : b;
+    slots[b] = std::clamp<int64_t>(id, 0, p.num_slots - 1);
+    const int64_t raw = lengths.data_ptr<int32_t>()[slots[b]];
+    lens[b] = std::clamp<int64_t>(raw, 0, t_max);
+    flag |= slots[b] != id || raw < 1 || raw > t_max;
+    for (int64_t j = 0; j * p.page_size < lens[b]; ++j) {
+      const int32_t page = table[slots[b] * p.max_pages + j];
+      flag |= page < 0 || page >= p.num_pages;
     }
-    const auto p = at::softmax(scores.mul_(sm_scale), -1);  // [Hkv, per_kv, L]
-    auto acc = at::zeros({s.kv_heads, per_kv, s.head_dim}, qf.options());
-    for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
-      const int64_t n = std::min(kChunk, L - t0);
-      acc.baddbmm_(p.narrow(2, t0, n), dequantize_chunk(v, vs, s, v_per_token, b, t0, n));
-    }
-    out[b].copy_(acc.reshape({s.q_heads, s.head_dim}));
   }
-  return out.to(q.scalar_type());
+  if (flag && clamped.has_value()) clamped->fill_(1);
+  const PagedSource source{{&kp, &vp}, {&ks, &vs}, table, slots, p.kv_heads, p.page_size, p.num_pages, p.max_pages};
+  return attend_cpu(q, s, lens, sm_scale, source).to(q.scalar_type());
 }
 
 at::Tensor decode_attention_plain_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -107,6 +209,21 @@ at::Tensor decode_attention_flagged_cpu(const at::Tensor& q, const at::Tensor& k
                                         const c10::optional<at::Tensor>& lengths, c10::string_view granularity,
                                         double sm_scale, int64_t splits, const at::Tensor& clamped) {
   return decode_attention_cpu(q, k, v, ks, vs, lengths, granularity, sm_scale, splits, clamped);
+}
+
+at::Tensor paged_decode_attention_plain_cpu(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp,
+                                            const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& bt,
+                                            const at::Tensor& lengths, const c10::optional<at::Tensor>& seq_ids,
+                                            c10::string_view granularity, double sm_scale, int64_t splits) {
+  return paged_decode_attention_cpu(q, kp, vp, ks, vs, bt, lengths, seq_ids, granularity, sm_scale, splits);
+}
+
+at::Tensor paged_decode_attention_flagged_cpu(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp,
+                                              const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& bt,
+                                              const at::Tensor& lengths, const c10::optional<at::Tensor>& seq_ids,
+                                              c10::string_view granularity, double sm_scale, int64_t splits,
+                                              const at::Tensor& clamped) {
+  return paged_decode_attention_cpu(q, kp, vp, ks, vs, bt, lengths, seq_ids, granularity, sm_scale, splits, clamped);
 }
 
 void kv_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_scales,
@@ -188,6 +305,8 @@ void kv_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const a
 TORCH_LIBRARY_IMPL(kvpack, CPU, m) {
   m.impl("decode_attention", &decode_attention_plain_cpu);
   m.impl("decode_attention_flagged", &decode_attention_flagged_cpu);
+  m.impl("paged_decode_attention", &paged_decode_attention_plain_cpu);
+  m.impl("paged_decode_attention_flagged", &paged_decode_attention_flagged_cpu);
   m.impl("kv_append", &kv_append_cpu);
 }
 

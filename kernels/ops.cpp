@@ -13,8 +13,7 @@
 //                    sm_scale, splits)                -> [B, Hq, D] in q's dtype (splits 0: planned)
 //   decode_attention_flagged(..., clamped!)           -> the same, clamped[0] = 1 where a length was clamped
 //   paged_decode_attention(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids?,
-//                          granularity, sm_scale, splits) -> the same over a paged cache (CUDA; the CPU
-//                                                        path is kvpack/paged.py's composite)
+//                          granularity, sm_scale, splits) -> the same over a paged cache
 //   paged_decode_attention_flagged(..., clamped!)     -> the same, flagging clamped lengths, pages, slots
 //   paged_kv_append(k_pages!, v_pages!, k_scales!, v_scales!, block_tables, lengths!, arrivals!,
 //                   saturated!, k, v, seq_ids?, granularity) -> quantizes new rows into their pages (CUDA)

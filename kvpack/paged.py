@@ -29,10 +29,11 @@ Arithmetic: the same as ``kvpack.KVCache``. A token row's scale is absmax / 127 
 quantized by quant_math.h's ``quantize_value`` (on the CPU through the existing ``kv_append`` op, on
 a staging buffer of the new rows: bit-exact with the contiguous cache by construction); the
 per-channel calibration is ``torch_impl.scale_from_absmax`` of the prefill's absmax, as
-``KVCache._calibrate`` computes it. INT4 rows go through the same op into such a staging buffer. On the CPU, attention gathers each row's pages into a contiguous
-``[B, Hkv, max_pages_per_seq * page_size, D]`` cache and calls ``kvpack.decode_attention``: paged and
-contiguous results are then bit-identical (at the same T_max). On CUDA both functions call the
-``torch.ops.kvpack.paged_*`` ops (the format from the pages' dtype: int8, or uint8 for INT4).
+``KVCache._calibrate`` computes it. INT4 rows go through the same op into such a staging buffer.
+Attention calls the ``torch.ops.kvpack.paged_decode_attention`` op (the format from the pages' dtype:
+int8, or uint8 for INT4) on CUDA and on the CPU, where it gathers each chunk's rows from their pages
+and computes as the contiguous CPU op does: paged and contiguous results are bit-identical there. On
+CUDA ``paged_kv_append`` is an op too.
 
 Host synchronisation: the functional API checks shapes, dtypes and devices, never device values;
 ``PagedKVCache`` keeps the truth on the host (free pages, each sequence's pages and length), so
@@ -59,7 +60,6 @@ from .decode_attention import (
     check_granularity,
     check_head_dim,
     check_query_dtype,
-    decode_attention,
     op_pair,
     resolve_sm_scale,
 )
@@ -252,11 +252,8 @@ def paged_decode_attention(
             raise error
     q, sm_scale = _check_paged_call(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids,
                                     granularity, sm_scale, clamped, splits, bits, group_size)
-    if q.device.type != "cpu":
-        return _paged_op(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity,
-                         sm_scale, splits, clamped)
-    return _paged_decode_attention_cpu(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids,
-                                       granularity, sm_scale, clamped, splits, bits, group_size)
+    return _paged_op(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, sm_scale,
+                     splits, clamped)
 
 
 _OPS: tuple | None = None  # op_pair("paged_decode_attention") once loaded
@@ -270,7 +267,7 @@ def _load_ops() -> tuple:
 
 def _paged_op(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, sm_scale, splits,
               clamped):
-    """The CUDA op, which checks its tensors itself."""
+    """The op (CUDA or CPU), which checks its tensors itself."""
     plain, flagged = _OPS or _load_ops()
     if clamped is not None:
         return flagged(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids, granularity, sm_scale,
@@ -301,46 +298,6 @@ def _check_paged_call(q, k_pages, v_pages, k_scales, v_scales, block_tables, len
     if isinstance(splits, bool) or not isinstance(splits, int) or splits < 0:
         raise ValueError(f"splits must be a non-negative int (0: planned), got {splits!r}")
     return q, sm_scale
-
-
-def _paged_decode_attention_cpu(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids,
-                                granularity, sm_scale, clamped, splits, bits, group_size):
-    """Gather the rows' pages (up to the longest row's last) into a contiguous cache and call the contiguous
-    op (bit-exact with it)."""
-    b = q.shape[0]
-    num_pages, hkv, page_size, _ = k_pages.shape
-    s, max_pages = block_tables.shape
-    t_max = max_pages * page_size
-    ids = torch.arange(b) if seq_ids is None else seq_ids.long()
-    slots = ids.clamp(0, s - 1)
-    raw = lengths.long()[slots]                                         # [B]
-    n = raw.clamp(0, t_max)
-    table = block_tables.long()[slots]                                  # [B, max_pages]
-    used = torch.arange(max_pages)[None, :] * page_size < n[:, None]    # entries the rows read
-    pages = table.clamp(0, num_pages - 1)
-    flag = (bool((slots != ids).any()) or bool(((raw < 1) | (raw > t_max)).any())
-            or bool(((pages != table) & used).any()))
-    if clamped is not None and flag:
-        clamped.fill_(1)
-
-    # Only the pages the longest row reads: a row's result depends on its own length alone (not on the
-    # gathered cache's T_max), so the result is the same bits, without copying the table's unused tail.
-    need = max(1, -(-int(n.max()) // page_size)) if b else 1
-    pages = pages[:, :need]
-
-    rows = (pages[:, None, :] * hkv + torch.arange(hkv)[None, :, None]).reshape(-1)  # (page, head) in [B, Hkv, need]
-
-    def gather(x):  # [num_pages, Hkv, P, ...] -> [B, Hkv, need * P, ...], in one copy
-        g = x.reshape(num_pages * hkv, *x.shape[2:]).index_select(0, rows)
-        return g.view(b, hkv, need * page_size, *x.shape[3:])
-
-    kc, vc = gather(k_pages), gather(v_pages)
-    ks = gather(k_scales) if granularity == "token" else k_scales[slots]
-    vs = gather(v_scales) if granularity == "token" or bits == 4 else v_scales[slots]  # INT4 values: token groups
-    out = decode_attention(q, kc, vc, ks, vs, n.to(torch.int32), granularity=granularity, sm_scale=sm_scale,
-                           check_lengths=False, splits=splits, bits=bits, group_size=group_size)
-    # A length of 0 gives a zero row, as the CUDA kernel does, whatever the contiguous CPU op gives there.
-    return out.masked_fill_((n == 0)[:, None, None], 0.0)
 
 
 # --- append ---------------------------------------------------------------------------------------

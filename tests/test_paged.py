@@ -191,6 +191,31 @@ def test_fp32_queries_on_the_cpu():
     assert torch.equal(paged.attend(ids, q), contiguous.attend(q))
 
 
+@pytest.mark.parametrize("bits,granularity,page_size", [(8, "token", 48), (8, "channel", 16), (4, "token", 48),
+                                                      (4, "channel", 80)])
+def test_long_sequences_in_scattered_pages_equal_contiguous(bits, granularity, page_size):
+    """Sequences longer than the CPU op's chunks of 1024 tokens, in pages of sizes that do not divide
+    1024 (a chunk starts inside a page), their pages interleaved in the pool by alternating appends:
+    attention bit for bit the contiguous cache's, in every row order."""
+    hkv, d = 2, 64
+    paged = kvpack.PagedKVCache(240, page_size, hkv, d, device="cpu", dtype=torch.float32, bits=bits,
+                                granularity=granularity)
+    contiguous = kvpack.KVCache(3, hkv, d, 2200, device="cpu", dtype=torch.float32, bits=bits,
+                                granularity=granularity)
+    ids = [paged.add_sequence() for _ in range(3)]
+    for s, (who, t) in enumerate([([0, 1, 2], 7), ([1, 0], 300), ([0, 1], 718), ([0], 1075)]):
+        k, v = rows(len(who), hkv, t, d, torch.float32, seed=40 + s)
+        paged.append([ids[i] for i in who], k, v)
+        full_k, full_v = torch.zeros(3, hkv, t, d), torch.zeros(3, hkv, t, d)
+        full_k[who], full_v[who] = k, v
+        contiguous.append(full_k, full_v, counts=[t if i in who else 0 for i in range(3)])
+    assert paged.lengths(ids) == contiguous.lengths.tolist() == [2100, 1025, 7]
+    q = make_q(3, hkv * 4, d, torch.float32, seed=5)
+    want = contiguous.attend(q)
+    for order in ([0, 1, 2], [2, 0], [1]):
+        assert torch.equal(paged.attend([ids[i] for i in order], q[order]), want[order]), order
+
+
 @pytest.mark.parametrize("page_size", [48, 256])
 def test_other_page_sizes(page_size):
     """Any multiple of 16 up to 256: 48 (not a power of two), 256 (a sequence within one page)."""
