@@ -383,7 +383,7 @@ def _paged_kv_append_cpu(k_pages, v_pages, k_scales, v_scales, block_tables, len
             raise ValueError(f"slot {int(slots[i])} holds {int(start[i])} tokens; appending {t} would pass "
                              f"max_pages_per_seq * page_size = {max_pages * page_size}. Nothing was written")
     pos = start[:, None] + torch.arange(t)[None, :]                     # [B, t]
-    pages = block_tables.long()[slots[:, None], pos // page_size]       # [B, t]
+    pages = block_tables[slots[:, None], pos // page_size].long()       # [B, t]: the entries alone converted
     rows = pos % page_size
     bad = ((pages < 0) | (pages >= num_pages)).nonzero()
     if len(bad):
@@ -401,12 +401,20 @@ def _paged_kv_append_cpu(k_pages, v_pages, k_scales, v_scales, block_tables, len
     torch.ops.kvpack.kv_append.default(stage.k_cache, stage.v_cache, stage.k_scales, stage.v_scales,
                                        torch.zeros(b, dtype=torch.int32), torch.zeros(b, dtype=torch.int32), saturated,
                                        k, v, None, granularity)
-    k_pages[pages, :, rows] = stage.k_cache.transpose(1, 2)             # [B, t, Hkv, row]
-    v_pages[pages, :, rows] = stage.v_cache.transpose(1, 2)
+    # Scattered as rows of the pool ([num_pages * Hkv * page_size, ...]), in the staging rows' (B, t, Hkv)
+    # order: index_copy_ (advanced-index assignment into [pages, :, rows] took ~0.2 ms a call for int8).
+    dst = ((pages[:, :, None] * hkv + torch.arange(hkv)[None, None, :]) * page_size + rows[:, :, None]).reshape(-1)
+
+    def scatter(pool, staged):  # pool [num_pages, Hkv, page_size, ...], staged [B, Hkv, t, ...]
+        width = pool.shape[3:]
+        pool.view(-1, *width).index_copy_(0, dst, staged.transpose(1, 2).reshape(-1, *width))
+
+    scatter(k_pages, stage.k_cache)
+    scatter(v_pages, stage.v_cache)
     if granularity == "token":
-        k_scales[pages, :, rows] = stage.k_scales.transpose(1, 2)       # [B, t, Hkv(, groups)]
+        scatter(k_scales, stage.k_scales)
     if granularity == "token" or bits == 4:
-        v_scales[pages, :, rows] = stage.v_scales.transpose(1, 2)
+        scatter(v_scales, stage.v_scales)
     lengths[slots] = (start + t).to(torch.int32)
 
 
