@@ -8,6 +8,9 @@ global timer (ns) and its SM's clock at
   0 start (after the programmatic-launch wait), 1 the sequence's length read, 2 warp 0's first tile
   computed, 3 warp 0's tiles done, 4 the block's partial result written, 5 its arrival counted, and in
   the last block of each group 6 the merge done.
+The spread of a mark over blocks (earliest, median, latest) says whether a long step's time over its
+bytes is a tail (blocks finishing late: `tiles done` latest far past its median) or spread evenly
+(issue 17's INT4 at B = 8 GQA T = 32768: `--points 32768x8x32x8x128`).
 For each point and format, R launches of the default call, each after an L2 flush and with the GPU
 busy ahead of it (as the benchmarks time a call). Prints, relative to the first block's start, the
 median over launches of each mark's median and latest over blocks; the same call's event time beside
@@ -78,7 +81,8 @@ def launch_stats(rows: np.ndarray) -> dict:
         if not have.any():
             continue
         rel = gt[have, i] - t0
-        out[name] = {"median_ns": float(np.median(rel)), "max_ns": float(rel.max()), "blocks": int(have.sum())}
+        out[name] = {"min_ns": float(rel.min()), "median_ns": float(np.median(rel)), "max_ns": float(rel.max()),
+                     "blocks": int(have.sum())}
     # the SM clock against the timer, from blocks whose span is long enough to read it
     span_gt = gt[:, 4] - gt[:, 0]
     span_ck = ck[:, 4] - ck[:, 0]
@@ -148,7 +152,8 @@ def run_point(spec: str, reps: int, flush, dev) -> dict:
         for name in MARKS:
             if name in s:
                 m = s[name]
-                print(f"    {name:16s} median {m['median_ns'] / 1e3:6.2f} us   latest {m['max_ns'] / 1e3:6.2f} us   ({m['blocks']:.0f} blocks)")
+                print(f"    {name:16s} earliest {m['min_ns'] / 1e3:7.2f} us   median {m['median_ns'] / 1e3:7.2f} us   "
+                      f"latest {m['max_ns'] / 1e3:7.2f} us   ({m['blocks']:.0f} blocks)")
         ghz = s.get("sm_ghz") or 1.0
         cyc = "  ".join(f"{k[7:]} {v / ghz / 1e3:.2f}" for k, v in s.items() if k.startswith("cycles "))
         print(f"    a block's phases (us, its SM clock): {cyc}; the last block's merge {s.get('merge_cycles', 0) / ghz / 1e3:.2f}")
