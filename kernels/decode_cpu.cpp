@@ -226,6 +226,67 @@ at::Tensor paged_decode_attention_flagged_cpu(const at::Tensor& q, const at::Ten
   return paged_decode_attention_cpu(q, kp, vp, ks, vs, bt, lengths, seq_ids, granularity, sm_scale, splits, clamped);
 }
 
+// The write path: new rows k, v [B, Hkv, t_new, D] quantized as the kernels quantize them. Sequence b
+// writes its first n[b] rows at positions start[b] .. (a position at or past max_tokens is dropped),
+// row_of(b, h, pos) the row of the cache (viewed as [rows, D] int8 or [rows, D / 2] packed INT4) that
+// token pos of KV head h of b lands in, which is also its token scales' row; chan_of(b, h) the row of
+// its calibrated channel scales ([rows, D]). Returns the values that saturated a channel scale.
+template <typename RowOf, typename ChanOf>
+int64_t append_cpu(const DecodeShape& s, const at::Tensor& k_new, const at::Tensor& v_new, void* const dst[2],
+                   float* const scales[2], const std::vector<int64_t>& n, const std::vector<int64_t>& start,
+                   const RowOf& row_of, const ChanOf& chan_of) {
+  const int64_t t_new = k_new.size(2), D = s.head_dim, G = s.group;  // G 0: int8; INT4: a scale's channels
+  const at::Tensor src[2] = {k_new.to(at::kFloat).contiguous(), v_new.to(at::kFloat).contiguous()};
+  int64_t clipped = 0;
+  for (int kv = 0; kv < 2; ++kv) {
+    for (int64_t b = 0; b < s.batch; ++b) {
+      for (int64_t h = 0; h < s.kv_heads; ++h) {
+        const float* ch = scales[kv] + chan_of(b, h) * D;  // calibrated channel scales
+        for (int64_t j = 0; j < n[b] && start[b] + j < s.max_tokens; ++j) {
+          const float* x = src[kv].data_ptr<float>() + ((b * s.kv_heads + h) * t_new + j) * D;
+          const int64_t row = row_of(b, h, start[b] + j);
+          if (G == 0) {
+            int8_t* out = static_cast<int8_t*>(dst[kv]) + row * D;
+            if (s.per_token) {
+              float amax = 0.0f;
+              for (int64_t d = 0; d < D; ++d) amax = absmax_combine(amax, x[d]);
+              const float scale = scale_from_absmax(amax);
+              scales[kv][row] = scale;
+              for (int64_t d = 0; d < D; ++d) out[d] = quantize_value(x[d], scale);
+            } else {
+              for (int64_t d = 0; d < D; ++d) {
+                out[d] = quantize_value(x[d], ch[d]);
+                clipped += saturates(x[d], ch[d]) ? 1 : 0;
+              }
+            }
+            continue;
+          }
+          uint8_t* out = static_cast<uint8_t*>(dst[kv]) + row * (D / 2);  // element 2i low, 2i + 1 high
+          if (kv == 1 || s.per_token) {  // INT4 values always in token groups
+            for (int64_t g0 = 0; g0 < D; g0 += G) {
+              float amax = 0.0f;
+              for (int64_t d = g0; d < g0 + G; ++d) amax = absmax_combine(amax, x[d]);
+              const float scale = int4_scale_from_absmax(amax);
+              scales[kv][row * (D / G) + g0 / G] = scale;
+              for (int64_t d = g0; d < g0 + G; d += 2) {
+                out[d / 2] = static_cast<uint8_t>(quantize_int4_nibble(x[d], scale) |
+                                                  (quantize_int4_nibble(x[d + 1], scale) << 4));
+              }
+            }
+          } else {
+            for (int64_t d = 0; d < D; d += 2) {
+              out[d / 2] = static_cast<uint8_t>(quantize_int4_nibble(x[d], ch[d]) |
+                                                (quantize_int4_nibble(x[d + 1], ch[d + 1]) << 4));
+              clipped += (saturates_int4(x[d], ch[d]) ? 1 : 0) + (saturates_int4(x[d + 1], ch[d + 1]) ? 1 : 0);
+            }
+          }
+        }
+      }
+    }
+  }
+  return clipped;
+}
+
 void kv_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_scales,
                    const at::Tensor& v_scales, const at::Tensor& lengths, const at::Tensor& arrivals,
                    const at::Tensor& saturated, const at::Tensor& k_new, const at::Tensor& v_new,
@@ -233,70 +294,55 @@ void kv_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const a
   const auto s = check_append(k_cache, v_cache, k_scales, v_scales, lengths, arrivals, saturated, k_new, v_new,
                               counts, std::string(granularity));
   const int64_t t_new = k_new.size(2);
-  const int64_t D = s.head_dim;
   auto* len = lengths.data_ptr<int32_t>();
-  std::vector<int64_t> n(s.batch);
+  std::vector<int64_t> n(s.batch), start(s.batch);
   for (int64_t b = 0; b < s.batch; ++b) {
     n[b] = counts.has_value() ? counts->data_ptr<int32_t>()[b] : t_new;
+    start[b] = len[b];
     TORCH_CHECK_VALUE(n[b] >= 0 && n[b] <= t_new, "kvpack: counts[", b, "] = ", n[b], " is not in [0, ", t_new, "]");
     TORCH_CHECK_VALUE(len[b] >= 0 && len[b] + n[b] <= s.max_tokens, "kvpack: sequence ", b, " holds ", len[b],
                       " tokens; appending ", n[b], " would pass max_tokens = ", s.max_tokens);
   }
-  const at::Tensor src[2] = {k_new.to(at::kFloat).contiguous(), v_new.to(at::kFloat).contiguous()};
-  void* dst[2] = {k_cache.data_ptr(), v_cache.data_ptr()};
-  float* scales[2] = {k_scales.data_ptr<float>(), v_scales.data_ptr<float>()};
-  const int64_t G = s.group;  // 0: int8; INT4: channels a scale, values always in groups of a token
-  const int64_t rows = s.batch * s.kv_heads * t_new;
-  // One row of K or V (r: kv, then head, then the new token j) quantized and stored where the kernels
-  // would store it; returns the values that saturated a calibrated channel scale.
-  const auto write_row = [&](int64_t r) -> int64_t {
-    const int kv = static_cast<int>(r / rows);
-    const int64_t head = r % rows / t_new, j = r % t_new, b = head / s.kv_heads;
-    if (j >= n[b]) return 0;
-    const float* x = src[kv].data_ptr<float>() + (head * t_new + j) * D;
-    const int64_t row = head * s.max_tokens + len[b] + j;
-    const float* ch = scales[kv] + head * D;  // calibrated channel scales
-    int64_t clipped = 0;
-    if (G == 0) {
-      int8_t* out = static_cast<int8_t*>(dst[kv]) + row * D;
-      if (s.per_token) {
-        float amax = 0.0f;
-        for (int64_t d = 0; d < D; ++d) amax = absmax_combine(amax, x[d]);
-        const float scale = scale_from_absmax(amax);
-        scales[kv][row] = scale;
-        for (int64_t d = 0; d < D; ++d) out[d] = quantize_value(x[d], scale);
-      } else {
-        for (int64_t d = 0; d < D; ++d) {
-          out[d] = quantize_value(x[d], ch[d]);
-          clipped += saturates(x[d], ch[d]) ? 1 : 0;
-        }
-      }
-      return clipped;
-    }
-    uint8_t* out = static_cast<uint8_t*>(dst[kv]) + row * (D / 2);  // element 2i low, 2i + 1 high
-    if (kv == 1 || s.per_token) {
-      for (int64_t g0 = 0; g0 < D; g0 += G) {
-        float amax = 0.0f;
-        for (int64_t d = g0; d < g0 + G; ++d) amax = absmax_combine(amax, x[d]);
-        const float scale = int4_scale_from_absmax(amax);
-        scales[kv][row * (D / G) + g0 / G] = scale;
-        for (int64_t d = g0; d < g0 + G; d += 2) {
-          out[d / 2] = static_cast<uint8_t>(quantize_int4_nibble(x[d], scale) |
-                                            (quantize_int4_nibble(x[d + 1], scale) << 4));
-        }
-      }
-    } else {
-      for (int64_t d = 0; d < D; d += 2) {
-        out[d / 2] = static_cast<uint8_t>(quantize_int4_nibble(x[d], ch[d]) |
-                                          (quantize_int4_nibble(x[d + 1], ch[d + 1]) << 4));
-        clipped += (saturates_int4(x[d], ch[d]) ? 1 : 0) + (saturates_int4(x[d + 1], ch[d + 1]) ? 1 : 0);
-      }
-    }
-    return clipped;
-  };
-  int64_t clipped = 0;
-  for (int64_t r = 0; r < 2 * rows; ++r) clipped += write_row(r);
+  void* const dst[2] = {k_cache.data_ptr(), v_cache.data_ptr()};
+  float* const scales[2] = {k_scales.data_ptr<float>(), v_scales.data_ptr<float>()};
+  const int64_t clipped = append_cpu(
+      s, k_new, v_new, dst, scales, n, start,
+      [&](int64_t b, int64_t h, int64_t pos) { return (b * s.kv_heads + h) * s.max_tokens + pos; },
+      [&](int64_t b, int64_t h) { return b * s.kv_heads + h; });
   for (int64_t b = 0; b < s.batch; ++b) len[b] = static_cast<int32_t>(len[b] + n[b]);
+  saturated.add_(clipped);
+}
+
+// The paged write, as the kernels do it: each row's slot clamped to [0, S), its start (the slot's
+// length) to [0, max_pages * page_size], rows past that dropped, each page id clamped to the pool; the
+// slot's length advanced (to at most max_pages * page_size). kvpack.paged_kv_append checks every value
+// first and raises, having written nothing.
+void paged_kv_append_cpu(const at::Tensor& kp, const at::Tensor& vp, const at::Tensor& ks, const at::Tensor& vs,
+                         const at::Tensor& bt, const at::Tensor& lengths, const at::Tensor& arrivals,
+                         const at::Tensor& saturated, const at::Tensor& k_new, const at::Tensor& v_new,
+                         const c10::optional<at::Tensor>& seq_ids, c10::string_view granularity) {
+  const auto p = check_paged_append(kp, vp, ks, vs, bt, lengths, arrivals, saturated, k_new, v_new, seq_ids,
+                                    std::string(granularity));
+  const int64_t t_max = p.max_pages * p.page_size;
+  DecodeShape s{p.batch, p.kv_heads, p.kv_heads, t_max, p.head_dim, p.per_token};
+  s.group = p.group;
+  const int32_t* table = bt.data_ptr<int32_t>();
+  auto* len = lengths.data_ptr<int32_t>();
+  std::vector<int64_t> slots(s.batch), n(s.batch, k_new.size(2)), start(s.batch);
+  for (int64_t b = 0; b < s.batch; ++b) {
+    slots[b] = std::clamp<int64_t>(seq_ids.has_value() ? seq_ids->data_ptr<int32_t>()[b] : b, 0, p.num_slots - 1);
+    start[b] = std::clamp<int64_t>(len[slots[b]], 0, t_max);
+  }
+  void* const dst[2] = {kp.data_ptr(), vp.data_ptr()};
+  float* const scales[2] = {ks.data_ptr<float>(), vs.data_ptr<float>()};
+  const int64_t clipped = append_cpu(
+      s, k_new, v_new, dst, scales, n, start,
+      [&](int64_t b, int64_t h, int64_t pos) {
+        const int64_t page = std::clamp<int64_t>(table[slots[b] * p.max_pages + pos / p.page_size], 0, p.num_pages - 1);
+        return (page * p.kv_heads + h) * p.page_size + pos % p.page_size;
+      },
+      [&](int64_t b, int64_t h) { return slots[b] * p.kv_heads + h; });
+  for (int64_t b = 0; b < s.batch; ++b) len[slots[b]] = static_cast<int32_t>(std::min(start[b] + n[b], t_max));
   saturated.add_(clipped);
 }
 
@@ -308,6 +354,7 @@ TORCH_LIBRARY_IMPL(kvpack, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention_plain_cpu);
   m.impl("paged_decode_attention_flagged", &paged_decode_attention_flagged_cpu);
   m.impl("kv_append", &kv_append_cpu);
+  m.impl("paged_kv_append", &paged_kv_append_cpu);
 }
 
 }  // namespace kvpack

@@ -185,19 +185,8 @@ void paged_kv_append_cuda(const at::Tensor& kp, const at::Tensor& vp, const at::
                           const at::Tensor& bt, const at::Tensor& lengths, const at::Tensor& arrivals,
                           const at::Tensor& saturated, const at::Tensor& k_new, const at::Tensor& v_new,
                           const c10::optional<at::Tensor>& seq_ids, c10::string_view granularity) {
-  TORCH_CHECK_VALUE(k_new.dim() == 4, "kvpack: k must be [B, Hkv, t_new, D], got ", k_new.sizes());
-  const auto s = check_paged(k_new.size(0), kp, vp, ks, vs, bt, lengths, seq_ids, std::string(granularity), kp);
-  TORCH_CHECK_VALUE(k_new.size(1) == s.kv_heads && k_new.size(3) == s.head_dim, "kvpack: k must be [B, Hkv = ",
-                    s.kv_heads, ", t_new, D = ", s.head_dim, "], got ", k_new.sizes());
-  TORCH_CHECK_TYPE(k_new.scalar_type() == at::kFloat || k_new.scalar_type() == at::kHalf ||
-                       k_new.scalar_type() == at::kBFloat16,
-                   "kvpack: k must be float32, float16 or bfloat16, got ", k_new.scalar_type());
-  TORCH_CHECK_VALUE(k_new.size(2) >= 1 && k_new.size(2) < (int64_t{1} << 31), "kvpack: k holds ", k_new.size(2),
-                    " new tokens");
-  check_cache_tensor(k_new, "k", k_new.scalar_type(), k_new.sizes(), kp);
-  check_cache_tensor(v_new, "v", k_new.scalar_type(), k_new.sizes(), kp);
-  check_cache_tensor(arrivals, "arrivals", at::kInt, {s.num_slots}, kp);
-  check_cache_tensor(saturated, "saturated", at::kLong, {}, kp);
+  const auto s = check_paged_append(kp, vp, ks, vs, bt, lengths, arrivals, saturated, k_new, v_new, seq_ids,
+                                    std::string(granularity));
   check_cuda(kp, "k_pages");
   const c10::cuda::CUDAGuard guard(kp.device());
   cuda::AppendArgs args{};

@@ -26,14 +26,13 @@ Hkv, page_size, D / group_size]``, one per group of ``group_size`` channels of a
 append (absmax / 7), and the values stay in token groups. On CUDA, groups of 32, 64 or 128.
 
 Arithmetic: the same as ``kvpack.KVCache``. A token row's scale is absmax / 127 and its values are
-quantized by quant_math.h's ``quantize_value`` (on the CPU through the existing ``kv_append`` op, on
-a staging buffer of the new rows: bit-exact with the contiguous cache by construction); the
-per-channel calibration is ``torch_impl.scale_from_absmax`` of the prefill's absmax, as
-``KVCache._calibrate`` computes it. INT4 rows go through the same op into such a staging buffer.
-Attention calls the ``torch.ops.kvpack.paged_decode_attention`` op (the format from the pages' dtype:
-int8, or uint8 for INT4) on CUDA and on the CPU, where it gathers each chunk's rows from their pages
-and computes as the contiguous CPU op does: paged and contiguous results are bit-identical there. On
-CUDA ``paged_kv_append`` is an op too.
+quantized by quant_math.h's ``quantize_value`` (INT4: absmax / 7 a group, ``quantize_int4_nibble``),
+row by row in the same code as the contiguous cache's write (``kernels/decode_cpu.cpp``), so the two
+are bit-exact; the per-channel calibration is ``torch_impl.scale_from_absmax`` of the prefill's
+absmax, as ``KVCache._calibrate`` computes it. Both functions call the ``torch.ops.kvpack.paged_*``
+ops (the format from the pages' dtype: int8, or uint8 for INT4) on CUDA and on the CPU; on the CPU,
+attention gathers each chunk's rows from their pages and computes as the contiguous CPU op does:
+paged and contiguous results are bit-identical there.
 
 Host synchronisation: the functional API checks shapes, dtypes and devices, never device values;
 ``PagedKVCache`` keeps the truth on the host (free pages, each sequence's pages and length), so
@@ -44,8 +43,6 @@ API instead, called with device tensors made beforehand (the pages the replays f
 """
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import torch
 
@@ -358,20 +355,16 @@ def paged_kv_append(
     _on(saturated, "saturated", dev, "k_pages")
     k, v = k.contiguous(), v.contiguous()
     _ensure_loaded()
-    if dev.type != "cpu":
-        torch.ops.kvpack.paged_kv_append.default(k_pages, v_pages, k_scales, v_scales, block_tables, lengths,
-                                                 arrivals, saturated, k, v, seq_ids, granularity)
-        return
-    _paged_kv_append_cpu(k_pages, v_pages, k_scales, v_scales, block_tables, lengths, saturated, k, v, seq_ids,
-                         granularity, bits, group_size)
+    if dev.type == "cpu":  # values are on the host: checked, so that a bad one raises having written nothing
+        _check_append_values(k_pages, block_tables, lengths, k, seq_ids)
+    torch.ops.kvpack.paged_kv_append.default(k_pages, v_pages, k_scales, v_scales, block_tables, lengths, arrivals,
+                                             saturated, k, v, seq_ids, granularity)
 
 
-def _paged_kv_append_cpu(k_pages, v_pages, k_scales, v_scales, block_tables, lengths, saturated, k, v, seq_ids,
-                         granularity, bits, group_size):
-    """Quantize the new rows into a staging cache of t tokens per row with the contiguous cache's own
-    write path (the ``kv_append`` op, INT8 or INT4: its arithmetic, its saturation count), then scatter
-    them to their pages."""
-    b, hkv, t, d = k.shape
+def _check_append_values(k_pages, block_tables, lengths, k, seq_ids) -> None:
+    """The CPU append's values: each slot once, room for t more tokens, every page it writes allocated
+    (the op, as the CUDA kernel, would clamp them instead)."""
+    b, _, t, _ = k.shape
     num_pages, _, page_size, _ = k_pages.shape
     s, max_pages = block_tables.shape
     slots = _host_slots(seq_ids, b, s)
@@ -384,38 +377,11 @@ def _paged_kv_append_cpu(k_pages, v_pages, k_scales, v_scales, block_tables, len
                              f"max_pages_per_seq * page_size = {max_pages * page_size}. Nothing was written")
     pos = start[:, None] + torch.arange(t)[None, :]                     # [B, t]
     pages = block_tables[slots[:, None], pos // page_size].long()       # [B, t]: the entries alone converted
-    rows = pos % page_size
     bad = ((pages < 0) | (pages >= num_pages)).nonzero()
     if len(bad):
         i, j = (int(x) for x in bad[0])
         raise ValueError(f"block_tables[{int(slots[i])}, {int(pos[i, j]) // page_size}] = {int(pages[i, j])} is not "
                          f"a page id in [0, num_pages = {num_pages}); allocate the page first. Nothing was written")
-    # The staging cache: the contiguous layout of t tokens a row (kvpack/int4.py's for INT4).
-    shape, k_shape, v_shape = ((b, hkv, t, d), (b, hkv, t), (b, hkv, t)) if bits == 8 else \
-        int4.shapes(b, hkv, d, t, granularity, group_size)
-    stage = SimpleNamespace(
-        k_cache=torch.zeros(shape, dtype=k_pages.dtype), v_cache=torch.zeros(shape, dtype=k_pages.dtype),
-        k_scales=torch.zeros(k_shape) if granularity == "token" else k_scales[slots].contiguous(),
-        v_scales=torch.zeros(v_shape) if granularity == "token" or bits == 4 else v_scales[slots].contiguous(),
-    )  # channel scales: the slots' own
-    torch.ops.kvpack.kv_append.default(stage.k_cache, stage.v_cache, stage.k_scales, stage.v_scales,
-                                       torch.zeros(b, dtype=torch.int32), torch.zeros(b, dtype=torch.int32), saturated,
-                                       k, v, None, granularity)
-    # Scattered as rows of the pool ([num_pages * Hkv * page_size, ...]), in the staging rows' (B, t, Hkv)
-    # order: index_copy_ (advanced-index assignment into [pages, :, rows] took ~0.2 ms a call for int8).
-    dst = ((pages[:, :, None] * hkv + torch.arange(hkv)[None, None, :]) * page_size + rows[:, :, None]).reshape(-1)
-
-    def scatter(pool, staged):  # pool [num_pages, Hkv, page_size, ...], staged [B, Hkv, t, ...]
-        width = pool.shape[3:]
-        pool.view(-1, *width).index_copy_(0, dst, staged.transpose(1, 2).reshape(-1, *width))
-
-    scatter(k_pages, stage.k_cache)
-    scatter(v_pages, stage.v_cache)
-    if granularity == "token":
-        scatter(k_scales, stage.k_scales)
-    if granularity == "token" or bits == 4:
-        scatter(v_scales, stage.v_scales)
-    lengths[slots] = (start + t).to(torch.int32)
 
 
 # --- the cache ------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 
 import kvpack
 from kvpack import reference as ref
+from kvpack.decode_attention import op_pair
 from kvpack.paged import (
     MAX_POOL_ROWS,
     PagedKVCache,
@@ -378,6 +379,36 @@ def _attend(cache, q, lengths, table=None, clamped=None, seq_ids=None):
     return paged_decode_attention(q, cache.k_pages, cache.v_pages, cache.k_scales, cache.v_scales,
                                   cache.block_tables if table is None else table, lengths, seq_ids=seq_ids,
                                   granularity=cache.granularity, clamped=clamped)
+
+
+def test_the_cpu_append_op_clamps_as_the_kernel_does():
+    """torch.ops.kvpack.paged_kv_append on the CPU, called directly (kvpack.paged_kv_append refuses such
+    values first): a page id outside the pool is clamped to it, a slot id to [0, S), and rows past
+    max_pages * page_size are dropped, as the CUDA write kernel does; nothing outside the pages is touched."""
+    def fresh():
+        c = PagedKVCache(4, 16, 2, 64, device="cpu", max_seqs=2, max_pages_per_seq=2)
+        return [c.k_pages, c.v_pages, c.k_scales, c.v_scales, c.block_tables, c.device_lengths,
+                torch.zeros(2, dtype=torch.int32), torch.zeros((), dtype=torch.int64)]
+
+    k, v = rows(1, 2, 20, 64, torch.float16, 12)
+    op_pair("paged_decode_attention")  # loads the extension
+    op = torch.ops.kvpack.paged_kv_append.default
+    want = fresh()
+    want[4][1] = torch.tensor([3, 0], dtype=torch.int32)       # slot 1: pages 3, 0
+    op(*want, k, v, torch.tensor([1], dtype=torch.int32), "token")
+    got = fresh()
+    got[4][1] = torch.tensor([9, -2], dtype=torch.int32)       # clamped to 3 and 0
+    op(*got, k, v, torch.tensor([7], dtype=torch.int32), "token")  # slot 7 clamped to 1
+    for a, b in zip(got[:4], want[:4]):
+        assert torch.equal(a, b)
+    assert got[5].tolist() == want[5].tolist() == [0, 20]
+    full = fresh()
+    full[4][0] = torch.tensor([1, 2], dtype=torch.int32)
+    full[5][0] = 25                                             # 7 rows of room: 13 of the 20 dropped
+    op(*full, k, v, torch.tensor([0], dtype=torch.int32), "token")
+    assert full[5].tolist()[0] == 32
+    assert torch.equal(full[0][2, :, 9:], want[0][3, :, :7])     # rows 25..31: k's first 7, in page 2
+    assert not full[0][[0, 3]].any()                             # no other page written
 
 
 def test_lengths_outside_the_range_are_clamped_and_flagged():
