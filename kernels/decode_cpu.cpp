@@ -29,24 +29,16 @@ void unpack_int4_rows(const uint8_t* __restrict__ src, int8_t* __restrict__ dst,
   }
 }
 
-// One chunk of a sequence's K or V as stored: the rows `raw` (int8 [Hkv, n, D], or packed INT4 uint8
-// [Hkv, n, D / 2]; each head's n rows contiguous) and their scales: per token `scales` [Hkv, n] (int8)
-// or [Hkv, n, D / G] (INT4 groups), per channel [Hkv, D]. Dequantized: fp32 [Hkv, n, D], float(q) *
-// scale as dequantize_value gives it.
+// One INT4 chunk of a sequence's K or V as stored: `raw` packed uint8 [Hkv, n, D / 2] (each head's n
+// rows contiguous) and its scales, per token [Hkv, n, D / G] (groups of G channels) or per channel
+// [Hkv, D] (keys). Dequantized: fp32 [Hkv, n, D], float(q) * scale as dequantize_value gives it.
 at::Tensor dequantize_chunk(const at::Tensor& raw, const at::Tensor& scales, bool per_token, const DecodeShape& s) {
   const int64_t H = s.kv_heads, D = s.head_dim, G = s.group, n = raw.size(1);
-  at::Tensor q = raw;
-  if (G > 0) {  // INT4: unpacked to q first
-    q = at::empty({H, n, D}, raw.options().dtype(at::kChar));
-    for (int64_t h = 0; h < H; ++h) {
-      unpack_int4_rows(raw[h].data_ptr<uint8_t>(), q[h].data_ptr<int8_t>(), n * D / 2);
-    }
-  }
+  auto q = at::empty({H, n, D}, raw.options().dtype(at::kChar));
+  for (int64_t h = 0; h < H; ++h) unpack_int4_rows(raw[h].data_ptr<uint8_t>(), q[h].data_ptr<int8_t>(), n * D / 2);
   const auto xf = q.to(at::kFloat);
   if (!per_token) return (xf * scales.unsqueeze(1)).contiguous();
-  const auto sc = scales.unsqueeze(-1);  // [Hkv, n, 1] (int8), [Hkv, n, D / G, 1] (INT4)
-  if (G == 0) return (xf * sc).contiguous();
-  return (xf.view({H, n, D / G, G}) * sc).view({H, n, D});
+  return (xf.view({H, n, D / G, G}) * scales.unsqueeze(-1)).view({H, n, D});
 }
 
 // Attention of q's rows, each over its own length lens[b] (already clamped; 0: a zero row, as on CUDA),
@@ -62,29 +54,44 @@ at::Tensor attend_cpu(const at::Tensor& q, const DecodeShape& s, const std::vect
   const int64_t per_kv = s.q_heads / s.kv_heads;  // query heads a KV head serves
   auto out = at::zeros({s.batch, s.q_heads, s.head_dim}, q.options().dtype(at::kFloat));
   const auto qf = q.to(at::kFloat);
-  // Dequantized in chunks of kChunk tokens, so that a chunk's fp32 K or V stays in the CPU's caches; the
-  // chunks' bounds depend on L alone. Values are per token (INT8 "token", INT4 always: its groups).
+  // In chunks of kChunk tokens, so that a chunk's fp32 K or V stays in the CPU's caches; the chunks'
+  // bounds depend on L alone. INT8 folds its scales as the CUDA kernel does, so that K and V are only
+  // converted (one pass, not two): a token's K scale multiplies its scores, a token's V scale its
+  // probabilities; channel scales multiply the query (K) and the output (V) once. INT4 dequantizes each
+  // chunk with its group scales (per token, or per channel for its keys).
   constexpr int64_t kChunk = 1024;
+  const bool fold = s.group == 0;
   const bool token[2] = {s.per_token, s.per_token || s.group > 0};
-  const auto chunk = [&](int kv, int64_t b, int64_t t0, int64_t n) {
+  const auto values = [&](int kv, int64_t b, int64_t t0, int64_t n) {  // fp32 [Hkv, n, D]
+    if (fold) return source.rows(kv, b, t0, n).to(at::kFloat);
     return dequantize_chunk(source.rows(kv, b, t0, n),
                             token[kv] ? source.token_scales(kv, b, t0, n) : source.channel_scales(kv, b), token[kv], s);
   };
   for (int64_t b = 0; b < s.batch; ++b) {
     const int64_t L = lens[b];
     if (L == 0) continue;
-    const auto qb = qf[b].reshape({s.kv_heads, per_kv, s.head_dim});
+    auto qb = qf[b].reshape({s.kv_heads, per_kv, s.head_dim});
+    if (fold && !s.per_token) qb = qb * source.channel_scales(0, b).unsqueeze(1);
     auto scores = at::empty({s.kv_heads, per_kv, L}, qf.options());
     for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
       const int64_t n = std::min(kChunk, L - t0);
-      scores.narrow(2, t0, n).copy_(at::bmm(qb, chunk(0, b, t0, n).transpose(1, 2)));
+      auto dst = scores.narrow(2, t0, n);
+      const auto dots = at::bmm(qb, values(0, b, t0, n).transpose(1, 2));  // [Hkv, per_kv, n]
+      if (fold && s.per_token) {
+        at::mul_out(dst, dots, source.token_scales(0, b, t0, n).unsqueeze(1));
+      } else {
+        dst.copy_(dots);
+      }
     }
     const auto p = at::softmax(scores.mul_(sm_scale), -1);  // [Hkv, per_kv, L]
     auto acc = at::zeros({s.kv_heads, per_kv, s.head_dim}, qf.options());
     for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
       const int64_t n = std::min(kChunk, L - t0);
-      acc.baddbmm_(p.narrow(2, t0, n), chunk(1, b, t0, n));
+      auto pc = p.narrow(2, t0, n);
+      if (fold && s.per_token) pc = pc * source.token_scales(1, b, t0, n).unsqueeze(1);
+      acc.baddbmm_(pc, values(1, b, t0, n));
     }
+    if (fold && !s.per_token) acc.mul_(source.channel_scales(1, b).unsqueeze(1));
     out[b].copy_(acc.reshape({s.q_heads, s.head_dim}));
   }
   return out;
