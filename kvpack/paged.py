@@ -231,11 +231,11 @@ def paged_decode_attention(
     ``bits=4``: the pages are packed INT4 with scales per ``group_size`` channels (module doc).
     """
     if type(splits) is int and splits >= 0 and granularity in GRANULARITIES:
-        # The fast path on CUDA: the op checks every tensor itself (in C++) and reads the format from
-        # the pages' dtype; only when it refuses, or the format is not the one asked for, do the checks
-        # below run, to name the argument and the fix.
+        # The fast path (CUDA and CPU; a meta q would meet the op's shape-only fake kernel): the op checks
+        # every tensor itself (in C++) and reads the format from the pages' dtype; only when it refuses,
+        # or the format is not the one asked for, do the checks below run, to name the argument and the fix.
         try:
-            if q.is_cuda and ((bits == 8 and k_pages.dtype == torch.int8) or (
+            if not q.is_meta and ((bits == 8 and k_pages.dtype == torch.int8) or (
                     bits == 4 and k_pages.dtype == torch.uint8 and group_size * v_scales.shape[-1] == q.shape[2])):
                 return _paged_op(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, seq_ids,
                                  granularity, _check_sm_scale(sm_scale, q.shape[2]), splits, clamped)
