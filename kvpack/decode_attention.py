@@ -235,12 +235,13 @@ def decode_attention(
     On CUDA the fused kernel reads the nibbles (group sizes 32, 64, 128); everything above holds for it.
     """
     if not check_lengths and type(splits) is int and splits >= 0 and granularity in GRANULARITIES:
-        # The fast path (CUDA and CPU): the op checks every tensor itself (in C++); only when it refuses do the
+        # The fast path (CUDA and CPU; a meta q would meet the op's shape-only fake kernel, which checks no
+        # devices): the op checks every tensor itself (in C++); only when it refuses do the
         # checks below run, to name the argument and the fix. Kept short: at B = 1 a step's kernel
         # takes about 10 us, and every microsecond of Python here is one the GPU may wait for.
         try:
-            if (bits == 8 and k_cache.dtype == torch.int8) or (
-                    bits == 4 and k_cache.dtype == torch.uint8 and group_size * v_scales.shape[-1] == q.shape[2]):
+            if not q.is_meta and ((bits == 8 and k_cache.dtype == torch.int8) or (
+                    bits == 4 and k_cache.dtype == torch.uint8 and group_size * v_scales.shape[-1] == q.shape[2])):
                 plain, flagged = _OPS or _load_ops()
                 scale = 1.0 / math.sqrt(q.shape[2]) if sm_scale is None else resolve_sm_scale(sm_scale, q.shape[2])
                 if clamped is None:

@@ -287,6 +287,8 @@ BAD = [
     ("lengths", lambda a: torch.tensor([9, 1], dtype=torch.int32), ValueError, r"lengths\[0\] = 9 is outside \[1, T_max = 8\]"),
     ("lengths", lambda a: torch.tensor([3, 0], dtype=torch.int32), ValueError, r"lengths\[1\] = 0 is outside"),
     ("q", lambda a: a["q"][..., :32].contiguous(), ValueError, "head dimension D"),
+    # the op's fake kernel (shapes only) answers a meta tensor: the default call must not return its result
+    ("q", lambda a: a["q"].to("meta"), ValueError, "k_cache is on cpu but q is on meta"),
 ]
 
 
