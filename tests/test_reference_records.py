@@ -59,9 +59,11 @@ def test_records_complete_with_provenance(gpu, stage):
 def test_every_claim_gets_a_gpu_verdict_from_the_records():
     t = assemble.build_tables(reference_dirs=[REF])
     c = t.claims.set_index("claim_id")
-    # the H100's decode grid of cc7f743: the speed target judged from its fused rows (B = 1 GQA misses)
+    # the H100's decode grid (ab24daf): the speed target judged from its fused rows; B = 1 GQA T = 32768
+    # now reaches 1.6x, the byte-bound target there is the one missed
     target = c.loc["decode_speed_target"]
-    assert target["verdict"] == claims.NOT_REPRODUCED and "3 of 5 targets met" in target["our_value"]
+    assert target["verdict"] == claims.NOT_REPRODUCED and "4 of 5 targets met" in target["our_value"]
+    assert "80% of the int8 byte bound" in target["our_value"]
     c = _without_missing_e2e(c, REF)
     assert set(c["verdict"]) <= {claims.REPRODUCED, claims.NOT_REPRODUCED}
     assert c.loc["attention_error_8k", "our_number"] < 0.1
