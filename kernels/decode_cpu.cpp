@@ -1,8 +1,9 @@
 // CPU implementations of the KV cache ops (schemas in ops.cpp), so that the API and its tests run on
-// machines without a GPU, for both formats (int8, and packed INT4 in a uint8 cache, as on CUDA).
-// Attention in fp32 torch ops over chunks of the dequantized cache, each sequence over its own
-// length (on 2 cores about as fast as fp32 SDPA over an fp16-sized cache at T = 4096, faster
-// beyond); the write path row by row through quant_math.h, the arithmetic every kernel shares.
+// machines without a GPU, for both formats (int8, and packed INT4 in a uint8 cache, as on CUDA) and
+// both layouts (contiguous, paged). Attention in fp32 torch ops over chunks of the cache, each sequence
+// over its own length (on 2 cores faster than fp32 SDPA over the repeated fp32 cache:
+// tools/lab/cpu_decode.py); the write path row by row through quant_math.h, the arithmetic every kernel
+// shares.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -171,17 +172,11 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& kp,
                                       c10::string_view granularity, double sm_scale, int64_t splits,
                                       const c10::optional<at::Tensor>& clamped = {}) {
   (void)splits;  // the CPU path does not split
-  TORCH_CHECK_VALUE(q.dim() == 3, "kvpack: q must be [B, Hq, D], got ", q.sizes());
-  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat,
-                   "kvpack: q must be float16, bfloat16 or float32 (the CPU), got ", q.scalar_type());
-  TORCH_CHECK_VALUE(q.is_contiguous(), "kvpack: q must be contiguous");
-  const auto p = check_paged(q.size(0), kp, vp, ks, vs, bt, lengths, seq_ids, std::string(granularity), q);
-  TORCH_CHECK_VALUE(q.size(2) == p.head_dim, "kvpack: q has head dimension ", q.size(2), " but the pages ", p.head_dim);
-  TORCH_CHECK_VALUE(q.size(1) % p.kv_heads == 0, "kvpack: Hq = ", q.size(1),
-                    " query heads must be a multiple of Hkv = ", p.kv_heads, " KV heads");
+  const auto p = check_paged_decode(q, kp, vp, ks, vs, bt, lengths, seq_ids, std::string(granularity),
+                                    /*allow_fp32_q=*/true);
   check_flag(clamped, q);
   const int64_t t_max = p.max_pages * p.page_size;
-  DecodeShape s{p.batch, q.size(1), p.kv_heads, t_max, p.head_dim, p.per_token};
+  DecodeShape s{p.batch, p.q_heads, p.kv_heads, t_max, p.head_dim, p.per_token};
   s.group = p.group;
   // As the kernels do: each row's slot clamped to [0, S), its length to [0, max_pages * page_size], each
   // page id it reads to [0, num_pages); the flag set where one was.

@@ -103,15 +103,7 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& kp
                                        const at::Tensor& lengths, const c10::optional<at::Tensor>& seq_ids,
                                        c10::string_view granularity, double sm_scale, int64_t splits,
                                        const c10::optional<at::Tensor>& clamped = {}) {
-  TORCH_CHECK_VALUE(q.dim() == 3, "kvpack: q must be [B, Hq, D], got ", q.sizes());
-  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-                   "kvpack: q must be float16 or bfloat16, got ", q.scalar_type());
-  TORCH_CHECK_VALUE(q.is_contiguous(), "kvpack: q must be contiguous");
-  auto s = check_paged(q.size(0), kp, vp, ks, vs, bt, lengths, seq_ids, std::string(granularity), q);
-  s.q_heads = q.size(1);
-  TORCH_CHECK_VALUE(q.size(2) == s.head_dim, "kvpack: q has head dimension ", q.size(2), " but the pages ", s.head_dim);
-  TORCH_CHECK_VALUE(s.q_heads % s.kv_heads == 0, "kvpack: Hq = ", s.q_heads, " query heads must be a multiple of Hkv = ",
-                    s.kv_heads, " KV heads");
+  const auto s = check_paged_decode(q, kp, vp, ks, vs, bt, lengths, seq_ids, std::string(granularity));
   check_flag(clamped, q);
   check_cuda(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());

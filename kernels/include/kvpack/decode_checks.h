@@ -83,17 +83,23 @@ inline void check_cache_format(DecodeShape& s, const at::Tensor& k, const at::Te
 // q [B, Hq, D] fp16/bf16 (fp32 too where allow_fp32_q: the CPU implementation, which computes in
 // fp32 anyway), caches int8 [B, Hkv, T_max, D], scales fp32 [B, Hkv, T_max] (token) or [B, Hkv, D]
 // (channel), lengths int32 [B] or absent.
-inline DecodeShape check_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& ks, const at::Tensor& vs,
-                                const c10::optional<at::Tensor>& lengths, const std::string& granularity,
-                                bool allow_fp32_q = false) {
-  const bool per_token = parse_cache_granularity(granularity);
+// q [B, Hq, D], contiguous, fp16/bf16 (fp32 too where allow_fp32_q: the CPU implementation, which
+// computes in fp32 anyway).
+inline void check_query(const at::Tensor& q, bool allow_fp32_q) {
   TORCH_CHECK_VALUE(q.dim() == 3, "kvpack: q must be [B, Hq, D], got ", q.sizes());
   TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16 ||
                        (allow_fp32_q && q.scalar_type() == at::kFloat),
                    "kvpack: q must be float16 or bfloat16", allow_fp32_q ? " (or float32 on the CPU)" : "",
                    ", got ", q.scalar_type());
   TORCH_CHECK_VALUE(q.is_contiguous(), "kvpack: q must be contiguous");
+}
+
+inline DecodeShape check_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& ks, const at::Tensor& vs,
+                                const c10::optional<at::Tensor>& lengths, const std::string& granularity,
+                                bool allow_fp32_q = false) {
+  const bool per_token = parse_cache_granularity(granularity);
+  check_query(q, allow_fp32_q);
   TORCH_CHECK_VALUE(k.dim() == 4, "kvpack: k_cache must be [B, Hkv, T_max, D], got ", k.sizes());
   DecodeShape s{q.size(0), q.size(1), k.size(1), k.size(2), q.size(2), per_token};
   check_head_dim(s.head_dim);
@@ -200,6 +206,21 @@ inline PagedShape check_paged(int64_t rows, const at::Tensor& kp, const at::Tens
     TORCH_CHECK_VALUE(s.num_slots == rows, "kvpack: without seq_ids, block_tables must hold one row per sequence (",
                       rows, "), got ", s.num_slots);
   }
+  return s;
+}
+
+// paged_decode_attention: q as check_query has it, the pages as check_paged has them, q's D the pages'
+// and Hq a multiple of Hkv; q_heads filled in.
+inline PagedShape check_paged_decode(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp,
+                                     const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& bt,
+                                     const at::Tensor& lengths, const c10::optional<at::Tensor>& seq_ids,
+                                     const std::string& granularity, bool allow_fp32_q = false) {
+  check_query(q, allow_fp32_q);
+  auto s = check_paged(q.size(0), kp, vp, ks, vs, bt, lengths, seq_ids, granularity, q);
+  s.q_heads = q.size(1);
+  TORCH_CHECK_VALUE(q.size(2) == s.head_dim, "kvpack: q has head dimension ", q.size(2), " but the pages ", s.head_dim);
+  TORCH_CHECK_VALUE(s.q_heads % s.kv_heads == 0, "kvpack: Hq = ", s.q_heads,
+                    " query heads must be a multiple of Hkv = ", s.kv_heads, " KV heads");
   return s;
 }
 
